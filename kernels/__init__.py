@@ -1,0 +1,1 @@
+"""Triton kernels and their host launch functions (installed as ``relaxedconv.kernels``)."""

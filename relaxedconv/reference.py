@@ -1,0 +1,105 @@
+"""The plain-PyTorch paths of design.md §3 that every fast path is checked against.
+
+All three compute the same relaxed group convolution
+    y[b, o*N + n, p] = sum_{i, n', Delta} k(n, n', Delta, p)[o, i] x[b, i*N_in + n', p + Delta] + bias[o]
+and differ only in how:
+
+- :func:`conv_materialize` (R1): the full kernel at every coordinate (every output position when
+  translation non-stationary), ``unfold`` + einsum. The ground truth; the slow baseline.
+- :func:`conv_expand` (R2): the kernel bank ``[C_out*N, C_in*N_in, K, K]`` and ``F.conv2d``.
+  Translation-stationary only.
+- :func:`conv_factored` (R3): the factorisation of §2, ``y = W_L . (Z^T X)``, in plain PyTorch.
+
+Layouts shared by every path (J = N_in * K * K, ordered (n', kh, kw) as ``F.unfold`` orders a
+channel's window):
+    x       [B, C_in*N_in, H, W]
+    kernel  [N, J, C_out, C_in]        or [N, P, J, C_out, C_in] per output position (masked)
+    z       [N, J, H+1]                or [N, P, J, H+1]  hidden features, ones column, masked
+    w_ext   [C_out, C_in, H+1]         [W_L | b_L]
+    bias    [C_out] or None            shared over rotations (keeps equivariance)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Shape of one relaxed group convolution; everything but batch and image size."""
+
+    in_channels: int
+    out_channels: int
+    in_rotations: int
+    out_rotations: int
+    kernel_size: int
+    padding: int
+
+    @property
+    def window(self) -> int:
+        """J = N_in * K * K, the length of one input channel's im2col column."""
+        return self.in_rotations * self.kernel_size**2
+
+    def out_size(self, height: int, width: int) -> tuple[int, int]:
+        k, p = self.kernel_size, self.padding
+        return height + 2 * p - k + 1, width + 2 * p - k + 1
+
+
+def _columns(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    """im2col: [B, C_in, J, P]."""
+    cols = F.unfold(x, g.kernel_size, padding=g.padding)
+    return cols.unflatten(1, (g.in_channels, g.window))
+
+
+def _finish(y: torch.Tensor, bias, g: ConvGeometry, out_hw) -> torch.Tensor:
+    """[B, C_out, N, P] -> [B, C_out*N, H_out, W_out] plus bias."""
+    if bias is not None:
+        y = y + bias.to(y.dtype)[None, :, None, None]
+    return y.reshape(y.shape[0], g.out_channels * g.out_rotations, *out_hw)
+
+
+def conv_materialize(x, kernel, bias, g: ConvGeometry) -> torch.Tensor:
+    out_hw = g.out_size(x.shape[-2], x.shape[-1])
+    cols = _columns(x, g)
+    if kernel.dim() == 4:
+        y = torch.einsum("bijp,njoi->bonp", cols, kernel)
+    else:
+        y = torch.einsum("bijp,npjoi->bonp", cols, kernel)
+    return _finish(y, bias, g, out_hw)
+
+
+def expand_kernel_bank(kernel: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    """[N, J, C_out, C_in] -> the conv2d weight ``[C_out*N, C_in*N_in, K, K]``."""
+    if kernel.dim() != 4:
+        raise ValueError(
+            "expand_conv needs a translation-stationary kernel [N, J, C_out, C_in]; a kernel per "
+            "output position (translation non-stationary) has no conv2d form. "
+            "Use backend='materialize', 'factored_torch' or 'triton'."
+        )
+    k = g.kernel_size
+    bank = kernel.permute(2, 0, 3, 1)  # [C_out, N, C_in, J]
+    return bank.reshape(g.out_channels * g.out_rotations, g.in_channels * g.in_rotations, k, k)
+
+
+def conv_expand(x, kernel, bias, g: ConvGeometry) -> torch.Tensor:
+    bank = expand_kernel_bank(kernel, g)
+    b = None if bias is None else bias.to(x.dtype).repeat_interleave(g.out_rotations)
+    return F.conv2d(x, bank, b, padding=g.padding)
+
+
+def conv_factored(x, z, w_ext, bias, g: ConvGeometry) -> torch.Tensor:
+    out_hw = g.out_size(x.shape[-2], x.shape[-1])
+    cols = _columns(x, g)
+    per_position = z.dim() == 4
+    ys = []
+    # One output rotation at a time keeps U = Z^T X at [B, C_in, P, H+1] instead of N times that.
+    for n in range(g.out_rotations):
+        if per_position:
+            u = torch.einsum("bijp,pjh->biph", cols, z[n])
+        else:
+            u = torch.einsum("bijp,jh->biph", cols, z[n])
+        ys.append(torch.einsum("biph,oih->bop", u, w_ext))
+    y = torch.stack(ys, dim=2)
+    return _finish(y, bias, g, out_hw)
