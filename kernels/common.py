@@ -1,0 +1,82 @@
+"""Pieces shared by the forward and backward kernels: row tiling, dtypes, launch settings."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (kernels run on CPU tensors through numpy)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_autotune(device: torch.device) -> bool:
+    # The interpreter would time every config on the CPU; it gets one fixed config instead.
+    return device.type == "cuda" and not interpreting()
+
+
+def dot_precision(dtype: torch.dtype):
+    """``tl.dot``'s input_precision: tf32 only where torch would use it, exact otherwise.
+
+    Half-precision operands take the default (the argument only concerns fp32 operands).
+    """
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreting() else "ieee"
+    if dtype == torch.float64:
+        return "ieee"
+    return None
+
+
+def acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def hidden_block(hidden_plus_one: int) -> int:
+    """Tile width over the hidden features H+1: a power of two, at least tl.dot's minimum 16."""
+    return max(16, triton.next_power_of_2(hidden_plus_one))
+
+
+def small_block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def row_tile(t, B, P, BLOCK_M: tl.constexpr, PER_POSITION: tl.constexpr):
+    """Rows of tile ``t``: (batch index, output position, valid) vectors and the tile's position.
+
+    Translation-stationary: rows are the flattened (b, p). Per-position (translation
+    non-stationary) Z differs at every p, so a tile holds one p and a block of batch rows, which
+    lets all rows of the tile share one Z tile in ``tl.dot``.
+    """
+    offs = tl.arange(0, BLOCK_M)
+    if PER_POSITION:
+        nbt = tl.cdiv(B, BLOCK_M)
+        p_tile = t // nbt
+        b = (t % nbt) * BLOCK_M + offs
+        ok = b < B
+        p = p_tile + offs * 0
+    else:
+        m = t * BLOCK_M + offs
+        ok = m < B * P
+        b = m // P
+        p = m % P
+        p_tile = 0
+    return b, p, ok, p_tile
+
+
+def num_row_tiles(batch: int, positions: int, block_m: int, per_position: bool) -> int:
+    if per_position:
+        return positions * triton.cdiv(batch, block_m)
+    return triton.cdiv(batch * positions, block_m)
+
+
+@triton.jit
+def tile_count(B, P, BLOCK_M: tl.constexpr, PER_POSITION: tl.constexpr):
+    """Number of row tiles, computed in-kernel so it always matches the (autotuned) BLOCK_M."""
+    if PER_POSITION:
+        return P * tl.cdiv(B, BLOCK_M)
+    else:
+        return tl.cdiv(B * P, BLOCK_M)

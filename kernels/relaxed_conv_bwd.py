@@ -1,0 +1,287 @@
+"""Fused backward of the relaxed group convolution (design.md §4).
+
+U = X Z is never stored: each kernel recomputes what it needs (FlashAttention style).
+
+- ``dX`` (gather, a transposed convolution of dU with Z): for input rows (b, q) and input
+  channel i, ``dX_i[(b, q), n'] = sum_{n, Delta} dU_i[(b, q - Delta), :] @ Z_n[n', Delta, :]^T``
+  with ``dU_i = dY_n @ W_ext[:, i, :]`` recomputed at the shifted rows. Every dX element is
+  written by exactly one program: no scatter, no atomics.
+- ``dZ = sum_{rows, i} X_i^T dU_i``: translation-stationary Z is reduced over all rows in a fixed
+  number of splits whose partials the host sums in a fixed order; per-position Z has one program
+  per (position, rotation, J tile) reducing over the batch, so no partials.
+- ``dW_ext[o, i, :] = sum_{n, rows} dY_n[rows, o]^T U_i[rows, :]`` in fixed-order split partials.
+
+Bias gradients are a plain sum over dY on the host. Reruns give the same bits.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, tile_count, use_autotune
+from .relaxed_conv_fwd import pad_input
+
+
+@triton.jit
+def _relaxed_conv_bwd_dx_kernel(
+    dy_ptr, z_ptr, w_ptr, dx_ptr,
+    B, N_IN, W_IN, Q, H_OUT, W_OUT, HID, C_OUT, N_OUT, PAD,
+    sdb, sdc, sdh, sdw,
+    szn, szp, szj, szh,
+    swo, swi, swh,
+    sxb, sxc, sxh, sxw,
+    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_NI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    t = tl.program_id(0)
+    i = tl.program_id(1)
+    b, q, row_ok, q_tile = row_tile(t, B, Q, BLOCK_M, PER_POSITION)
+    qh = q // W_IN
+    qw = q % W_IN
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_ni = tl.arange(0, BLOCK_NI)
+    h_ok = offs_h < HID
+    ni_ok = offs_ni < N_IN
+    K2: tl.constexpr = KSIZE * KSIZE
+    acc = tl.zeros((BLOCK_M, BLOCK_NI), dtype=ACC)
+    for n in range(N_OUT):
+        for kk in range(K2):
+            kh = kk // KSIZE
+            kw = kk % KSIZE
+            ph = qh + PAD - kh
+            pw = qw + PAD - kw
+            p_ok = row_ok & (ph >= 0) & (ph < H_OUT) & (pw >= 0) & (pw < W_OUT)
+            dy_row = b * sdb + n * sdc + ph * sdh + pw * sdw
+            du = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
+            for o0 in range(0, C_OUT, BLOCK_O):
+                offs_o = o0 + tl.arange(0, BLOCK_O)
+                o_ok = offs_o < C_OUT
+                dyt = tl.load(dy_ptr + dy_row[:, None] + (offs_o * N_OUT)[None, :] * sdc, mask=p_ok[:, None] & o_ok[None, :], other=0.0)
+                wt = tl.load(w_ptr + offs_o[:, None] * swo + i * swi + offs_h[None, :] * swh, mask=o_ok[:, None] & h_ok[None, :], other=0.0)
+                du += tl.dot(dyt, wt, input_precision=PRECISION)
+            if PER_POSITION:
+                # One input position per tile, so one output position p = q - Delta per (tile, Delta).
+                sh = q_tile // W_IN + PAD - kh
+                sw = q_tile % W_IN + PAD - kw
+                inside = (sh >= 0) & (sh < H_OUT) & (sw >= 0) & (sw < W_OUT)
+                z_base = z_ptr + n * szn + tl.where(inside, sh * W_OUT + sw, 0) * szp
+            else:
+                z_base = z_ptr + n * szn
+            zt = tl.load(z_base + (offs_ni * K2 + kk)[None, :] * szj + offs_h[:, None] * szh, mask=h_ok[:, None] & ni_ok[None, :], other=0.0)
+            acc += tl.dot(du.to(zt.dtype), zt, input_precision=PRECISION)
+    dx_off = b[:, None] * sxb + (i * N_IN + offs_ni)[None, :] * sxc + (qh * sxh + qw * sxw)[:, None]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & ni_ok[None, :])
+
+
+@triton.jit
+def _relaxed_conv_bwd_dz_kernel(
+    x_ptr, dy_ptr, w_ptr, out_ptr,
+    B, C_IN, N_IN, P, W_OUT, J, HID, C_OUT, N_OUT, SPLITS,
+    sxb, sxc, sxh, sxw,
+    sdb, sdc, sdh, sdw,
+    swo, swi, swh,
+    sos, son, soj, soh,
+    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    pid_j = tl.program_id(0)
+    n = tl.program_id(1)
+    s = tl.program_id(2)  # split index, or the output position when Z is per position
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = j < J
+    K2: tl.constexpr = KSIZE * KSIZE
+    nprime = j // K2
+    kk = j % K2
+    col = nprime * sxc + (kk // KSIZE) * sxh + (kk % KSIZE) * sxw
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < HID
+    if PER_POSITION:
+        nbt = tl.cdiv(B, BLOCK_M)
+        t_start = s * nbt
+        t_end = t_start + nbt
+        t_step = 1
+    else:
+        t_start = s
+        t_end = tile_count(B, P, BLOCK_M, PER_POSITION)
+        t_step = SPLITS
+    acc = tl.zeros((BLOCK_J, BLOCK_H), dtype=ACC)
+    for t in range(t_start, t_end, t_step):
+        b, p, row_ok, p_tile = row_tile(t, B, P, BLOCK_M, PER_POSITION)
+        oh = p // W_OUT
+        ow = p % W_OUT
+        row_base = b * sxb + oh * sxh + ow * sxw
+        dy_row = b * sdb + n * sdc + oh * sdh + ow * sdw
+        for i in range(C_IN):
+            du = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
+            for o0 in range(0, C_OUT, BLOCK_O):
+                offs_o = o0 + tl.arange(0, BLOCK_O)
+                o_ok = offs_o < C_OUT
+                dyt = tl.load(dy_ptr + dy_row[:, None] + (offs_o * N_OUT)[None, :] * sdc, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
+                wt = tl.load(w_ptr + offs_o[:, None] * swo + i * swi + offs_h[None, :] * swh, mask=o_ok[:, None] & h_ok[None, :], other=0.0)
+                du += tl.dot(dyt, wt, input_precision=PRECISION)
+            xt = tl.load(x_ptr + row_base[:, None] + (i * N_IN * sxc + col)[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+            acc += tl.dot(tl.trans(xt), du.to(xt.dtype), input_precision=PRECISION)
+    out_off = s * sos + n * son + j[:, None] * soj + offs_h[None, :] * soh
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=j_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _relaxed_conv_bwd_dw_kernel(
+    x_ptr, z_ptr, dy_ptr, out_ptr,
+    B, N_IN, P, W_OUT, J, HID, C_OUT, N_OUT, SPLITS,
+    sxb, sxc, sxh, sxw,
+    szn, szp, szj, szh,
+    sdb, sdc, sdh, sdw,
+    sos, soi, soo, soh,
+    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    i = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    s = tl.program_id(2)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    h_ok = offs_h < HID
+    o_ok = offs_o < C_OUT
+    K2: tl.constexpr = KSIZE * KSIZE
+    acc = tl.zeros((BLOCK_H, BLOCK_O), dtype=ACC)
+    tiles = tile_count(B, P, BLOCK_M, PER_POSITION)
+    for n in range(N_OUT):
+        for t in range(s, tiles, SPLITS):
+            b, p, row_ok, p_tile = row_tile(t, B, P, BLOCK_M, PER_POSITION)
+            oh = p // W_OUT
+            ow = p % W_OUT
+            row_base = b * sxb + oh * sxh + ow * sxw
+            z_base = z_ptr + n * szn + p_tile * szp
+            u = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
+            for j0 in range(0, J, BLOCK_J):
+                j = j0 + tl.arange(0, BLOCK_J)
+                j_ok = j < J
+                kk = j % K2
+                col = (i * N_IN + j // K2) * sxc + (kk // KSIZE) * sxh + (kk % KSIZE) * sxw
+                xt = tl.load(x_ptr + row_base[:, None] + col[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+                zt = tl.load(z_base + j[:, None] * szj + offs_h[None, :] * szh, mask=j_ok[:, None] & h_ok[None, :], other=0.0)
+                u += tl.dot(xt, zt, input_precision=PRECISION)
+            dy_off = b[:, None] * sdb + (offs_o * N_OUT + n)[None, :] * sdc + (oh * sdh + ow * sdw)[:, None]
+            dyt = tl.load(dy_ptr + dy_off, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
+            acc += tl.dot(tl.trans(u.to(dyt.dtype)), dyt, input_precision=PRECISION)
+    out_off = s * sos + i * soi + offs_o[None, :] * soo + offs_h[:, None] * soh
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & o_ok[None, :])
+
+
+def _configs(with_j: bool, with_o: bool = True):
+    out = []
+    for bm, bj, bo, w, s in [(64, 32, 32, 4, 2), (64, 64, 64, 4, 3), (128, 32, 32, 8, 2), (32, 64, 32, 4, 3), (16, 64, 64, 4, 2)]:
+        meta = {"BLOCK_M": bm, "BLOCK_O": bo}
+        if with_j:
+            meta["BLOCK_J"] = bj
+        out.append(triton.Config(meta, num_warps=w, num_stages=s))
+    return out
+
+
+_KEY = ["B", "P", "J", "HID", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"]
+_dx_autotuned = triton.autotune(configs=_configs(False), key=["B", "Q", "N_IN", "HID", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"])(_relaxed_conv_bwd_dx_kernel)
+_dz_autotuned = triton.autotune(configs=_configs(True), key=_KEY + ["C_IN", "SPLITS"])(_relaxed_conv_bwd_dz_kernel)
+_dw_autotuned = triton.autotune(configs=_configs(True), key=_KEY + ["SPLITS"])(_relaxed_conv_bwd_dw_kernel)
+
+
+def reduction_splits(rows: int, device: torch.device) -> int:
+    """How many fixed-order partials a reduction over ``rows`` is cut into.
+
+    A function of the shape alone (never of the tile size or of timing), so a rerun reduces in
+    the same order. On a GPU, enough splits to fill the SMs; off-GPU few, but more than one for
+    any non-trivial shape so the partial sums are exercised by the interpreter tests too.
+    """
+    if device.type == "cuda":
+        return max(1, min(128, rows // 512))
+    return max(1, min(3, rows // 16))
+
+
+def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), block_m=16, block_j=16, block_o=16):
+    """Gradients (dx, dz, dw_ext) of :func:`relaxed_conv_fwd`; entries not in ``needs`` are None."""
+    g = geometry
+    per_position = z.dim() == 4
+    bsz, _, height, width = x.shape
+    h_out, w_out = g.out_size(height, width)
+    positions = h_out * w_out
+    dy = dy.contiguous()
+    z = z.contiguous()
+    w_ext = w_ext.contiguous()
+    hid = z.shape[-1]
+    szp = z.stride(1) if per_position else 0
+    common = dict(KSIZE=g.kernel_size, PER_POSITION=per_position, PRECISION=dot_precision(x.dtype),
+                  ACC=acc_dtype(x.dtype), BLOCK_H=hidden_block(hid))
+    tuned = use_autotune(x.device)
+    fixed = dict(BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_O=block_o)
+    dx = dz = dw = None
+
+    if needs[0]:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        q = height * width
+        args = (
+            dy, z, w_ext, dx,
+            bsz, g.in_rotations, width, q, h_out, w_out, hid, g.out_channels, g.out_rotations, g.padding,
+            *dy.stride(), z.stride(0), szp, z.stride(-2), z.stride(-1), *w_ext.stride(), *dx.stride(),
+        )
+        consts = dict(common, BLOCK_NI=small_block(g.in_rotations))
+
+        def grid_dx(meta):
+            return (num_row_tiles(bsz, q, meta["BLOCK_M"], per_position), g.in_channels)
+
+        if tuned:
+            _dx_autotuned[grid_dx](*args, **consts)
+        else:
+            meta = dict(BLOCK_M=block_m, BLOCK_O=block_o)
+            _relaxed_conv_bwd_dx_kernel[grid_dx(meta)](*args, **consts, **meta)
+
+    if needs[1] or needs[2]:
+        xp = pad_input(x, g.padding)
+        rows = bsz * positions
+        splits = reduction_splits(rows, x.device)
+
+    if needs[1]:
+        if per_position:
+            out = torch.empty_like(z)
+            sos, son = out.stride(1), out.stride(0)
+            third = positions
+        else:
+            out = torch.empty(splits, *z.shape, device=z.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            sos, son = out.stride(0), out.stride(1)
+            third = splits
+        args_dz = (
+            xp, dy, w_ext, out,
+            bsz, g.in_channels, g.in_rotations, positions, w_out, g.window, hid, g.out_channels, g.out_rotations,
+            splits,
+            *xp.stride(), *dy.stride(), *w_ext.stride(), sos, son, out.stride(-2), out.stride(-1),
+        )
+
+        def grid_dz(meta):
+            return (triton.cdiv(g.window, meta["BLOCK_J"]), g.out_rotations, third)
+
+        if tuned:
+            _dz_autotuned[grid_dz](*args_dz, **common)
+        else:
+            _relaxed_conv_bwd_dz_kernel[grid_dz(fixed)](*args_dz, **common, **fixed)
+        dz = out if per_position else out.sum(0).to(z.dtype)
+
+    if needs[2]:
+        part = torch.empty(splits, g.in_channels, g.out_channels, hid, device=x.device,
+                           dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        args_dw = (
+            xp, z, dy, part,
+            bsz, g.in_rotations, positions, w_out, g.window, hid, g.out_channels, g.out_rotations,
+            splits,
+            *xp.stride(), z.stride(0), szp, z.stride(-2), z.stride(-1), *dy.stride(), *part.stride(),
+        )
+
+        def grid_dw(meta):
+            return (g.in_channels, triton.cdiv(g.out_channels, meta["BLOCK_O"]), splits)
+
+        if tuned:
+            _dw_autotuned[grid_dw](*args_dw, **common)
+        else:
+            _relaxed_conv_bwd_dw_kernel[grid_dw(fixed)](*args_dw, **common, **fixed)
+        dw = part.sum(0).permute(1, 0, 2).to(w_ext.dtype)
+    return dx, dz, dw
