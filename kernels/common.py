@@ -18,6 +18,11 @@ def use_autotune(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting()
 
 
+def empty_output(shape, *, device, dtype) -> torch.Tensor:
+    """Every buffer a kernel must fill completely; tests replace it to poison buffers with NaN."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def dot_precision(dtype: torch.dtype):
     """``tl.dot``'s input_precision: tf32 only where torch would use it, exact otherwise.
 

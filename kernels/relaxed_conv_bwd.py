@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, tile_count, use_autotune
 from .relaxed_conv_fwd import pad_input
 
@@ -187,6 +188,10 @@ _dz_autotuned = triton.autotune(configs=_configs(True), key=_KEY + ["C_IN", "SPL
 _dw_autotuned = triton.autotune(configs=_configs(True), key=_KEY + ["SPLITS"])(_relaxed_conv_bwd_dw_kernel)
 
 
+def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def reduction_splits(rows: int, device: torch.device) -> int:
     """How many fixed-order partials a reduction over ``rows`` is cut into.
 
@@ -211,21 +216,21 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
     w_ext = w_ext.contiguous()
     hid = z.shape[-1]
     szp = z.stride(1) if per_position else 0
-    common = dict(KSIZE=g.kernel_size, PER_POSITION=per_position, PRECISION=dot_precision(x.dtype),
+    shared = dict(KSIZE=g.kernel_size, PER_POSITION=per_position, PRECISION=dot_precision(x.dtype),
                   ACC=acc_dtype(x.dtype), BLOCK_H=hidden_block(hid))
     tuned = use_autotune(x.device)
     fixed = dict(BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_O=block_o)
     dx = dz = dw = None
 
     if needs[0]:
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dx = common.empty_output(x.shape, device=x.device, dtype=x.dtype)
         q = height * width
         args = (
             dy, z, w_ext, dx,
             bsz, g.in_rotations, width, q, h_out, w_out, hid, g.out_channels, g.out_rotations, g.padding,
             *dy.stride(), z.stride(0), szp, z.stride(-2), z.stride(-1), *w_ext.stride(), *dx.stride(),
         )
-        consts = dict(common, BLOCK_NI=small_block(g.in_rotations))
+        consts = dict(shared, BLOCK_NI=small_block(g.in_rotations))
 
         def grid_dx(meta):
             return (num_row_tiles(bsz, q, meta["BLOCK_M"], per_position), g.in_channels)
@@ -243,11 +248,11 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
 
     if needs[1]:
         if per_position:
-            out = torch.empty_like(z)
+            out = common.empty_output(z.shape, device=z.device, dtype=z.dtype)
             sos, son = out.stride(1), out.stride(0)
             third = positions
         else:
-            out = torch.empty(splits, *z.shape, device=z.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            out = common.empty_output((splits, *z.shape), device=z.device, dtype=_partial_dtype(x.dtype))
             sos, son = out.stride(0), out.stride(1)
             third = splits
         args_dz = (
@@ -261,14 +266,13 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
             return (triton.cdiv(g.window, meta["BLOCK_J"]), g.out_rotations, third)
 
         if tuned:
-            _dz_autotuned[grid_dz](*args_dz, **common)
+            _dz_autotuned[grid_dz](*args_dz, **shared)
         else:
-            _relaxed_conv_bwd_dz_kernel[grid_dz(fixed)](*args_dz, **common, **fixed)
+            _relaxed_conv_bwd_dz_kernel[grid_dz(fixed)](*args_dz, **shared, **fixed)
         dz = out if per_position else out.sum(0).to(z.dtype)
 
     if needs[2]:
-        part = torch.empty(splits, g.in_channels, g.out_channels, hid, device=x.device,
-                           dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        part = common.empty_output((splits, g.in_channels, g.out_channels, hid), device=x.device, dtype=_partial_dtype(x.dtype))
         args_dw = (
             xp, z, dy, part,
             bsz, g.in_rotations, positions, w_out, g.window, hid, g.out_channels, g.out_rotations,
@@ -280,8 +284,8 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
             return (g.in_channels, triton.cdiv(g.out_channels, meta["BLOCK_O"]), splits)
 
         if tuned:
-            _dw_autotuned[grid_dw](*args_dw, **common)
+            _dw_autotuned[grid_dw](*args_dw, **shared)
         else:
-            _relaxed_conv_bwd_dw_kernel[grid_dw(fixed)](*args_dw, **common, **fixed)
+            _relaxed_conv_bwd_dw_kernel[grid_dw(fixed)](*args_dw, **shared, **fixed)
         dw = part.sum(0).permute(1, 0, 2).to(w_ext.dtype)
     return dx, dz, dw

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import common
 from .common import acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, use_autotune
 
 
@@ -97,7 +98,7 @@ def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, block_m=16, block_j=16, blo
     xp = pad_input(x, g.padding)
     z = z.contiguous()
     w_ext = w_ext.contiguous()
-    y = torch.empty(bsz, g.out_channels * g.out_rotations, h_out, w_out, device=x.device, dtype=x.dtype)
+    y = common.empty_output((bsz, g.out_channels * g.out_rotations, h_out, w_out), device=x.device, dtype=x.dtype)
     hid = z.shape[-1]
     szp = z.stride(1) if per_position else 0
     args = (

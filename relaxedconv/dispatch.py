@@ -46,9 +46,13 @@ def factored_to_direct_ratio(layer) -> float:
 
 
 def choose_backend(layer, x: torch.Tensor) -> str:
-    if x.device.type != "cuda":
-        return "factored_torch" if layer.translation_nonstationary else "expand_conv"
-    if not triton_available():
+    """The backend ``auto`` runs ``layer`` with on input ``x``."""
+    return backend_rule(layer, x.device.type, triton_available())
+
+
+def backend_rule(layer, device_type: str, have_triton: bool) -> str:
+    """The documented rule itself, as a pure function of the layer and the device type."""
+    if device_type != "cuda" or not have_triton:
         return "factored_torch" if layer.translation_nonstationary else "expand_conv"
     if layer.translation_nonstationary:
         return "triton"

@@ -1,0 +1,71 @@
+"""The fused backward kernels: every gradient against materialize, determinism, gradcheck."""
+import pytest
+import torch
+
+from relaxedconv.reference import ConvGeometry
+from relaxedconv.triton_conv import relaxed_conv_triton
+from _triton_cases import CASES, DEVICE, case_id, make_layer, poisoned_outputs, run_with_grads  # noqa: F401
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-30))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_every_gradient_matches_materialize_fp64(case, poisoned_outputs):  # noqa: F811
+    torch.manual_seed(0)
+    layer, x = make_layer(case, dtype=torch.float64)
+    y, grads, g = run_with_grads(layer, x, "triton")
+    y_ref, grads_ref, _ = run_with_grads(layer, x, "materialize", g)
+    assert rel_err(y, y_ref) < 1e-12
+    # x, the omegas, every kernel-net weight (incl. W_L and b_L, i.e. kernel_net.out) and the bias
+    assert set(grads) == set(grads_ref) and {"x", "bias", "kernel_net.out.weight", "kernel_net.out.bias",
+                                            "kernel_net.omega_rel"} <= set(grads)
+    for name, ref in grads_ref.items():
+        got = grads[name]
+        assert got is not None and not torch.isnan(got).any(), f"{name}: gradient missing or unwritten"
+        assert rel_err(got, ref) < 1e-9, name
+
+
+@pytest.mark.parametrize("case", CASES[1::3], ids=case_id)
+def test_gradients_fp32_against_fp64(case):
+    torch.manual_seed(1)
+    layer, x = make_layer(case, dtype=torch.float64)
+    _, grads_ref, g = run_with_grads(layer, x, "materialize")
+    _, grads, _ = run_with_grads(layer.float(), x.float(), "triton", g)
+    for name, ref in grads_ref.items():
+        assert rel_err(grads[name], ref) < 1e-4, name
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[7]], ids=case_id)
+def test_backward_is_deterministic(case):
+    torch.manual_seed(2)
+    layer, x = make_layer(case, dtype=torch.float32)
+    _, first, g = run_with_grads(layer, x, "triton")
+    _, second, _ = run_with_grads(layer, x, "triton", g)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs between two runs"
+
+
+@pytest.mark.parametrize("per_position", [False, True], ids=["stationary", "per-position"])
+def test_gradcheck_fp64(per_position):
+    torch.manual_seed(3)
+    g = ConvGeometry(in_channels=2, out_channels=2, in_rotations=2, out_rotations=2, kernel_size=3, padding=1)
+    h, w = (2, 3) if per_position else (3, 4)
+    x = torch.randn(2, 4, h, w, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    zshape = (2, h * w, g.window, 4) if per_position else (2, g.window, 4)
+    z = torch.randn(zshape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w_ext = torch.randn(2, 2, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    bias = torch.randn(2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: relaxed_conv_triton(*a, g), (x, z, w_ext, bias), fast_mode=True)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="half precision is checked on CUDA (the interpreter has no bf16)")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bf16_gradients_cuda(case):
+    torch.manual_seed(4)
+    layer, x = make_layer(case, dtype=torch.float32)
+    _, grads_ref, g = run_with_grads(layer, x, "materialize")
+    _, grads, _ = run_with_grads(layer, x.bfloat16(), "triton", g)
+    for name, ref in grads_ref.items():
+        assert rel_err(grads[name], ref) < 3e-2, name

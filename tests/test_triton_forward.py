@@ -1,0 +1,91 @@
+"""The fused forward kernel against materialize (R1), under the interpreter on CPU or on CUDA."""
+import copy
+
+import pytest
+import torch
+
+import relaxedconv as rc
+from _triton_cases import CASES, DEVICE, case_id, make_layer, poisoned_outputs  # noqa: F401
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-30))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_matches_materialize_fp32(case, poisoned_outputs):  # noqa: F811
+    torch.manual_seed(0)
+    layer, x = make_layer(case, dtype=torch.float32)
+    with torch.no_grad():
+        y = layer(x, backend="triton")
+        ref = copy.deepcopy(layer).double()(x.double(), backend="materialize")
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    assert not torch.isnan(y).any(), "an output tile was never written"
+    assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=case_id)
+def test_forward_matches_materialize_fp64(case, poisoned_outputs):  # noqa: F811
+    torch.manual_seed(1)
+    layer, x = make_layer(case, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(layer(x, backend="triton"), layer(x, backend="materialize")) < 1e-12
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="half precision is checked on CUDA (the interpreter has no bf16)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_half_precision_cuda(case, dtype):
+    torch.manual_seed(2)
+    layer, x = make_layer(case, dtype=torch.float32)
+    with torch.no_grad():
+        y = layer(x.to(dtype), backend="triton")
+        ref = layer(x, backend="materialize")
+    assert y.dtype == dtype
+    assert rel_err(y, ref) < 1e-2
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="tf32 exists on CUDA only")
+def test_forward_tf32_cuda(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    torch.manual_seed(3)
+    layer, x = make_layer(CASES[0], dtype=torch.float32)
+    with torch.no_grad():
+        assert rel_err(layer(x, backend="triton"), layer(x.double(), backend="materialize")) < 3e-3
+
+
+def test_triton_refuses_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer = rc.LiftingConv(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="CUDA"):
+        layer(torch.randn(1, 1, 5, 5), backend="triton")
+
+
+def test_auto_never_picks_a_path_that_refuses():
+    """Every configuration, on CPU and on CUDA (the rule, evaluated for a CUDA device)."""
+    from relaxedconv import dispatch
+
+    torch.manual_seed(4)
+    for case in CASES:
+        layer, x = make_layer(case, dtype=torch.float64, device="cpu")
+        choice = dispatch.choose_backend(layer, x)
+        assert choice != "triton", "CPU must never pick triton"
+        layer(x, backend=choice)  # must not raise
+        for have_triton in (True, False):
+            cuda_choice = dispatch.backend_rule(layer, "cuda", have_triton)
+            if layer.translation_nonstationary:
+                assert cuda_choice == ("triton" if have_triton else "factored_torch")
+            else:
+                assert cuda_choice in (("triton", "expand_conv") if have_triton else ("expand_conv",))
+            if cuda_choice != "triton":
+                layer(x, backend=cuda_choice)
+
+
+def test_auto_prefers_triton_for_wide_layers_on_cuda():
+    """design.md §2: factored/direct = H'/C_out + H'/(N_in K^2); wide layers go to the fused path."""
+    from relaxedconv import dispatch
+
+    wide = rc.GroupConv(128, 128, 7, 8)  # 33/128 + 33/392 = 0.34
+    narrow = rc.GroupConv(32, 32, 7, 8)  # 33/32 + ... > 1
+    assert dispatch.backend_rule(wide, "cuda", True) == "triton"
+    assert dispatch.backend_rule(narrow, "cuda", True) == "expand_conv"
