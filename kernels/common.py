@@ -49,6 +49,16 @@ def small_block(n: int) -> int:
 
 
 @triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr, FP64: tl.constexpr):
+    """acc + a @ b. tl.dot has no fp64 form on GPUs, so fp64 (a checking mode: gradcheck, tight
+    references) multiplies and sums on the FMA units instead; every other dtype uses tl.dot."""
+    if FP64:
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, acc=acc, input_precision=PRECISION)
+
+
+@triton.jit
 def row_tile(t, B, P, BLOCK_M: tl.constexpr, PER_POSITION: tl.constexpr):
     """Rows of tile ``t``: (batch index, output position, valid) vectors and the tile's position.
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, tile_count, use_autotune
+from .common import mma, acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, tile_count, use_autotune
 from .relaxed_conv_fwd import pad_input
 
 
@@ -32,7 +32,7 @@ def _relaxed_conv_bwd_dx_kernel(
     szn, szp, szj, szh,
     swo, swi, swh,
     sxb, sxc, sxh, sxw,
-    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_NI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -61,7 +61,7 @@ def _relaxed_conv_bwd_dx_kernel(
                 o_ok = offs_o < C_OUT
                 dyt = tl.load(dy_ptr + dy_row[:, None] + (offs_o * N_OUT)[None, :] * sdc, mask=p_ok[:, None] & o_ok[None, :], other=0.0)
                 wt = tl.load(w_ptr + offs_o[:, None] * swo + i * swi + offs_h[None, :] * swh, mask=o_ok[:, None] & h_ok[None, :], other=0.0)
-                du += tl.dot(dyt, wt, input_precision=PRECISION)
+                du = mma(dyt, wt, du, PRECISION, FP64)
             if PER_POSITION:
                 # One input position per tile, so one output position p = q - Delta per (tile, Delta).
                 sh = q_tile // W_IN + PAD - kh
@@ -71,7 +71,7 @@ def _relaxed_conv_bwd_dx_kernel(
             else:
                 z_base = z_ptr + n * szn
             zt = tl.load(z_base + (offs_ni * K2 + kk)[None, :] * szj + offs_h[:, None] * szh, mask=h_ok[:, None] & ni_ok[None, :], other=0.0)
-            acc += tl.dot(du.to(zt.dtype), zt, input_precision=PRECISION)
+            acc = mma(du.to(zt.dtype), zt, acc, PRECISION, FP64)
     dx_off = b[:, None] * sxb + (i * N_IN + offs_ni)[None, :] * sxc + (qh * sxh + qw * sxw)[:, None]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & ni_ok[None, :])
 
@@ -84,7 +84,7 @@ def _relaxed_conv_bwd_dz_kernel(
     sdb, sdc, sdh, sdw,
     swo, swi, swh,
     sos, son, soj, soh,
-    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     pid_j = tl.program_id(0)
@@ -121,9 +121,9 @@ def _relaxed_conv_bwd_dz_kernel(
                 o_ok = offs_o < C_OUT
                 dyt = tl.load(dy_ptr + dy_row[:, None] + (offs_o * N_OUT)[None, :] * sdc, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
                 wt = tl.load(w_ptr + offs_o[:, None] * swo + i * swi + offs_h[None, :] * swh, mask=o_ok[:, None] & h_ok[None, :], other=0.0)
-                du += tl.dot(dyt, wt, input_precision=PRECISION)
+                du = mma(dyt, wt, du, PRECISION, FP64)
             xt = tl.load(x_ptr + row_base[:, None] + (i * N_IN * sxc + col)[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-            acc += tl.dot(tl.trans(xt), du.to(xt.dtype), input_precision=PRECISION)
+            acc = mma(tl.trans(xt), du.to(xt.dtype), acc, PRECISION, FP64)
     out_off = s * sos + n * son + j[:, None] * soj + offs_h[None, :] * soh
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=j_ok[:, None] & h_ok[None, :])
 
@@ -136,7 +136,7 @@ def _relaxed_conv_bwd_dw_kernel(
     szn, szp, szj, szh,
     sdb, sdc, sdh, sdw,
     sos, soi, soo, soh,
-    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     i = tl.program_id(0)
@@ -164,10 +164,10 @@ def _relaxed_conv_bwd_dw_kernel(
                 col = (i * N_IN + j // K2) * sxc + (kk // KSIZE) * sxh + (kk % KSIZE) * sxw
                 xt = tl.load(x_ptr + row_base[:, None] + col[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
                 zt = tl.load(z_base + j[:, None] * szj + offs_h[None, :] * szh, mask=j_ok[:, None] & h_ok[None, :], other=0.0)
-                u += tl.dot(xt, zt, input_precision=PRECISION)
+                u = mma(xt, zt, u, PRECISION, FP64)
             dy_off = b[:, None] * sdb + (offs_o * N_OUT + n)[None, :] * sdc + (oh * sdh + ow * sdw)[:, None]
             dyt = tl.load(dy_ptr + dy_off, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
-            acc += tl.dot(tl.trans(u.to(dyt.dtype)), dyt, input_precision=PRECISION)
+            acc = mma(tl.trans(u.to(dyt.dtype)), dyt, acc, PRECISION, FP64)
     out_off = s * sos + i * soi + offs_o[None, :] * soo + offs_h[:, None] * soh
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & o_ok[None, :])
 
@@ -217,7 +217,7 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
     hid = z.shape[-1]
     szp = z.stride(1) if per_position else 0
     shared = dict(KSIZE=g.kernel_size, PER_POSITION=per_position, PRECISION=dot_precision(x.dtype),
-                  ACC=acc_dtype(x.dtype), BLOCK_H=hidden_block(hid))
+                  ACC=acc_dtype(x.dtype), FP64=x.dtype == torch.float64, BLOCK_H=hidden_block(hid))
     tuned = use_autotune(x.device)
     fixed = dict(BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_O=block_o)
     dx = dz = dw = None

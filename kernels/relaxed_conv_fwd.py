@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, use_autotune
+from .common import mma, acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, use_autotune
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _relaxed_conv_fwd_kernel(
     swo, swi, swh,
     syb, syc, syh, syw,
     KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -57,9 +57,9 @@ def _relaxed_conv_fwd_kernel(
             col = (i * N_IN + nprime) * sxc + (kk // KSIZE) * sxh + (kk % KSIZE) * sxw
             xt = tl.load(x_ptr + row_base[:, None] + col[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
             zt = tl.load(z_base + j[:, None] * szj + offs_h[None, :] * szh, mask=j_ok[:, None] & h_ok[None, :], other=0.0)
-            u += tl.dot(xt, zt, input_precision=PRECISION)
+            u = mma(xt, zt, u, PRECISION, FP64)
         wt = tl.load(w_ptr + offs_o[None, :] * swo + i * swi + offs_h[:, None] * swh, mask=h_ok[:, None] & o_ok[None, :], other=0.0)
-        acc += tl.dot(u.to(wt.dtype), wt, input_precision=PRECISION)
+        acc = mma(u.to(wt.dtype), wt, acc, PRECISION, FP64)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(ACC)[None, :]
     y_off = b[:, None] * syb + (offs_o[None, :] * N_OUT + n) * syc + (oh * syh + ow * syw)[:, None]
@@ -108,7 +108,7 @@ def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, block_m=16, block_j=16, blo
     )
     consts = dict(
         KSIZE=g.kernel_size, PER_POSITION=per_position, HAS_BIAS=bias is not None,
-        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), BLOCK_H=hidden_block(hid),
+        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), FP64=x.dtype == torch.float64, BLOCK_H=hidden_block(hid),
     )
 
     def grid(meta):
