@@ -9,6 +9,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import dispatch
 from .groups import coordinate_groups, disk_mask
@@ -129,7 +130,12 @@ class _RelaxedGroupConv(nn.Module):
             device=w.device,
             dtype=w.dtype,
         )
-        z = self.kernel_net.hidden(coords)
+        if self.translation_nonstationary and torch.is_grad_enabled():
+            # Per-position features are N*P*J*H values; keeping only them (not every SIREN layer's
+            # activations) and recomputing the SIREN in backward costs ~2% of the layer's FLOPs.
+            z = checkpoint(self.kernel_net.hidden, coords, use_reentrant=False)
+        else:
+            z = self.kernel_net.hidden(coords)
         n, k2, h = self.group_order, self.kernel_size**2, z.shape[-1]
         p = out_hw[0] * out_hw[1] if self.translation_nonstationary else 1
         z = z.expand(n, p, self.in_rotations, k2, h).reshape(n, p, self.in_rotations * k2, h)
