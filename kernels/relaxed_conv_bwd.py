@@ -2,10 +2,12 @@
 
 U = X Z is never stored: each kernel recomputes what it needs (FlashAttention style).
 
-- ``dX`` (gather, a transposed convolution of dU with Z): for input rows (b, q) and input
-  channel i, ``dX_i[(b, q), n'] = sum_{n, Delta} dU_i[(b, q - Delta), :] @ Z_n[n', Delta, :]^T``
-  with ``dU_i = dY_n @ W_ext[:, i, :]`` recomputed at the shifted rows. Every dX element is
-  written by exactly one program: no scatter, no atomics.
+- ``dX`` is a gather (a transposed convolution), every element written by exactly one program:
+  no scatter, no atomics. Translation-stationary: an implicit GEMM of dY with the expanded bank
+  ``E = W_ext . Z`` (as small as one conv2d weight), which needs fewer multiply-adds than
+  recomputing dU at every shift. Per position (the bank would be per position, P times larger):
+  ``dX_i[(b, q), n'] = sum_{n, Delta} dU_i[(b, q - Delta), :] @ Z_{n, q - Delta}[n', Delta, :]^T``
+  with ``dU_i = dY_n @ W_ext[:, i, :]`` recomputed at the shifted rows.
 - ``dZ = sum_{rows, i} X_i^T dU_i``: translation-stationary Z is reduced over all rows in a fixed
   number of splits whose partials the host sums in a fixed order; per-position Z has one program
   per (position, rotation, J tile) reducing over the batch, so no partials.
@@ -74,6 +76,45 @@ def _relaxed_conv_bwd_dx_kernel(
             acc = mma(du.to(zt.dtype), zt, acc, PRECISION, FP64)
     dx_off = b[:, None] * sxb + (i * N_IN + offs_ni)[None, :] * sxc + (qh * sxh + qw * sxw)[:, None]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & ni_ok[None, :])
+
+
+@triton.jit
+def _relaxed_conv_bwd_dx_bank_kernel(
+    dy_ptr, e_ptr, dx_ptr,
+    B, CN_IN, W_IN, Q, H_OUT, W_OUT, C_OUT, N_OUT, PAD,
+    sdb, sdc, sdh, sdw,
+    sen, sek, seo, sec,
+    sxb, sxc, sxh, sxw,
+    KSIZE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Translation-stationary dX as an implicit GEMM with the expanded bank E = W_ext . Z:
+    dX[(b, q), c] = sum_{n, Delta, o} dY[b, o*N + n, q + pad - Delta] E[n, Delta, o, c].
+    Per row this is N*K^2*C_out*C_in*N_in multiply-adds, against N*K^2*C_in*H*(C_out + N_in)
+    for recomputing dU at every shift, i.e. always fewer; E is as small as one conv2d weight."""
+    t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b, q, row_ok, _ = row_tile(t, B, Q, BLOCK_M, False)
+    qh = q // W_IN
+    qw = q % W_IN
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < CN_IN
+    K2: tl.constexpr = KSIZE * KSIZE
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    for n in range(N_OUT):
+        for kk in range(K2):
+            ph = qh + PAD - kk // KSIZE
+            pw = qw + PAD - kk % KSIZE
+            p_ok = row_ok & (ph >= 0) & (ph < H_OUT) & (pw >= 0) & (pw < W_OUT)
+            dy_row = b * sdb + n * sdc + ph * sdh + pw * sdw
+            for o0 in range(0, C_OUT, BLOCK_O):
+                offs_o = o0 + tl.arange(0, BLOCK_O)
+                o_ok = offs_o < C_OUT
+                dyt = tl.load(dy_ptr + dy_row[:, None] + (offs_o * N_OUT)[None, :] * sdc, mask=p_ok[:, None] & o_ok[None, :], other=0.0)
+                et = tl.load(e_ptr + n * sen + kk * sek + offs_o[:, None] * seo + offs_c[None, :] * sec, mask=o_ok[:, None] & c_ok[None, :], other=0.0)
+                acc = mma(dyt, et, acc, PRECISION, FP64)
+    dx_off = b[:, None] * sxb + offs_c[None, :] * sxc + (qh * sxh + qw * sxw)[:, None]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -184,6 +225,12 @@ def _configs(with_j: bool, with_o: bool = True):
 
 _KEY = ["B", "P", "J", "HID", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"]
 _dx_autotuned = triton.autotune(configs=_configs(False), key=["B", "Q", "N_IN", "HID", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"])(_relaxed_conv_bwd_dx_kernel)
+_dx_bank_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_C": bc}, num_warps=w, num_stages=st)
+             for bm, bo, bc, w, st in [(64, 32, 64, 4, 3), (128, 32, 64, 4, 3), (128, 64, 128, 8, 3),
+                                       (64, 64, 32, 4, 3), (128, 32, 32, 4, 4), (64, 32, 128, 4, 3)]],
+    key=["B", "Q", "CN_IN", "C_OUT", "N_OUT", "KSIZE"],
+)(_relaxed_conv_bwd_dx_bank_kernel)
 _dz_autotuned = triton.autotune(configs=_configs(True), key=_KEY + ["C_IN", "SPLITS"])(_relaxed_conv_bwd_dz_kernel)
 _dw_autotuned = triton.autotune(configs=_configs(True), key=_KEY + ["SPLITS"])(_relaxed_conv_bwd_dw_kernel)
 
@@ -202,6 +249,17 @@ def reduction_splits(rows: int, device: torch.device) -> int:
     if device.type == "cuda":
         return max(1, min(128, rows // 512))
     return max(1, min(3, rows // 16))
+
+
+def expanded_bank(z: torch.Tensor, w_ext: torch.Tensor, g) -> torch.Tensor:
+    """E[n, Delta, o, i*N_in + n'] = sum_h W_ext[o, i, h] Z[n, n'*K*K + Delta, h] (stationary Z).
+
+    The kernel bank of expand_conv, laid out for the dX implicit GEMM; C_out*N*C_in*N_in*K^2
+    values, the size of one conv2d weight."""
+    k2 = g.kernel_size**2
+    zr = z.unflatten(1, (g.in_rotations, k2))  # [N, N_in, K2, H']
+    bank = torch.einsum("oih,nmkh->nkoim", w_ext, zr)
+    return bank.reshape(g.out_rotations, k2, g.out_channels, g.in_channels * g.in_rotations).contiguous()
 
 
 def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), block_m=16, block_j=16, block_o=16):
@@ -225,21 +283,40 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
     if needs[0]:
         dx = common.empty_output(x.shape, device=x.device, dtype=x.dtype)
         q = height * width
-        args = (
-            dy, z, w_ext, dx,
-            bsz, g.in_rotations, width, q, h_out, w_out, hid, g.out_channels, g.out_rotations, g.padding,
-            *dy.stride(), z.stride(0), szp, z.stride(-2), z.stride(-1), *w_ext.stride(), *dx.stride(),
-        )
-        consts = dict(shared, BLOCK_NI=small_block(g.in_rotations))
+        if per_position:
+            args = (
+                dy, z, w_ext, dx,
+                bsz, g.in_rotations, width, q, h_out, w_out, hid, g.out_channels, g.out_rotations, g.padding,
+                *dy.stride(), z.stride(0), szp, z.stride(-2), z.stride(-1), *w_ext.stride(), *dx.stride(),
+            )
+            consts = dict(shared, BLOCK_NI=small_block(g.in_rotations))
 
-        def grid_dx(meta):
-            return (num_row_tiles(bsz, q, meta["BLOCK_M"], per_position), g.in_channels)
+            def grid_dx(meta):
+                return (num_row_tiles(bsz, q, meta["BLOCK_M"], per_position), g.in_channels)
 
-        if tuned:
-            _dx_autotuned[grid_dx](*args, **consts)
+            if tuned:
+                _dx_autotuned[grid_dx](*args, **consts)
+            else:
+                meta = dict(BLOCK_M=block_m, BLOCK_O=block_o)
+                _relaxed_conv_bwd_dx_kernel[grid_dx(meta)](*args, **consts, **meta)
         else:
-            meta = dict(BLOCK_M=block_m, BLOCK_O=block_o)
-            _relaxed_conv_bwd_dx_kernel[grid_dx(meta)](*args, **consts, **meta)
+            bank = expanded_bank(z, w_ext, g)
+            cn_in = g.in_channels * g.in_rotations
+            args = (
+                dy, bank, dx,
+                bsz, cn_in, width, q, h_out, w_out, g.out_channels, g.out_rotations, g.padding,
+                *dy.stride(), *bank.stride(), *dx.stride(),
+            )
+            consts = {k: shared[k] for k in ("KSIZE", "PRECISION", "ACC", "FP64")}
+
+            def grid_bank(meta):
+                return (num_row_tiles(bsz, q, meta["BLOCK_M"], False), triton.cdiv(cn_in, meta["BLOCK_C"]))
+
+            if tuned:
+                _dx_bank_autotuned[grid_bank](*args, **consts)
+            else:
+                meta = dict(BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_C=small_block(min(cn_in, 16)))
+                _relaxed_conv_bwd_dx_bank_kernel[grid_bank(meta)](*args, **consts, **meta)
 
     if needs[1] or needs[2]:
         xp = pad_input(x, g.padding)
