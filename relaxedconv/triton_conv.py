@@ -50,4 +50,8 @@ def check_triton_inputs(x: torch.Tensor) -> None:
 def relaxed_conv_triton(x, z, w_ext, bias, geometry: ConvGeometry) -> torch.Tensor:
     """Functional entry point; same layouts as :mod:`relaxedconv.reference`."""
     check_triton_inputs(x)
+    if torch.is_autocast_enabled(x.device.type):
+        # A custom Function is not autocast-aware: run it in the autocast dtype, as conv2d would.
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, z, w_ext = x.to(dt), z.to(dt), w_ext.to(dt)
     return RelaxedConvTritonFunction.apply(x, z, w_ext, bias, geometry)

@@ -89,3 +89,17 @@ def test_auto_prefers_triton_for_wide_layers_on_cuda():
     narrow = rc.GroupConv(32, 32, 7, 8)  # 33/32 + ... > 1
     assert dispatch.backend_rule(wide, "cuda", True) == "triton"
     assert dispatch.backend_rule(narrow, "cuda", True) == "expand_conv"
+
+
+def test_autocast_runs_the_kernel_in_the_autocast_dtype():
+    device_type = "cuda" if DEVICE == "cuda" else "cpu"
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    if DEVICE != "cuda":
+        pytest.skip("CPU autocast to fp16 is not what users run; checked on CUDA with bf16")
+    torch.manual_seed(5)
+    layer, x = make_layer(CASES[0], dtype=torch.float32)
+    with torch.autocast(device_type, dtype=dtype):
+        y = layer(x, backend="triton")
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert layer.kernel_net.out.weight.grad is not None
