@@ -18,6 +18,16 @@ def use_autotune(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting()
 
 
+def check_int32_indexing(*tensors: torch.Tensor) -> None:
+    """The kernels index with 32-bit offsets; refuse tensors they would overflow."""
+    for t in tensors:
+        if t.numel() >= 2**31:
+            raise ValueError(
+                f"a tensor of {t.numel():,} elements ({tuple(t.shape)}) is beyond the fused kernels' "
+                "32-bit indexing; split the batch into smaller chunks"
+            )
+
+
 def empty_output(shape, *, device, dtype) -> torch.Tensor:
     """Every buffer a kernel must fill completely; tests replace it to poison buffers with NaN."""
     return torch.empty(shape, device=device, dtype=dtype)

@@ -99,6 +99,7 @@ def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, block_m=16, block_j=16, blo
     z = z.contiguous()
     w_ext = w_ext.contiguous()
     y = common.empty_output((bsz, g.out_channels * g.out_rotations, h_out, w_out), device=x.device, dtype=x.dtype)
+    common.check_int32_indexing(xp, z, y)
     hid = z.shape[-1]
     szp = z.stride(1) if per_position else 0
     args = (
