@@ -49,9 +49,19 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def hidden_block(hidden_plus_one: int) -> int:
-    """Tile width over the hidden features H+1: a power of two, at least tl.dot's minimum 16."""
-    return max(16, triton.next_power_of_2(hidden_plus_one))
+def hidden_block(hidden_plus_one: int) -> tuple[int, bool]:
+    """(tile width over the hidden features, whether the last feature is a separate tail).
+
+    Z has H+1 columns: H hidden features and the constant one that carries b_L. With the usual
+    power-of-two H (32), H+1 = 33 would pad the tl.dot tiles to 64 and double the tensor-core
+    work; instead the dots cover the first H columns and the last column is a rank-1 "tail"
+    (a row reduction and an outer product on the FMA units). Otherwise: the next power of two,
+    at least tl.dot's minimum of 16.
+    """
+    main = hidden_plus_one - 1
+    if main >= 16 and main & (main - 1) == 0:
+        return main, True
+    return max(16, triton.next_power_of_2(hidden_plus_one)), False
 
 
 def small_block(n: int) -> int:

@@ -29,12 +29,13 @@ from .relaxed_conv_fwd import pad_input
 @triton.jit
 def _relaxed_conv_bwd_dx_kernel(
     dy_ptr, z_ptr, w_ptr, dx_ptr,
-    B, N_IN, W_IN, Q, H_OUT, W_OUT, HID, C_OUT, N_OUT, PAD,
+    B, N_IN, W_IN, Q, H_OUT, W_OUT, HMAIN, C_OUT, N_OUT, PAD,
     sdb, sdc, sdh, sdw,
     szn, szp, szj, szh,
     swo, swi, swh,
     sxb, sxc, sxh, sxw,
     KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
+    TAIL: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_NI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -45,7 +46,7 @@ def _relaxed_conv_bwd_dx_kernel(
     qw = q % W_IN
     offs_h = tl.arange(0, BLOCK_H)
     offs_ni = tl.arange(0, BLOCK_NI)
-    h_ok = offs_h < HID
+    h_ok = offs_h < HMAIN
     ni_ok = offs_ni < N_IN
     K2: tl.constexpr = KSIZE * KSIZE
     acc = tl.zeros((BLOCK_M, BLOCK_NI), dtype=ACC)
@@ -58,12 +59,16 @@ def _relaxed_conv_bwd_dx_kernel(
             p_ok = row_ok & (ph >= 0) & (ph < H_OUT) & (pw >= 0) & (pw < W_OUT)
             dy_row = b * sdb + n * sdc + ph * sdh + pw * sdw
             du = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
+            du_tail = tl.zeros((BLOCK_M,), dtype=ACC)
             for o0 in range(0, C_OUT, BLOCK_O):
                 offs_o = o0 + tl.arange(0, BLOCK_O)
                 o_ok = offs_o < C_OUT
                 dyt = tl.load(dy_ptr + dy_row[:, None] + (offs_o * N_OUT)[None, :] * sdc, mask=p_ok[:, None] & o_ok[None, :], other=0.0)
                 wt = tl.load(w_ptr + offs_o[:, None] * swo + i * swi + offs_h[None, :] * swh, mask=o_ok[:, None] & h_ok[None, :], other=0.0)
                 du = mma(dyt, wt, du, PRECISION, FP64)
+                if TAIL:
+                    w_tail = tl.load(w_ptr + offs_o * swo + i * swi + HMAIN * swh, mask=o_ok, other=0.0)
+                    du_tail += tl.sum(dyt.to(ACC) * w_tail.to(ACC)[None, :], axis=1)
             if PER_POSITION:
                 # One input position per tile, so one output position p = q - Delta per (tile, Delta).
                 sh = q_tile // W_IN + PAD - kh
@@ -74,6 +79,9 @@ def _relaxed_conv_bwd_dx_kernel(
                 z_base = z_ptr + n * szn
             zt = tl.load(z_base + (offs_ni * K2 + kk)[None, :] * szj + offs_h[:, None] * szh, mask=h_ok[:, None] & ni_ok[None, :], other=0.0)
             acc = mma(du.to(zt.dtype), zt, acc, PRECISION, FP64)
+            if TAIL:
+                z_tail = tl.load(z_base + (offs_ni * K2 + kk) * szj + HMAIN * szh, mask=ni_ok, other=0.0)
+                acc += du_tail[:, None] * z_tail.to(ACC)[None, :]
     dx_off = b[:, None] * sxb + (i * N_IN + offs_ni)[None, :] * sxc + (qh * sxh + qw * sxw)[:, None]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & ni_ok[None, :])
 
@@ -120,12 +128,13 @@ def _relaxed_conv_bwd_dx_bank_kernel(
 @triton.jit
 def _relaxed_conv_bwd_dz_kernel(
     x_ptr, dy_ptr, w_ptr, out_ptr,
-    B, C_IN, N_IN, P, W_OUT, J, HID, C_OUT, N_OUT, SPLITS,
+    B, C_IN, N_IN, P, W_OUT, J, HMAIN, C_OUT, N_OUT, SPLITS,
     sxb, sxc, sxh, sxw,
     sdb, sdc, sdh, sdw,
     swo, swi, swh,
     sos, son, soj, soh,
     KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
+    TAIL: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     pid_j = tl.program_id(0)
@@ -138,7 +147,7 @@ def _relaxed_conv_bwd_dz_kernel(
     kk = j % K2
     col = nprime * sxc + (kk // KSIZE) * sxh + (kk % KSIZE) * sxw
     offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < HID
+    h_ok = offs_h < HMAIN
     if PER_POSITION:
         nbt = tl.cdiv(B, BLOCK_M)
         t_start = s * nbt
@@ -149,6 +158,7 @@ def _relaxed_conv_bwd_dz_kernel(
         t_end = tile_count(B, P, BLOCK_M, PER_POSITION)
         t_step = SPLITS
     acc = tl.zeros((BLOCK_J, BLOCK_H), dtype=ACC)
+    acc_tail = tl.zeros((BLOCK_J,), dtype=ACC)
     for t in range(t_start, t_end, t_step):
         b, p, row_ok, p_tile = row_tile(t, B, P, BLOCK_M, PER_POSITION)
         oh = p // W_OUT
@@ -157,27 +167,36 @@ def _relaxed_conv_bwd_dz_kernel(
         dy_row = b * sdb + n * sdc + oh * sdh + ow * sdw
         for i in range(C_IN):
             du = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
+            du_tail = tl.zeros((BLOCK_M,), dtype=ACC)
             for o0 in range(0, C_OUT, BLOCK_O):
                 offs_o = o0 + tl.arange(0, BLOCK_O)
                 o_ok = offs_o < C_OUT
                 dyt = tl.load(dy_ptr + dy_row[:, None] + (offs_o * N_OUT)[None, :] * sdc, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
                 wt = tl.load(w_ptr + offs_o[:, None] * swo + i * swi + offs_h[None, :] * swh, mask=o_ok[:, None] & h_ok[None, :], other=0.0)
                 du = mma(dyt, wt, du, PRECISION, FP64)
+                if TAIL:
+                    w_tail = tl.load(w_ptr + offs_o * swo + i * swi + HMAIN * swh, mask=o_ok, other=0.0)
+                    du_tail += tl.sum(dyt.to(ACC) * w_tail.to(ACC)[None, :], axis=1)
             xt = tl.load(x_ptr + row_base[:, None] + (i * N_IN * sxc + col)[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
             acc = mma(tl.trans(xt), du.to(xt.dtype), acc, PRECISION, FP64)
+            if TAIL:
+                acc_tail += tl.sum(xt.to(ACC) * du_tail[:, None], axis=0)
     out_off = s * sos + n * son + j[:, None] * soj + offs_h[None, :] * soh
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=j_ok[:, None] & h_ok[None, :])
+    if TAIL:
+        tl.store(out_ptr + s * sos + n * son + j * soj + HMAIN * soh, acc_tail.to(out_ptr.dtype.element_ty), mask=j_ok)
 
 
 @triton.jit
 def _relaxed_conv_bwd_dw_kernel(
     x_ptr, z_ptr, dy_ptr, out_ptr,
-    B, N_IN, P, W_OUT, J, HID, C_OUT, N_OUT, SPLITS,
+    B, N_IN, P, W_OUT, J, HMAIN, C_OUT, N_OUT, SPLITS,
     sxb, sxc, sxh, sxw,
     szn, szp, szj, szh,
     sdb, sdc, sdh, sdw,
     sos, soi, soo, soh,
     KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
+    TAIL: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     i = tl.program_id(0)
@@ -185,10 +204,11 @@ def _relaxed_conv_bwd_dw_kernel(
     s = tl.program_id(2)
     offs_h = tl.arange(0, BLOCK_H)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    h_ok = offs_h < HID
+    h_ok = offs_h < HMAIN
     o_ok = offs_o < C_OUT
     K2: tl.constexpr = KSIZE * KSIZE
     acc = tl.zeros((BLOCK_H, BLOCK_O), dtype=ACC)
+    acc_tail = tl.zeros((BLOCK_O,), dtype=ACC)
     tiles = tile_count(B, P, BLOCK_M, PER_POSITION)
     for n in range(N_OUT):
         for t in range(s, tiles, SPLITS):
@@ -198,6 +218,7 @@ def _relaxed_conv_bwd_dw_kernel(
             row_base = b * sxb + oh * sxh + ow * sxw
             z_base = z_ptr + n * szn + p_tile * szp
             u = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
+            u_tail = tl.zeros((BLOCK_M,), dtype=ACC)
             for j0 in range(0, J, BLOCK_J):
                 j = j0 + tl.arange(0, BLOCK_J)
                 j_ok = j < J
@@ -206,11 +227,18 @@ def _relaxed_conv_bwd_dw_kernel(
                 xt = tl.load(x_ptr + row_base[:, None] + col[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
                 zt = tl.load(z_base + j[:, None] * szj + offs_h[None, :] * szh, mask=j_ok[:, None] & h_ok[None, :], other=0.0)
                 u = mma(xt, zt, u, PRECISION, FP64)
+                if TAIL:
+                    z_tail = tl.load(z_base + j * szj + HMAIN * szh, mask=j_ok, other=0.0)
+                    u_tail += tl.sum(xt.to(ACC) * z_tail.to(ACC)[None, :], axis=1)
             dy_off = b[:, None] * sdb + (offs_o * N_OUT + n)[None, :] * sdc + (oh * sdh + ow * sdw)[:, None]
             dyt = tl.load(dy_ptr + dy_off, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
             acc = mma(tl.trans(u.to(dyt.dtype)), dyt, acc, PRECISION, FP64)
+            if TAIL:
+                acc_tail += tl.sum(u_tail[:, None] * dyt.to(ACC), axis=0)
     out_off = s * sos + i * soi + offs_o[None, :] * soo + offs_h[:, None] * soh
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & o_ok[None, :])
+    if TAIL:
+        tl.store(out_ptr + s * sos + i * soi + offs_o * soo + HMAIN * soh, acc_tail.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
 def _configs(with_j: bool, with_o: bool = True):
@@ -223,8 +251,8 @@ def _configs(with_j: bool, with_o: bool = True):
     return out
 
 
-_KEY = ["B", "P", "J", "HID", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"]
-_dx_autotuned = triton.autotune(configs=_configs(False), key=["B", "Q", "N_IN", "HID", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"])(_relaxed_conv_bwd_dx_kernel)
+_KEY = ["B", "P", "J", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"]
+_dx_autotuned = triton.autotune(configs=_configs(False), key=["B", "Q", "N_IN", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"])(_relaxed_conv_bwd_dx_kernel)
 _dx_bank_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_C": bc}, num_warps=w, num_stages=st)
              for bm, bo, bc, w, st in [(64, 32, 64, 4, 3), (128, 32, 64, 4, 3), (128, 64, 128, 8, 3),
@@ -273,9 +301,11 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
     z = z.contiguous()
     w_ext = w_ext.contiguous()
     hid = z.shape[-1]
+    block_h, tail = hidden_block(hid)
+    hmain = hid - int(tail)
     szp = z.stride(1) if per_position else 0
     shared = dict(KSIZE=g.kernel_size, PER_POSITION=per_position, PRECISION=dot_precision(x.dtype),
-                  ACC=acc_dtype(x.dtype), FP64=x.dtype == torch.float64, BLOCK_H=hidden_block(hid))
+                  ACC=acc_dtype(x.dtype), FP64=x.dtype == torch.float64, BLOCK_H=block_h, TAIL=tail)
     tuned = use_autotune(x.device)
     fixed = dict(BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_O=block_o)
     dx = dz = dw = None
@@ -286,7 +316,7 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
         if per_position:
             args = (
                 dy, z, w_ext, dx,
-                bsz, g.in_rotations, width, q, h_out, w_out, hid, g.out_channels, g.out_rotations, g.padding,
+                bsz, g.in_rotations, width, q, h_out, w_out, hmain, g.out_channels, g.out_rotations, g.padding,
                 *dy.stride(), z.stride(0), szp, z.stride(-2), z.stride(-1), *w_ext.stride(), *dx.stride(),
             )
             consts = dict(shared, BLOCK_NI=small_block(g.in_rotations))
@@ -334,7 +364,7 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
             third = splits
         args_dz = (
             xp, dy, w_ext, out,
-            bsz, g.in_channels, g.in_rotations, positions, w_out, g.window, hid, g.out_channels, g.out_rotations,
+            bsz, g.in_channels, g.in_rotations, positions, w_out, g.window, hmain, g.out_channels, g.out_rotations,
             splits,
             *xp.stride(), *dy.stride(), *w_ext.stride(), sos, son, out.stride(-2), out.stride(-1),
         )
@@ -352,7 +382,7 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
         part = common.empty_output((splits, g.in_channels, g.out_channels, hid), device=x.device, dtype=_partial_dtype(x.dtype))
         args_dw = (
             xp, z, dy, part,
-            bsz, g.in_rotations, positions, w_out, g.window, hid, g.out_channels, g.out_rotations,
+            bsz, g.in_rotations, positions, w_out, g.window, hmain, g.out_channels, g.out_rotations,
             splits,
             *xp.stride(), z.stride(0), szp, z.stride(-2), z.stride(-1), *dy.stride(), *part.stride(),
         )

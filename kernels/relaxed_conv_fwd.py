@@ -23,13 +23,13 @@ from .common import mma, acc_dtype, dot_precision, hidden_block, num_row_tiles, 
 @triton.jit
 def _relaxed_conv_fwd_kernel(
     x_ptr, z_ptr, w_ptr, bias_ptr, y_ptr,
-    B, C_IN, N_IN, P, W_OUT, J, HID, C_OUT, N_OUT,
+    B, C_IN, N_IN, P, W_OUT, J, HMAIN, C_OUT, N_OUT,
     sxb, sxc, sxh, sxw,
     szn, szp, szj, szh,
     swo, swi, swh,
     syb, syc, syh, syw,
     KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr, TAIL: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -42,13 +42,14 @@ def _relaxed_conv_fwd_kernel(
     z_base = z_ptr + n * szn + p_tile * szp
     offs_h = tl.arange(0, BLOCK_H)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    h_ok = offs_h < HID
+    h_ok = offs_h < HMAIN
     o_ok = offs_o < C_OUT
     K2: tl.constexpr = KSIZE * KSIZE
 
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=ACC)
     for i in range(C_IN):
         u = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
+        u_tail = tl.zeros((BLOCK_M,), dtype=ACC)
         for j0 in range(0, J, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             j_ok = j < J
@@ -58,8 +59,14 @@ def _relaxed_conv_fwd_kernel(
             xt = tl.load(x_ptr + row_base[:, None] + col[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
             zt = tl.load(z_base + j[:, None] * szj + offs_h[None, :] * szh, mask=j_ok[:, None] & h_ok[None, :], other=0.0)
             u = mma(xt, zt, u, PRECISION, FP64)
+            if TAIL:
+                z_tail = tl.load(z_base + j * szj + HMAIN * szh, mask=j_ok, other=0.0)
+                u_tail += tl.sum(xt.to(ACC) * z_tail.to(ACC)[None, :], axis=1)
         wt = tl.load(w_ptr + offs_o[None, :] * swo + i * swi + offs_h[:, None] * swh, mask=h_ok[:, None] & o_ok[None, :], other=0.0)
         acc = mma(u.to(wt.dtype), wt, acc, PRECISION, FP64)
+        if TAIL:
+            w_tail = tl.load(w_ptr + offs_o * swo + i * swi + HMAIN * swh, mask=o_ok, other=0.0)
+            acc += u_tail[:, None] * w_tail.to(ACC)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(ACC)[None, :]
     y_off = b[:, None] * syb + (offs_o[None, :] * N_OUT + n) * syc + (oh * syh + ow * syw)[:, None]
@@ -77,7 +84,7 @@ def _configs():
 
 
 _relaxed_conv_fwd_autotuned = triton.autotune(
-    configs=_configs(), key=["B", "C_IN", "N_IN", "P", "J", "HID", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"]
+    configs=_configs(), key=["B", "C_IN", "N_IN", "P", "J", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"]
 )(_relaxed_conv_fwd_kernel)
 
 
@@ -101,15 +108,17 @@ def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, block_m=16, block_j=16, blo
     y = common.empty_output((bsz, g.out_channels * g.out_rotations, h_out, w_out), device=x.device, dtype=x.dtype)
     common.check_int32_indexing(xp, z, y)
     hid = z.shape[-1]
+    block_h, tail = hidden_block(hid)
+    hmain = hid - int(tail)
     szp = z.stride(1) if per_position else 0
     args = (
         xp, z, w_ext, bias if bias is not None else w_ext, y,
-        bsz, g.in_channels, g.in_rotations, positions, w_out, g.window, hid, g.out_channels, g.out_rotations,
+        bsz, g.in_channels, g.in_rotations, positions, w_out, g.window, hmain, g.out_channels, g.out_rotations,
         *xp.stride(), z.stride(0), szp, z.stride(-2), z.stride(-1), *w_ext.stride(), *y.stride(),
     )
     consts = dict(
         KSIZE=g.kernel_size, PER_POSITION=per_position, HAS_BIAS=bias is not None,
-        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), FP64=x.dtype == torch.float64, BLOCK_H=hidden_block(hid),
+        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), FP64=x.dtype == torch.float64, BLOCK_H=block_h, TAIL=tail,
     )
 
     def grid(meta):

@@ -3,7 +3,8 @@
 Together they cover C in {1, 3, 5}, N in {1, 3, 4}, K in {1, 3, 5}, H != W, batch 1 and 3,
 lifting / group / pointwise layers, every non-stationarity setting, 'same' and 'valid',
 more than one output-channel tile (C_out = 20 > 16), more than one J tile (J = 27, 75 > 16),
-and a hidden width whose H+1 needs the wider hidden tile (hidden 32 -> H+1 = 33 -> 64).
+hidden widths with and without the separate b_L "tail" column (hidden 16 and 32: H+1 = 17, 33
+-> dots over 16/32 columns plus a tail; hidden 8: H+1 = 9 padded to one 16-wide tile).
 """
 import copy
 
@@ -16,14 +17,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (layer, C_in, C_out, N, K, rotation_nonstat, translation_nonstat, batch, (H, W), padding, hidden)
 CASES = [
-    ("lift", 3, 5, 4, 3, False, False, 3, (5, 7), "same", 8),
+    ("lift", 3, 5, 4, 3, False, False, 3, (5, 7), "same", 16),
     ("lift", 1, 3, 1, 5, False, False, 1, (6, 5), "same", 8),
     ("lift", 5, 1, 3, 1, True, False, 3, (4, 5), "same", 8),
     ("lift", 3, 4, 3, 3, False, True, 3, (3, 4), "same", 8),
     ("group", 3, 5, 4, 3, True, False, 1, (5, 6), "same", 8),
     ("group", 5, 3, 3, 3, False, False, 3, (4, 6), "valid", 8),
     ("group", 1, 1, 1, 3, False, True, 3, (4, 5), "same", 8),
-    ("group", 3, 2, 4, 3, True, True, 1, (2, 3), "same", 8),
+    ("group", 3, 2, 4, 3, True, True, 1, (2, 3), "same", 16),
     ("group", 1, 3, 1, 5, False, True, 1, (6, 5), "valid", 8),
     ("group", 2, 3, 3, 5, False, False, 1, (3, 2), "same", 8),
     ("group", 2, 20, 1, 3, False, False, 3, (4, 5), "same", 32),
