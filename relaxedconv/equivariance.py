@@ -73,7 +73,8 @@ def equivariance_error(
     Keys: ``rotation_90``, ``rotation_180``, ``rotation_270`` (those that are group elements for
     both the input's and the output's rotation counts) and ``translation`` (largest over
     ``shifts``; only when the output is a spatial map, compared ``margin + |shift|`` pixels away
-    from the border: pass the receptive radius of ``fn`` as ``margin``).
+    from the border: pass as ``margin`` how far zero padding reaches into the output, i.e. the
+    sum of the paddings of ``fn``'s layers).
     """
     y = fn(x)
     errors: dict[str, float] = {}
@@ -112,14 +113,15 @@ def layer_equivariance_errors(model, x: torch.Tensor, **kwargs) -> dict[str, dic
         return hook
 
     hooks = [m.register_forward_hook(capture(name)) for name, m in _relaxed_layers(model)]
+    modes = [(m, m.training) for m in model.modules()]
     try:
-        was_training = model.training
         model.eval()
         model(x)
-        model.train(was_training)
     finally:
         for h in hooks:
             h.remove()
+        for m, mode in modes:  # each submodule's own mode (a frozen BatchNorm stays frozen)
+            m.train(mode)
     out = {}
     for name, m in _relaxed_layers(model):
         if name not in inputs:
@@ -129,7 +131,8 @@ def layer_equivariance_errors(model, x: torch.Tensor, **kwargs) -> dict[str, dic
             inputs[name],
             in_rotations=m.in_rotations,
             out_rotations=m.group_order,
-            margin=m.kernel_size // 2,
+            # Zero padding reaches `padding` pixels into the output (K//2 for 'same').
+            margin=m.padding,
             **kwargs,
         )
     return out

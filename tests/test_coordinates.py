@@ -1,0 +1,207 @@
+"""Coordinates of design §1 and the kernel net that reads them, checked against the formulas directly.
+
+Chart: (x, y) = (column offset, -row offset) / r (x right, y up), so torch.rot90(img, 1) is R(+pi/2).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import relaxedconv as rc
+from relaxedconv.groups import (
+    coordinate_groups,
+    disk_mask,
+    kernel_offsets,
+    output_positions,
+    rotation_angles,
+)
+from relaxedconv.kernel_net import FREQUENCY_OF_GROUP, SirenKernelNet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only spin, and on a shared 2-core machine they stall each other.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+F64 = torch.float64
+
+
+def R(theta):
+    c, s = math.cos(theta), math.sin(theta)
+    return torch.tensor([[c, -s], [s, c]], dtype=F64)
+
+
+# ---- groups.py ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 3, 4, 8])
+def test_rotation_angles(n):
+    a = rotation_angles(n, dtype=F64)
+    assert a.shape == (n,)
+    assert torch.allclose(a, torch.tensor([2 * math.pi * i / n for i in range(n)], dtype=F64), atol=1e-15)
+    with pytest.raises(ValueError, match="group order must be >= 1"):
+        rotation_angles(0)
+
+
+def test_kernel_offsets_chart_and_order():
+    off = kernel_offsets(3, dtype=F64)
+    assert off.shape == (9, 2)
+    # row-major (kh, kw): first the top row, left to right; y is up
+    expected = torch.tensor(
+        [[-1, 1], [0, 1], [1, 1], [-1, 0], [0, 0], [1, 0], [-1, -1], [0, -1], [1, -1]], dtype=F64
+    )
+    assert torch.equal(off, expected)
+    off5 = kernel_offsets(5, dtype=F64)
+    assert off5.abs().max() == 1.0 and torch.equal(off5[0], torch.tensor([-1.0, 1.0], dtype=F64))
+    assert torch.equal(kernel_offsets(1, dtype=F64), torch.zeros(1, 2, dtype=F64))
+
+
+def test_rot90_is_positive_quarter_turn_in_the_chart():
+    """torch.rot90(img, 1, dims=(-2, -1)) moves the pixel at chart offset (x, y) to R(pi/2)(x, y)."""
+    off = kernel_offsets(5, dtype=F64)
+    for j in range(25):
+        img = torch.zeros(25, dtype=F64)
+        img[j] = 1
+        moved = torch.rot90(img.reshape(5, 5), 1, dims=(-2, -1)).reshape(-1).argmax()
+        assert torch.allclose(off[moved], R(math.pi / 2) @ off[j], atol=1e-15)
+
+
+@pytest.mark.parametrize("k, inside", [(1, 1), (3, 5), (5, 13), (7, 29)])
+def test_disk_mask(k, inside):
+    m = disk_mask(k, dtype=F64)
+    assert m.shape == (k * k,)
+    assert int(m.sum()) == inside
+    off = kernel_offsets(k, dtype=F64)
+    assert torch.equal(m.bool(), off.pow(2).sum(-1) <= 1 + 1e-9)
+    # rotation invariant under rot90: what rot90 equivariance needs
+    assert torch.equal(torch.rot90(m.reshape(k, k), 1), m.reshape(k, k))
+
+
+def test_output_positions():
+    p = output_positions(3, 5, dtype=F64)
+    assert p.shape == (15, 2)
+    assert torch.equal(p[0], torch.tensor([-1.0, 1.0], dtype=F64))  # top-left: x = -1, y = +1
+    assert torch.equal(p[-1], torch.tensor([1.0, -1.0], dtype=F64))  # bottom-right
+    assert torch.equal(p[7], torch.tensor([0.0, 0.0], dtype=F64))  # centre
+    assert torch.equal(output_positions(1, 1, dtype=F64), torch.zeros(1, 2, dtype=F64))
+
+
+@pytest.mark.parametrize("n_out, n_in, k, rot, hw", [(4, 4, 3, True, (2, 3)), (3, None, 5, False, None), (8, 8, 1, True, (1, 4)), (1, 1, 3, False, (3, 3))])
+def test_coordinate_groups_match_the_formulas(n_out, n_in, k, rot, hw):
+    g = coordinate_groups(
+        out_rotations=n_out, in_rotations=n_in, kernel_size=k, out_size=hw,
+        rotation_nonstationary=rot, device=None, dtype=F64,
+    )
+    expected_keys = {"rel_pos"} | ({"rel_rot"} if n_in else set()) | ({"abs_rot"} if rot else set()) | ({"abs_pos"} if hw else set())
+    assert set(g) == expected_keys
+    k2 = k * k
+    off = kernel_offsets(k, dtype=F64)
+    theta = [2 * math.pi * i / n_out for i in range(n_out)]
+    assert g["rel_pos"].shape == (n_out, 1, 1, k2, 2)
+    for n, t in enumerate(theta):
+        assert torch.allclose(g["rel_pos"][n, 0, 0], off @ R(-t).T, atol=1e-14)  # R(-theta) Delta/r
+    if n_in:
+        assert g["rel_rot"].shape == (n_out, 1, n_in, 1, 2)
+        for n, t in enumerate(theta):
+            for m in range(n_in):
+                tp = 2 * math.pi * m / n_in
+                want = torch.tensor([math.cos(tp - t), math.sin(tp - t)], dtype=F64)
+                assert torch.allclose(g["rel_rot"][n, 0, m, 0], want, atol=1e-14)
+    if rot:
+        assert g["abs_rot"].shape == (n_out, 1, 1, 1, 2)
+        for n, t in enumerate(theta):
+            assert torch.allclose(g["abs_rot"][n, 0, 0, 0], torch.tensor([math.cos(t), math.sin(t)], dtype=F64), atol=1e-14)
+    if hw:
+        assert g["abs_pos"].shape == (1, hw[0] * hw[1], 1, 1, 2)
+        assert torch.equal(g["abs_pos"][0, :, 0, 0], output_positions(*hw, dtype=F64))
+
+
+def test_rel_pos_quarter_turn_example():
+    """N = 4, output rotation 1 (theta = pi/2): the offset to the right, (1, 0), is seen as (0, -1)."""
+    g = coordinate_groups(out_rotations=4, in_rotations=None, kernel_size=3, out_size=None, rotation_nonstationary=False, dtype=F64)
+    right = 5  # (kh, kw) = (1, 2)
+    assert torch.allclose(g["rel_pos"][1, 0, 0, right], torch.tensor([0.0, -1.0], dtype=F64), atol=1e-15)
+
+
+# ---- the kernel net --------------------------------------------------------------------------------
+@pytest.mark.parametrize("groups", [("rel_pos",), ("rel_pos", "rel_rot"), ("rel_pos", "rel_rot", "abs_rot", "abs_pos"), ("rel_pos", "abs_pos")])
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_kernel_net_is_the_siren_of_design_section_1(groups, depth):
+    """z = sin(W_{L-1} ... sin(W_1 c + b_1)), k = W_L z + b_L with c = [w_rel rel_pos, w_rel rel_rot, w_rot abs_rot, w_pos abs_pos]."""
+    torch.manual_seed(0)
+    net = SirenKernelNet(groups, 3, 2, hidden_channels=8, depth=depth, omega_rel=2.5, omega_rot=0.7, omega_pos=1.9).double()
+    with torch.no_grad():
+        net.out.bias.normal_()
+    coords = coordinate_groups(
+        out_rotations=4, in_rotations=4 if "rel_rot" in groups else None, kernel_size=3,
+        out_size=(2, 3) if "abs_pos" in groups else None, rotation_nonstationary="abs_rot" in groups, dtype=F64,
+    )
+    # the omegas as stored (created in fp32, so 0.7 and 1.9 are not exact after .double())
+    om = {k: float(v.detach()) for k, v in net.omegas().items()}
+    for key, value in om.items():
+        assert value == pytest.approx({"rel": 2.5, "rot": 0.7, "pos": 1.9}[key], rel=1e-7)
+    freq = {g: om[FREQUENCY_OF_GROUP[g]] for g in groups}
+    shape = torch.broadcast_shapes(*(coords[g].shape for g in groups))
+    c = torch.cat([freq[g] * coords[g].expand(shape) for g in groups], dim=-1)  # in GROUP_ORDER
+    z = torch.sin(c @ net.first.weight.T + net.first.bias)
+    for layer in net.hidden_layers:
+        z = torch.sin(z @ layer.weight.T + layer.bias)
+    assert len(net.hidden_layers) == depth - 2
+    with torch.no_grad():
+        assert torch.allclose(net.hidden(coords), z, rtol=0, atol=1e-13)
+        k = (z @ net.out.weight.T + net.out.bias).unflatten(-1, (3, 2))
+        assert torch.allclose(net(coords), k, rtol=0, atol=1e-13)
+        # [W_L | b_L] with a ones feature reproduces the output layer (design §2)
+        w_ext = net.extended_output_weight()
+        assert w_ext.shape == (3, 2, 9)
+        z1 = torch.cat([z, torch.ones_like(z[..., :1])], -1)
+        assert torch.allclose(torch.einsum("...h,oih->...oi", z1, w_ext), k, rtol=0, atol=1e-13)
+    assert set(net.omegas()) == {{"rel_pos": "rel", "rel_rot": "rel", "abs_rot": "rot", "abs_pos": "pos"}[g] for g in groups}
+
+
+# ---- the layer's kernel follows the convention ----------------------------------------------------
+def test_lifting_kernel_rotates_with_the_output_rotation():
+    """k_n(Delta) = kappa(R(-theta_n) Delta): for N = 4, kernel image n+1 = rot90(kernel image n)."""
+    torch.manual_seed(1)
+    layer = rc.LiftingConv(2, 3, 5, 4, hidden_channels=8).double()
+    with torch.no_grad():
+        k = layer.full_kernel(None)  # [N, J, C_out, C_in], J = 1 * 25
+    img = k.reshape(4, 5, 5, 3, 2)
+    for n in range(4):
+        assert torch.allclose(img[(n + 1) % 4], torch.rot90(img[n], 1, dims=(0, 1)), rtol=0, atol=1e-13)
+    assert not torch.allclose(img[1], torch.rot90(img[0], -1, dims=(0, 1)), atol=1e-3)
+
+
+def test_group_kernel_rotates_and_shifts_the_input_rotation():
+    """k_n(n', Delta) = kappa(R(-theta_n) Delta, theta_n' - theta_n): k_{n+1}[n'] = rot90(k_n[n' - 1])."""
+    torch.manual_seed(2)
+    layer = rc.GroupConv(2, 3, 3, 4, hidden_channels=8, mask=False).double()
+    with torch.no_grad():
+        k = layer.full_kernel(None)  # [N, J, C_out, C_in], J = (n', kh, kw)
+    img = k.reshape(4, 4, 3, 3, 3, 2)
+    for n in range(4):
+        want = torch.roll(torch.rot90(img[n], 1, dims=(1, 2)), 1, dims=0)
+        assert torch.allclose(img[(n + 1) % 4], want, rtol=0, atol=1e-13)
+    assert not torch.allclose(img[1], torch.roll(torch.rot90(img[0], 1, dims=(1, 2)), -1, dims=0), atol=1e-3)
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_factored_kernel_reproduces_full_kernel(trans):
+    """Design §2: the full kernel is [W_L | b_L] applied to (Z, 1), with the mask folded into Z."""
+    torch.manual_seed(3)
+    layer = rc.GroupConv(2, 3, 5, 4, rotation_nonstationary=True, translation_nonstationary=trans, omega_rot=1.0, omega_pos=1.0, hidden_channels=8).double()
+    with torch.no_grad():
+        layer.kernel_net.out.bias.normal_()
+        full = layer.full_kernel((3, 4))
+        z, w_ext = layer.factored_kernel((3, 4))
+    assert z.shape[-1] == 9 and w_ext.shape == (3, 2, 9)
+    assert full.shape == ((4, 12, 4 * 25, 3, 2) if trans else (4, 4 * 25, 3, 2))
+    assert torch.allclose(torch.einsum("...jh,oih->...joi", z, w_ext), full, rtol=0, atol=1e-13)
+    # masked entries are exactly zero in both views
+    out = ~layer._mask_over_window(F64).bool()
+    assert out.sum() == 4 * 12  # 12 of the 25 window entries of K = 5 lie outside the disk, per n'
+    assert (full[..., out, :, :] == 0).all() and (z[..., out, :] == 0).all()
