@@ -14,7 +14,11 @@ def interpreting() -> bool:
 
 
 def use_autotune(device: torch.device) -> bool:
-    # The interpreter would time every config on the CPU; it gets one fixed config instead.
+    """Autotune on CUDA; one fixed config under the interpreter (it would time every config on
+    the CPU) and when ``RELAXEDCONV_AUTOTUNE=0`` (test suites: one compile per specialisation
+    instead of one per config, and a fixed reduction order across processes)."""
+    if os.environ.get("RELAXEDCONV_AUTOTUNE", "1") == "0":
+        return False
     return device.type == "cuda" and not interpreting()
 
 

@@ -69,3 +69,16 @@ def test_bf16_gradients_cuda(case):
     _, grads, _ = run_with_grads(layer, x.bfloat16(), "triton", g)
     for name, ref in grads_ref.items():
         assert rel_err(grads[name], ref) < 3e-2, name
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autotuning runs on CUDA only")
+@pytest.mark.parametrize("case", [CASES[0], CASES[7], CASES[9]], ids=case_id)
+def test_autotuned_kernels_match_materialize_cuda(case, monkeypatch):
+    monkeypatch.setenv("RELAXEDCONV_AUTOTUNE", "1")
+    torch.manual_seed(5)
+    layer, x = make_layer(case, dtype=torch.float32)
+    y, grads, g = run_with_grads(layer, x, "triton")
+    y_ref, grads_ref, _ = run_with_grads(layer.double(), x.double(), "materialize", g)
+    assert rel_err(y, y_ref) < 1e-5
+    for name, ref in grads_ref.items():
+        assert rel_err(grads[name], ref) < 1e-4, name
