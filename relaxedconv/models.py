@@ -1,0 +1,278 @@
+"""The paper's models (design.md §7): a continuous-kernel ResNet on R^2 x| C_N built from our layers.
+
+    lifting conv C_in -> w0 (K x K) -> BN -> ReLU
+    for each width w in ``widths``: residual block
+        group conv K x K -> LN -> ReLU -> group conv K x K -> LN,  + pointwise-group-conv shortcut,
+        ReLU, 2x2 max-pool
+    group conv K x K "valid" -> BN -> ReLU -> global max over (rotation, H, W) -> linear
+
+Every normalisation is equivariant: batch norm keeps one mean/variance per channel shared over
+rotations and space; layer norm normalises each sample over (C, N, H, W) with a per-channel affine
+shared over rotations. The 2x2 max-pool acts on ``[B, C*N, H, W]`` channel-wise. (A 2x2 pool on an
+even grid is exactly equivariant only to rotations that map the pooling grid to itself; the same
+holds for the authors' model.)
+
+Variants (:data:`VARIANTS`):
+
+========================  =================================================================
+``t2``                    N = 1: an ordinary CNN on T(2) with continuous kernels
+``se2``                   strict SE(2)-N group CNN (omega_rot = omega_pos = 0, no absolute inputs)
+``se2_rot``               non-stationary in rotation (kernel sees abs_rot), fixed omega_rot
+``se2_trans``             non-stationary in translation (kernel sees abs_pos), fixed omega_pos
+``se2_rot_trans``         both, fixed omegas
+``se2_learned``           non-stationary in rotation, omega_rot learned (train with the penalty)
+``se2_learned_rot_trans`` both, both omegas learned
+``partial``               Partial G-CNN (Romero & Lohit 2022), discrete form: each group layer
+                          keeps a learned subset of the N output rotations
+========================  =================================================================
+
+``learn_omega=True`` makes the omegas of any non-stationary variant learnable. The penalty toward
+equivariance (:func:`relaxedconv.equivariance_penalty`) is part of the training loss, not the model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import GroupConv, InvariantPool, LiftingConv, PointwiseGroupConv
+
+# variant -> (group order forced or None, rotation non-stationary, translation non-stationary, learn omega)
+_SPECS = {
+    "t2": dict(group_order=1, rot=False, trans=False, learn=False, partial=False),
+    "se2": dict(group_order=None, rot=False, trans=False, learn=False, partial=False),
+    "se2_rot": dict(group_order=None, rot=True, trans=False, learn=False, partial=False),
+    "se2_trans": dict(group_order=None, rot=False, trans=True, learn=False, partial=False),
+    "se2_rot_trans": dict(group_order=None, rot=True, trans=True, learn=False, partial=False),
+    "se2_learned": dict(group_order=None, rot=True, trans=False, learn=True, partial=False),
+    "se2_learned_rot_trans": dict(group_order=None, rot=True, trans=True, learn=True, partial=False),
+    "partial": dict(group_order=None, rot=False, trans=False, learn=False, partial=True),
+}
+VARIANTS = tuple(_SPECS)
+
+DEFAULT_OMEGA_ROT = 2.0  # authors' logs: non-stationary SE(2)-16 with omega_rot = 2 on CIFAR-10
+DEFAULT_OMEGA_POS = 1.0
+
+
+class GroupBatchNorm(nn.Module):
+    """Batch norm on ``[B, C*N, H, W]``: one mean/variance/affine per channel c, shared over the N
+    rotations and space (so it commutes with rotating the input)."""
+
+    def __init__(self, channels: int, group_order: int, **kw):
+        super().__init__()
+        self.channels, self.group_order = channels, group_order
+        self.bn = nn.BatchNorm2d(channels, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        y = self.bn(x.reshape(b, self.channels, self.group_order * h, w))
+        return y.reshape(b, self.channels * self.group_order, h, w)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, group_order={self.group_order}"
+
+
+class GroupLayerNorm(nn.Module):
+    """Layer norm on ``[B, C*N, H, W]``: each sample normalised over (C, N, H, W); per-channel affine
+    shared across rotations."""
+
+    def __init__(self, channels: int, group_order: int, eps: float = 1e-5):
+        super().__init__()
+        self.channels, self.group_order, self.eps = channels, group_order, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, x.shape[1:], eps=self.eps)
+        w = self.weight.repeat_interleave(self.group_order)[None, :, None, None]
+        b = self.bias.repeat_interleave(self.group_order)[None, :, None, None]
+        return y * w.to(y.dtype) + b.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, group_order={self.group_order}, eps={self.eps}"
+
+
+class RotationSubset(nn.Module):
+    """Partial G-CNN for a discrete rotation group (Romero & Lohit 2022, their discrete-group form):
+    a learned probability per output rotation; the feature map is kept only on a sampled subset.
+
+    Training: a Bernoulli mask per rotation from a relaxed (Gumbel-sigmoid, straight-through) sample,
+    shared over the batch; evaluation: the deterministic subset ``p > 0.5``. The identity rotation is
+    always kept, so the subset is never empty. The next group conv then sums over the kept rotations
+    only (the others are zero), which is the partial group convolution on that subset.
+    Not implemented from the paper: the constraint that subsets shrink monotonically with depth, and
+    the continuous-group (uniform over [-theta, theta]) parameterisation.
+    """
+
+    def __init__(self, channels: int, group_order: int, init_logit: float = 3.0, temperature: float = 0.5):
+        super().__init__()
+        self.channels, self.group_order, self.temperature = channels, group_order, temperature
+        self.logits = nn.Parameter(torch.full((group_order,), float(init_logit)))
+
+    def probabilities(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+    def mask(self) -> torch.Tensor:
+        p = self.probabilities()
+        if self.training:
+            u = torch.rand_like(p).clamp(1e-6, 1 - 1e-6)
+            soft = torch.sigmoid((self.logits + torch.log(u) - torch.log1p(-u)) / self.temperature)
+            hard = (soft > 0.5).to(soft.dtype)
+            m = hard + soft - soft.detach()
+        else:
+            m = (p > 0.5).to(p.dtype)
+        return torch.cat([torch.ones_like(m[:1]), m[1:]])  # the identity rotation is always kept
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask().to(x.dtype).repeat(self.channels)
+        return x * m[None, :, None, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, group_order={self.group_order}"
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel_size: int, group_order: int, conv_kw: dict, partial: bool):
+        super().__init__()
+        n = group_order
+        self.conv1 = GroupConv(cin, cout, kernel_size, n, padding="same", **conv_kw)
+        self.norm1 = GroupLayerNorm(cout, n)
+        self.conv2 = GroupConv(cout, cout, kernel_size, n, padding="same", **conv_kw)
+        self.norm2 = GroupLayerNorm(cout, n)
+        # The shortcut is always a (stationary in space) pointwise group conv, as in the authors' model.
+        sc_kw = {k: v for k, v in conv_kw.items() if k not in ("translation_nonstationary", "omega_pos", "learn_omega_pos")}
+        self.shortcut = PointwiseGroupConv(cin, cout, n, **sc_kw)
+        self.subset1 = RotationSubset(cout, n) if partial else nn.Identity()
+        self.subset2 = RotationSubset(cout, n) if partial else nn.Identity()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.subset1(F.relu(self.norm1(self.conv1(x))))
+        y = self.norm2(self.conv2(y))
+        y = self.subset2(F.relu(y + self.shortcut(x)))
+        return self.pool(y)
+
+
+class CKResNet(nn.Module):
+    """The continuous-kernel group ResNet of design.md §7 (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        group_order: int = 8,
+        widths=(32, 64),
+        kernel_size: int = 7,
+        rotation_nonstationary: bool = False,
+        translation_nonstationary: bool = False,
+        partial: bool = False,
+        conv_kw: dict | None = None,
+    ):
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if not widths:
+            raise ValueError("widths must name at least one block width")
+        n = group_order
+        kw = dict(conv_kw or {})
+        kw.update(rotation_nonstationary=rotation_nonstationary, translation_nonstationary=translation_nonstationary)
+        self.group_order = n
+        self.lift = LiftingConv(in_channels, widths[0], kernel_size, n, padding="same", **kw)
+        self.lift_norm = GroupBatchNorm(widths[0], n)
+        self.lift_subset = RotationSubset(widths[0], n) if partial else nn.Identity()
+        blocks, c = [], widths[0]
+        for w in widths:
+            blocks.append(ResidualBlock(c, w, kernel_size, n, kw, partial))
+            c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.head = GroupConv(c, c, kernel_size, n, padding=0, **kw)
+        self.head_norm = GroupBatchNorm(c, n)
+        self.pool = InvariantPool(n, over="all", reduce="max")
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lift_subset(F.relu(self.lift_norm(self.lift(x))))
+        y = self.blocks(y)
+        y = F.relu(self.head_norm(self.head(y)))
+        return self.fc(self.pool(y).float())
+
+
+def build_model(
+    variant: str,
+    *,
+    num_classes: int = 10,
+    group_order: int = 8,
+    widths=(32, 64),
+    kernel_size: int = 7,
+    hidden_channels: int = 32,
+    omega_rel: float = 10.0,
+    omega_rot: float | None = None,
+    omega_pos: float | None = None,
+    learn_omega: bool = False,
+    backend: str = "auto",
+    in_channels: int = 3,
+) -> nn.Module:
+    """One of :data:`VARIANTS` as a :class:`CKResNet`.
+
+    ``group_order`` is ignored by ``t2`` (always 1). ``omega_rot``/``omega_pos`` are the initial (or,
+    unless learned, fixed) frequencies of the non-stationary variants; ``None`` gives
+    :data:`DEFAULT_OMEGA_ROT` / :data:`DEFAULT_OMEGA_POS`. Variants without that non-stationarity
+    ignore them. ``learn_omega`` makes them trainable for any non-stationary variant (the
+    ``*_learned*`` variants always learn them). ``model.config`` records the resolved arguments.
+    """
+    if variant not in _SPECS:
+        raise ValueError(f"unknown model variant {variant!r}; expected one of {VARIANTS}")
+    spec = _SPECS[variant]
+    n = spec["group_order"] or int(group_order)
+    if n < 1:
+        raise ValueError(f"group_order must be >= 1, got {group_order}")
+    if spec["partial"] and n < 2:
+        raise ValueError("the partial variant needs group_order >= 2")
+    learn = bool(learn_omega or spec["learn"])
+    w_rot = DEFAULT_OMEGA_ROT if omega_rot is None else float(omega_rot)
+    w_pos = DEFAULT_OMEGA_POS if omega_pos is None else float(omega_pos)
+    conv_kw = dict(
+        omega_rel=float(omega_rel),
+        omega_rot=w_rot if spec["rot"] else 0.0,
+        omega_pos=w_pos if spec["trans"] else 0.0,
+        learn_omega_rel=False,
+        learn_omega_rot=learn,
+        learn_omega_pos=learn,
+        hidden_channels=int(hidden_channels),
+        backend=backend,
+    )
+    model = CKResNet(
+        num_classes=num_classes,
+        in_channels=in_channels,
+        group_order=n,
+        widths=widths,
+        kernel_size=kernel_size,
+        rotation_nonstationary=spec["rot"],
+        translation_nonstationary=spec["trans"],
+        partial=spec["partial"],
+        conv_kw=conv_kw,
+    )
+    model.config = dict(
+        variant=variant,
+        num_classes=num_classes,
+        group_order=n,
+        widths=list(widths),
+        kernel_size=kernel_size,
+        hidden_channels=hidden_channels,
+        omega_rel=float(omega_rel),
+        omega_rot=conv_kw["omega_rot"],
+        omega_pos=conv_kw["omega_pos"],
+        learn_omega=learn if (spec["rot"] or spec["trans"]) else False,
+        backend=backend,
+        in_channels=in_channels,
+    )
+    return model
+
+
+def partial_subsets(model: nn.Module) -> dict[str, list[float]]:
+    """The Partial G-CNN layers' keep-probabilities per rotation (empty for other variants)."""
+    return {
+        name: [float(p) for p in m.probabilities().detach().cpu()]
+        for name, m in model.named_modules()
+        if isinstance(m, RotationSubset)
+    }

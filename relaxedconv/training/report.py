@@ -1,0 +1,164 @@
+"""``relaxedconv report``: run directories -> ``results.md`` (a Markdown table) and PNG plots of the
+omegas per layer over training and of accuracy against omega (matplotlib, optional)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .checkpoint import atomic_write_text
+
+
+def find_runs(paths) -> list[Path]:
+    """Run directories (holding config.json and metrics.jsonl) at or below ``paths``, sorted."""
+    runs = set()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist")
+        if (p / "config.json").is_file() and (p / "metrics.jsonl").is_file():
+            runs.add(p)
+        for c in p.rglob("config.json"):
+            if (c.parent / "metrics.jsonl").is_file():
+                runs.add(c.parent)
+    return sorted(runs)
+
+
+def load_run(d: Path) -> dict:
+    cfg = json.loads((d / "config.json").read_text())
+    history = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final = json.loads((d / "final.json").read_text()) if (d / "final.json").is_file() else None
+    return {"dir": d, "config": cfg, "history": history, "final": final}
+
+
+def _mean_omega(om: dict, key: str):
+    vals = [v[key] for v in om.values() if key in v]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _max_err(eq: dict, key_prefix: str):
+    vals = [v for layer in eq.values() for k, v in layer.items() if k.startswith(key_prefix) and v is not None]
+    return max(vals) if vals else None
+
+
+def _f(v, fmt="{:.2f}"):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return fmt.format(v)
+
+
+def markdown_table(runs: list[dict], root: Path) -> str:
+    head = ("| run | variant | N | ω_rot init → final (mean) | ω_pos init → final (mean) | learned | epochs | best epoch "
+            "| val acc | test acc @ best val | params | max rot. eq. err | max transl. eq. err |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in runs:
+        cfg, model, fin = r["config"]["config"], r["config"]["model"], r["final"]
+        om = fin["omegas"] if fin else (r["history"][-1]["omegas"] if r["history"] else {})
+        eq = fin["equivariance_error"] if fin else {}
+        best_val = fin["best_val_acc"] if fin else max((h["val_acc"] for h in r["history"]), default=None)
+        try:
+            name = str(r["dir"].relative_to(root)) or r["dir"].name
+        except ValueError:
+            name = str(r["dir"])
+        if name == ".":
+            name = r["dir"].name
+        wr, wp = _mean_omega(om, "rot"), _mean_omega(om, "pos")
+        lines.append(
+            "| " + " | ".join([
+                name, model["variant"], str(model["group_order"]),
+                f"{_f(model['omega_rot'], '{:.3g}')} → {_f(wr, '{:.3g}')}" if wr is not None else "–",
+                f"{_f(model['omega_pos'], '{:.3g}')} → {_f(wp, '{:.3g}')}" if wp is not None else "–",
+                "yes" if model.get("learn_omega") else "no",
+                f"{len(r['history'])}/{cfg['epochs']}",
+                str(fin["best_epoch"]) if fin else "–",
+                _f(best_val), _f(fin["test_acc_at_best_val"]) if fin else "–",
+                f"{r['config'].get('parameters', 0):,}",
+                _f(_max_err(eq, "rotation"), "{:.1e}"), _f(_max_err(eq, "translation"), "{:.1e}"),
+            ]) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plots(runs: list[dict], out: Path) -> tuple[list[Path], str | None]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "matplotlib is not installed (pip install 'relaxedconv[plots]'): no PNG plots were written"
+    paths = []
+    # omegas per layer over training, one panel per run that has non-stationary layers
+    # (only runs that learn them: fixed omegas are flat lines), starting at their initial value (epoch 0)
+    with_omega = [r for r in runs if r["config"]["model"].get("learn_omega") and r["history"]]
+    if with_omega:
+        fig, axes = plt.subplots(len(with_omega), 1, figsize=(7, 3 * len(with_omega)), squeeze=False)
+        for ax, r in zip(axes[:, 0], with_omega):
+            epochs = [0] + [h["epoch"] for h in r["history"]]
+            layers = list(r["history"][-1]["omegas"])
+            model = r["config"]["model"]
+            for layer in layers:
+                for key, style in (("rot", "-"), ("pos", "--")):
+                    ys = [h["omegas"].get(layer, {}).get(key) for h in r["history"]]
+                    ys = [model[f"omega_{key}"] if ys[0] is not None else None] + ys
+                    if any(y is not None for y in ys):
+                        ax.plot(epochs, ys, style, marker=".", label=f"{layer} ω_{key}")
+            ax.set_title(r["dir"].name, fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("ω")
+            ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        p = out / "omega_per_layer.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    # accuracy against omega (mean final omega_rot / omega_pos; strict models at omega = 0)
+    pts = []
+    for r in runs:
+        if not r["final"]:
+            continue
+        om, model = r["final"]["omegas"], r["config"]["model"]
+        if model["group_order"] == 1:
+            continue  # T(2) has no rotation axis
+        wr, wp = _mean_omega(om, "rot") or 0.0, _mean_omega(om, "pos") or 0.0
+        pts.append((wr, wp, r["final"]["best_val_acc"], r["final"]["test_acc_at_best_val"], model["variant"]))
+    if pts:
+        panels = [(0, "ω_rot (mean over layers)")] + ([(1, "ω_pos (mean over layers)")] if any(p[1] for p in pts) else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+        for ax, (idx, label) in zip(axes[0], panels):
+            for variant in sorted({p[4] for p in pts}):
+                sel = sorted((p for p in pts if p[4] == variant), key=lambda p: p[idx])
+                ax.plot([p[idx] for p in sel], [p[3] if p[3] is not None else float("nan") for p in sel], "o-", label=f"{variant} test")
+                ax.plot([p[idx] for p in sel], [p[2] for p in sel], "x:", label=f"{variant} val")
+            ax.set_xlabel(label)
+            ax.set_ylabel("accuracy (%)")
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        p = out / "accuracy_vs_omega.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths, None
+
+
+def write_report(paths, out) -> list[Path]:
+    """Write ``results.md`` (and plots when matplotlib is available) to ``out``; returns the files."""
+    runs_dirs = find_runs(paths)
+    if not runs_dirs:
+        raise FileNotFoundError(f"no run directories (config.json + metrics.jsonl) under {', '.join(map(str, paths))}")
+    runs = [load_run(d) for d in runs_dirs]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(paths[0]) if len(paths) == 1 else Path(".")
+    plots, note = _plots(runs, out)
+    text = "# Results\n\n" + markdown_table(runs, root)
+    text += ("\nTest accuracy is taken at the epoch of best validation accuracy. ω columns: the initial value of "
+             "the non-stationary layers and the mean over layers at the end. Equivariance errors are relative, per layer, "
+             "of the final model, for 90° rotations (group elements) and integer shifts.\n")
+    if plots:
+        text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
+    if note:
+        text += f"\n_{note}_\n"
+        print(f"relaxedconv report: {note}")
+    md = out / "results.md"
+    atomic_write_text(md, text)
+    return [md, *plots]

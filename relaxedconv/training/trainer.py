@@ -1,0 +1,475 @@
+"""The training loop of ``relaxedconv train``: data on the device, augmentation there, bf16 autocast on
+GPU, a checkpoint every epoch, exact resume, DDP under ``torchrun``.
+
+Run directory (``--out``):
+
+    config.json        the resolved configuration, environment (torch, device, git commit), data source
+    metrics.jsonl      one JSON object per epoch (losses, accuracies, lr, every layer's omegas)
+    checkpoint.pt      model, optimizer, scheduler, epoch, history, RNG states (atomic, every epoch)
+    best.pt            model weights at the best validation epoch
+    final.json         best epoch, validation and test accuracy at it, final omegas, equivariance errors
+    omegas.json        every layer's omegas of the final model
+    equivariance.json  every layer's relative equivariance error of the final model
+
+Exact resume: each epoch's shuffle and augmentation come from generators seeded by (seed, epoch,
+rank), and the checkpoint holds everything else that changes (weights, optimizer, scheduler, global
+RNG states), so a run resumed after an interruption continues bit for bit as if it had not stopped
+(given the same hardware, software and world size). An interrupted epoch is rerun from its start.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import equivariance_penalty, omegas
+from ..equivariance import _relaxed_layers, equivariance_error
+from ..models import build_model, partial_subsets
+from . import data as data_mod
+from .checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, rng_state, set_rng_state
+from .progress import Progress
+
+DEFAULTS = dict(
+    dataset="cifar10",
+    data_dir="./data",
+    download=False,
+    label_type="fine",
+    out=None,
+    variant="se2",
+    group_order=8,
+    widths=[32, 64],
+    kernel_size=7,
+    hidden_channels=32,
+    omega_rel=10.0,
+    omega_rot=None,
+    omega_pos=None,
+    learn_omega=False,
+    omega_penalty=1e-3,
+    backend="auto",
+    epochs=300,
+    batch_size=64,
+    eval_batch_size=256,
+    lr=1e-3,
+    weight_decay=0.0,
+    warmup_epochs=5,
+    val_size=5000,
+    train_subset=0,
+    test_subset=0,
+    augment=True,
+    seed=0,
+    device="auto",
+    amp="auto",
+    progress="auto",
+    test_every_epoch=False,
+    interrupt_after_steps=0,  # testing aid: raise KeyboardInterrupt after this many steps of this process
+)
+
+# Keys that may differ when resuming (they do not change what is computed).
+RESUMABLE_CHANGES = {"data_dir", "download", "progress", "out", "eval_batch_size", "interrupt_after_steps"}
+
+
+class Interrupted(KeyboardInterrupt):
+    pass
+
+
+# ---- distributed ------------------------------------------------------------------------------
+class Dist:
+    def __init__(self, device_pref: str):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+        if device_pref == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device is available")
+        if want_cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            self.dist.barrier()
+
+    def sum(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.enabled:
+            self.dist.all_reduce(t)
+        return t.tolist()
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def git_commit() -> dict:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        # dirty: the code that ran differs from the commit (changed or new files in the package)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "relaxedconv", "kernels", "setup.py"],
+                               cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except Exception:  # noqa: BLE001
+        pass
+    return {"commit": "unknown", "dirty": None}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def lr_lambda_factory(warmup_steps: int, total_steps: int):
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _epoch_generator(seed: int, epoch: int, rank: int, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((int(seed) * 1_000_003 + epoch * 1009 + rank) % (2**63))
+    return g
+
+
+@torch.no_grad()
+def per_layer_equivariance(model, x: torch.Tensor) -> dict:
+    """Each relaxed layer's relative equivariance error on the input it gets in ``model(x)``.
+    Translation is left out (null) for layers whose output is too small to compare away from the border."""
+    inputs = {}
+    layers = _relaxed_layers(model)
+
+    def capture(name):
+        def hook(module, args, output):
+            inputs.setdefault(name, args[0])  # returns None: a returned value would replace the output
+
+        return hook
+
+    hooks = [m.register_forward_hook(capture(name)) for name, m in layers]
+    was = model.training
+    try:
+        model.eval()
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    out = {}
+    for name, m in layers:
+        if name not in inputs:
+            continue
+        kw = dict(in_rotations=m.in_rotations, out_rotations=m.group_order, margin=m.kernel_size // 2)
+        try:
+            out[name] = equivariance_error(m, inputs[name], **kw)
+        except ValueError:
+            e = equivariance_error(m, inputs[name], shifts=(), **kw)
+            e["translation"] = None
+            out[name] = e
+    return out
+
+
+# ---- the run ----------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: dict, log=print):
+        self.cfg = {**DEFAULTS, **cfg}
+        if not self.cfg.get("out"):
+            raise ValueError("a run directory (--out) is required")
+        self.dist = Dist(self.cfg["device"])
+        self.device = self.dist.device
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self._log = log
+        self.out = Path(self.cfg["out"])
+        self.steps_done = 0
+
+    def log(self, *a):
+        if self.dist.main:
+            self._log(*a)
+
+    # -- data --
+    def _prepare_data(self):
+        c = self.cfg
+        d = data_mod.load_dataset(c["dataset"], c["data_dir"], download_missing=c["download"], label_type=c["label_type"], log=self.log)
+        x = data_mod.to_tensor(d.train_images)
+        y = torch.from_numpy(d.train_labels)
+        tr, va = data_mod.split_indices(len(x), c["val_size"], c["seed"])
+        if c["train_subset"] and c["train_subset"] < len(tr):
+            g = torch.Generator().manual_seed(int(c["seed"]) + 1)
+            tr = tr[torch.randperm(len(tr), generator=g)[: c["train_subset"]]].sort().values
+        tx, ty = data_mod.to_tensor(d.test_images), torch.from_numpy(d.test_labels)
+        if c["test_subset"] and c["test_subset"] < len(tx):
+            g = torch.Generator().manual_seed(int(c["seed"]) + 2)
+            sel = torch.randperm(len(tx), generator=g)[: c["test_subset"]].sort().values
+            tx, ty = tx[sel], ty[sel]
+        mean, std = data_mod.channel_stats(x[tr])
+        dev = self.device
+        self.mean = mean.to(dev)[None, :, None, None]
+        self.std = std.to(dev)[None, :, None, None]
+        self.train_x, self.train_y = x[tr].to(dev), y[tr].to(dev)
+        self.val_x, self.val_y = x[va].to(dev), y[va].to(dev)
+        self.test_x, self.test_y = tx.to(dev), ty.to(dev)
+        self.num_classes = d.num_classes
+        self.data_info = dict(
+            source=d.source, classes=d.classes, image_shape=list(x.shape[1:]),
+            train=len(tr), val=len(va), test=len(tx), mean=mean.tolist(), std=std.tolist(),
+        )
+
+    def _normalise(self, xb: torch.Tensor) -> torch.Tensor:
+        return (xb.float() / 255.0 - self.mean) / self.std
+
+    # -- model --
+    def _build(self):
+        c = self.cfg
+        torch.manual_seed(int(c["seed"]))
+        model = build_model(
+            c["variant"], num_classes=self.num_classes, group_order=c["group_order"], widths=tuple(c["widths"]),
+            kernel_size=c["kernel_size"], hidden_channels=c["hidden_channels"], omega_rel=c["omega_rel"],
+            omega_rot=c["omega_rot"], omega_pos=c["omega_pos"], learn_omega=c["learn_omega"], backend=c["backend"],
+            in_channels=self.data_info["image_shape"][0],
+        ).to(self.device)
+        self.model_config = model.config
+        self.model = model
+        self.learns_omega = any(p.requires_grad for m in _relaxed_layers(model) for p in m[1].kernel_net.omegas().values())
+        if self.dist.enabled:
+            if self.device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                self.model = model
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        else:
+            self.ddp = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(params, lr=c["lr"], weight_decay=c["weight_decay"])
+        world = self.dist.world
+        if c["batch_size"] % world:
+            raise ValueError(f"--batch-size {c['batch_size']} is the global batch; it must be divisible by the {world} processes")
+        self.local_batch = c["batch_size"] // world
+        n_local = len(self.train_x) // world
+        self.steps_per_epoch = max(1, math.ceil(n_local / self.local_batch))
+        total = self.steps_per_epoch * c["epochs"]
+        warm = self.steps_per_epoch * c["warmup_epochs"]
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda_factory(warm, total))
+
+    def _autocast(self):
+        amp = self.cfg["amp"]
+        if self.device.type == "cuda" and amp in ("auto", "bf16"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if amp == "bf16" and self.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return nullcontext()
+
+    # -- epochs --
+    def _train_epoch(self, epoch: int) -> dict:
+        c, rank, world = self.cfg, self.dist.rank, self.dist.world
+        self.ddp.train()
+        n = len(self.train_x)
+        perm = torch.randperm(n, generator=_epoch_generator(c["seed"], epoch, 0, "cpu"))
+        perm = perm[: n - n % world][rank::world].to(self.device)
+        aug_g = _epoch_generator(c["seed"], epoch, rank, self.device)
+        # Running sums stay on the device: no host sync per step (the progress bar reads them now and then).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        count, pen = 0, None
+        show = {"auto": None, "on": True, "off": False}[c["progress"]] if self.dist.main else False
+        with Progress(self.steps_per_epoch, f"epoch {epoch}/{c['epochs']}", show) as bar:
+            for step, i in enumerate(range(0, len(perm), self.local_batch)):
+                idx = perm[i : i + self.local_batch]
+                xb = self._normalise(self.train_x[idx])
+                if c["augment"]:
+                    xb = data_mod.augment(xb, aug_g)
+                yb = self.train_y[idx]
+                with self._autocast():
+                    logits = self.ddp(xb)
+                loss = F.cross_entropy(logits.float(), yb)
+                total = loss
+                if self.learns_omega and c["omega_penalty"] > 0:
+                    pen = equivariance_penalty(self.model, c["omega_penalty"])
+                    total = loss + pen
+                self.opt.zero_grad(set_to_none=True)
+                total.backward()
+                self.opt.step()
+                self.sched.step()
+                b = len(idx)
+                loss_sum += loss.detach().double() * b
+                correct += (logits.detach().argmax(1) == yb).sum()
+                count += b
+                if bar.enabled and (step % 20 == 0 or i + b >= len(perm)):
+                    bar.update(step + 1 - bar.n, loss=float(loss_sum) / count, acc=100 * float(correct) / count)
+                self.steps_done += 1
+                if c["interrupt_after_steps"] and self.steps_done >= c["interrupt_after_steps"]:
+                    raise Interrupted(f"interrupted after {self.steps_done} steps (--interrupt-after-steps)")
+        s = self.dist.sum([float(loss_sum), float(correct), float(count)])
+        return {"train_loss": s[0] / s[2], "train_acc": 100 * s[1] / s[2], "penalty": float(pen.detach()) if pen is not None else 0.0}
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        if len(x) == 0:
+            return float("nan"), float("nan")
+        rank, world = self.dist.rank, self.dist.world
+        self.model.eval()
+        sums = [0.0, 0.0, 0.0]
+        idx = torch.arange(rank, len(x), world, device=self.device)
+        for i in range(0, len(idx), self.cfg["eval_batch_size"]):
+            j = idx[i : i + self.cfg["eval_batch_size"]]
+            with self._autocast():
+                logits = self.model(self._normalise(x[j]))
+            sums[0] += float(F.cross_entropy(logits.float(), y[j], reduction="sum"))
+            sums[1] += float((logits.argmax(1) == y[j]).sum())
+            sums[2] += len(j)
+        s = self.dist.sum(sums)
+        return s[0] / s[2], 100 * s[1] / s[2]
+
+    # -- checkpoints --
+    def _checkpoint(self, epoch: int, history: list, best: dict) -> None:
+        if self.dist.main:
+            atomic_torch_save(
+                {
+                    "epoch": epoch,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(),
+                    "history": history,
+                    "best": best,
+                    "rng": rng_state(),
+                    "config": self.cfg,
+                },
+                self.out / "checkpoint.pt",
+            )
+        self.dist.barrier()
+
+    def _write_metrics(self, history: list) -> None:
+        if self.dist.main:
+            atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+
+    # -- main --
+    def run(self, resume: bool = False) -> dict:
+        c = self.cfg
+        ckpt_path = self.out / "checkpoint.pt"
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()
+        ckpt = None
+        if resume and ckpt_path.is_file():
+            ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)
+        elif not resume and ckpt_path.is_file():
+            raise FileExistsError(f"{self.out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
+        self._prepare_data()
+        self._build()
+        history, best, start = [], {"epoch": None, "val_acc": -1.0, "test_acc": None}, 1
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.sched.load_state_dict(ckpt["scheduler"])
+            history, best, start = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
+            set_rng_state(ckpt["rng"])
+            self.log(f"resuming {self.out} after epoch {ckpt['epoch']}")
+        env = dict(
+            torch=torch.__version__, device=device_name(self.device), world_size=self.dist.world,
+            amp=("bf16" if self.device.type == "cuda" and c["amp"] in ("auto", "bf16") else ("bf16" if c["amp"] == "bf16" else "off")),
+            **git_commit(),
+        )
+        if self.dist.main:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            cfg_doc = {"config": c, "model": self.model_config, "parameters": n_params, "data": self.data_info, "environment": env}
+            if ckpt is not None and (self.out / "config.json").is_file():  # a resumed run: keep where it started
+                old = json.loads((self.out / "config.json").read_text())
+                cfg_doc["environment_first_run"] = old.get("environment_first_run", old.get("environment"))
+            atomic_write_json(self.out / "config.json", cfg_doc)
+            self._write_metrics(history)
+            self.log(f"{c['variant']} N={self.model_config['group_order']} widths={c['widths']} K={c['kernel_size']}: "
+                     f"{n_params:,} parameters on {env['device']} (world {self.dist.world}, amp {env['amp']}); "
+                     f"data {self.data_info['train']}/{self.data_info['val']}/{self.data_info['test']} train/val/test")
+        t_run = time.time()
+        for epoch in range(start, c["epochs"] + 1):
+            t0 = time.time()
+            m = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"]}  # lr at the epoch's first step
+            m.update(self._train_epoch(epoch))
+            m["val_loss"], m["val_acc"] = self.evaluate(self.val_x, self.val_y)
+            improved = len(self.val_x) > 0 and m["val_acc"] > best["val_acc"]
+            if improved or c["test_every_epoch"] or len(self.val_x) == 0:
+                m["test_loss"], m["test_acc"] = self.evaluate(self.test_x, self.test_y)
+            if improved or len(self.val_x) == 0:  # no validation split: the last epoch counts
+                best = {"epoch": epoch, "val_acc": m["val_acc"], "test_acc": m.get("test_acc")}
+                if self.dist.main:
+                    atomic_torch_save(self.model.state_dict(), self.out / "best.pt")
+            m["omegas"] = omegas(self.model)
+            subsets = partial_subsets(self.model)
+            if subsets:
+                m["rotation_keep_prob"] = subsets
+            m["seconds"] = time.time() - t0
+            history.append(m)
+            self._checkpoint(epoch, history, best)
+            self._write_metrics(history)
+            self.log(
+                f"epoch {epoch}/{c['epochs']}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2f}  "
+                f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.2f}"
+                + (f"  test acc {m['test_acc']:.2f}" if "test_acc" in m else "")
+                + f"  lr {m['lr']:.2e}  {m['seconds']:.1f}s"
+            )
+        return self._finish(history, best, time.time() - t_run)
+
+    def _finish(self, history, best, seconds) -> dict:
+        probe = self.val_x[:4] if len(self.val_x) else self.test_x[:4]
+        eq = per_layer_equivariance(self.model, self._normalise(probe))
+        om = omegas(self.model)
+        last = history[-1] if history else {}
+        final = {
+            "variant": self.cfg["variant"],
+            "epochs": len(history),
+            "best_epoch": best["epoch"],
+            "best_val_acc": best["val_acc"],
+            "test_acc_at_best_val": best["test_acc"],
+            "final_val_acc": last.get("val_acc"),
+            "final_train_acc": last.get("train_acc"),
+            "train_seconds_this_process": seconds,
+            "train_seconds_total": sum(h["seconds"] for h in history),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "omegas": om,
+            "equivariance_error": eq,
+        }
+        subsets = partial_subsets(self.model)
+        if subsets:
+            final["rotation_keep_prob"] = subsets
+        if self.dist.main:
+            atomic_write_json(self.out / "omegas.json", om)
+            atomic_write_json(self.out / "equivariance.json", eq)
+            atomic_write_json(self.out / "final.json", final)
+            ta = final["test_acc_at_best_val"]
+            self.log(f"done: best val acc {best['val_acc']:.2f} at epoch {best['epoch']}, "
+                     f"test acc there {ta if ta is None else f'{ta:.2f}'}; results in {self.out}")
+        self.dist.barrier()
+        return final
+
+
+def train(cfg: dict, resume: bool = False, log=print) -> dict:
+    """Run (or resume) one training run; returns what ``final.json`` holds."""
+    trainer = Trainer(cfg, log=log)
+    try:
+        return trainer.run(resume=resume)
+    finally:
+        if trainer.dist.enabled and trainer.dist.dist.is_initialized():
+            trainer.dist.dist.destroy_process_group()
