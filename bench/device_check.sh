@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The one GPU check for issue 6 (benchmarks). From the repository root:
+#
+#     bash bench/device_check.sh
+#
+# Steps, each under its own `timeout` so that one hung step does not lose the others
+# (worst case ~8 min; the benchmark steps also stop starting new measurements at their budget
+# and rewrite their JSON after every measurement, so a killed step keeps what it measured):
+#
+#   0. environment (nvidia-smi, versions) and install (pip -e, no network)          <= 45 s
+#   1. python -m pytest -q tests, on CUDA (the Triton kernels compiled, not interpreted) 150 s
+#   2. layer benchmark: every case, bf16 then tf32, 6 backends, budget 135 s           170 s
+#   3. end-to-end training-step figure (design.md §7 model), bf16 autocast, budget 50 s  75 s
+#   4. pytest-benchmark entries (G4, T2), GPU-synchronised                               35 s
+#
+# Output: "$OUT" (bench/results/ when OUT is unset), 7 flat files:
+#   device_summary.txt  tests.log  bench_layers.log  bench_layers.json
+#   bench_e2e.log  bench_e2e.json  pytest_bench.log
+# Exit status: 0 when every step passed, else 1 (all steps run regardless).
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/device_summary.txt"
+: > "$SUMMARY"
+FAILED=0
+PY="${PYTHON:-python}"
+
+log() { echo "$*" | tee -a "$SUMMARY"; }
+
+# run_step NAME TIMEOUT_S CMD...: output to $OUT/NAME.log; rc, time and the log's tail to the summary.
+run_step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0 rc note=""
+  t0=$(date +%s)
+  log ""
+  log "== $name (timeout ${limit}s): $*"
+  timeout -s INT -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then note=" (TIMED OUT)"; fi
+  log "   rc=$rc after $(( $(date +%s) - t0 ))s$note"
+  tail -n 8 "$OUT/$name.log" | sed 's/^/   | /' | tee -a "$SUMMARY"
+  if [ "$rc" -ne 0 ]; then FAILED=1; fi
+  return 0
+}
+
+# ---- 0. environment and install -------------------------------------------------------------
+log "device_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) in $(pwd); OUT=$OUT"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi failed"; } | tee -a "$SUMMARY"
+if ! "$PY" -c "import relaxedconv.kernels" > /dev/null 2>&1; then
+  # relaxedconv.kernels is kernels/ mapped by setup.py; an editable install makes it importable.
+  timeout 45 "$PY" -m pip install --no-deps --no-build-isolation -q -e . >> "$SUMMARY" 2>&1 \
+    || log "pip install -e . failed"
+fi
+if ! "$PY" -c "import relaxedconv.kernels" > /dev/null 2>&1 && [ ! -e relaxedconv/kernels ]; then
+  # No install possible (offline, no setuptools): point the package at kernels/ in this copy.
+  ln -s ../kernels relaxedconv/kernels && log "linked relaxedconv/kernels -> ../kernels"
+fi
+"$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import torch, triton, relaxedconv, relaxedconv.kernels
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), "
+      f"triton {triton.__version__}, relaxedconv {relaxedconv.__version__} from {relaxedconv.__file__}")
+print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE: the CUDA steps will not run on a GPU")
+EOF
+
+# ---- 1. tests on CUDA ------------------------------------------------------------------------
+run_step tests 150 "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests
+
+# ---- 2. layer benchmark ------------------------------------------------------------------------
+# Cases in priority order (the issue's targets first); the budget cuts the batch/size variants.
+run_step bench_layers 170 "$PY" -m relaxedconv.benchmark --suite layers \
+  --cases T1,T2,G3,G4,G1,G2,T2-b64-32px,G1-b1,G1-b256,G1-64px,T1-b1,T1-b256,T1-64px \
+  --dtypes bf16,tf32 --warmup-ms 10 --rep-ms 50 --time-budget 135 --json "$OUT/bench_layers.json"
+
+# ---- 3. end-to-end figure ----------------------------------------------------------------------
+run_step bench_e2e 75 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
+  --e2e-variants t2,se2,se2_rot,se2_rot_trans --e2e-backends auto,triton,expand_conv,materialize,factored_torch \
+  --time-budget 50 --json "$OUT/bench_e2e.json"
+
+# ---- 4. pytest-benchmark -----------------------------------------------------------------------
+if "$PY" -c "import pytest_benchmark" > /dev/null 2>&1; then
+  run_step pytest_bench 35 "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_layers.py -k "G4 or T2" \
+    --benchmark-columns=min,median,max,rounds --benchmark-sort=name
+else
+  log ""
+  log "== pytest_bench: skipped (pytest-benchmark is not installed)"
+fi
+
+# ---- summary: targets and e2e from the JSON (even when a step was cut short) -------------------
+log ""
+log "== summary"
+"$PY" - "$OUT/bench_layers.json" "$OUT/bench_e2e.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import json, os, sys
+from relaxedconv.benchmark import report
+for path in sys.argv[1:]:
+    if not os.path.exists(path):
+        print(f"{path}: missing")
+        continue
+    d = json.load(open(path))
+    m = d["meta"]
+    print(f"{path}: {m['card']} | torch {m['torch']} | triton {m['triton']} | {m['date']} | {d['elapsed_s']} s")
+    if d.get("layers"):
+        rows = d["layers"]
+        counts = {}
+        for r in rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        print("rows:", counts)
+        print(report.targets_table(d.get("targets") or report.targets(rows)))
+        main = [r for r in rows if r["case"] in ("T1", "T2", "G3", "G4") and r["dtype"] == "bf16"]
+        print(report.layer_table(main))
+    if d.get("e2e"):
+        print(report.e2e_table(d["e2e"]))
+EOF
+log ""
+log "device_check.sh done: $([ "$FAILED" -eq 0 ] && echo 'all steps passed' || echo 'some step failed or timed out')"
+exit "$FAILED"

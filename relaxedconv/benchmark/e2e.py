@@ -1,0 +1,166 @@
+"""End-to-end: images/s of one training step of the design.md §7 model, per variant and backend.
+
+One step = ``zero_grad`` -> forward -> cross-entropy -> backward -> Adam step, on a fixed random
+batch. bf16 runs the step under ``torch.autocast`` (the module stays fp32, as in mixed-precision
+training); fp32/tf32 run it in fp32 with TF32 off/on. The first ``warmup_steps`` steps (Triton
+autotuning, cuDNN's algorithm search) are not timed; then each step is timed on its own (CUDA
+synchronised) until ``min_time_s`` has passed and at least ``min_steps`` ran. images/s = batch /
+median step time. Peak memory: CUDA peak of one step above what was allocated before it
+(model, optimiser state and batch excluded).
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from .layer_bench import DTYPES, NO_GPU, oom_errors, free_memory, precision
+
+E2E_VARIANTS = ("t2", "se2", "se2_rot", "se2_rot_trans")
+E2E_BACKENDS = ("auto", "triton", "expand_conv", "factored_torch", "materialize")
+VARIANT_LABELS = {
+    "t2": "T(2)",
+    "se2": "strict SE(2)-N",
+    "se2_rot": "rotation non-stationary SE(2)-N",
+    "se2_rot_trans": "rotation + translation non-stationary SE(2)-N",
+}
+
+
+@dataclass
+class E2EConfig:
+    batch: int = 64
+    size: int = 32
+    widths: tuple = (32, 64)
+    group_order: int = 8
+    kernel_size: int = 7
+    hidden: int = 32
+    dtype: str = "bf16"
+    warmup_steps: int = 2
+    min_steps: int = 3
+    max_steps: int = 20
+    min_time_s: float = 1.0
+    scaled_down: bool = False
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+
+def gpu_config(quick: bool) -> E2EConfig:
+    return E2EConfig(min_time_s=0.3 if quick else 1.0, max_steps=10 if quick else 20)
+
+
+def cpu_config(quick: bool) -> E2EConfig:
+    # 32x32 stays: the model's "valid" 7x7 head needs at least 28x28 inputs after two 2x2 pools.
+    return E2EConfig(
+        batch=2, size=32, widths=(8, 16), dtype="fp32", warmup_steps=1, min_steps=2,
+        max_steps=3 if quick else 10, min_time_s=0.0 if quick else 2.0, scaled_down=True,
+        notes=["scaled down for CPU: batch 2, widths (8, 16)"],
+    )
+
+
+# --quick on CPU leaves these out: their per-position kernel-net features (N*P*J*(H+1) values per
+# layer, recomputed in backward) make one step take ~20 s on a 2-core CPU even at batch 2.
+CPU_QUICK_SKIP = {
+    "se2_rot_trans": "translation non-stationary model: ~20 s per step on a 2-core CPU; run without --quick",
+    "se2_trans": "translation non-stationary model: ~20 s per step on a 2-core CPU; run without --quick",
+}
+
+
+def base_row(variant: str, backend: str, cfg: E2EConfig) -> dict:
+    return {
+        "variant": variant,
+        "label": VARIANT_LABELS.get(variant, variant).replace("-N", f"-{cfg.group_order}"),
+        "backend": backend,
+        "dtype": cfg.dtype,
+        "batch": cfg.batch,
+        "status": None,
+        "reason": None,
+        "images_per_s": None,
+        "step_ms": None,
+        "step_p20_p80_ms": None,
+        "steps_timed": None,
+        "peak_mib": None,
+    }
+
+
+def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfig) -> dict:
+    from ..models import build_model  # written beside this package; imported only when needed
+
+    row = base_row(variant, backend, cfg)
+    if backend == "triton" and (device.type != "cuda" or not dispatch.triton_available()):
+        row.update(status="not timed", reason=NO_GPU)
+        return row
+    dtype, _ = DTYPES[cfg.dtype]
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16) else contextlib.nullcontext()
+    )
+    model = opt = x = y = None
+    try:
+        with precision(cfg.dtype):
+            torch.manual_seed(0)
+            model = build_model(
+                variant, num_classes=10, group_order=cfg.group_order, widths=cfg.widths,
+                kernel_size=cfg.kernel_size, hidden_channels=cfg.hidden, backend=backend,
+            ).to(device)
+            model.train()
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            x = torch.randn(cfg.batch, 3, cfg.size, cfg.size, device=device)
+            y = torch.randint(0, 10, (cfg.batch,), device=device)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with autocast:
+                    loss = F.cross_entropy(model(x).float(), y)
+                loss.backward()
+                opt.step()
+
+            for _ in range(cfg.warmup_steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            times = []
+            t_end = time.perf_counter() + cfg.min_time_s
+            while len(times) < cfg.max_steps and (len(times) < cfg.min_steps or time.perf_counter() < t_end):
+                t0 = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+            if device.type == "cuda":
+                row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    except ValueError as e:
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        cannot = backend == "expand_conv" and "translation non-stationary" in msg
+        row.update(status="n/a" if cannot else "error", reason=msg if cannot else f"ValueError: {msg}")
+        return row
+    except oom_errors() as e:
+        row.update(status="oom", reason=str(e).splitlines()[0][:200])
+        return row
+    except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
+        row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        return row
+    finally:
+        del model, opt, x, y
+        free_memory(device)
+    times.sort()
+    n = len(times)
+    med = statistics.median(times)
+    row.update(
+        status="ok",
+        step_ms=med,
+        step_p20_p80_ms=[times[int(0.2 * (n - 1))], times[int(0.8 * (n - 1))]],
+        steps_timed=n,
+        images_per_s=cfg.batch / (med * 1e-3),
+    )
+    return row

@@ -1,0 +1,200 @@
+"""One row of the layer benchmark: a (case, dtype, backend) measured forward, backward, fwd+bwd.
+
+- ``fwd``: ``layer(x, backend=...)`` with autograd recording (the forward of a training step, kernel
+  net included), ``x`` and the layer's parameters requiring grad.
+- ``fwdbwd``: the same forward, then ``y.backward(dy)`` with a fixed random ``dy``.
+- ``bwd = fwdbwd - fwd`` (the difference of the two medians; no retain_graph timing).
+- ``peak_mib``: CUDA peak memory of one fwd+bwd above what was allocated before it (input,
+  parameters and ``dy`` excluded); None on CPU.
+- ``conv2d``: a plain ``F.conv2d`` with a random weight of the expanded shape
+  ``[C_out*N, C_in*N_in, K, K]``: the cuDNN (oneDNN on CPU) ceiling without the kernel net's cost.
+  For translation non-stationary cases it is the stationary ceiling only: conv2d cannot compute them.
+
+Status of a row: ``ok``; ``n/a`` (the backend cannot compute this layer: expand_conv on a
+translation non-stationary layer); ``not timed`` (triton without a GPU); ``oom``; ``skipped``
+(the time budget ran out); ``error`` (anything else, with the message).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from . import cases as cases_mod
+from .flops import case_macs, tflops
+from .timing import TimingConfig, peak_memory_mib, time_fn
+
+# Backends in table order; "conv2d" is the plain F.conv2d of the same expanded shape.
+BENCH_BACKENDS = ("triton", "expand_conv", "materialize", "factored_torch", "auto", "conv2d")
+LAYER_BACKENDS = tuple(b for b in BENCH_BACKENDS if b != "conv2d")
+assert set(LAYER_BACKENDS) <= set(dispatch.BACKENDS)
+
+# name -> (torch dtype, allow TF32 in cuBLAS/cuDNN)
+DTYPES = {
+    "fp32": (torch.float32, False),
+    "tf32": (torch.float32, True),
+    "bf16": (torch.bfloat16, True),
+    "fp16": (torch.float16, True),
+}
+NO_GPU = "fused kernel not timed: no GPU"
+
+
+def resolve_dtypes(names, device: torch.device) -> tuple[list[str], list[str]]:
+    """Requested dtype names -> those that run on ``device`` (tf32 is fp32 off CUDA), and notes."""
+    out, notes = [], []
+    for name in names:
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; expected some of {', '.join(DTYPES)}")
+        if name == "tf32" and device.type != "cuda":
+            notes.append("tf32 requested without CUDA: measured as fp32")
+            name = "fp32"
+        if name not in out:
+            out.append(name)
+    return out, notes
+
+
+@contextlib.contextmanager
+def precision(dtype_name: str):
+    """TF32 on or off for cuBLAS and cuDNN while measuring; restored afterwards."""
+    _, tf32 = DTYPES[dtype_name]
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def oom_errors():
+    types = [torch.cuda.OutOfMemoryError]
+    if hasattr(torch, "OutOfMemoryError"):
+        types.append(torch.OutOfMemoryError)
+    return tuple(types)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def base_row(case, dtype_name: str, backend: str) -> dict:
+    return {
+        "case": case.name,
+        "dtype": dtype_name,
+        "backend": backend,
+        "status": None,
+        "reason": None,
+        "auto_choice": None,
+        "fwd_ms": None,
+        "bwd_ms": None,
+        "fwdbwd_ms": None,
+        "fwd_p20_p80_ms": None,
+        "fwdbwd_p20_p80_ms": None,
+        "peak_mib": None,
+        "tflops": None,
+        "timing_method": None,
+    }
+
+
+def skipped_row(case, dtype_name: str, backend: str, reason: str) -> dict:
+    row = base_row(case, dtype_name, backend)
+    row.update(status="skipped", reason=reason)
+    return row
+
+
+def _closures(case, layer, backend: str, x: torch.Tensor, dy: torch.Tensor):
+    """(fwd, fwdbwd, tensors whose .grad is cleared between calls)."""
+    if backend == "conv2d":
+        g = torch.Generator(device="cpu").manual_seed(1)
+        fan_in = case.in_channels * case.in_rotations * case.kernel_size**2
+        w = torch.randn(cases_mod.expanded_weight_shape(case), generator=g) / fan_in**0.5
+        w = w.to(device=x.device, dtype=x.dtype).requires_grad_(True)
+        pad = case.padding
+
+        def fwd():
+            return F.conv2d(x, w, padding=pad)
+
+        leaves = [x, w]
+    else:
+
+        def fwd():
+            return layer(x, backend=backend)
+
+        leaves = [x, *layer.parameters()]
+
+    def fwdbwd():
+        fwd().backward(dy)
+
+    return fwd, fwdbwd, leaves
+
+
+def measure(case, layer, dtype_name: str, backend: str, device: torch.device, cfg: TimingConfig) -> dict:
+    """One row (see the module docstring). ``layer`` is the case's fp32 module on ``device``."""
+    row = base_row(case, dtype_name, backend)
+    if backend == "triton" and (device.type != "cuda" or not dispatch.triton_available()):
+        row.update(status="not timed", reason=NO_GPU if device.type != "cuda" else "triton is not importable")
+        return row
+    dtype, _ = DTYPES[dtype_name]
+    macs = case_macs(case)
+    x = dy = None
+    try:
+        with precision(dtype_name):
+            torch.manual_seed(0)
+            x = cases_mod.make_input(case, device, dtype)
+            if backend == "auto":
+                row["auto_choice"] = dispatch.choose_backend(layer, x)
+            out_hw = (case.out_size, case.out_size)
+            dy = torch.randn(case.batch, case.out_channels * case.group_order, *out_hw, device=device, dtype=dtype)
+            fwd, fwdbwd, leaves = _closures(case, layer, backend, x, dy)
+            # First calls: Triton compilation/autotuning, cuDNN's algorithm search; never timed.
+            fwdbwd()
+            fwd()
+            row["peak_mib"] = peak_memory_mib(fwdbwd, device, leaves)
+            t_fwd = time_fn(fwd, device, cfg, leaves)
+            t_fb = time_fn(fwdbwd, device, cfg, leaves)
+    except ValueError as e:
+        # The backend cannot express this layer (expand_conv + translation non-stationarity), or a
+        # kernel refused the shape (32-bit indexing): "this backend does not run this". Any other
+        # ValueError is an error.
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        cannot = (backend == "expand_conv" and case.translation_nonstationary) or "32-bit" in msg
+        row.update(status="n/a" if cannot else "error", reason=msg if cannot else f"ValueError: {msg}")
+        return row
+    except oom_errors() as e:
+        row.update(status="oom", reason=str(e).splitlines()[0][:200])
+        return row
+    except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
+        row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        return row
+    finally:
+        for t in (x, dy):
+            if t is not None:
+                t.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        del x, dy
+        free_memory(device)
+    bwd_ms = max(t_fb.median_ms - t_fwd.median_ms, 0.0)
+    row.update(
+        status="ok",
+        fwd_ms=t_fwd.median_ms,
+        bwd_ms=bwd_ms,
+        fwdbwd_ms=t_fb.median_ms,
+        fwd_p20_p80_ms=[t_fwd.p20_ms, t_fwd.p80_ms],
+        fwdbwd_p20_p80_ms=[t_fb.p20_ms, t_fb.p80_ms],
+        timing_method=t_fwd.method,
+        tflops={
+            count: {
+                "fwd": tflops(macs[count], "fwd", t_fwd.median_ms),
+                "bwd": tflops(macs[count], "bwd", bwd_ms),
+                "fwdbwd": tflops(macs[count], "fwdbwd", t_fb.median_ms),
+            }
+            for count in ("direct", "factored")
+        },
+    )
+    return row

@@ -1,0 +1,300 @@
+"""``relaxedconv bench``: time the backends on the design.md §5 cases and the §7 model.
+
+    relaxedconv bench --quick                     # < 1 min anywhere; GPU when there is one
+    relaxedconv bench                             # every case, tf32 + bf16 on a GPU
+    relaxedconv bench --suite e2e                 # only the end-to-end training-step figure
+    python -m relaxedconv.benchmark --cases G3,T2 --dtypes bf16 --json out.json
+
+Per (case, dtype, backend) it reports forward, backward (= fwd+bwd - fwd) and fwd+bwd median
+times, achieved TFLOP/s counting direct-equivalent and factored FLOPs (design.md §2) and CUDA peak
+memory; backends are triton, expand_conv, materialize, factored_torch, auto, and a plain F.conv2d
+of the same expanded shape. Without a GPU the CPU paths run on scaled-down cases and the fused
+kernel is reported as not timed. The JSON (``--json``) is rewritten after every measurement, so
+an interrupted run keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+
+from . import cases as cases_mod
+from . import e2e as e2e_mod
+from . import environment, report
+from .flops import case_macs
+from .layer_bench import BENCH_BACKENDS, DTYPES, NO_GPU, measure, resolve_dtypes, skipped_row
+from .timing import FULL, QUICK
+
+DEFAULT_JSON = "relaxedconv_bench.json"
+QUICK_BUDGET_S = 50.0  # --quick: the whole run (layers then e2e) stops starting new work after this
+LAYER_SHARE = 0.7  # of a budget, when both suites run
+
+
+def _csv(s: str) -> list[str]:
+    return [t.strip() for t in s.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="relaxedconv bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true",
+                    help=f"cases {','.join(cases_mod.QUICK)}, one dtype, short timings, a small e2e; "
+                    f"stops starting work after {QUICK_BUDGET_S:.0f} s")
+    ap.add_argument("--suite", choices=("all", "layers", "e2e"), default="all",
+                    help="layers: the per-layer table; e2e: training-step images/s; all: both (default)")
+    ap.add_argument("--cases", type=_csv, default=None,
+                    help=f"comma-separated, from {','.join(cases_mod.CASES)} (default: all; --quick: "
+                    f"{','.join(cases_mod.QUICK)})")
+    ap.add_argument("--backends", type=_csv, default=list(BENCH_BACKENDS),
+                    help=f"comma-separated, from {','.join(BENCH_BACKENDS)} (conv2d = plain F.conv2d of the "
+                    "expanded shape)")
+    ap.add_argument("--dtypes", type=_csv, default=None,
+                    help=f"comma-separated, from {','.join(DTYPES)} (default: GPU tf32,bf16 / --quick bf16; "
+                    "CPU fp32,bf16 / --quick fp32)")
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    ap.add_argument("--scale", choices=("auto", "full", "cpu"), default="auto",
+                    help="case sizes: full (design.md §5) or cpu (scaled down); auto: full on CUDA, else cpu")
+    ap.add_argument("--warmup-ms", type=float, default=None, help="GPU: do_bench warm-up time per timing")
+    ap.add_argument("--rep-ms", type=float, default=None, help="GPU: do_bench repetition time per timing")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="S",
+                    help="stop starting new measurements after S seconds; the rest are recorded as skipped "
+                    f"(default: none; --quick: {QUICK_BUDGET_S:.0f})")
+    ap.add_argument("--e2e-variants", type=_csv, default=list(e2e_mod.E2E_VARIANTS))
+    ap.add_argument("--e2e-backends", type=_csv, default=None,
+                    help=f"default: {','.join(e2e_mod.E2E_BACKENDS)} (--quick: auto,triton)")
+    ap.add_argument("--e2e-batch", type=int, default=None)
+    ap.add_argument("--e2e-size", type=int, default=None)
+    ap.add_argument("--e2e-widths", type=_csv, default=None, help="block widths, e.g. 32,64")
+    ap.add_argument("--e2e-group-order", type=int, default=None)
+    ap.add_argument("--e2e-dtype", choices=tuple(DTYPES), default=None,
+                    help="default: bf16 (autocast) on CUDA, fp32 on CPU")
+    ap.add_argument("--json", default=DEFAULT_JSON, metavar="PATH", help=f"result file (default {DEFAULT_JSON}); '' to skip")
+    ap.add_argument("--commit", default=None, help="commit to record when the tree has no .git (else git rev-parse HEAD)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's; --quick on CPU: 1, since its tiny shapes gain "
+                    "nothing from threads and stall when another process holds a core)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
+                    help="print the tables of existing result files instead of running")
+    ap.add_argument("--markdown", action="store_true", help="with --summarize: Markdown tables (for bench/README.md)")
+    return ap
+
+
+class Budget:
+    def __init__(self, seconds: float | None):
+        self.start = time.perf_counter()
+        self.seconds = seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def spent(self, share: float = 1.0) -> bool:
+        return self.seconds is not None and self.elapsed() >= share * self.seconds
+
+    def reason(self) -> str:
+        return f"time budget ({self.seconds:.0f} s) spent" if self.seconds is not None else "no time budget"
+
+
+def _resolve(args, device: torch.device):
+    on_gpu = device.type == "cuda"
+    scale = args.scale if args.scale != "auto" else ("full" if on_gpu else "cpu")
+    names = args.cases or list(cases_mod.QUICK if args.quick else cases_mod.CASES)
+    try:
+        cases = cases_mod.select(names, scale=scale)
+    except ValueError as e:
+        raise SystemExit(f"relaxedconv bench: {e}") from None
+    bad = [b for b in args.backends if b not in BENCH_BACKENDS]
+    if bad:
+        raise SystemExit(f"relaxedconv bench: unknown backend(s) {bad}; expected some of {BENCH_BACKENDS}")
+    if args.dtypes:
+        dtypes = args.dtypes
+    elif on_gpu:
+        dtypes = ["bf16"] if args.quick else ["tf32", "bf16"]
+    else:
+        dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
+    dtypes, notes = resolve_dtypes(dtypes, device)
+    if scale == "cpu":
+        notes.append("cases scaled down for CPU (batch/32, half the image, a quarter of the channels; N, K, H kept): "
+                     "not comparable with GPU numbers")
+    if "triton" in args.backends and not on_gpu:
+        notes.append(NO_GPU)
+    return cases, dtypes, scale, notes
+
+
+def _e2e_config(args, device) -> e2e_mod.E2EConfig:
+    cfg = e2e_mod.gpu_config(args.quick) if device.type == "cuda" else e2e_mod.cpu_config(args.quick)
+    if args.e2e_batch:
+        cfg.batch = args.e2e_batch
+    if args.e2e_size:
+        cfg.size = args.e2e_size
+    if args.e2e_widths:
+        cfg.widths = tuple(int(w) for w in args.e2e_widths)
+    if args.e2e_group_order:
+        cfg.group_order = args.e2e_group_order
+    if args.e2e_dtype:
+        cfg.dtype = args.e2e_dtype
+    cfg.dtype = resolve_dtypes([cfg.dtype], device)[0][0]
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.summarize:
+        for path in args.summarize:
+            with open(path, encoding="utf-8") as f:
+                payload = json.load(f)
+            print(f"# {path}\n")
+            print(report.markdown(payload) if args.markdown else report.summarize(payload))
+        return 0
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("relaxedconv bench: --device cuda but torch sees no GPU")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    threads = args.threads or (1 if (args.quick and device.type == "cpu") else None)
+    if threads:
+        torch.set_num_threads(threads)
+    budget_s = args.time_budget if args.time_budget is not None else (QUICK_BUDGET_S if args.quick else None)
+    budget = Budget(budget_s)
+    cases, dtypes, scale, notes = _resolve(args, device)
+    cfg = QUICK if args.quick else FULL
+    if args.warmup_ms is not None or args.rep_ms is not None:
+        cfg = dataclasses.replace(cfg, warmup_ms=args.warmup_ms or cfg.warmup_ms, rep_ms=args.rep_ms or cfg.rep_ms)
+    run_layers = args.suite in ("all", "layers")
+    run_e2e = args.suite in ("all", "e2e")
+    e2e_cfg = _e2e_config(args, device) if run_e2e else None
+    e2e_backends = args.e2e_backends or (["auto", "triton"] if args.quick else list(e2e_mod.E2E_BACKENDS))
+
+    payload = {
+        "schema": report.SCHEMA,
+        "meta": environment.collect(device, args.commit),
+        "command": "relaxedconv bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": {k: v for k, v in vars(args).items()},
+        "settings": {
+            "scale": scale,
+            "scaled_down": scale == "cpu",
+            "dtypes": dtypes,
+            "timing": dataclasses.asdict(cfg),
+            "time_budget_s": budget_s,
+            "fwd": "layer(x, backend=...) with autograd recording; x and parameters require grad",
+            "bwd": "median(fwd+bwd) - median(fwd)",
+            "peak_mib": "CUDA max_memory_allocated during one fwd+bwd minus memory allocated before it; "
+                        "null on CPU (no allocator counter)",
+            "tflops": "2 x MACs of design.md §2 per pass / median time; backward counted as 2x forward",
+        },
+        "notes": notes,
+        "cases": {c.name: {**c.to_dict(), "macs_fwd": case_macs(c)} for c in cases} if run_layers else {},
+        "layers": [],
+        "e2e_config": e2e_cfg.to_dict() if e2e_cfg else None,
+        "e2e": [],
+        "targets": [],
+        "elapsed_s": None,
+    }
+
+    def save():
+        payload["elapsed_s"] = round(budget.elapsed(), 1)
+        if args.json:
+            report.write_json(args.json, payload)
+
+    m = payload["meta"]
+    print(f"relaxedconv bench on {m['card']} | torch {m['torch']} | triton {m['triton']} | "
+          f"commit {str(m['commit'])[:10]} | {m['date']}")
+    for n in notes:
+        print(f"note: {n}")
+
+    layer_share = LAYER_SHARE if (run_layers and run_e2e) else 1.0
+    if run_layers:
+        # Measurement order under a time budget: the design.md §5 cases in every dtype (first dtype
+        # first), then the variants; within that, the order given. A budget cuts from the end.
+        order = sorted(
+            ((case, dt) for case in cases for dt in dtypes),
+            key=lambda cd: (cd[0].priority, dtypes.index(cd[1])),
+        )
+        layers = {}
+        for case, dt in order:
+            for backend in args.backends:
+                if budget.spent(layer_share):
+                    row = skipped_row(case, dt, backend, budget.reason())
+                else:
+                    if case.name not in layers:
+                        torch.manual_seed(args.seed)
+                        layers[case.name] = cases_mod.build_layer(case, device)
+                    row = measure(case, layers[case.name], dt, backend, device, cfg)
+                    _progress(row, budget)
+                payload["layers"].append(row)
+                save()
+        del layers
+        payload["layers"] = _sorted_rows(payload["layers"], [c.name for c in cases], dtypes, args.backends, "case")
+        payload["targets"] = report.targets(payload["layers"])
+        save()
+
+    if run_e2e:
+        # auto and triton for every variant first, then the unfused baselines.
+        for backend in e2e_backends:
+            for variant in args.e2e_variants:
+                slow = args.quick and device.type == "cpu" and e2e_mod.CPU_QUICK_SKIP.get(variant)
+                if budget.spent() or slow:
+                    row = e2e_mod.base_row(variant, backend, e2e_cfg)
+                    row.update(status="skipped", reason=slow or budget.reason())
+                else:
+                    row = e2e_mod.measure_step(variant, backend, device, e2e_cfg)
+                    print(f"  [{budget.elapsed():6.1f}s] e2e {variant:<14} {backend:<15} {row['status']:<9} "
+                          f"{_num(row['images_per_s'], '.1f')} img/s" + (f" ({row['reason'][:100]})" if row["reason"] else ""),
+                          flush=True)
+                payload["e2e"].append(row)
+                save()
+        payload["e2e"] = _sorted_rows(payload["e2e"], args.e2e_variants, [e2e_cfg.dtype], e2e_backends, "variant")
+        save()
+
+    print()
+    if run_layers:
+        print(report.layer_table(payload["layers"]))
+        print()
+        print(report.targets_table(payload["targets"]))
+        if device.type != "cuda":
+            print("(the targets are issue 6's H100 targets; on a CPU they are shown for reference only)")
+        print()
+    if run_e2e:
+        c = e2e_cfg
+        print(f"end-to-end training step (design.md §7 model, batch {c.batch}, {c.size}x{c.size}, widths "
+              f"{tuple(c.widths)}, N = {c.group_order}, {c.dtype}{', scaled down for CPU' if c.scaled_down else ''})")
+        print(report.e2e_table(payload["e2e"]))
+        print()
+    for n in notes:
+        print(f"note: {n}")
+    skipped = [r for r in payload["layers"] + payload["e2e"] if r["status"] == "skipped"]
+    if skipped:
+        print(f"note: {len(skipped)} measurements skipped ({'; '.join(sorted({r['reason'] for r in skipped}))})")
+    print(f"done in {budget.elapsed():.1f} s" + (f"; wrote {args.json}" if args.json else ""))
+    return 0
+
+
+def _sorted_rows(rows, names, dtypes, backends, key):
+    """Rows in table order: by case (or variant) as given, dtype, backend."""
+    return sorted(rows, key=lambda r: (names.index(r[key]), dtypes.index(r["dtype"]), backends.index(r["backend"])))
+
+
+def _num(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _progress(row, budget: Budget) -> None:
+    extra = row["reason"] if row["status"] != "ok" else (
+        f"fwd {_num(row['fwd_ms'], '.3f')} ms, f+b {_num(row['fwdbwd_ms'], '.3f')} ms"
+        + (f", peak {row['peak_mib']:.0f} MiB" if row["peak_mib"] is not None else "")
+        + (f" (auto -> {row['auto_choice']})" if row["auto_choice"] else "")
+    )
+    print(f"  [{budget.elapsed():6.1f}s] {row['case']:<12} {row['dtype']:<5} {row['backend']:<15} "
+          f"{row['status']:<9} {extra}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The benchmark runner (relaxedconv bench) on CPU: FLOP formulas, the JSON it writes, how it
+reports backends that cannot run. Tiny shapes only; the timings themselves are not checked."""
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from relaxedconv.benchmark import cases as cases_mod
+from relaxedconv.benchmark import flops, report, runner
+from relaxedconv.benchmark.layer_bench import NO_GPU
+
+TINY = cases_mod.Case("tiny", group_order=2, in_channels=2, out_channels=3, size=5, batch=2, kernel_size=3, hidden=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _hand_count(c):
+    """Count multiply-adds by enumerating the sums of design.md §2 term by term."""
+    k2, positions, hp = c.kernel_size**2, c.positions, c.hidden + 1
+    direct = factored = 0
+    for _b, _p, _n in itertools.product(range(c.batch), range(positions), range(c.group_order)):
+        # direct: y[o] = sum_{i, n', Delta} k[o, i, n', Delta] x[i, n', p + Delta]
+        for _o, _i, _m, _d in itertools.product(range(c.out_channels), range(c.in_channels), range(c.in_rotations), range(k2)):
+            direct += 1
+        # factored: U[i, h] = sum_{n', Delta} z[n', Delta, h] x[i, n', p + Delta]; y[o] = sum_{i, h} W[o, i, h] U[i, h]
+        for _i, _h in itertools.product(range(c.in_channels), range(hp)):
+            factored += c.in_rotations * k2
+        factored += c.in_channels * hp * c.out_channels
+    return direct, factored
+
+
+@pytest.mark.parametrize("lifting", [False, True])
+def test_flop_formulas_match_a_hand_count(lifting):
+    c = cases_mod.Case("tiny", 2, 2, 3, 5, 2, kernel_size=3, hidden=4, lifting=lifting)
+    macs = flops.case_macs(c)
+    direct, factored = _hand_count(c)
+    assert macs == {"direct": direct, "factored": factored}
+    # design.md §2: factored / direct = H'/C_out + H'/(N_in K^2)
+    ratio = (c.hidden + 1) / c.out_channels + (c.hidden + 1) / (c.in_rotations * c.kernel_size**2)
+    assert macs["factored"] / macs["direct"] == pytest.approx(ratio)
+
+
+def test_direct_flops_equal_torch_count_of_the_expanded_conv2d():
+    c = TINY
+    x = torch.randn(c.batch, c.in_channels * c.in_rotations, c.size, c.size)
+    w = torch.randn(cases_mod.expanded_weight_shape(c))
+    with FlopCounterMode(display=False) as counter:
+        F.conv2d(x, w, padding=c.padding)
+    assert counter.get_total_flops() == flops.pass_flops(flops.case_macs(c)["direct"], "fwd")
+
+
+def test_tflops_of_passes():
+    assert flops.tflops(10**12, "fwd", 1000.0) == pytest.approx(2.0)
+    assert flops.tflops(10**12, "bwd", 1000.0) == pytest.approx(4.0)
+    assert flops.tflops(10**12, "fwdbwd", 1000.0) == pytest.approx(6.0)
+    assert flops.tflops(10**12, "fwd", None) is None
+
+
+def _tiny_cases(monkeypatch):
+    tiny = {
+        "G1": cases_mod.Case("G1", 2, 2, 3, 6, 2, kernel_size=3, hidden=4),
+        "T1": cases_mod.Case("T1", 1, 2, 2, 6, 2, kernel_size=3, hidden=4, translation_nonstationary=True),
+    }
+    monkeypatch.setattr(cases_mod, "CASES", tiny)
+    monkeypatch.setattr(cases_mod, "QUICK", ("G1", "T1"))
+
+
+REQUIRED_META = ("date", "device", "card", "torch", "triton", "commit", "source_hash", "python", "cpu_threads")
+
+
+def test_quick_run_writes_json_with_metadata_and_marks_backends(tmp_path, monkeypatch, capsys):
+    _tiny_cases(monkeypatch)
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--device", "cpu", "--scale", "full", "--json", str(out),
+            "--e2e-variants", "t2,se2", "--e2e-batch", "2", "--e2e-size", "28", "--e2e-widths", "2,4",
+            "--e2e-group-order", "2"]
+    assert runner.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert NO_GPU in printed
+    data = json.loads(out.read_text())
+    assert data["schema"] == report.SCHEMA
+    for key in REQUIRED_META:
+        assert key in data["meta"], key
+    assert data["meta"]["device"] == "cpu" and data["meta"]["date"]
+    assert data["args"]["quick"] is True and data["command"].startswith("relaxedconv bench --quick")
+    rows = {(r["case"], r["backend"]): r for r in data["layers"]}
+    assert {c for c, _ in rows} == {"G1", "T1"}
+    # the fused kernel is not timed without a GPU, and says so
+    for case in ("G1", "T1"):
+        assert rows[case, "triton"]["status"] == "not timed"
+        assert rows[case, "triton"]["reason"] == NO_GPU
+    # expand_conv cannot express translation non-stationarity: n/a, not an error
+    assert rows["T1", "expand_conv"]["status"] == "n/a"
+    assert rows["G1", "expand_conv"]["status"] == "ok"
+    for backend in ("materialize", "factored_torch", "auto", "conv2d"):
+        for case in ("G1", "T1"):
+            r = rows[case, backend]
+            assert r["status"] == "ok", r
+            assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["bwd_ms"] >= 0
+            assert r["peak_mib"] is None  # no allocator counter on CPU
+            assert r["tflops"]["factored"]["fwd"] > 0
+    assert rows["T1", "auto"]["auto_choice"] == "factored_torch"
+    assert rows["G1", "auto"]["auto_choice"] == "expand_conv"
+    assert data["cases"]["G1"]["macs_fwd"] == flops.case_macs(cases_mod.CASES["G1"])
+    assert any(t["status"] == "not measured" for t in data["targets"])
+    e2e = {(r["variant"], r["backend"]): r for r in data["e2e"]}
+    assert e2e["t2", "auto"]["status"] == "ok" and e2e["t2", "auto"]["images_per_s"] > 0
+    assert e2e["se2", "triton"]["status"] == "not timed"
+
+
+def test_time_budget_skips_and_cli_dispatch(tmp_path, monkeypatch, capsys):
+    _tiny_cases(monkeypatch)
+    from relaxedconv import cli
+
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--suite", "layers", "--time-budget", "0",
+                     "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["layers"] and all(r["status"] == "skipped" for r in data["layers"])
+    assert data["e2e"] == []
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_cpu_scaling_keeps_the_method_ratios():
+    for case in cases_mod.CASES.values():
+        s = cases_mod.cpu_scaled(case)
+        assert (s.group_order, s.kernel_size, s.hidden) == (case.group_order, case.kernel_size, case.hidden)
+        assert s.batch <= case.batch and s.size <= case.size and "scaled down" in s.note
+    assert cases_mod.select(["T2-b64-32px", "G1"], scale="full")[0].name == "G1"  # priority order
+
+
+def test_targets_pass_and_fail():
+    def row(case, backend, fb, fwd=None, peak=None, tf=None, dtype="bf16"):
+        return {"case": case, "dtype": dtype, "backend": backend, "status": "ok", "fwdbwd_ms": fb,
+                "fwd_ms": fwd or fb / 3, "peak_mib": peak, "auto_choice": "expand_conv" if backend == "auto" else None,
+                "tflops": {"factored": {"fwd": tf}}}
+
+    rows = [
+        row("T1", "triton", 1.0, peak=10.0), row("T1", "materialize", 30.0, peak=200.0),
+        row("G4", "triton", 2.0), row("G4", "expand_conv", 1.0),
+        row("G1", "expand_conv", 1.0), row("G1", "materialize", 3.0), row("G1", "auto", 1.02),
+        row("G3", "triton", 5.0, tf=250.0),
+    ]
+    got = {t["target"]: t["status"] for t in report.targets(rows)}
+    assert got["T1 bf16: triton f+b speedup over materialize"] == "pass"
+    assert got["T1 bf16: triton / materialize peak memory"] == "pass"
+    assert got["T2 bf16: triton f+b speedup over materialize"] == "not measured"
+    assert got["G4 bf16: triton / expand_conv time"] == "fail"
+    assert got["G1 bf16: auto / best backend"] == "pass"
+    assert got["G3 bf16: triton forward TFLOP/s (factored)"] == "pass"
+
+
+def test_module_entry_point_help():
+    res = subprocess.run([sys.executable, "-m", "relaxedconv.benchmark", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "--quick" in res.stdout
