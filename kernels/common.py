@@ -119,3 +119,54 @@ def tile_count(B, P, BLOCK_M: tl.constexpr, PER_POSITION: tl.constexpr):
         return P * tl.cdiv(B, BLOCK_M)
     else:
         return tl.cdiv(B * P, BLOCK_M)
+
+
+@triton.jit
+def factored_u(
+    x_ptr, row_base, row_ok, z_base, i, N_IN, J, HMAIN, sxc, sxh, sxw, szj, szh,
+    KSIZE: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """U_i = X_i[rows, :] @ Z[:, :HMAIN] with the im2col tile gathered from the padded input, and
+    the tail column U_i @ Z[:, HMAIN] as a row reduction (see :func:`hidden_block`)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < HMAIN
+    K2: tl.constexpr = KSIZE * KSIZE
+    u = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
+    u_tail = tl.zeros((BLOCK_M,), dtype=ACC)
+    for j0 in range(0, J, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = j < J
+        kk = j % K2
+        col = (i * N_IN + j // K2) * sxc + (kk // KSIZE) * sxh + (kk % KSIZE) * sxw
+        xt = tl.load(x_ptr + row_base[:, None] + col[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        zt = tl.load(z_base + j[:, None] * szj + offs_h[None, :] * szh, mask=j_ok[:, None] & h_ok[None, :], other=0.0)
+        u = mma(xt, zt, u, PRECISION, FP64)
+        if TAIL:
+            z_tail = tl.load(z_base + j * szj + HMAIN * szh, mask=j_ok, other=0.0)
+            u_tail += tl.sum(xt.to(ACC) * z_tail.to(ACC)[None, :], axis=1)
+    return u, u_tail
+
+
+@triton.jit
+def factored_du(
+    dy_ptr, dy_row, rows_ok, w_ptr, i, C_OUT, N_OUT, HMAIN, sdc, swo, swi, swh,
+    TAIL: tl.constexpr, PRECISION: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """dU_i = dY_n[rows, :] @ W_ext[:, i, :HMAIN] (``dy_row`` already points at rotation n), and
+    the tail dY_n[rows, :] @ W_ext[:, i, HMAIN] as a row reduction."""
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < HMAIN
+    du = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
+    du_tail = tl.zeros((BLOCK_M,), dtype=ACC)
+    for o0 in range(0, C_OUT, BLOCK_O):
+        offs_o = o0 + tl.arange(0, BLOCK_O)
+        o_ok = offs_o < C_OUT
+        dyt = tl.load(dy_ptr + dy_row[:, None] + (offs_o * N_OUT)[None, :] * sdc, mask=rows_ok[:, None] & o_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_o[:, None] * swo + i * swi + offs_h[None, :] * swh, mask=o_ok[:, None] & h_ok[None, :], other=0.0)
+        du = mma(dyt, wt, du, PRECISION, FP64)
+        if TAIL:
+            w_tail = tl.load(w_ptr + offs_o * swo + i * swi + HMAIN * swh, mask=o_ok, other=0.0)
+            du_tail += tl.sum(dyt.to(ACC) * w_tail.to(ACC)[None, :], axis=1)
+    return du, du_tail

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import mma, acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, tile_count, use_autotune
+from .common import factored_du, factored_u, mma, acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, tile_count, use_autotune
 from .relaxed_conv_fwd import pad_input
 
 
@@ -58,17 +58,10 @@ def _relaxed_conv_bwd_dx_kernel(
             pw = qw + PAD - kw
             p_ok = row_ok & (ph >= 0) & (ph < H_OUT) & (pw >= 0) & (pw < W_OUT)
             dy_row = b * sdb + n * sdc + ph * sdh + pw * sdw
-            du = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
-            du_tail = tl.zeros((BLOCK_M,), dtype=ACC)
-            for o0 in range(0, C_OUT, BLOCK_O):
-                offs_o = o0 + tl.arange(0, BLOCK_O)
-                o_ok = offs_o < C_OUT
-                dyt = tl.load(dy_ptr + dy_row[:, None] + (offs_o * N_OUT)[None, :] * sdc, mask=p_ok[:, None] & o_ok[None, :], other=0.0)
-                wt = tl.load(w_ptr + offs_o[:, None] * swo + i * swi + offs_h[None, :] * swh, mask=o_ok[:, None] & h_ok[None, :], other=0.0)
-                du = mma(dyt, wt, du, PRECISION, FP64)
-                if TAIL:
-                    w_tail = tl.load(w_ptr + offs_o * swo + i * swi + HMAIN * swh, mask=o_ok, other=0.0)
-                    du_tail += tl.sum(dyt.to(ACC) * w_tail.to(ACC)[None, :], axis=1)
+            du, du_tail = factored_du(
+                dy_ptr, dy_row, p_ok, w_ptr, i, C_OUT, N_OUT, HMAIN, sdc, swo, swi, swh,
+                TAIL, PRECISION, FP64, ACC, BLOCK_M, BLOCK_O, BLOCK_H,
+            )
             if PER_POSITION:
                 # One input position per tile, so one output position p = q - Delta per (tile, Delta).
                 sh = q_tile // W_IN + PAD - kh
@@ -166,17 +159,10 @@ def _relaxed_conv_bwd_dz_kernel(
         row_base = b * sxb + oh * sxh + ow * sxw
         dy_row = b * sdb + n * sdc + oh * sdh + ow * sdw
         for i in range(C_IN):
-            du = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
-            du_tail = tl.zeros((BLOCK_M,), dtype=ACC)
-            for o0 in range(0, C_OUT, BLOCK_O):
-                offs_o = o0 + tl.arange(0, BLOCK_O)
-                o_ok = offs_o < C_OUT
-                dyt = tl.load(dy_ptr + dy_row[:, None] + (offs_o * N_OUT)[None, :] * sdc, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
-                wt = tl.load(w_ptr + offs_o[:, None] * swo + i * swi + offs_h[None, :] * swh, mask=o_ok[:, None] & h_ok[None, :], other=0.0)
-                du = mma(dyt, wt, du, PRECISION, FP64)
-                if TAIL:
-                    w_tail = tl.load(w_ptr + offs_o * swo + i * swi + HMAIN * swh, mask=o_ok, other=0.0)
-                    du_tail += tl.sum(dyt.to(ACC) * w_tail.to(ACC)[None, :], axis=1)
+            du, du_tail = factored_du(
+                dy_ptr, dy_row, row_ok, w_ptr, i, C_OUT, N_OUT, HMAIN, sdc, swo, swi, swh,
+                TAIL, PRECISION, FP64, ACC, BLOCK_M, BLOCK_O, BLOCK_H,
+            )
             xt = tl.load(x_ptr + row_base[:, None] + (i * N_IN * sxc + col)[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
             acc = mma(tl.trans(xt), du.to(xt.dtype), acc, PRECISION, FP64)
             if TAIL:
@@ -206,7 +192,6 @@ def _relaxed_conv_bwd_dw_kernel(
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     h_ok = offs_h < HMAIN
     o_ok = offs_o < C_OUT
-    K2: tl.constexpr = KSIZE * KSIZE
     acc = tl.zeros((BLOCK_H, BLOCK_O), dtype=ACC)
     acc_tail = tl.zeros((BLOCK_O,), dtype=ACC)
     tiles = tile_count(B, P, BLOCK_M, PER_POSITION)
@@ -217,19 +202,10 @@ def _relaxed_conv_bwd_dw_kernel(
             ow = p % W_OUT
             row_base = b * sxb + oh * sxh + ow * sxw
             z_base = z_ptr + n * szn + p_tile * szp
-            u = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
-            u_tail = tl.zeros((BLOCK_M,), dtype=ACC)
-            for j0 in range(0, J, BLOCK_J):
-                j = j0 + tl.arange(0, BLOCK_J)
-                j_ok = j < J
-                kk = j % K2
-                col = (i * N_IN + j // K2) * sxc + (kk // KSIZE) * sxh + (kk % KSIZE) * sxw
-                xt = tl.load(x_ptr + row_base[:, None] + col[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-                zt = tl.load(z_base + j[:, None] * szj + offs_h[None, :] * szh, mask=j_ok[:, None] & h_ok[None, :], other=0.0)
-                u = mma(xt, zt, u, PRECISION, FP64)
-                if TAIL:
-                    z_tail = tl.load(z_base + j * szj + HMAIN * szh, mask=j_ok, other=0.0)
-                    u_tail += tl.sum(xt.to(ACC) * z_tail.to(ACC)[None, :], axis=1)
+            u, u_tail = factored_u(
+                x_ptr, row_base, row_ok, z_base, i, N_IN, J, HMAIN, sxc, sxh, sxw, szj, szh,
+                KSIZE, TAIL, PRECISION, FP64, ACC, BLOCK_M, BLOCK_J, BLOCK_H,
+            )
             dy_off = b[:, None] * sdb + (offs_o * N_OUT + n)[None, :] * sdc + (oh * sdh + ow * sdw)[:, None]
             dyt = tl.load(dy_ptr + dy_off, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
             acc = mma(tl.trans(u.to(dyt.dtype)), dyt, acc, PRECISION, FP64)

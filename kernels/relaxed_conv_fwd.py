@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import mma, acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, use_autotune
+from .common import factored_u, mma, acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, use_autotune
 
 
 @triton.jit
@@ -44,24 +44,13 @@ def _relaxed_conv_fwd_kernel(
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     h_ok = offs_h < HMAIN
     o_ok = offs_o < C_OUT
-    K2: tl.constexpr = KSIZE * KSIZE
 
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=ACC)
     for i in range(C_IN):
-        u = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
-        u_tail = tl.zeros((BLOCK_M,), dtype=ACC)
-        for j0 in range(0, J, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
-            j_ok = j < J
-            nprime = j // K2
-            kk = j % K2
-            col = (i * N_IN + nprime) * sxc + (kk // KSIZE) * sxh + (kk % KSIZE) * sxw
-            xt = tl.load(x_ptr + row_base[:, None] + col[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-            zt = tl.load(z_base + j[:, None] * szj + offs_h[None, :] * szh, mask=j_ok[:, None] & h_ok[None, :], other=0.0)
-            u = mma(xt, zt, u, PRECISION, FP64)
-            if TAIL:
-                z_tail = tl.load(z_base + j * szj + HMAIN * szh, mask=j_ok, other=0.0)
-                u_tail += tl.sum(xt.to(ACC) * z_tail.to(ACC)[None, :], axis=1)
+        u, u_tail = factored_u(
+            x_ptr, row_base, row_ok, z_base, i, N_IN, J, HMAIN, sxc, sxh, sxw, szj, szh,
+            KSIZE, TAIL, PRECISION, FP64, ACC, BLOCK_M, BLOCK_J, BLOCK_H,
+        )
         wt = tl.load(w_ptr + offs_o[None, :] * swo + i * swi + offs_h[:, None] * swh, mask=h_ok[:, None] & o_ok[None, :], other=0.0)
         acc = mma(u.to(wt.dtype), wt, acc, PRECISION, FP64)
         if TAIL:
