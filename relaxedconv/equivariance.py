@@ -103,7 +103,11 @@ def equivariance_error(
 
 @torch.no_grad()
 def layer_equivariance_errors(model, x: torch.Tensor, **kwargs) -> dict[str, dict[str, float]]:
-    """Each relaxed layer's own equivariance error, on the input it receives when ``model(x)`` runs."""
+    """Each relaxed layer's own equivariance error, on the input it receives when ``model(x)`` runs.
+
+    A layer whose output is too small to compare shifts away from the border (deep layers after
+    pooling) gets ``translation: None``.
+    """
     inputs = {}
 
     def capture(name):
@@ -123,16 +127,25 @@ def layer_equivariance_errors(model, x: torch.Tensor, **kwargs) -> dict[str, dic
         for m, mode in modes:  # each submodule's own mode (a frozen BatchNorm stays frozen)
             m.train(mode)
     out = {}
+    shifts = kwargs.pop("shifts", ((1, 0), (0, 1), (-1, -1)))
     for name, m in _relaxed_layers(model):
         if name not in inputs:
             continue
-        out[name or type(m).__name__] = equivariance_error(
+        x_in = inputs[name]
+        # Zero padding reaches `padding` pixels into the output (K//2 for 'same').
+        margin = m.padding
+        reach = margin + max((max(abs(a), abs(b)) for a, b in shifts), default=0)
+        fits = 2 * reach < min(m.geometry.out_size(x_in.shape[-2], x_in.shape[-1]))
+        errors = equivariance_error(
             m,
-            inputs[name],
+            x_in,
             in_rotations=m.in_rotations,
             out_rotations=m.group_order,
-            # Zero padding reaches `padding` pixels into the output (K//2 for 'same').
-            margin=m.padding,
+            margin=margin,
+            shifts=shifts if fits else (),
             **kwargs,
         )
+        if shifts and not fits:
+            errors["translation"] = None  # the map is too small to compare away from the border
+        out[name or type(m).__name__] = errors
     return out

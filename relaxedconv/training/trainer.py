@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import equivariance_penalty, omegas
-from ..equivariance import _relaxed_layers, equivariance_error
+from ..equivariance import _relaxed_layers, layer_equivariance_errors
 from ..models import build_model, partial_subsets
 from . import data as data_mod
 from .checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, rng_state, set_rng_state
@@ -151,42 +151,6 @@ def _epoch_generator(seed: int, epoch: int, rank: int, device) -> torch.Generato
     g = torch.Generator(device=device)
     g.manual_seed((int(seed) * 1_000_003 + epoch * 1009 + rank) % (2**63))
     return g
-
-
-@torch.no_grad()
-def per_layer_equivariance(model, x: torch.Tensor) -> dict:
-    """Each relaxed layer's relative equivariance error on the input it gets in ``model(x)``.
-    Translation is left out (null) for layers whose output is too small to compare away from the border."""
-    inputs = {}
-    layers = _relaxed_layers(model)
-
-    def capture(name):
-        def hook(module, args, output):
-            inputs.setdefault(name, args[0])  # returns None: a returned value would replace the output
-
-        return hook
-
-    hooks = [m.register_forward_hook(capture(name)) for name, m in layers]
-    was = model.training
-    try:
-        model.eval()
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    out = {}
-    for name, m in layers:
-        if name not in inputs:
-            continue
-        kw = dict(in_rotations=m.in_rotations, out_rotations=m.group_order, margin=m.kernel_size // 2)
-        try:
-            out[name] = equivariance_error(m, inputs[name], **kw)
-        except ValueError:
-            e = equivariance_error(m, inputs[name], shifts=(), **kw)
-            e["translation"] = None
-            out[name] = e
-    return out
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -434,7 +398,7 @@ class Trainer:
 
     def _finish(self, history, best, seconds) -> dict:
         probe = self.val_x[:4] if len(self.val_x) else self.test_x[:4]
-        eq = per_layer_equivariance(self.model, self._normalise(probe))
+        eq = layer_equivariance_errors(self.model, self._normalise(probe))
         om = omegas(self.model)
         last = history[-1] if history else {}
         final = {
