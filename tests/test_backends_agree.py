@@ -27,15 +27,6 @@ import relaxedconv as rc
 from relaxedconv.kernel_net import FREQUENCY_OF_GROUP
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only spin, and on a shared 2-core machine they stall each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 IMAGE_HW = (7, 9)
 BATCH = 2
 NONSTAT = {"none": (False, False), "rot": (True, False), "trans": (False, True), "both": (True, True)}

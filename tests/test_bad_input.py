@@ -10,15 +10,6 @@ import relaxedconv as rc
 from relaxedconv.kernel_net import SirenKernelNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only spin, and on a shared 2-core machine they stall each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def lift():
     torch.manual_seed(0)

@@ -17,14 +17,6 @@ from relaxedconv.benchmark.layer_bench import NO_GPU
 TINY = cases_mod.Case("tiny", group_order=2, in_channels=2, out_channels=3, size=5, batch=2, kernel_size=3, hidden=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _hand_count(c):
     """Count multiply-adds by enumerating the sums of design.md §2 term by term."""
     k2, positions, hp = c.kernel_size**2, c.positions, c.hidden + 1

@@ -14,15 +14,6 @@ import relaxedconv as rc
 from relaxedconv.equivariance import rotate_feature_map
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only spin, and on a shared 2-core machine they stall each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 F64 = torch.float64
 
 

@@ -17,15 +17,6 @@ from torch import nn
 import relaxedconv as rc
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only spin, and on a shared 2-core machine they stall each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 C_OUT = 16
 LOW, HIGH = 0.75, 1.33
 

@@ -10,14 +10,6 @@ from relaxedconv.models import VARIANTS, GroupBatchNorm, GroupLayerNorm, Rotatio
 TINY = dict(group_order=4, widths=(4, 8), kernel_size=3, hidden_channels=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add overhead (and stall on a busy CI box)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_required_variants_present():
     for v in ("t2", "se2", "se2_rot", "se2_trans", "se2_rot_trans", "se2_learned", "partial"):
         assert v in VARIANTS

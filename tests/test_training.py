@@ -19,14 +19,6 @@ TINY = ["--group-order", "4", "--widths", "4,8", "--kernel-size", "3", "--hidden
         "--batch-size", "8", "--eval-batch-size", "16", "--warmup-epochs", "1", "--progress", "off"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add overhead (and stall on a busy CI box)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- generated data in each layout ------------------------------------------------------------
 def _images(rng, n, size):
     """Images whose label is recoverable (a bright quadrant), so training has something to learn."""

@@ -4,7 +4,7 @@ import torch
 
 from relaxedconv.reference import ConvGeometry
 from relaxedconv.triton_conv import relaxed_conv_triton
-from _triton_cases import CASES, DEVICE, case_id, make_layer, poisoned_outputs, run_with_grads  # noqa: F401
+from _triton_cases import CASES, DEVICE, case_id, make_layer, run_with_grads
 
 
 def rel_err(a, b):
@@ -12,7 +12,7 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_every_gradient_matches_materialize_fp64(case, poisoned_outputs):  # noqa: F811
+def test_every_gradient_matches_materialize_fp64(case, poisoned_outputs):
     torch.manual_seed(0)
     layer, x = make_layer(case, dtype=torch.float64)
     y, grads, g = run_with_grads(layer, x, "triton")

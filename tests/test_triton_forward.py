@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import relaxedconv as rc
-from _triton_cases import CASES, DEVICE, case_id, make_layer, poisoned_outputs  # noqa: F401
+from _triton_cases import CASES, DEVICE, case_id, make_layer
 
 
 def rel_err(a, b):
@@ -13,7 +13,7 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_forward_matches_materialize_fp32(case, poisoned_outputs):  # noqa: F811
+def test_forward_matches_materialize_fp32(case, poisoned_outputs):
     torch.manual_seed(0)
     layer, x = make_layer(case, dtype=torch.float32)
     with torch.no_grad():
@@ -25,7 +25,7 @@ def test_forward_matches_materialize_fp32(case, poisoned_outputs):  # noqa: F811
 
 
 @pytest.mark.parametrize("case", CASES[::3], ids=case_id)
-def test_forward_matches_materialize_fp64(case, poisoned_outputs):  # noqa: F811
+def test_forward_matches_materialize_fp64(case, poisoned_outputs):
     torch.manual_seed(1)
     layer, x = make_layer(case, dtype=torch.float64)
     with torch.no_grad():
