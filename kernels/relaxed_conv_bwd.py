@@ -130,9 +130,9 @@ def _relaxed_conv_bwd_dz_kernel(
     TAIL: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
-    pid_j = tl.program_id(0)
-    n = tl.program_id(1)
-    s = tl.program_id(2)  # split index, or the output position when Z is per position
+    s = tl.program_id(0)  # split index, or the output position when Z is per position
+    pid_j = tl.program_id(1)
+    n = tl.program_id(2)
     j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     j_ok = j < J
     K2: tl.constexpr = KSIZE * KSIZE
@@ -227,13 +227,13 @@ def _configs(with_j: bool, with_o: bool = True):
     return out
 
 
-_KEY = ["B", "P", "J", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"]
-_dx_autotuned = triton.autotune(configs=_configs(False), key=["B", "Q", "N_IN", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"])(_relaxed_conv_bwd_dx_kernel)
+_KEY = ["B", "P", "J", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION", "TAIL", "PRECISION"]
+_dx_autotuned = triton.autotune(configs=_configs(False), key=["B", "Q", "N_IN", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION", "TAIL", "PRECISION"])(_relaxed_conv_bwd_dx_kernel)
 _dx_bank_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_C": bc}, num_warps=w, num_stages=st)
              for bm, bo, bc, w, st in [(64, 32, 64, 4, 3), (128, 32, 64, 4, 3), (128, 64, 128, 8, 3),
                                        (64, 64, 32, 4, 3), (128, 32, 32, 4, 4), (64, 32, 128, 4, 3)]],
-    key=["B", "Q", "CN_IN", "C_OUT", "N_OUT", "KSIZE"],
+    key=["B", "Q", "CN_IN", "C_OUT", "N_OUT", "KSIZE", "PRECISION"],
 )(_relaxed_conv_bwd_dx_bank_kernel)
 _dz_autotuned = triton.autotune(configs=_configs(True), key=_KEY + ["C_IN", "SPLITS"])(_relaxed_conv_bwd_dz_kernel)
 _dw_autotuned = triton.autotune(configs=_configs(True), key=_KEY + ["SPLITS"])(_relaxed_conv_bwd_dw_kernel)
@@ -282,7 +282,7 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
     szp = z.stride(1) if per_position else 0
     shared = dict(KSIZE=g.kernel_size, PER_POSITION=per_position, PRECISION=dot_precision(x.dtype),
                   ACC=acc_dtype(x.dtype), FP64=x.dtype == torch.float64, BLOCK_H=block_h, TAIL=tail)
-    tuned = use_autotune(x.device)
+    tuned = use_autotune(x.device, x.dtype)
     fixed = dict(BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_O=block_o)
     dx = dz = dw = None
 
@@ -346,7 +346,8 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
         )
 
         def grid_dz(meta):
-            return (triton.cdiv(g.window, meta["BLOCK_J"]), g.out_rotations, third)
+            # Positions go on grid axis 0: axes 1 and 2 are limited to 65,535 programs.
+            return (third, triton.cdiv(g.window, meta["BLOCK_J"]), g.out_rotations)
 
         if tuned:
             _dz_autotuned[grid_dz](*args_dz, **shared)

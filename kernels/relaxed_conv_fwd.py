@@ -73,7 +73,7 @@ def _configs():
 
 
 _relaxed_conv_fwd_autotuned = triton.autotune(
-    configs=_configs(), key=["B", "C_IN", "N_IN", "P", "J", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION"]
+    configs=_configs(), key=["B", "C_IN", "N_IN", "P", "J", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION", "TAIL", "HAS_BIAS", "PRECISION"]
 )(_relaxed_conv_fwd_kernel)
 
 
@@ -117,7 +117,7 @@ def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, block_m=16, block_j=16, blo
             triton.cdiv(g.out_channels, meta["BLOCK_O"]),
         )
 
-    if use_autotune(x.device):
+    if use_autotune(x.device, x.dtype):
         _relaxed_conv_fwd_autotuned[grid](*args, **consts)
     else:
         meta = dict(BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_O=max(block_o, small_block(min(g.out_channels, 16))))
