@@ -10,7 +10,9 @@ The rule for ``auto`` (documented in README.md):
    convolution on the expanded bank (design.md §2):
    ``factored/direct = H'/C_out + H'/(N_in*K*K)``. cuDNN sustains roughly twice the fraction
    of peak that the fused kernel does, so ``triton`` is picked only when that ratio is below
-   :data:`TRITON_FLOP_RATIO`; otherwise ``expand_conv``.
+   :data:`TRITON_FLOP_RATIO` and the kernels get tensor cores (bf16/fp16, or fp32 with
+   ``torch.backends.cuda.matmul.allow_tf32``; exact fp32 and fp64 run on the FMA units while
+   cuDNN uses tf32 by default); otherwise ``expand_conv``. Under autocast the autocast dtype counts.
 4. ``triton`` is never picked when Triton cannot be imported.
 """
 from __future__ import annotations
@@ -47,16 +49,27 @@ def factored_to_direct_ratio(layer) -> float:
 
 def choose_backend(layer, x: torch.Tensor) -> str:
     """The backend ``auto`` runs ``layer`` with on input ``x``."""
-    return backend_rule(layer, x.device.type, triton_available())
+    dtype = x.dtype
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    return backend_rule(layer, x.device.type, triton_available(), dtype)
 
 
-def backend_rule(layer, device_type: str, have_triton: bool) -> str:
-    """The documented rule itself, as a pure function of the layer and the device type."""
+def _tensor_cores(dtype: torch.dtype) -> bool:
+    if dtype in (torch.bfloat16, torch.float16):
+        return True
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
+def backend_rule(layer, device_type: str, have_triton: bool, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The documented rule itself, as a pure function of the layer, device type and dtype."""
     if device_type != "cuda" or not have_triton:
         return "factored_torch" if layer.translation_nonstationary else "expand_conv"
     if layer.translation_nonstationary:
         return "triton"
-    return "triton" if factored_to_direct_ratio(layer) < TRITON_FLOP_RATIO else "expand_conv"
+    if factored_to_direct_ratio(layer) < TRITON_FLOP_RATIO and _tensor_cores(dtype):
+        return "triton"
+    return "expand_conv"
 
 
 def run(name: str, layer, x: torch.Tensor, out_hw) -> torch.Tensor:

@@ -103,3 +103,18 @@ def test_autocast_runs_the_kernel_in_the_autocast_dtype():
     assert y.dtype == dtype
     y.float().sum().backward()
     assert layer.kernel_net.out.weight.grad is not None
+
+
+def test_auto_keeps_exact_fp32_on_cudnn_for_stationary_layers(monkeypatch):
+    """Exact fp32/fp64 kernels run without tensor cores; cuDNN uses tf32 by default."""
+    from relaxedconv import dispatch
+
+    wide = rc.GroupConv(128, 128, 7, 8)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert dispatch.backend_rule(wide, "cuda", True, torch.float32) == "expand_conv"
+    assert dispatch.backend_rule(wide, "cuda", True, torch.float64) == "expand_conv"
+    assert dispatch.backend_rule(wide, "cuda", True, torch.bfloat16) == "triton"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert dispatch.backend_rule(wide, "cuda", True, torch.float32) == "triton"
+    trans = rc.GroupConv(8, 8, 3, 4, translation_nonstationary=True)
+    assert dispatch.backend_rule(trans, "cuda", True, torch.float64) == "triton"
