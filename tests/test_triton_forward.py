@@ -1,4 +1,5 @@
 """The fused forward kernel against materialize (R1), under the interpreter on CPU or on CUDA."""
+import contextlib
 import copy
 
 import pytest
@@ -6,6 +7,17 @@ import torch
 
 import relaxedconv as rc
 from _triton_cases import CASES, DEVICE, case_id, make_layer
+
+
+@contextlib.contextmanager
+def tf32_matmul(on: bool):
+    # torch.backends.cuda.matmul is a module object with properties: monkeypatch cannot undo it.
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def rel_err(a, b):
@@ -46,11 +58,10 @@ def test_forward_half_precision_cuda(case, dtype):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="tf32 exists on CUDA only")
-def test_forward_tf32_cuda(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+def test_forward_tf32_cuda():
     torch.manual_seed(3)
     layer, x = make_layer(CASES[0], dtype=torch.float32)
-    with torch.no_grad():
+    with torch.no_grad(), tf32_matmul(True):
         assert rel_err(layer(x, backend="triton"), layer(x.double(), backend="materialize")) < 3e-3
 
 
@@ -105,16 +116,16 @@ def test_autocast_runs_the_kernel_in_the_autocast_dtype():
     assert layer.kernel_net.out.weight.grad is not None
 
 
-def test_auto_keeps_exact_fp32_on_cudnn_for_stationary_layers(monkeypatch):
+def test_auto_keeps_exact_fp32_on_cudnn_for_stationary_layers():
     """Exact fp32/fp64 kernels run without tensor cores; cuDNN uses tf32 by default."""
     from relaxedconv import dispatch
 
     wide = rc.GroupConv(128, 128, 7, 8)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert dispatch.backend_rule(wide, "cuda", True, torch.float32) == "expand_conv"
-    assert dispatch.backend_rule(wide, "cuda", True, torch.float64) == "expand_conv"
-    assert dispatch.backend_rule(wide, "cuda", True, torch.bfloat16) == "triton"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert dispatch.backend_rule(wide, "cuda", True, torch.float32) == "triton"
+    with tf32_matmul(False):
+        assert dispatch.backend_rule(wide, "cuda", True, torch.float32) == "expand_conv"
+        assert dispatch.backend_rule(wide, "cuda", True, torch.float64) == "expand_conv"
+        assert dispatch.backend_rule(wide, "cuda", True, torch.bfloat16) == "triton"
+    with tf32_matmul(True):
+        assert dispatch.backend_rule(wide, "cuda", True, torch.float32) == "triton"
     trans = rc.GroupConv(8, 8, 3, 4, translation_nonstationary=True)
     assert dispatch.backend_rule(trans, "cuda", True, torch.float64) == "triton"
