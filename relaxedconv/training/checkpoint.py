@@ -1,6 +1,7 @@
 """Atomic file writes and the RNG state that a resumed run restores."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -11,19 +12,28 @@ import numpy as np
 import torch
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
+@contextlib.contextmanager
+def _replaced_atomically(path):
+    """Yield a temporary path in ``path``'s folder; on success fsync it and rename it over ``path``.
+
+    An interrupted write never leaves a truncated file behind; a failed one leaves no temporary."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    with _replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -35,20 +45,9 @@ def atomic_write_json(path, obj) -> None:
 
 
 def atomic_torch_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: an interrupted save never
-    leaves a truncated checkpoint behind."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """torch.save, atomically (see :func:`_replaced_atomically`)."""
+    with _replaced_atomically(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rng_state() -> dict:
