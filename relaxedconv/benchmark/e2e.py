@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .layer_bench import DTYPES, NO_GPU, oom_errors, free_memory, precision
+from .layer_bench import DTYPES, NO_GPU, free_memory, precision, record_failure
 
 E2E_VARIANTS = ("t2", "se2", "se2_rot", "se2_rot_trans")
 E2E_BACKENDS = ("auto", "triton", "expand_conv", "factored_torch", "materialize")
@@ -139,17 +139,8 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
                 times.append((time.perf_counter() - t0) * 1e3)
             if device.type == "cuda":
                 row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    except ValueError as e:
-        msg = str(e).splitlines()[0][:300] if str(e) else ""
-        cannot = backend == "expand_conv" and "translation non-stationary" in msg
-        row.update(status="n/a" if cannot else "error", reason=msg if cannot else f"ValueError: {msg}")
-        return row
-    except oom_errors() as e:
-        row.update(status="oom", reason=str(e).splitlines()[0][:200])
-        return row
-    except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
-        row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-        return row
+    except Exception as e:  # noqa: BLE001 - recorded in the row
+        return record_failure(row, e, lambda msg: backend == "expand_conv" and "translation non-stationary" in msg)
     finally:
         del model, opt, x, y
         free_memory(device)

@@ -76,6 +76,20 @@ def oom_errors():
     return tuple(types)
 
 
+def record_failure(row: dict, exc: BaseException, not_applicable) -> dict:
+    """Fill ``row`` for a measurement that raised: ``n/a`` for a ValueError that
+    ``not_applicable(message)`` accepts (the backend cannot express this layer), ``oom``, else
+    ``error`` with the exception's first line. A benchmark records failures and goes on."""
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, ValueError) and not_applicable(msg[:300]):
+        row.update(status="n/a", reason=msg[:300])
+    elif isinstance(exc, oom_errors()):
+        row.update(status="oom", reason=msg[:200])
+    else:
+        row.update(status="error", reason=f"{type(exc).__name__}: {msg[:300]}")
+    return row
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -157,20 +171,12 @@ def measure(case, layer, dtype_name: str, backend: str, device: torch.device, cf
             row["peak_mib"] = peak_memory_mib(fwdbwd, device, leaves)
             t_fwd = time_fn(fwd, device, cfg, leaves)
             t_fb = time_fn(fwdbwd, device, cfg, leaves)
-    except ValueError as e:
-        # The backend cannot express this layer (expand_conv + translation non-stationarity), or a
-        # kernel refused the shape (32-bit indexing): "this backend does not run this". Any other
-        # ValueError is an error.
-        msg = str(e).splitlines()[0][:300] if str(e) else ""
-        cannot = (backend == "expand_conv" and case.translation_nonstationary) or "32-bit" in msg
-        row.update(status="n/a" if cannot else "error", reason=msg if cannot else f"ValueError: {msg}")
-        return row
-    except oom_errors() as e:
-        row.update(status="oom", reason=str(e).splitlines()[0][:200])
-        return row
-    except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
-        row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-        return row
+    except Exception as e:  # noqa: BLE001 - recorded in the row
+        # n/a: the backend cannot express this layer (expand_conv + translation non-stationarity),
+        # or a kernel refused the shape (32-bit indexing).
+        return record_failure(
+            row, e, lambda msg: (backend == "expand_conv" and case.translation_nonstationary) or "32-bit" in msg
+        )
     finally:
         for t in (x, dy):
             if t is not None:
