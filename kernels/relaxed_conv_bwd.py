@@ -34,14 +34,16 @@ def _relaxed_conv_bwd_dx_kernel(
     szn, szp, szj, szh,
     swo, swi, swh,
     sxb, sxc, sxh, sxw,
-    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
+    KSIZE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
     TAIL: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_NI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
+    """Per-position dX (translation-stationary layers use the bank kernel below): a tile holds
+    one input position q and a block of the batch, so each shift Delta reads one Z_{q - Delta}."""
     t = tl.program_id(0)
     i = tl.program_id(1)
-    b, q, row_ok, q_tile = row_tile(t, B, Q, BLOCK_M, PER_POSITION)
+    b, q, row_ok, q_tile = row_tile(t, B, Q, BLOCK_M, True)
     qh = q // W_IN
     qw = q % W_IN
     offs_h = tl.arange(0, BLOCK_H)
@@ -62,14 +64,10 @@ def _relaxed_conv_bwd_dx_kernel(
                 dy_ptr, dy_row, p_ok, w_ptr, i, C_OUT, N_OUT, HMAIN, sdc, swo, swi, swh,
                 TAIL, PRECISION, FP64, ACC, BLOCK_M, BLOCK_O, BLOCK_H,
             )
-            if PER_POSITION:
-                # One input position per tile, so one output position p = q - Delta per (tile, Delta).
-                sh = q_tile // W_IN + PAD - kh
-                sw = q_tile % W_IN + PAD - kw
-                inside = (sh >= 0) & (sh < H_OUT) & (sw >= 0) & (sw < W_OUT)
-                z_base = z_ptr + n * szn + tl.where(inside, sh * W_OUT + sw, 0) * szp
-            else:
-                z_base = z_ptr + n * szn
+            sh = q_tile // W_IN + PAD - kh
+            sw = q_tile % W_IN + PAD - kw
+            inside = (sh >= 0) & (sh < H_OUT) & (sw >= 0) & (sw < W_OUT)
+            z_base = z_ptr + n * szn + tl.where(inside, sh * W_OUT + sw, 0) * szp
             zt = tl.load(z_base + (offs_ni * K2 + kk)[None, :] * szj + offs_h[:, None] * szh, mask=h_ok[:, None] & ni_ok[None, :], other=0.0)
             acc = mma(du.to(zt.dtype), zt, acc, PRECISION, FP64)
             if TAIL:
@@ -228,7 +226,7 @@ def _configs(with_j: bool, with_o: bool = True):
 
 
 _KEY = ["B", "P", "J", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION", "TAIL", "PRECISION"]
-_dx_autotuned = triton.autotune(configs=_configs(False), key=["B", "Q", "N_IN", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION", "TAIL", "PRECISION"])(_relaxed_conv_bwd_dx_kernel)
+_dx_autotuned = triton.autotune(configs=_configs(False), key=["B", "Q", "N_IN", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "TAIL", "PRECISION"])(_relaxed_conv_bwd_dx_kernel)
 _dx_bank_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_C": bc}, num_warps=w, num_stages=st)
              for bm, bo, bc, w, st in [(64, 32, 64, 4, 3), (128, 32, 64, 4, 3), (128, 64, 128, 8, 3),
@@ -295,7 +293,8 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), blo
                 bsz, g.in_rotations, width, q, h_out, w_out, hmain, g.out_channels, g.out_rotations, g.padding,
                 *dy.stride(), z.stride(0), szp, z.stride(-2), z.stride(-1), *w_ext.stride(), *dx.stride(),
             )
-            consts = dict(shared, BLOCK_NI=small_block(g.in_rotations))
+            consts = {k: v for k, v in shared.items() if k != "PER_POSITION"}
+            consts["BLOCK_NI"] = small_block(g.in_rotations)
 
             def grid_dx(meta):
                 return (num_row_tiles(bsz, q, meta["BLOCK_M"], per_position), g.in_channels)

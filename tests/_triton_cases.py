@@ -66,3 +66,8 @@ def run_with_grads(layer, x, backend, grad_out=None):
     grads = {"x": x.grad}
     grads.update({n: p.grad for n, p in layer.named_parameters() if p.requires_grad})
     return y.detach(), grads, grad_out
+
+
+def rel_err(a, b):
+    """Largest absolute difference relative to the largest reference value."""
+    return float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-30))

@@ -4,11 +4,7 @@ import torch
 
 from relaxedconv.reference import ConvGeometry
 from relaxedconv.triton_conv import relaxed_conv_triton
-from _triton_cases import CASES, DEVICE, case_id, make_layer, run_with_grads
-
-
-def rel_err(a, b):
-    return float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-30))
+from _triton_cases import CASES, DEVICE, case_id, make_layer, rel_err, run_with_grads
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import relaxedconv as rc
-from _triton_cases import CASES, DEVICE, case_id, make_layer
+from _triton_cases import CASES, DEVICE, case_id, make_layer, rel_err
 
 
 @contextlib.contextmanager
@@ -18,10 +18,6 @@ def tf32_matmul(on: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
-
-
-def rel_err(a, b):
-    return float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-30))
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
