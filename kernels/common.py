@@ -1,11 +1,17 @@
-"""Pieces shared by the forward and backward kernels: row tiling, dtypes, launch settings."""
+"""Pieces shared by the forward and backward kernels: dtypes, the hidden-column split, the
+channels-last input, and how a kernel is launched (fixed tile, autotuned, or pinned)."""
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+# Width of the tile that carries the "tail" hidden column of every rotation (see hidden_split);
+# a constexpr so kernels can read the global.
+TAIL_WIDTH = tl.constexpr(16)
 
 
 def interpreting() -> bool:
@@ -15,9 +21,9 @@ def interpreting() -> bool:
 
 def use_autotune(device: torch.device, dtype: torch.dtype) -> bool:
     """Autotune on CUDA; one fixed config under the interpreter (it would time every config on
-    the CPU), for fp64 (a checking mode whose FMA multiply-sum spills heavily at the large tiles
-    of the autotune configs) and when ``RELAXEDCONV_AUTOTUNE=0`` (test suites: one compile per
-    specialisation instead of one per config, and a fixed reduction order across processes)."""
+    the CPU), for fp64 (a checking mode whose FMA multiply-sum spills at large tiles) and when
+    ``RELAXEDCONV_AUTOTUNE=0`` (test suites: one compile per specialisation instead of one per
+    config, and a fixed reduction order across processes)."""
     if os.environ.get("RELAXEDCONV_AUTOTUNE", "1") == "0" or dtype == torch.float64:
         return False
     return device.type == "cuda" and not interpreting()
@@ -54,23 +60,39 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def hidden_block(hidden_plus_one: int) -> tuple[int, bool]:
-    """(tile width over the hidden features, whether the last feature is a separate tail).
+def hidden_split(hidden_plus_one: int) -> tuple[int, bool]:
+    """(main hidden columns per rotation, whether the last column is a separate tail).
 
-    Z has H+1 columns: H hidden features and the constant one that carries b_L. With the usual
-    power-of-two H (32), H+1 = 33 would pad the tl.dot tiles to 64 and double the tensor-core
-    work; instead the dots cover the first H columns and the last column is a rank-1 "tail"
-    (a row reduction and an outer product on the FMA units). Otherwise: the next power of two,
-    at least tl.dot's minimum of 16.
+    Z has H+1 columns: H hidden features and the constant one that carries b_L. Flattening the
+    columns of all rotations as (n, h) with H+1 = 33 per rotation would waste tensor-core work on
+    padding wherever a tile boundary falls; instead the main columns are (n, h < H) — N*H of them,
+    a power of two times N — and the N tail columns (n, H) get their own 16-wide dot. With any
+    other width every column is a main column and there is no tail.
     """
     main = hidden_plus_one - 1
-    if main >= 16 and main & (main - 1) == 0:
+    if main >= TAIL_WIDTH.value and main & (main - 1) == 0:
         return main, True
-    return max(16, triton.next_power_of_2(hidden_plus_one)), False
+    return hidden_plus_one, False
 
 
-def small_block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+def channels_last_padded(x: torch.Tensor, padding: int) -> torch.Tensor:
+    """``[B, C*N_in, H, W]`` -> zero-padded ``[B, H+2p, W+2p, C*N_in]``, made once per call.
+
+    Rows of the kernels' GEMMs are (batch, input channel) pairs at one position; in this layout
+    the channels of a pixel are contiguous, so the im2col gather reads runs of C*N_in elements
+    instead of one element per row, and no bounds test is needed per element.
+    """
+    if padding:
+        x = F.pad(x, (padding,) * 4)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def aligned_hidden(z: torch.Tensor) -> torch.Tensor:
+    """Z with its hidden axis zero-padded to a multiple of 16, so its row stride carries Triton's
+    divisible-by-16 specialisation, every row starts 16-byte aligned and the kernels' Z tiles
+    load as vectors (rows of H+1 = 33 would not). Kernels still read only the first H+1 columns."""
+    pad = -z.shape[-1] % 16
+    return F.pad(z, (0, pad)) if pad else z.contiguous()
 
 
 @triton.jit
@@ -78,96 +100,98 @@ def mma(a, b, acc, PRECISION: tl.constexpr, FP64: tl.constexpr):
     """acc + a @ b. tl.dot has no fp64 form on GPUs, so fp64 (a checking mode: gradcheck, tight
     references) multiplies and sums on the FMA units instead; every other dtype uses tl.dot."""
     if FP64:
-        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+        return acc + tl.sum(a[:, :, None].to(tl.float64) * b[None, :, :].to(tl.float64), axis=1)
     else:
         return tl.dot(a, b, acc=acc, input_precision=PRECISION)
 
 
 @triton.jit
-def row_tile(t, B, P, BLOCK_M: tl.constexpr, PER_POSITION: tl.constexpr):
-    """Rows of tile ``t``: (batch index, output position, valid) vectors and the tile's position.
-
-    Translation-stationary: rows are the flattened (b, p). Per-position (translation
-    non-stationary) Z differs at every p, so a tile holds one p and a block of batch rows, which
-    lets all rows of the tile share one Z tile in ``tl.dot``.
-    """
-    offs = tl.arange(0, BLOCK_M)
-    if PER_POSITION:
-        nbt = tl.cdiv(B, BLOCK_M)
-        p_tile = t // nbt
-        b = (t % nbt) * BLOCK_M + offs
-        ok = b < B
-        p = p_tile + offs * 0
-    else:
-        m = t * BLOCK_M + offs
-        ok = m < B * P
-        b = m // P
-        p = m % P
-        p_tile = 0
-    return b, p, ok, p_tile
-
-
-def num_row_tiles(batch: int, positions: int, block_m: int, per_position: bool) -> int:
-    if per_position:
-        return positions * triton.cdiv(batch, block_m)
-    return triton.cdiv(batch * positions, block_m)
-
-
-@triton.jit
-def tile_count(B, P, BLOCK_M: tl.constexpr, PER_POSITION: tl.constexpr):
-    """Number of row tiles, computed in-kernel so it always matches the (autotuned) BLOCK_M."""
-    if PER_POSITION:
-        return P * tl.cdiv(B, BLOCK_M)
-    else:
-        return tl.cdiv(B * P, BLOCK_M)
-
-
-@triton.jit
-def factored_u(
-    x_ptr, row_base, row_ok, z_base, i, N_IN, J, HMAIN, sxc, sxh, sxw, szj, szh,
-    KSIZE: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """U_i = X_i[rows, :] @ Z[:, :HMAIN] with the im2col tile gathered from the padded input, and
-    the tail column U_i @ Z[:, HMAIN] as a row reduction (see :func:`hidden_block`)."""
-    offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < HMAIN
+def im2col_columns(jj, N_IN, KSIZE: tl.constexpr, WP, CN):
+    """Window columns ``jj`` ordered (kh, kw, n') with n' fastest (contiguous in the
+    channels-last input) -> (offset into the input relative to the window's corner, the row of
+    Z in the reference order (n', kh, kw), the kernel offset kh*K + kw, the input rotation n')."""
     K2: tl.constexpr = KSIZE * KSIZE
-    u = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
-    u_tail = tl.zeros((BLOCK_M,), dtype=ACC)
-    for j0 in range(0, J, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = j < J
-        kk = j % K2
-        col = (i * N_IN + j // K2) * sxc + (kk // KSIZE) * sxh + (kk % KSIZE) * sxw
-        xt = tl.load(x_ptr + row_base[:, None] + col[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        zt = tl.load(z_base + j[:, None] * szj + offs_h[None, :] * szh, mask=j_ok[:, None] & h_ok[None, :], other=0.0)
-        u = mma(xt, zt, u, PRECISION, FP64)
-        if TAIL:
-            z_tail = tl.load(z_base + j * szj + HMAIN * szh, mask=j_ok, other=0.0)
-            u_tail += tl.sum(xt.to(ACC) * z_tail.to(ACC)[None, :], axis=1)
-    return u, u_tail
+    nprime = jj % N_IN
+    kk = jj // N_IN
+    x_col = ((kk // KSIZE) * WP + kk % KSIZE) * CN + nprime
+    z_row = nprime * K2 + kk
+    return x_col, z_row, kk, nprime
 
 
 @triton.jit
-def factored_du(
-    dy_ptr, dy_row, rows_ok, w_ptr, i, C_OUT, N_OUT, HMAIN, sdc, swo, swi, swh,
-    TAIL: tl.constexpr, PRECISION: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """dU_i = dY_n[rows, :] @ W_ext[:, i, :HMAIN] (``dy_row`` already points at rotation n), and
-    the tail dY_n[rows, :] @ W_ext[:, i, HMAIN] as a row reduction."""
-    offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < HMAIN
-    du = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
-    du_tail = tl.zeros((BLOCK_M,), dtype=ACC)
-    for o0 in range(0, C_OUT, BLOCK_O):
-        offs_o = o0 + tl.arange(0, BLOCK_O)
-        o_ok = offs_o < C_OUT
-        dyt = tl.load(dy_ptr + dy_row[:, None] + (offs_o * N_OUT)[None, :] * sdc, mask=rows_ok[:, None] & o_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_o[:, None] * swo + i * swi + offs_h[None, :] * swh, mask=o_ok[:, None] & h_ok[None, :], other=0.0)
-        du = mma(dyt, wt, du, PRECISION, FP64)
-        if TAIL:
-            w_tail = tl.load(w_ptr + offs_o * swo + i * swi + HMAIN * swh, mask=o_ok, other=0.0)
-            du_tail += tl.sum(dyt.to(ACC) * w_tail.to(ACC)[None, :], axis=1)
-    return du, du_tail
+def hidden_columns(pid_n, N_ROT, HMAIN, BLOCK_N: tl.constexpr):
+    """Main columns of tile ``pid_n`` over the flattened (rotation, hidden) axis: (n, h, valid)."""
+    c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return c // HMAIN, c % HMAIN, c < N_ROT * HMAIN
+
+
+@triton.jit
+def tail_columns(pid_n, N_ROT, HMAIN, BLOCK_N: tl.constexpr, TAIL_W: tl.constexpr):
+    """Rotations whose tail column tile ``pid_n`` carries: those whose first main column lies in
+    the tile, so every rotation's tail is computed by exactly one tile. (n, valid)."""
+    c0 = pid_n * BLOCK_N
+    n = (c0 + HMAIN - 1) // HMAIN + tl.arange(0, TAIL_W)
+    return n, (n * HMAIN < c0 + BLOCK_N) & (n < N_ROT)
+
+
+# ---- launching ---------------------------------------------------------------------------------
+
+def bucket(n: int) -> int:
+    """Autotune key bucket for a size that changes with the batch: the next power of two. A last
+    partial batch or an evaluation batch in the same bucket reuses the tuned config."""
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def pinned_config(kernel: str):
+    """A config forced by ``RELAXEDCONV_KERNEL_CONFIG``, e.g.
+    ``u:BLOCK_M=128,BLOCK_N=64,BLOCK_K=64,num_warps=8,num_stages=3;fold:BLOCK_Q=64`` — for
+    reproducing a measurement or working around a bad tuning result. None when not pinned."""
+    spec = os.environ.get("RELAXEDCONV_KERNEL_CONFIG", "")
+    for part in filter(None, (s.strip() for s in spec.split(";"))):
+        name, _, body = part.partition(":")
+        if name.strip() != kernel:
+            continue
+        meta, opts = {}, {}
+        for item in filter(None, (s.strip() for s in body.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq or not value.strip().lstrip("-").isdigit():
+                raise ValueError(
+                    f"RELAXEDCONV_KERNEL_CONFIG: {item!r} in the entry for {kernel!r} is not KEY=INTEGER "
+                    f"(example: 'u:BLOCK_M=128,BLOCK_N=64,BLOCK_K=64,num_warps=8,num_stages=3')"
+                )
+            (opts if key.strip() in ("num_warps", "num_stages") else meta)[key.strip()] = int(value)
+        return meta, opts
+    return None
+
+
+def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype):
+    """Run ``kernel`` with the pinned config if there is one, else autotuned on CUDA, else with
+    the fixed tile ``fixed`` (interpreter, fp64, RELAXEDCONV_AUTOTUNE=0)."""
+    pinned = pinned_config(name)
+    if pinned is not None:
+        meta, opts = pinned
+        meta = {**fixed, **meta}
+        kernel[grid(meta)](*args, **consts, **meta, **opts)
+    elif use_autotune(device, dtype):
+        autotuned[grid](*args, **consts)
+    else:
+        kernel[grid(fixed)](*args, **consts, **fixed)
+
+
+def prune_by_size(limits):
+    """An ``early_config_prune`` that drops configs whose block exceeds the problem: ``limits``
+    maps a block name to the kernel argument bounding it (next power of two, at least 16). One
+    config always survives."""
+
+    def prune(configs, named_args, **kwargs):
+        def fits(cfg):
+            for block, arg in limits.items():
+                bound = max(16, triton.next_power_of_2(int(named_args[arg])))
+                if cfg.kwargs.get(block, 0) > bound:
+                    return False
+            return True
+
+        kept = [c for c in configs if fits(c)]
+        return kept or [min(configs, key=lambda c: sum(c.kwargs.values()))]
+
+    return prune

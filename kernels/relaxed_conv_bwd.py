@@ -1,19 +1,20 @@
-"""Fused backward of the relaxed group convolution (design.md §4).
+"""Backward of the relaxed group convolution (design.md §2, §4).
 
-U = X Z is never stored: each kernel recomputes what it needs (FlashAttention style).
+With U = X_col Z from the forward (``[B, N, P, H+1, C_in]``, recomputed when not given) and W the
+``[C_out, (H+1)*C_in]`` matrix of [W_L | b_L]:
 
-- ``dX`` is a gather (a transposed convolution), every element written by exactly one program:
-  no scatter, no atomics. Translation-stationary: an implicit GEMM of dY with the expanded bank
-  ``E = W_ext . Z`` (as small as one conv2d weight), which needs fewer multiply-adds than
-  recomputing dU at every shift. Per position (the bank would be per position, P times larger):
-  ``dX_i[(b, q), n'] = sum_{n, Delta} dU_i[(b, q - Delta), :] @ Z_{n, q - Delta}[n', Delta, :]^T``
-  with ``dU_i = dY_n @ W_ext[:, i, :]`` recomputed at the shifted rows.
-- ``dZ = sum_{rows, i} X_i^T dU_i``: translation-stationary Z is reduced over all rows in a fixed
-  number of splits whose partials the host sums in a fixed order; per-position Z has one program
-  per (position, rotation, J tile) reducing over the batch, so no partials.
-- ``dW_ext[o, i, :] = sum_{n, rows} dY_n[rows, o]^T U_i[rows, :]`` in fixed-order split partials.
+- ``dU = dY^T W`` and ``dW = dY U``: dense GEMMs (cuBLAS), dU laid out like U.
+- ``dZ[n, p, j, h] = sum_{b, i} X_col[(b, i), p, j] dU[b, n, p, h, i]``: a gather-GEMM per position
+  (Triton), the transpose of the forward's; its reduction over (b, i) runs inside one program, and
+  translation-stationary Z (summed over p as well) is reduced in a fixed number of position
+  splits whose partials the host adds in a fixed order.
+- ``dX``: per position, ``V[(b, i), p, j] = sum_{n, h} dU[b, n, p, h, i] Z[n, p, j, h]`` (Triton
+  GEMM, written in the channels-last im2col layout ``[B, P, K*K, C_in*N_in]``), then a col2im
+  gather ``dX[b, c, q] = sum_Delta V[b, q - Delta, Delta, c]`` (Triton). Every element of dX is
+  written by one program: no scatter, no atomics. V is the im2col size of the input, so it is
+  built for as many images at a time as fit a fixed budget.
 
-Bias gradients are a plain sum over dY on the host. Reruns give the same bits.
+Reruns give the same bits.
 """
 from __future__ import annotations
 
@@ -22,353 +23,289 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import factored_du, factored_u, mma, acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, tile_count, use_autotune
-from .relaxed_conv_fwd import pad_input
+from .common import TAIL_WIDTH, hidden_columns, im2col_columns, mma, tail_columns
+from .relaxed_conv_fwd import hidden_projection, output_weight_matrix
+
+# Bytes of the per-position column buffer V built at a time (a batch chunk of it).
+COLUMN_BUFFER_BYTES = 256 * 2**20
 
 
 @triton.jit
-def _relaxed_conv_bwd_dx_kernel(
-    dy_ptr, z_ptr, w_ptr, dx_ptr,
-    B, N_IN, W_IN, Q, H_OUT, W_OUT, HMAIN, C_OUT, N_OUT, PAD,
-    sdb, sdc, sdh, sdw,
-    szn, szp, szj, szh,
-    swo, swi, swh,
-    sxb, sxc, sxh, sxw,
-    KSIZE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
-    TAIL: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_NI: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
+def _hidden_weight_grad_kernel(
+    x_ptr, du_ptr, out_ptr,
+    ROWS, CN, WP, W_OUT, J, N_ROT, P, SPLITS, ROWS_KEY,
+    sxb, sub, sun, sup, suh, sos, son, soj,
+    C_IN: tl.constexpr, N_IN: tl.constexpr, HMAIN: tl.constexpr,
+    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, TAIL: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Per-position dX (translation-stationary layers use the bank kernel below): a tile holds
-    one input position q and a block of the batch, so each shift Delta reads one Z_{q - Delta}."""
-    t = tl.program_id(0)
-    i = tl.program_id(1)
-    b, q, row_ok, q_tile = row_tile(t, B, Q, BLOCK_M, True)
-    qh = q // W_IN
-    qw = q % W_IN
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_ni = tl.arange(0, BLOCK_NI)
-    h_ok = offs_h < HMAIN
-    ni_ok = offs_ni < N_IN
-    K2: tl.constexpr = KSIZE * KSIZE
-    acc = tl.zeros((BLOCK_M, BLOCK_NI), dtype=ACC)
-    for n in range(N_OUT):
-        for kk in range(K2):
-            kh = kk // KSIZE
-            kw = kk % KSIZE
-            ph = qh + PAD - kh
-            pw = qw + PAD - kw
-            p_ok = row_ok & (ph >= 0) & (ph < H_OUT) & (pw >= 0) & (pw < W_OUT)
-            dy_row = b * sdb + n * sdc + ph * sdh + pw * sdw
-            du, du_tail = factored_du(
-                dy_ptr, dy_row, p_ok, w_ptr, i, C_OUT, N_OUT, HMAIN, sdc, swo, swi, swh,
-                TAIL, PRECISION, FP64, ACC, BLOCK_M, BLOCK_O, BLOCK_H,
-            )
-            sh = q_tile // W_IN + PAD - kh
-            sw = q_tile % W_IN + PAD - kw
-            inside = (sh >= 0) & (sh < H_OUT) & (sw >= 0) & (sw < W_OUT)
-            z_base = z_ptr + n * szn + tl.where(inside, sh * W_OUT + sw, 0) * szp
-            zt = tl.load(z_base + (offs_ni * K2 + kk)[None, :] * szj + offs_h[:, None] * szh, mask=h_ok[:, None] & ni_ok[None, :], other=0.0)
-            acc = mma(du.to(zt.dtype), zt, acc, PRECISION, FP64)
-            if TAIL:
-                z_tail = tl.load(z_base + (offs_ni * K2 + kk) * szj + HMAIN * szh, mask=ni_ok, other=0.0)
-                acc += du_tail[:, None] * z_tail.to(ACC)[None, :]
-    dx_off = b[:, None] * sxb + (i * N_IN + offs_ni)[None, :] * sxc + (qh * sxh + qw * sxw)[:, None]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & ni_ok[None, :])
-
-
-@triton.jit
-def _relaxed_conv_bwd_dx_bank_kernel(
-    dy_ptr, e_ptr, dx_ptr,
-    B, CN_IN, W_IN, Q, H_OUT, W_OUT, C_OUT, N_OUT, PAD,
-    sdb, sdc, sdh, sdw,
-    sen, sek, seo, sec,
-    sxb, sxc, sxh, sxw,
-    KSIZE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Translation-stationary dX as an implicit GEMM with the expanded bank E = W_ext . Z:
-    dX[(b, q), c] = sum_{n, Delta, o} dY[b, o*N + n, q + pad - Delta] E[n, Delta, o, c].
-    Per row this is N*K^2*C_out*C_in*N_in multiply-adds, against N*K^2*C_in*H*(C_out + N_in)
-    for recomputing dU at every shift, i.e. always fewer; E is as small as one conv2d weight."""
-    t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b, q, row_ok, _ = row_tile(t, B, Q, BLOCK_M, False)
-    qh = q // W_IN
-    qw = q % W_IN
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < CN_IN
-    K2: tl.constexpr = KSIZE * KSIZE
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-    for n in range(N_OUT):
-        for kk in range(K2):
-            ph = qh + PAD - kk // KSIZE
-            pw = qw + PAD - kk % KSIZE
-            p_ok = row_ok & (ph >= 0) & (ph < H_OUT) & (pw >= 0) & (pw < W_OUT)
-            dy_row = b * sdb + n * sdc + ph * sdh + pw * sdw
-            for o0 in range(0, C_OUT, BLOCK_O):
-                offs_o = o0 + tl.arange(0, BLOCK_O)
-                o_ok = offs_o < C_OUT
-                dyt = tl.load(dy_ptr + dy_row[:, None] + (offs_o * N_OUT)[None, :] * sdc, mask=p_ok[:, None] & o_ok[None, :], other=0.0)
-                et = tl.load(e_ptr + n * sen + kk * sek + offs_o[:, None] * seo + offs_c[None, :] * sec, mask=o_ok[:, None] & c_ok[None, :], other=0.0)
-                acc = mma(dyt, et, acc, PRECISION, FP64)
-    dx_off = b[:, None] * sxb + offs_c[None, :] * sxc + (qh * sxh + qw * sxw)[:, None]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
-
-
-@triton.jit
-def _relaxed_conv_bwd_dz_kernel(
-    x_ptr, dy_ptr, w_ptr, out_ptr,
-    B, C_IN, N_IN, P, W_OUT, J, HMAIN, C_OUT, N_OUT, SPLITS,
-    sxb, sxc, sxh, sxw,
-    sdb, sdc, sdh, sdw,
-    swo, swi, swh,
-    sos, son, soj, soh,
-    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
-    TAIL: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
-):
-    s = tl.program_id(0)  # split index, or the output position when Z is per position
+    """dZ[n, p, j, (n, h)] = X_col[(b, i), p, j]^T @ dU[(b, i), n, p, h]; program: (position or
+    split s, window tile, column tile). BLOCK_M tiles the window j, BLOCK_K the rows (b, i)."""
+    s = tl.program_id(0)
     pid_j = tl.program_id(1)
-    n = tl.program_id(2)
-    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_ok = j < J
-    K2: tl.constexpr = KSIZE * KSIZE
-    nprime = j // K2
-    kk = j % K2
-    col = nprime * sxc + (kk // KSIZE) * sxh + (kk % KSIZE) * sxw
-    offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < HMAIN
-    if PER_POSITION:
-        nbt = tl.cdiv(B, BLOCK_M)
-        t_start = s * nbt
-        t_end = t_start + nbt
-        t_step = 1
-    else:
-        t_start = s
-        t_end = tile_count(B, P, BLOCK_M, PER_POSITION)
-        t_step = SPLITS
-    acc = tl.zeros((BLOCK_J, BLOCK_H), dtype=ACC)
-    acc_tail = tl.zeros((BLOCK_J,), dtype=ACC)
-    for t in range(t_start, t_end, t_step):
-        b, p, row_ok, p_tile = row_tile(t, B, P, BLOCK_M, PER_POSITION)
-        oh = p // W_OUT
-        ow = p % W_OUT
-        row_base = b * sxb + oh * sxh + ow * sxw
-        dy_row = b * sdb + n * sdc + oh * sdh + ow * sdw
-        for i in range(C_IN):
-            du, du_tail = factored_du(
-                dy_ptr, dy_row, row_ok, w_ptr, i, C_OUT, N_OUT, HMAIN, sdc, swo, swi, swh,
-                TAIL, PRECISION, FP64, ACC, BLOCK_M, BLOCK_O, BLOCK_H,
-            )
-            xt = tl.load(x_ptr + row_base[:, None] + (i * N_IN * sxc + col)[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-            acc = mma(tl.trans(xt), du.to(xt.dtype), acc, PRECISION, FP64)
-            if TAIL:
-                acc_tail += tl.sum(xt.to(ACC) * du_tail[:, None], axis=0)
-    out_off = s * sos + n * son + j[:, None] * soj + offs_h[None, :] * soh
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=j_ok[:, None] & h_ok[None, :])
+    pid_n = tl.program_id(2)
+    jj = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
+    j_ok = jj < J
+    x_col, z_row, _, _ = im2col_columns(jj, N_IN, KSIZE, WP, CN)
+    n, h, col_ok = hidden_columns(pid_n, N_ROT, HMAIN, BLOCK_N)
+    du_col = n * sun + h * suh
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     if TAIL:
-        tl.store(out_ptr + s * sos + n * son + j * soj + HMAIN * soh, acc_tail.to(out_ptr.dtype.element_ty), mask=j_ok)
+        tn, tail_ok = tail_columns(pid_n, N_ROT, HMAIN, BLOCK_N, TAIL_WIDTH)
+        dut_col = tn * sun + HMAIN * suh
+        acc_t = tl.zeros((BLOCK_M, TAIL_WIDTH), dtype=ACC)
+    if PER_POSITION:
+        p_start = s
+        p_end = s + 1
+        p_step = 1
+    else:
+        p_start = s
+        p_end = P
+        p_step = SPLITS
+    for p in range(p_start, p_end, p_step):
+        x_pos = ((p // W_OUT) * WP + p % W_OUT) * CN
+        for r0 in range(0, ROWS, BLOCK_K):
+            rows = r0 + tl.arange(0, BLOCK_K)
+            r_ok = rows < ROWS
+            b = rows // C_IN
+            i = rows % C_IN
+            a = tl.load(x_ptr + x_pos + x_col[:, None] + (b * sxb + i * N_IN)[None, :], mask=j_ok[:, None] & r_ok[None, :], other=0.0)
+            du_row = b * sub + p * sup + i
+            dub = tl.load(du_ptr + du_row[:, None] + du_col[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(a, dub, acc, PRECISION, FP64)
+            if TAIL:
+                dut = tl.load(du_ptr + du_row[:, None] + dut_col[None, :], mask=r_ok[:, None] & tail_ok[None, :], other=0.0)
+                acc_t = mma(a, dut, acc_t, PRECISION, FP64)
+    out_row = s * sos + z_row * soj
+    out_ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + out_row[:, None] + (n * son + h)[None, :], acc.to(out_ty), mask=j_ok[:, None] & col_ok[None, :])
+    if TAIL:
+        tl.store(out_ptr + out_row[:, None] + (tn * son + HMAIN)[None, :], acc_t.to(out_ty), mask=j_ok[:, None] & tail_ok[None, :])
 
 
 @triton.jit
-def _relaxed_conv_bwd_dw_kernel(
-    x_ptr, z_ptr, dy_ptr, out_ptr,
-    B, N_IN, P, W_OUT, J, HMAIN, C_OUT, N_OUT, SPLITS,
-    sxb, sxc, sxh, sxw,
-    szn, szp, szj, szh,
-    sdb, sdc, sdh, sdw,
-    sos, soi, soo, soh,
-    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
-    TAIL: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
+def _window_columns_kernel(
+    du_ptr, z_ptr, v_ptr,
+    ROWS, CN, J, N_ROT, P, ROWS_KEY,
+    sub, sun, sup, suh, szn, szp, szj,
+    C_IN: tl.constexpr, N_IN: tl.constexpr, HMAIN: tl.constexpr,
+    KSIZE: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    s = tl.program_id(2)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    h_ok = offs_h < HMAIN
-    o_ok = offs_o < C_OUT
-    acc = tl.zeros((BLOCK_H, BLOCK_O), dtype=ACC)
-    acc_tail = tl.zeros((BLOCK_O,), dtype=ACC)
-    tiles = tile_count(B, P, BLOCK_M, PER_POSITION)
-    for n in range(N_OUT):
-        for t in range(s, tiles, SPLITS):
-            b, p, row_ok, p_tile = row_tile(t, B, P, BLOCK_M, PER_POSITION)
-            oh = p // W_OUT
-            ow = p % W_OUT
-            row_base = b * sxb + oh * sxh + ow * sxw
-            z_base = z_ptr + n * szn + p_tile * szp
-            u, u_tail = factored_u(
-                x_ptr, row_base, row_ok, z_base, i, N_IN, J, HMAIN, sxc, sxh, sxw, szj, szh,
-                KSIZE, TAIL, PRECISION, FP64, ACC, BLOCK_M, BLOCK_J, BLOCK_H,
-            )
-            dy_off = b[:, None] * sdb + (offs_o * N_OUT + n)[None, :] * sdc + (oh * sdh + ow * sdw)[:, None]
-            dyt = tl.load(dy_ptr + dy_off, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
-            acc = mma(tl.trans(u.to(dyt.dtype)), dyt, acc, PRECISION, FP64)
-            if TAIL:
-                acc_tail += tl.sum(u_tail[:, None] * dyt.to(ACC), axis=0)
-    out_off = s * sos + i * soi + offs_o[None, :] * soo + offs_h[:, None] * soh
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & o_ok[None, :])
+    """V[b, p, kk, i*N_in + n'] = dU[(b, i), n, p, h] @ Z[n, p, (n', kk), h]^T summed over (n, h);
+    program: (p, row tile over (b, i), window tile). BLOCK_K tiles the flattened (n, h)."""
+    K2: tl.constexpr = KSIZE * KSIZE
+    p = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_j = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < ROWS
+    b = rows // C_IN
+    i = rows % C_IN
+    du_row = b * sub + p * sup + i
+    jj = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = jj < J
+    _, z_row, kk, nprime = im2col_columns(jj, N_IN, KSIZE, 1, 1)
+    z_base = z_ptr + p * szp + z_row * szj
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for c0 in range(0, N_ROT * HMAIN, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K)
+        c_ok = c < N_ROT * HMAIN
+        n = c // HMAIN
+        h = c % HMAIN
+        a = tl.load(du_ptr + du_row[:, None] + (n * sun + h * suh)[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        zb = tl.load(z_base[None, :] + (n * szn + h)[:, None], mask=c_ok[:, None] & j_ok[None, :], other=0.0)
+        acc = mma(a, zb, acc, PRECISION, FP64)
     if TAIL:
-        tl.store(out_ptr + s * sos + i * soi + offs_o * soo + HMAIN * soh, acc_tail.to(out_ptr.dtype.element_ty), mask=o_ok)
+        for t0 in range(0, N_ROT, TAIL_WIDTH):
+            tn = t0 + tl.arange(0, TAIL_WIDTH)
+            t_ok = tn < N_ROT
+            a = tl.load(du_ptr + du_row[:, None] + (tn * sun + HMAIN * suh)[None, :], mask=row_ok[:, None] & t_ok[None, :], other=0.0)
+            zb = tl.load(z_base[None, :] + (tn * szn + HMAIN)[:, None], mask=t_ok[:, None] & j_ok[None, :], other=0.0)
+            acc = mma(a, zb, acc, PRECISION, FP64)
+    v_row = (b * P + p) * K2 * CN + i * N_IN
+    v_col = kk * CN + nprime
+    tl.store(v_ptr + v_row[:, None] + v_col[None, :], acc.to(v_ptr.dtype.element_ty), mask=row_ok[:, None] & j_ok[None, :])
 
 
-def _configs(with_j: bool, with_o: bool = True):
-    out = []
-    for bm, bj, bo, w, s in [(64, 32, 32, 4, 2), (64, 64, 64, 4, 3), (128, 32, 32, 8, 2), (32, 64, 32, 4, 3), (16, 64, 64, 4, 2)]:
-        meta = {"BLOCK_M": bm, "BLOCK_O": bo}
-        if with_j:
-            meta["BLOCK_J"] = bj
-        out.append(triton.Config(meta, num_warps=w, num_stages=s))
-    return out
+@triton.jit
+def _fold_kernel(
+    v_ptr, dx_ptr,
+    CN, Q, W_IN, H_OUT, W_OUT, PAD, P,
+    sxb, sxc,
+    KSIZE: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """col2im: dX[b, c, q] = sum_{kh, kw} V[b, q + PAD - (kh, kw), kh*K + kw, c] over the
+    positions that exist; program: (input-position tile, channel tile, image)."""
+    K2: tl.constexpr = KSIZE * KSIZE
+    pid_q = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = q < Q
+    qy = q // W_IN
+    qx = q % W_IN
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < CN
+    acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
+    for kk in range(K2):
+        py = qy + PAD - kk // KSIZE
+        px = qx + PAD - kk % KSIZE
+        p_ok = q_ok & (py >= 0) & (py < H_OUT) & (px >= 0) & (px < W_OUT)
+        v_row = ((b * P + py * W_OUT + px) * K2 + kk) * CN
+        v = tl.load(v_ptr + v_row[:, None] + c[None, :], mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+        acc += v.to(ACC)
+    tl.store(dx_ptr + b * sxb + c[None, :] * sxc + q[:, None], acc.to(dx_ptr.dtype.element_ty), mask=q_ok[:, None] & c_ok[None, :])
 
 
-_KEY = ["B", "P", "J", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION", "TAIL", "PRECISION"]
-_dx_autotuned = triton.autotune(configs=_configs(False), key=["B", "Q", "N_IN", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "TAIL", "PRECISION"])(_relaxed_conv_bwd_dx_kernel)
-_dx_bank_autotuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_C": bc}, num_warps=w, num_stages=st)
-             for bm, bo, bc, w, st in [(64, 32, 64, 4, 3), (128, 32, 64, 4, 3), (128, 64, 128, 8, 3),
-                                       (64, 64, 32, 4, 3), (128, 32, 32, 4, 4), (64, 32, 128, 4, 3)]],
-    key=["B", "Q", "CN_IN", "C_OUT", "N_OUT", "KSIZE", "PRECISION"],
-)(_relaxed_conv_bwd_dx_bank_kernel)
-_dz_autotuned = triton.autotune(configs=_configs(True), key=_KEY + ["C_IN", "SPLITS"])(_relaxed_conv_bwd_dz_kernel)
-_dw_autotuned = triton.autotune(configs=_configs(True), key=_KEY + ["SPLITS"])(_relaxed_conv_bwd_dw_kernel)
+def _gemm_configs():
+    shapes = [
+        (128, 32, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3),
+        (64, 128, 32, 4, 4), (256, 64, 64, 8, 3), (64, 32, 64, 4, 4),
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
 
 
-def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_hidden_weight_grad_autotuned = triton.autotune(
+    configs=_gemm_configs(),
+    key=["ROWS_KEY", "J", "N_ROT", "CN", "SPLITS"],
+    prune_configs_by={"early_config_prune": common.prune_by_size({"BLOCK_M": "J", "BLOCK_K": "ROWS"})},
+)(_hidden_weight_grad_kernel)
+_window_columns_autotuned = triton.autotune(
+    configs=_gemm_configs(),
+    key=["ROWS_KEY", "J", "N_ROT", "CN"],
+    prune_configs_by={"early_config_prune": common.prune_by_size({"BLOCK_M": "ROWS", "BLOCK_N": "J"})},
+)(_window_columns_kernel)
+_fold_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_Q": q, "BLOCK_C": c}, num_warps=w) for q, c, w in
+             [(64, 32, 4), (32, 64, 4), (128, 32, 4), (16, 128, 4), (64, 64, 8)]],
+    key=["CN", "Q", "W_IN", "KSIZE"],
+    prune_configs_by={"early_config_prune": common.prune_by_size({"BLOCK_C": "CN", "BLOCK_Q": "Q"})},
+)(_fold_kernel)
+
+FIXED_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+FIXED_FOLD = {"BLOCK_Q": 16, "BLOCK_C": 16}
 
 
-def reduction_splits(rows: int, device: torch.device) -> int:
-    """How many fixed-order partials a reduction over ``rows`` is cut into.
+def reduction_splits(positions: int, device: torch.device) -> int:
+    """How many fixed-order partials the position reduction of stationary dZ is cut into.
 
     A function of the shape alone (never of the tile size or of timing), so a rerun reduces in
-    the same order. On a GPU, enough splits to fill the SMs; off-GPU few, but more than one for
-    any non-trivial shape so the partial sums are exercised by the interpreter tests too.
+    the same order. On a GPU enough to fill the SMs with the window and column tiles; off-GPU
+    few, but more than one for any non-trivial shape so the partial sums are exercised by the
+    interpreter tests too.
     """
     if device.type == "cuda":
-        return max(1, min(128, rows // 512))
-    return max(1, min(3, rows // 16))
+        return max(1, min(64, positions // 4))
+    return max(1, min(3, positions // 4))
 
 
-def expanded_bank(z: torch.Tensor, w_ext: torch.Tensor, g) -> torch.Tensor:
-    """E[n, Delta, o, i*N_in + n'] = sum_h W_ext[o, i, h] Z[n, n'*K*K + Delta, h] (stationary Z).
-
-    The kernel bank of expand_conv, laid out for the dX implicit GEMM; C_out*N*C_in*N_in*K^2
-    values, the size of one conv2d weight."""
-    k2 = g.kernel_size**2
-    zr = z.unflatten(1, (g.in_rotations, k2))  # [N, N_in, K2, H']
-    bank = torch.einsum("oih,nmkh->nkoim", w_ext, zr)
-    return bank.reshape(g.out_rotations, k2, g.out_channels, g.in_channels * g.in_rotations).contiguous()
-
-
-def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), block_m=16, block_j=16, block_o=16):
-    """Gradients (dx, dz, dw_ext) of :func:`relaxed_conv_fwd`; entries not in ``needs`` are None."""
+def _hidden_grad(x_cl, du, z, geometry, out_hw, batch):
+    """dZ in Z's shape and dtype from dU ``[B, N, P, H+1, C_in]``."""
     g = geometry
     per_position = z.dim() == 4
-    bsz, _, height, width = x.shape
-    h_out, w_out = g.out_size(height, width)
-    positions = h_out * w_out
-    dy = dy.contiguous()
-    z = z.contiguous()
-    w_ext = w_ext.contiguous()
+    positions = out_hw[0] * out_hw[1]
     hid = z.shape[-1]
-    block_h, tail = hidden_block(hid)
-    hmain = hid - int(tail)
-    szp = z.stride(1) if per_position else 0
-    shared = dict(KSIZE=g.kernel_size, PER_POSITION=per_position, PRECISION=dot_precision(x.dtype),
-                  ACC=acc_dtype(x.dtype), FP64=x.dtype == torch.float64, BLOCK_H=block_h, TAIL=tail)
-    tuned = use_autotune(x.device, x.dtype)
-    fixed = dict(BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_O=block_o)
-    dx = dz = dw = None
+    hmain, tail = common.hidden_split(hid)
+    acc_dtype = torch.float64 if x_cl.dtype == torch.float64 else torch.float32
+    splits = positions if per_position else reduction_splits(positions, x_cl.device)
+    out = common.empty_output((g.out_rotations, positions, g.window, hid) if per_position
+                              else (splits, g.out_rotations, g.window, hid), device=x_cl.device, dtype=acc_dtype)
+    sos, son = (out.stride(1), out.stride(0)) if per_position else (out.stride(0), out.stride(1))
+    rows = batch * g.in_channels
+    args = (
+        x_cl, du, out,
+        rows, x_cl.shape[-1], x_cl.shape[2], out_hw[1], g.window, g.out_rotations, positions, splits, common.bucket(rows),
+        x_cl.stride(0), du.stride(0), du.stride(1), du.stride(2), du.stride(3), sos, son, out.stride(2),
+    )
+    consts = dict(C_IN=g.in_channels, N_IN=g.in_rotations, HMAIN=hmain, KSIZE=g.kernel_size, PER_POSITION=per_position, TAIL=tail, PRECISION=common.dot_precision(x_cl.dtype),
+                  ACC=common.acc_dtype(x_cl.dtype), FP64=x_cl.dtype == torch.float64)
 
-    if needs[0]:
-        dx = common.empty_output(x.shape, device=x.device, dtype=x.dtype)
+    def grid(meta):
+        return (splits, triton.cdiv(g.window, meta["BLOCK_M"]), triton.cdiv(g.out_rotations * hmain, meta["BLOCK_N"]))
+
+    common.launch("dz", _hidden_weight_grad_kernel, _hidden_weight_grad_autotuned, grid, args, consts, FIXED_TILE,
+                  device=x_cl.device, dtype=x_cl.dtype)
+    dz = out if per_position else out.sum(0)
+    return dz.to(z.dtype)
+
+
+def _input_grad(du, z_al, hid, geometry, x_shape, out_hw, dtype):
+    """dX from dU ``[B, N, P, H+1, C_in]`` and Z from :func:`common.aligned_hidden`, a batch chunk
+    at a time."""
+    g = geometry
+    bsz, cn, height, width = x_shape
+    positions = out_hw[0] * out_hw[1]
+    k2 = g.kernel_size**2
+    hmain, tail = common.hidden_split(hid)
+    z = z_al
+    dx = common.empty_output(x_shape, device=du.device, dtype=dtype)
+    per_image = positions * k2 * cn * du.element_size()
+    chunk = max(1, min(bsz, COLUMN_BUFFER_BYTES // max(1, per_image)))
+    consts = dict(C_IN=g.in_channels, N_IN=g.in_rotations, HMAIN=hmain, KSIZE=g.kernel_size, TAIL=tail, PRECISION=common.dot_precision(dtype),
+                  ACC=common.acc_dtype(dtype), FP64=dtype == torch.float64)
+    for b0 in range(0, bsz, chunk):
+        nb = min(chunk, bsz - b0)
+        du_c = du[b0 : b0 + nb]
+        v = common.empty_output((nb, positions, k2, cn), device=du.device, dtype=dtype)
+        common.check_int32_indexing(v, du_c)
+        rows = nb * g.in_channels
+        args = (
+            du_c, z, v,
+            rows, cn, g.window, g.out_rotations, positions, common.bucket(rows),
+            du_c.stride(0), du_c.stride(1), du_c.stride(2), du_c.stride(3),
+            z.stride(0), z.stride(1) if z.dim() == 4 else 0, z.stride(-2),
+        )
+
+        def grid(meta):
+            return (positions, triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(g.window, meta["BLOCK_N"]))
+
+        common.launch("v", _window_columns_kernel, _window_columns_autotuned, grid, args, consts, FIXED_TILE,
+                      device=du.device, dtype=dtype)
+        dx_c = dx[b0 : b0 + nb]
         q = height * width
-        if per_position:
-            args = (
-                dy, z, w_ext, dx,
-                bsz, g.in_rotations, width, q, h_out, w_out, hmain, g.out_channels, g.out_rotations, g.padding,
-                *dy.stride(), z.stride(0), szp, z.stride(-2), z.stride(-1), *w_ext.stride(), *dx.stride(),
-            )
-            consts = {k: v for k, v in shared.items() if k != "PER_POSITION"}
-            consts["BLOCK_NI"] = small_block(g.in_rotations)
+        fold_args = (v, dx_c, cn, q, width, out_hw[0], out_hw[1], g.padding, positions, dx_c.stride(0), dx_c.stride(1))
 
-            def grid_dx(meta):
-                return (num_row_tiles(bsz, q, meta["BLOCK_M"], per_position), g.in_channels)
+        def fold_grid(meta):
+            return (triton.cdiv(q, meta["BLOCK_Q"]), triton.cdiv(cn, meta["BLOCK_C"]), nb)
 
-            if tuned:
-                _dx_autotuned[grid_dx](*args, **consts)
-            else:
-                meta = dict(BLOCK_M=block_m, BLOCK_O=block_o)
-                _relaxed_conv_bwd_dx_kernel[grid_dx(meta)](*args, **consts, **meta)
-        else:
-            bank = expanded_bank(z, w_ext, g)
-            cn_in = g.in_channels * g.in_rotations
-            args = (
-                dy, bank, dx,
-                bsz, cn_in, width, q, h_out, w_out, g.out_channels, g.out_rotations, g.padding,
-                *dy.stride(), *bank.stride(), *dx.stride(),
-            )
-            consts = {k: shared[k] for k in ("KSIZE", "PRECISION", "ACC", "FP64")}
+        common.launch("fold", _fold_kernel, _fold_autotuned, fold_grid, fold_args,
+                      dict(KSIZE=g.kernel_size, ACC=common.acc_dtype(dtype)), FIXED_FOLD, device=du.device, dtype=dtype)
+    return dx
 
-            def grid_bank(meta):
-                return (num_row_tiles(bsz, q, meta["BLOCK_M"], False), triton.cdiv(cn_in, meta["BLOCK_C"]))
 
-            if tuned:
-                _dx_bank_autotuned[grid_bank](*args, **consts)
-            else:
-                meta = dict(BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_C=small_block(min(cn_in, 16)))
-                _relaxed_conv_bwd_dx_bank_kernel[grid_bank(meta)](*args, **consts, **meta)
+def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), u=None):
+    """Gradients (dx, dz, dw_ext) of :func:`relaxed_conv_fwd`; entries not in ``needs`` are None.
 
-    if needs[1] or needs[2]:
-        xp = pad_input(x, g.padding)
-        rows = bsz * positions
-        splits = reduction_splits(rows, x.device)
-
-    if needs[1]:
-        if per_position:
-            out = common.empty_output(z.shape, device=z.device, dtype=z.dtype)
-            sos, son = out.stride(1), out.stride(0)
-            third = positions
-        else:
-            out = common.empty_output((splits, *z.shape), device=z.device, dtype=_partial_dtype(x.dtype))
-            sos, son = out.stride(0), out.stride(1)
-            third = splits
-        args_dz = (
-            xp, dy, w_ext, out,
-            bsz, g.in_channels, g.in_rotations, positions, w_out, g.window, hmain, g.out_channels, g.out_rotations,
-            splits,
-            *xp.stride(), *dy.stride(), *w_ext.stride(), sos, son, out.stride(-2), out.stride(-1),
-        )
-
-        def grid_dz(meta):
-            # Positions go on grid axis 0: axes 1 and 2 are limited to 65,535 programs.
-            return (third, triton.cdiv(g.window, meta["BLOCK_J"]), g.out_rotations)
-
-        if tuned:
-            _dz_autotuned[grid_dz](*args_dz, **shared)
-        else:
-            _relaxed_conv_bwd_dz_kernel[grid_dz(fixed)](*args_dz, **shared, **fixed)
-        dz = out if per_position else out.sum(0).to(z.dtype)
-
+    ``u``: the U the forward returned (``return_u=True``); recomputed when None.
+    """
+    g = geometry
+    bsz, _, height, width = x.shape
+    out_hw = g.out_size(height, width)
+    rows = g.out_rotations * out_hw[0] * out_hw[1]
+    hid = z.shape[-1]
+    dy3 = dy.contiguous().view(bsz, g.out_channels, rows)
+    w_mat = output_weight_matrix(w_ext).to(dy.dtype)
+    x_cl = None
+    z_al = common.aligned_hidden(z) if (needs[0] or (needs[2] and u is None)) else None
+    if needs[2] and u is None:
+        x_cl = common.channels_last_padded(x, g.padding)
+        u = hidden_projection(x_cl, z_al, hid, g, out_hw, bsz)
+    dx = dz = dw = None
     if needs[2]:
-        part = common.empty_output((splits, g.in_channels, g.out_channels, hid), device=x.device, dtype=_partial_dtype(x.dtype))
-        args_dw = (
-            xp, z, dy, part,
-            bsz, g.in_rotations, positions, w_out, g.window, hmain, g.out_channels, g.out_rotations,
-            splits,
-            *xp.stride(), z.stride(0), szp, z.stride(-2), z.stride(-1), *dy.stride(), *part.stride(),
-        )
-
-        def grid_dw(meta):
-            return (g.in_channels, triton.cdiv(g.out_channels, meta["BLOCK_O"]), splits)
-
-        if tuned:
-            _dw_autotuned[grid_dw](*args_dw, **shared)
-        else:
-            _relaxed_conv_bwd_dw_kernel[grid_dw(fixed)](*args_dw, **shared, **fixed)
-        dw = part.sum(0).permute(1, 0, 2).to(w_ext.dtype)
+        # dW[o, (h, i)] = sum over (b, n, p) of dY[b, o, (n, p)] U[b, (n, p), (h, i)]: one GEMM with
+        # the (b, n, p) reduction inside it (cuBLAS accumulates in fp32 and rounds once).
+        dy_rows = dy3.transpose(0, 1).reshape(g.out_channels, bsz * rows)
+        dw = (dy_rows @ u.view(bsz * rows, -1)).view(g.out_channels, hid, g.in_channels)
+        dw = dw.transpose(1, 2).to(w_ext.dtype)
+    if needs[0] or needs[1]:
+        # [B, N, P, H+1, C_in]: U's layout
+        du = torch.matmul(dy3.transpose(1, 2), w_mat).view(bsz, g.out_rotations, rows // g.out_rotations, hid, g.in_channels)
+        if needs[1]:
+            if x_cl is None:
+                x_cl = common.channels_last_padded(x, g.padding)
+            dz = _hidden_grad(x_cl, du, z, g, out_hw, bsz)
+        if needs[0]:
+            dx = _input_grad(du, z_al, hid, g, x.shape, out_hw, x.dtype)
     return dx, dz, dw

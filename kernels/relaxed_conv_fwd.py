@@ -1,125 +1,146 @@
-"""Fused forward of the relaxed group convolution in its factored form (design.md §2, §4).
+"""Forward of the relaxed group convolution in its factored form (design.md §2).
 
-For each output rotation n and tile of rows (b, p), for each input channel i:
+    U[b, n, p, h, i] = sum_j X_i[b, p + Delta_j, n'_j] Z[n, p, j, h]      (Triton: gather-GEMM)
+    Y[b, o, n, p]    = sum_{h, i} W_ext[o, i, h] U[b, n, p, h, i] + bias  (cuBLAS: one GEMM)
 
-    U_i = X_i[(b, p), (n', Delta)] @ Z_n[(n', Delta), h]     im2col tile gathered on the fly
-    Y  += U_i @ W_ext[:, i, :]^T                              fp32 (fp64) accumulator
+The first product is the one no library has: a GEMM per position p (Z differs at every p when
+the layer is translation non-stationary) whose rows are the (batch, input channel) pairs — all
+of them share Z_p, so the GEMM is B*C_in rows tall — and whose left operand is the im2col window,
+gathered on the fly from the channels-last padded input (nothing P times the input is built).
+Its columns are the flattened (rotation, hidden feature) pairs, so one gather feeds every output
+rotation. Translation-stationary layers run the same kernel with Z's position stride 0.
 
-The input is zero-padded once on the host so a gather address is ``row base + column offset``
-with no bounds test per element (design.md §5 measured this as the first-order cost). Nothing
-larger than the output is written.
+The second product contracts over (i, h) — a dimension the first product treats as rows — so it
+is a plain dense GEMM over U, which cuBLAS does at full speed; U (B*N*P*(H+1)*C_in values) is
+written once and kept for the backward pass, which needs it for dW_ext. U keeps the input
+channel fastest so that its rows — and the kernels' tiles of them — are aligned runs of C_in.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import common
-from .common import factored_u, mma, acc_dtype, dot_precision, hidden_block, num_row_tiles, row_tile, small_block, use_autotune
+from .common import TAIL_WIDTH, hidden_columns, im2col_columns, mma, tail_columns
 
 
 @triton.jit
-def _relaxed_conv_fwd_kernel(
-    x_ptr, z_ptr, w_ptr, bias_ptr, y_ptr,
-    B, C_IN, N_IN, P, W_OUT, J, HMAIN, C_OUT, N_OUT,
-    sxb, sxc, sxh, sxw,
-    szn, szp, szj, szh,
-    swo, swi, swh,
-    syb, syc, syh, syw,
-    KSIZE: tl.constexpr, PER_POSITION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr, TAIL: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
+def _hidden_projection_kernel(
+    x_ptr, z_ptr, u_ptr,
+    ROWS, CN, WP, W_OUT, J, N_ROT, ROWS_KEY,
+    sxb, szn, szp, szj, sub, sun, sup, suh,
+    C_IN: tl.constexpr, N_IN: tl.constexpr, HMAIN: tl.constexpr,
+    KSIZE: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    n = tl.program_id(1)
-    pid_o = tl.program_id(2)
-    b, p, row_ok, p_tile = row_tile(t, B, P, BLOCK_M, PER_POSITION)
-    oh = p // W_OUT
-    ow = p % W_OUT
-    row_base = b * sxb + oh * sxh + ow * sxw
-    z_base = z_ptr + n * szn + p_tile * szp
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    h_ok = offs_h < HMAIN
-    o_ok = offs_o < C_OUT
-
-    acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=ACC)
-    for i in range(C_IN):
-        u, u_tail = factored_u(
-            x_ptr, row_base, row_ok, z_base, i, N_IN, J, HMAIN, sxc, sxh, sxw, szj, szh,
-            KSIZE, TAIL, PRECISION, FP64, ACC, BLOCK_M, BLOCK_J, BLOCK_H,
-        )
-        wt = tl.load(w_ptr + offs_o[None, :] * swo + i * swi + offs_h[:, None] * swh, mask=h_ok[:, None] & o_ok[None, :], other=0.0)
-        acc = mma(u.to(wt.dtype), wt, acc, PRECISION, FP64)
+    """U[(b, i), (n, h)] at position p = X_col[(b, i), j] @ Z[n, p, j, h] (program: p, row tile, column tile)."""
+    p = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < ROWS
+    b = rows // C_IN
+    i = rows % C_IN
+    x_row = b * sxb + i * N_IN + ((p // W_OUT) * WP + p % W_OUT) * CN
+    n, h, col_ok = hidden_columns(pid_n, N_ROT, HMAIN, BLOCK_N)
+    z_col = n * szn + p * szp + h
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    if TAIL:
+        tn, tail_ok = tail_columns(pid_n, N_ROT, HMAIN, BLOCK_N, TAIL_WIDTH)
+        zt_col = tn * szn + p * szp + HMAIN
+        acc_t = tl.zeros((BLOCK_M, TAIL_WIDTH), dtype=ACC)
+    for k0 in range(0, J, BLOCK_K):
+        jj = k0 + tl.arange(0, BLOCK_K)
+        k_ok = jj < J
+        x_col, z_row, _, _ = im2col_columns(jj, N_IN, KSIZE, WP, CN)
+        a = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        zb = tl.load(z_ptr + (z_row * szj)[:, None] + z_col[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(a, zb, acc, PRECISION, FP64)
         if TAIL:
-            w_tail = tl.load(w_ptr + offs_o * swo + i * swi + HMAIN * swh, mask=o_ok, other=0.0)
-            acc += u_tail[:, None] * w_tail.to(ACC)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(ACC)[None, :]
-    y_off = b[:, None] * syb + (offs_o[None, :] * N_OUT + n) * syc + (oh * syh + ow * syw)[:, None]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & o_ok[None, :])
+            zt = tl.load(z_ptr + (z_row * szj)[:, None] + zt_col[None, :], mask=k_ok[:, None] & tail_ok[None, :], other=0.0)
+            acc_t = mma(a, zt, acc_t, PRECISION, FP64)
+    u_row = b * sub + p * sup + i
+    out_ty = u_ptr.dtype.element_ty
+    tl.store(u_ptr + u_row[:, None] + (n * sun + h * suh)[None, :], acc.to(out_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if TAIL:
+        tl.store(u_ptr + u_row[:, None] + (tn * sun + HMAIN * suh)[None, :], acc_t.to(out_ty), mask=row_ok[:, None] & tail_ok[None, :])
 
 
 def _configs():
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_J": bj, "BLOCK_O": bo}, num_warps=w, num_stages=s)
-        for bm, bj, bo, w, s in [
-            (64, 32, 32, 4, 2), (64, 64, 64, 4, 3), (128, 32, 32, 4, 2), (128, 64, 64, 8, 3),
-            (128, 32, 128, 8, 2), (64, 32, 128, 4, 2), (32, 64, 32, 4, 3), (16, 64, 64, 4, 2),
-        ]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): rows (b, i) are many (B*C_in), columns N*H are
+    # 32 (T(2)) to 512 (SE(2)-16), the window J is 49 (K 7, lifting/T(2)) to 784 (N_in 16).
+    shapes = [
+        (128, 32, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4),
+        (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (256, 64, 64, 8, 3), (64, 32, 64, 4, 4),
     ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
 
 
-_relaxed_conv_fwd_autotuned = triton.autotune(
-    configs=_configs(), key=["B", "C_IN", "N_IN", "P", "J", "HMAIN", "C_OUT", "N_OUT", "KSIZE", "PER_POSITION", "TAIL", "HAS_BIAS", "PRECISION"]
-)(_relaxed_conv_fwd_kernel)
+_hidden_projection_autotuned = triton.autotune(
+    configs=_configs(),
+    key=["ROWS_KEY", "J", "N_ROT", "CN"],
+    prune_configs_by={"early_config_prune": common.prune_by_size({"BLOCK_M": "ROWS", "BLOCK_K": "J"})},
+)(_hidden_projection_kernel)
+
+FIXED_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
 
-def pad_input(x: torch.Tensor, padding: int) -> torch.Tensor:
-    return F.pad(x, (padding,) * 4) if padding else x.contiguous()
-
-
-def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, block_m=16, block_j=16, block_o=16) -> torch.Tensor:
-    """y = relaxed group conv of x given Z and [W_L | b_L] (layouts in relaxedconv/reference.py).
-
-    ``block_*`` is the fixed tile used off-GPU (the interpreter); on CUDA the kernel is autotuned.
-    """
+def hidden_projection(x_cl, z_al, hidden: int, geometry, out_hw, batch: int) -> torch.Tensor:
+    """U = X_col @ Z as ``[B, N, P, H+1, C_in]`` (the input's dtype) from the channels-last padded
+    input ``x_cl`` ``[B, H+2p, W+2p, C_in*N_in]`` and Z from :func:`common.aligned_hidden`
+    (``hidden`` = H+1, the width before alignment)."""
     g = geometry
+    z = z_al
     per_position = z.dim() == 4
-    bsz, _, height, width = x.shape
-    h_out, w_out = g.out_size(height, width)
+    h_out, w_out = out_hw
     positions = h_out * w_out
-    xp = pad_input(x, g.padding)
-    z = z.contiguous()
-    w_ext = w_ext.contiguous()
-    y = common.empty_output((bsz, g.out_channels * g.out_rotations, h_out, w_out), device=x.device, dtype=x.dtype)
-    common.check_int32_indexing(xp, z, y)
-    hid = z.shape[-1]
-    block_h, tail = hidden_block(hid)
-    hmain = hid - int(tail)
-    szp = z.stride(1) if per_position else 0
+    hid = hidden
+    hmain, tail = common.hidden_split(hid)
+    u = common.empty_output((batch, g.out_rotations, positions, hid, g.in_channels), device=x_cl.device, dtype=x_cl.dtype)
+    common.check_int32_indexing(x_cl, z, u)
+    rows = batch * g.in_channels
     args = (
-        xp, z, w_ext, bias if bias is not None else w_ext, y,
-        bsz, g.in_channels, g.in_rotations, positions, w_out, g.window, hmain, g.out_channels, g.out_rotations,
-        *xp.stride(), z.stride(0), szp, z.stride(-2), z.stride(-1), *w_ext.stride(), *y.stride(),
+        x_cl, z, u,
+        rows, x_cl.shape[-1], x_cl.shape[2], w_out, g.window, g.out_rotations, common.bucket(rows),
+        x_cl.stride(0), z.stride(0), z.stride(1) if per_position else 0, z.stride(-2),
+        u.stride(0), u.stride(1), u.stride(2), u.stride(3),
     )
-    consts = dict(
-        KSIZE=g.kernel_size, PER_POSITION=per_position, HAS_BIAS=bias is not None,
-        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), FP64=x.dtype == torch.float64, BLOCK_H=block_h, TAIL=tail,
-    )
+    # Channel, rotation and hidden counts are compile-time constants so that Triton can prove the
+    # gathers contiguous (channels of a pixel, hidden features of a row) and vectorise them.
+    consts = dict(C_IN=g.in_channels, N_IN=g.in_rotations, HMAIN=hmain, KSIZE=g.kernel_size, TAIL=tail, PRECISION=common.dot_precision(x_cl.dtype),
+                  ACC=common.acc_dtype(x_cl.dtype), FP64=x_cl.dtype == torch.float64)
 
     def grid(meta):
-        return (
-            num_row_tiles(bsz, positions, meta["BLOCK_M"], per_position),
-            g.out_rotations,
-            triton.cdiv(g.out_channels, meta["BLOCK_O"]),
-        )
+        return (positions, triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(g.out_rotations * hmain, meta["BLOCK_N"]))
 
-    if use_autotune(x.device, x.dtype):
-        _relaxed_conv_fwd_autotuned[grid](*args, **consts)
-    else:
-        meta = dict(BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_O=max(block_o, small_block(min(g.out_channels, 16))))
-        _relaxed_conv_fwd_kernel[grid(meta)](*args, **consts, **meta)
-    return y
+    common.launch("u", _hidden_projection_kernel, _hidden_projection_autotuned, grid, args, consts, FIXED_TILE,
+                  device=x_cl.device, dtype=x_cl.dtype)
+    return u
+
+
+def output_weight_matrix(w_ext: torch.Tensor) -> torch.Tensor:
+    """[W_L | b_L] ``[C_out, C_in, H+1]`` as the ``[C_out, (H+1)*C_in]`` matrix that multiplies U."""
+    return w_ext.transpose(1, 2).reshape(w_ext.shape[0], -1)
+
+
+def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, return_u: bool = False):
+    """y = relaxed group conv of x given Z and [W_L | b_L] (layouts in relaxedconv/reference.py).
+
+    With ``return_u`` also returns U ``[B, N, P, H+1, C_in]``, which :func:`relaxed_conv_bwd`
+    takes to skip recomputing it.
+    """
+    g = geometry
+    bsz, _, height, width = x.shape
+    out_hw = g.out_size(height, width)
+    positions = out_hw[0] * out_hw[1]
+    x_cl = common.channels_last_padded(x, g.padding)
+    u = hidden_projection(x_cl, common.aligned_hidden(z), z.shape[-1], g, out_hw, bsz)
+    # Y_b[o, (n, p)] = W[o, (h, i)] @ U_b[(n, p), (h, i)]^T: a batched GEMM whose result is already
+    # the [B, C_out*N, H, W] layout of the output.
+    u_mat = u.view(bsz, g.out_rotations * positions, -1)
+    y = torch.matmul(output_weight_matrix(w_ext).to(x.dtype), u_mat.transpose(1, 2))
+    if bias is not None:
+        y = y.view(bsz, g.out_channels, -1).add_(bias.to(y.dtype)[None, :, None])
+    y = y.view(bsz, g.out_channels * g.out_rotations, *out_hw)
+    return (y, u) if return_u else y
