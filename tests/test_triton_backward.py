@@ -59,12 +59,19 @@ def test_gradcheck_fp64(per_position):
 @pytest.mark.skipif(DEVICE != "cuda", reason="half precision is checked on CUDA (the interpreter has no bf16)")
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_bf16_gradients_cuda(case):
+    """bf16 gradients within 3e-2 of fp32 — or, where bf16 itself cannot get that close, no worse
+    than 3x the reference path run in bf16. The scalar omega gradients are sums of many terms that
+    cancel: rounding the generated kernel to bf16 moves them by 7-12% in every backend (measured on
+    CPU for group-C2to20-N1-K3: materialize 7.5%, expand_conv 7.5%, factored_torch 11.5% on
+    omega_rel), so a fixed 3e-2 failed these cases on the H200 without any kernel error."""
     torch.manual_seed(4)
     layer, x = make_layer(case, dtype=torch.float32)
     _, grads_ref, g = run_with_grads(layer, x, "materialize")
+    _, grads_bf16_ref, _ = run_with_grads(layer, x.bfloat16(), "materialize", g)
     _, grads, _ = run_with_grads(layer, x.bfloat16(), "triton", g)
     for name, ref in grads_ref.items():
-        assert rel_err(grads[name], ref) < 3e-2, name
+        floor = rel_err(grads_bf16_ref[name], ref)
+        assert rel_err(grads[name], ref) < max(3e-2, 3 * floor), (name, floor)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="autotuning runs on CUDA only")
