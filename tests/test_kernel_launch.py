@@ -1,0 +1,97 @@
+"""Host-side behaviour of the fused kernels: batch-chunked column buffer, pinned tile configs,
+config pruning and autotune-key buckets (kernels under the interpreter on CPU, or on CUDA)."""
+import pytest
+import torch
+import triton
+
+from relaxedconv.kernels import common
+from relaxedconv.kernels import relaxed_conv_bwd as bwd
+from relaxedconv.reference import ConvGeometry
+from relaxedconv.triton_conv import relaxed_conv_triton
+from _triton_cases import DEVICE, rel_err
+
+
+def _op_inputs(per_position, *, batch=3, hidden=17, dtype=torch.float64):
+    g = ConvGeometry(in_channels=2, out_channels=3, in_rotations=2, out_rotations=2, kernel_size=3, padding=1)
+    h, w = 3, 4
+    x = torch.randn(batch, 4, h, w, dtype=dtype, device=DEVICE, requires_grad=True)
+    zshape = (2, h * w, g.window, hidden) if per_position else (2, g.window, hidden)
+    z = torch.randn(zshape, dtype=dtype, device=DEVICE, requires_grad=True)
+    w_ext = torch.randn(3, 2, hidden, dtype=dtype, device=DEVICE, requires_grad=True)
+    bias = torch.randn(3, dtype=dtype, device=DEVICE, requires_grad=True)
+    return g, (x, z, w_ext, bias)
+
+
+def _grads(g, inputs):
+    y = relaxed_conv_triton(*inputs, g)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(y)
+    return [y.detach()] + list(torch.autograd.grad((y * dy).sum(), inputs))
+
+
+@pytest.mark.parametrize("per_position", [False, True], ids=["stationary", "per-position"])
+def test_input_gradient_is_the_same_when_the_column_buffer_is_built_in_batch_chunks(per_position, monkeypatch, poisoned_outputs):
+    torch.manual_seed(0)
+    g, inputs = _op_inputs(per_position)
+    whole = _grads(g, inputs)
+    # A budget of one image's columns: dX is built image by image (3 chunks).
+    one_image = 12 * 9 * 4 * 8
+    monkeypatch.setattr(bwd, "COLUMN_BUFFER_BYTES", one_image)
+    chunked = _grads(g, inputs)
+    for a, b in zip(whole, chunked):
+        assert not torch.isnan(b).any()
+        assert rel_err(b, a) < 1e-13
+
+
+def test_a_pinned_config_is_used_and_gives_the_same_result(monkeypatch):
+    torch.manual_seed(1)
+    g, inputs = _op_inputs(True)
+    ref = _grads(g, inputs)
+    calls = []
+    real = common.launch
+
+    def spy(name, kernel, autotuned, grid, args, consts, fixed, **kw):
+        calls.append((name, common.pinned_config(name)))
+        return real(name, kernel, autotuned, grid, args, consts, fixed, **kw)
+
+    monkeypatch.setattr(common, "launch", spy)
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "u:BLOCK_M=32,BLOCK_K=32; v:BLOCK_N=32 ;fold:BLOCK_Q=32,BLOCK_C=16")
+    pinned = _grads(g, inputs)
+    for a, b in zip(ref, pinned):
+        assert rel_err(b, a) < 1e-12
+    seen = dict(calls)
+    assert seen["u"] == ({"BLOCK_M": 32, "BLOCK_K": 32}, {})
+    assert seen["fold"] == ({"BLOCK_Q": 32, "BLOCK_C": 16}, {})
+    assert seen["dz"] is None  # not pinned: the usual launch
+
+
+@pytest.mark.parametrize("spec", ["u:BLOCK_M", "u:BLOCK_M=big", "u:BLOCK_M=16,num_warps"])
+def test_a_malformed_pinned_config_says_what_is_expected(spec, monkeypatch):
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", spec)
+    with pytest.raises(ValueError, match="KEY=INTEGER"):
+        common.pinned_config("u")
+
+
+def test_configs_larger_than_the_problem_are_pruned_but_one_always_survives():
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_K": k}) for m, k in [(16, 16), (64, 32), (128, 64), (256, 64)]]
+    prune = common.prune_by_size({"BLOCK_M": "ROWS", "BLOCK_K": "J"})
+    kept = prune(configs, {"ROWS": 96, "J": 49})
+    assert [c.kwargs for c in kept] == [{"BLOCK_M": 16, "BLOCK_K": 16}, {"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 64}]
+    assert len(prune(configs[2:], {"ROWS": 3, "J": 3})) == 1
+
+
+def test_batch_sizes_in_one_bucket_share_an_autotune_key():
+    assert common.bucket(33) == common.bucket(64) == 64
+    assert common.bucket(64) != common.bucket(65)
+    assert common.bucket(0) == 1
+
+
+@pytest.mark.parametrize("hidden, expected", [(33, (32, True)), (17, (16, True)), (9, (9, False)), (65, (64, True)), (40, (40, False))])
+def test_hidden_split(hidden, expected):
+    assert common.hidden_split(hidden) == expected
+
+
+def test_aligned_hidden_pads_rows_to_sixteen_and_keeps_values():
+    z = torch.randn(2, 5, 33)
+    za = common.aligned_hidden(z)
+    assert za.shape == (2, 5, 48) and za.stride(-2) % 16 == 0
+    assert torch.equal(za[..., :33], z) and not za[..., 33:].any()
