@@ -180,14 +180,17 @@ def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype)
 
 def prune_by_size(limits):
     """An ``early_config_prune`` that drops configs whose block exceeds the problem: ``limits``
-    maps a block name to the kernel argument bounding it (next power of two, at least 16). One
-    config always survives."""
+    maps a block name to the kernel argument bounding it (or to a function of the arguments,
+    constexprs included); the bound is its next power of two, at least 16. One config always
+    survives."""
 
     def prune(configs, named_args, **kwargs):
+        args = {**kwargs, **named_args}
+
         def fits(cfg):
             for block, arg in limits.items():
-                bound = max(16, triton.next_power_of_2(int(named_args[arg])))
-                if cfg.kwargs.get(block, 0) > bound:
+                size = arg(args) if callable(arg) else args[arg]
+                if cfg.kwargs.get(block, 0) > max(16, triton.next_power_of_2(int(size))):
                     return False
             return True
 

@@ -160,9 +160,13 @@ def _fold_kernel(
 
 
 def _gemm_configs():
+    # dz: BLOCK_M tiles the window J, BLOCK_N the (rotation, hidden) columns, BLOCK_K the rows
+    # (b, i). v: BLOCK_M the rows, BLOCK_N the window, BLOCK_K the (rotation, hidden) reduction,
+    # which is only 32 for T(2) (N = 1, H = 32): the BLOCK_K = 32 shapes are for it.
     shapes = [
         (128, 32, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3),
-        (64, 128, 32, 4, 4), (256, 64, 64, 8, 3), (64, 32, 64, 4, 4),
+        (64, 128, 32, 4, 4), (256, 64, 64, 8, 3), (64, 32, 64, 4, 4), (128, 64, 32, 4, 3),
+        (64, 64, 32, 4, 4),
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
 
@@ -175,7 +179,8 @@ _hidden_weight_grad_autotuned = triton.autotune(
 _window_columns_autotuned = triton.autotune(
     configs=_gemm_configs(),
     key=["ROWS_KEY", "J", "N_ROT", "CN"],
-    prune_configs_by={"early_config_prune": common.prune_by_size({"BLOCK_M": "ROWS", "BLOCK_N": "J"})},
+    prune_configs_by={"early_config_prune": common.prune_by_size(
+        {"BLOCK_M": "ROWS", "BLOCK_N": "J", "BLOCK_K": lambda a: a["N_ROT"] * a["HMAIN"]})},
 )(_window_columns_kernel)
 _fold_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_Q": q, "BLOCK_C": c}, num_warps=w) for q, c, w in

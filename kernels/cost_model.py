@@ -1,0 +1,294 @@
+"""FLOP/byte model of the fused path, step by step, and the time it predicts on a given card.
+
+Every step of ``relaxed_conv_fwd``/``relaxed_conv_bwd`` gets: multiply-adds as executed (tile
+padding included, for a representative config), bytes to/from DRAM (compulsory traffic of the
+tensors it reads and writes once), bytes from L2 into the SMs (the gathered operands, re-read
+by every program that needs them), and a predicted time
+
+    t = max(2 * MACs / (efficiency * peak), DRAM bytes / DRAM bandwidth, L2 bytes / L2 bandwidth) + launch
+
+A bound, not a simulation: it says which resource a step must saturate and how long that takes
+if it does. Run ``python -m relaxedconv.kernels.cost_model`` for the benchmark cases; bench/README.md
+keeps its output beside the measured times. The card parameters are stated in :data:`CARDS` with
+where each comes from; the Triton GEMM efficiency is an assumption until a GPU run measures it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    matmul_tflops: float  # dense bf16 matmul ceiling (measured where stated)
+    dram_tbps: float
+    l2_tbps: float
+    triton_efficiency: float  # fraction of matmul_tflops a gather-GEMM reaches (assumption)
+    cublas_efficiency: float  # fraction cuBLAS reaches on these skinny GEMMs (assumption)
+    launch_us: float = 4.0
+    source: str = ""
+
+
+CARDS = {
+    "H100": Card(
+        "H100 SXM 80GB", 767.0, 3.0, 7.0, 0.40, 0.60,
+        source="matmul 767 TFLOP/s measured (design.md §5, 2026-11-26); HBM3 3.35 TB/s spec -> 3.0 "
+        "achievable; L2 ~7 TB/s and the two efficiencies are assumptions",
+    ),
+    "H200": Card(
+        "H200 141GB", 790.0, 4.3, 7.0, 0.40, 0.60,
+        source="matmul ~790 TFLOP/s measured (issue 9, 2026-11-27); HBM3e 4.8 TB/s spec -> 4.3 "
+        "achievable; L2 and efficiencies as for H100",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One layer call: batch, channels per rotation, rotations, kernel, hidden width, image."""
+
+    batch: int
+    in_channels: int
+    out_channels: int
+    in_rotations: int
+    out_rotations: int
+    kernel_size: int
+    hidden: int
+    size: int  # input H = W, 'same' padding
+    per_position: bool
+    elem: int = 2  # bytes per element of the compute dtype (bf16)
+
+    @property
+    def positions(self) -> int:
+        return self.size * self.size
+
+    @property
+    def window(self) -> int:
+        return self.in_rotations * self.kernel_size**2
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    macs: float
+    dram_bytes: float
+    l2_bytes: float
+    engine: str  # "triton", "cublas" or "copy"
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+def _np2(n: int) -> int:
+    return max(16, 1 << (max(1, n) - 1).bit_length())
+
+
+def _split(s: Shape) -> tuple[int, bool]:
+    """(main hidden columns per rotation, tail) as :func:`common.hidden_split` decides."""
+    h = s.hidden
+    return (h, True) if h >= 16 and h & (h - 1) == 0 else (h + 1, False)
+
+
+def _columns(s: Shape, bn: int) -> tuple[int, int]:
+    """(column tiles, executed columns per row incl. padding and the 16-wide tail dots)."""
+    main, tail = _split(s)
+    tiles = -(-(s.out_rotations * main) // bn)
+    return tiles, tiles * (bn + (16 if tail else 0))
+
+
+def _u_step(s: Shape, bm: int, bn: int, bk: int) -> Step:
+    e, p, j = s.elem, s.positions, s.window
+    rows = s.batch * s.in_channels
+    tiles, cols = _columns(s, bn)
+    rows_exec = _ceil(rows, bm)
+    return Step(
+        f"u: U = X_col Z (gather-GEMM) [{bm}x{bn}x{bk}]",
+        p * rows_exec * _ceil(j, bk) * cols,
+        e * (_el(s)["xp"] + _el(s)["z"] + _el(s)["u"]),
+        e * p * (tiles * rows_exec * j + (rows_exec // bm) * j * cols),
+        "triton",
+    )
+
+
+def _dz_step(s: Shape, bm: int, bn: int, bk: int) -> Step:
+    e, p, j = s.elem, s.positions, s.window
+    rows = s.batch * s.in_channels
+    tiles, cols = _columns(s, bn)
+    j_exec = _ceil(j, bm)
+    return Step(
+        f"dz: dZ = X_col^T dU (gather-GEMM) [{bm}x{bn}x{bk}]",
+        p * j_exec * _ceil(rows, bk) * cols,
+        e * (_el(s)["xp"] + _el(s)["u"]) + 4 * _el(s)["z"],
+        e * p * (tiles * j * rows + (j_exec // bm) * rows * cols),
+        "triton",
+    )
+
+
+def _v_step(s: Shape, bm: int, bn: int, bk: int) -> Step:
+    e, p, j, n = s.elem, s.positions, s.window, s.out_rotations
+    rows = s.batch * s.in_channels
+    main, tail = _split(s)
+    k_exec = _ceil(n * main, bk) + (_ceil(n, 16) if tail else 0)
+    rows_exec = _ceil(rows, bm)
+    hp = s.hidden + 1
+    return Step(
+        f"v: V = dU Z^T (GEMM into im2col columns) [{bm}x{bn}x{bk}]",
+        p * rows_exec * _ceil(j, bn) * k_exec,
+        e * (_el(s)["u"] + _el(s)["z"] + _el(s)["v"]),
+        e * p * (-(-j // bn) * rows * n * hp + (rows_exec // bm) * j * n * hp),
+        "triton",
+    )
+
+
+def _el(s: Shape) -> dict[str, int]:
+    """Elements of every tensor the steps move."""
+    b, c, n, p = s.batch, s.in_channels, s.out_rotations, s.positions
+    pad = s.kernel_size // 2
+    hp = s.hidden + 1
+    return {
+        "x": b * c * s.in_rotations * s.size * s.size,
+        "xp": b * c * s.in_rotations * (s.size + 2 * pad) ** 2,
+        "z": n * (p if s.per_position else 1) * s.window * hp,
+        "u": b * n * p * hp * c,
+        "v": b * p * s.kernel_size**2 * c * s.in_rotations,
+        "y": b * s.out_channels * n * p,
+    }
+
+
+def _fits(s: Shape, kernel: str, cfg: dict) -> bool:
+    """The pruning the kernels' autotuners apply (kernels/common.prune_by_size)."""
+    rows = s.batch * s.in_channels
+    main, _ = _split(s)
+    limits = {
+        "u": {"BLOCK_M": rows, "BLOCK_K": s.window},
+        "dz": {"BLOCK_M": s.window, "BLOCK_K": rows},
+        "v": {"BLOCK_M": rows, "BLOCK_N": s.window, "BLOCK_K": s.out_rotations * main},
+    }[kernel]
+    return all(cfg[k] <= _np2(v) for k, v in limits.items())
+
+
+def _best(s: Shape, kernel: str, card: Card) -> Step:
+    """The step at the shipped config the model predicts fastest (what autotuning should find)."""
+    from . import relaxed_conv_bwd, relaxed_conv_fwd
+
+    configs = relaxed_conv_fwd._configs() if kernel == "u" else relaxed_conv_bwd._gemm_configs()
+    make = {"u": _u_step, "dz": _dz_step, "v": _v_step}[kernel]
+    kept = [c for c in configs if _fits(s, kernel, c.kwargs)] or [min(configs, key=lambda c: sum(c.kwargs.values()))]
+    cands = [make(s, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
+    return min(cands, key=lambda st: step_time(st, card))
+
+
+def steps(s: Shape, card: Card) -> dict[str, list[Step]]:
+    """The steps of the forward and of the backward pass with their counts."""
+    e = s.elem
+    el = _el(s)
+    gemm_macs = s.batch * s.out_rotations * s.positions * (s.hidden + 1) * s.in_channels * s.out_channels
+    pack = Step("pack x (channels-last, padded)", 0, e * (el["x"] + el["xp"]), 0, "copy")
+    z_align = Step("pad Z hidden stride to 16", 0, e * 2 * el["z"], 0, "copy")
+    y = Step("Y = W U^T (cuBLAS)", gemm_macs, e * (el["u"] + el["y"]), 0, "cublas")
+    fwd = [pack, z_align, _best(s, "u", card), y]
+    dy_t = Step("dY transposed for dW", 0, e * 2 * el["y"], 0, "copy")
+    dw = Step("dW = dY U (cuBLAS)", gemm_macs, e * (el["u"] + el["y"]), 0, "cublas")
+    du = Step("dU = dY^T W (cuBLAS)", gemm_macs, e * (el["u"] + el["y"]), 0, "cublas")
+    fold = Step("fold: dX = col2im(V)", 0, e * (el["v"] + el["x"]), 0, "copy")
+    bwd = [pack, z_align, dy_t, dw, du, _best(s, "dz", card), _best(s, "v", card), fold]
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def step_time(st: Step, card: Card) -> float:
+    """Predicted seconds for one step on ``card``."""
+    eff = {"triton": card.triton_efficiency, "cublas": card.cublas_efficiency, "copy": 1.0}[st.engine]
+    t_mac = 2 * st.macs / (eff * card.matmul_tflops * 1e12) if st.macs else 0.0
+    t_dram = st.dram_bytes / (card.dram_tbps * 1e12)
+    t_l2 = st.l2_bytes / (card.l2_tbps * 1e12)
+    return max(t_mac, t_dram, t_l2) + card.launch_us * 1e-6
+
+
+def bound(st: Step, card: Card) -> str:
+    eff = {"triton": card.triton_efficiency, "cublas": card.cublas_efficiency, "copy": 1.0}[st.engine]
+    times = {
+        "FLOPs": 2 * st.macs / (eff * card.matmul_tflops * 1e12) if st.macs else 0.0,
+        "DRAM": st.dram_bytes / (card.dram_tbps * 1e12),
+        "L2": st.l2_bytes / (card.l2_tbps * 1e12),
+    }
+    return max(times, key=times.get)
+
+
+def predict(s: Shape, card: Card) -> dict[str, float]:
+    """Predicted fwd, bwd and fwd+bwd milliseconds, and the peak of what the op allocates (MiB)."""
+    st = steps(s, card)
+    fwd = sum(step_time(x, card) for x in st["fwd"]) * 1e3
+    bwd = sum(step_time(x, card) for x in st["bwd"]) * 1e3
+    e = s.elem
+    b, c, n, p = s.batch, s.in_channels, s.out_rotations, s.positions
+    u_bytes = e * b * n * p * (s.hidden + 1) * c
+    v_bytes = min(e * b * p * s.kernel_size**2 * c * s.in_rotations, 256 * 2**20)
+    dz_bytes = 4 * n * (p if s.per_position else 1) * s.window * (s.hidden + 1)
+    # backward: U (saved), dU, one V chunk, dZ (fp32), dX, the packed input
+    peak = u_bytes * 2 + v_bytes + dz_bytes + 2 * e * b * c * s.in_rotations * (s.size + s.kernel_size) ** 2
+    return {"fwd_ms": fwd, "bwd_ms": bwd, "fwdbwd_ms": fwd + bwd, "peak_mib": peak / 2**20}
+
+
+def table(shapes: dict[str, Shape], card: Card) -> str:
+    """Markdown: per case and step, GFLOP executed, DRAM and L2 MB, bound and predicted µs."""
+    lines = [
+        f"Card model: {card.name} — {card.source}.",
+        "",
+        "| case | pass | step | GFLOP (executed) | DRAM MB | L2→SM MB | bound | predicted µs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in shapes.items():
+        for pas, sts in steps(s, card).items():
+            for st in sts:
+                lines.append(
+                    f"| {name} | {pas} | {st.name} | {2 * st.macs / 1e9:.2f} | {st.dram_bytes / 1e6:.0f} | "
+                    f"{st.l2_bytes / 1e6:.0f} | {bound(st, card)} | {step_time(st, card) * 1e6:.0f} |"
+                )
+        pr = predict(s, card)
+        lines.append(
+            f"| {name} | **total** | fwd {pr['fwd_ms']:.3f} ms, bwd {pr['bwd_ms']:.3f} ms (bwd/fwd "
+            f"{pr['bwd_ms'] / pr['fwd_ms']:.2f}), f+b {pr['fwdbwd_ms']:.3f} ms; peak ≈ {pr['peak_mib']:.0f} MiB | | | | | |"
+        )
+    return "\n".join(lines)
+
+
+def shape_of_case(case) -> Shape:
+    """A :class:`Shape` from a benchmark case (``relaxedconv.benchmark.cases.Case``)."""
+    return Shape(
+        batch=case.batch, in_channels=case.in_channels, out_channels=case.out_channels,
+        in_rotations=case.in_rotations, out_rotations=case.group_order, kernel_size=case.kernel_size,
+        hidden=case.hidden, size=case.size, per_position=case.translation_nonstationary,
+    )
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from relaxedconv.benchmark.cases import CASES
+
+    ap = argparse.ArgumentParser(prog="python -m relaxedconv.kernels.cost_model", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--card", choices=sorted(CARDS), default="H100")
+    ap.add_argument("--cases", default="T1,T2,T2-b64-32px,G1,G2,G3,G4", help="comma-separated benchmark case names")
+    ap.add_argument("--summary", action="store_true", help="one line per case instead of every step")
+    args = ap.parse_args(argv)
+    card = CARDS[args.card]
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; choose from {sorted(CASES)}")
+    shapes = {c: shape_of_case(CASES[c]) for c in names}
+    if args.summary:
+        print(f"{card.name}: predicted ms (bf16) — {card.source}")
+        for name, s in shapes.items():
+            pr = predict(s, card)
+            print(f"{name:12s} fwd {pr['fwd_ms']:7.3f}  bwd {pr['bwd_ms']:7.3f}  f+b {pr['fwdbwd_ms']:7.3f}  "
+                  f"bwd/fwd {pr['bwd_ms'] / pr['fwd_ms']:.2f}  peak {pr['peak_mib']:.0f} MiB")
+    else:
+        print(table(shapes, card))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""The kernels' FLOP/byte model: consistent with the benchmark's operation counts and with the
+kernels' own configs, and printable for every benchmark case (it is quoted in bench/README.md)."""
+import pytest
+
+from relaxedconv.benchmark import flops
+from relaxedconv.benchmark.cases import CASES
+from relaxedconv.kernels import cost_model
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_executed_work_covers_the_factored_operation_count(name):
+    case = CASES[name]
+    s = cost_model.shape_of_case(case)
+    card = cost_model.CARDS["H100"]
+    st = {x.name.split(":")[0].split(" [")[0]: x for x in cost_model.steps(s, card)["fwd"]}
+    useful = flops.case_macs(case)["factored"]
+    executed = st["u"].macs + st["Y = W U^T (cuBLAS)"].macs
+    # Padding only adds work, and never more than the 16-wide tail tile and power-of-two tiles can.
+    assert useful <= executed <= 4 * useful
+    # The W_ext product is exact (cuBLAS, no tiles of ours).
+    hp = case.hidden + 1
+    assert st["Y = W U^T (cuBLAS)"].macs == case.batch * case.positions * case.group_order * case.in_channels * hp * case.out_channels
+
+
+def test_per_position_z_and_column_buffer_scale_with_positions():
+    t2 = cost_model.shape_of_case(CASES["T2"])
+    big = cost_model.shape_of_case(CASES["T2-b64-32px"])
+    card = cost_model.CARDS["H100"]
+    a, b = cost_model.predict(t2, card), cost_model.predict(big, card)
+    # 4x the batch and 4x the positions: roughly 16x the time, never less than 8x.
+    assert b["fwdbwd_ms"] > 8 * a["fwdbwd_ms"]
+
+
+def test_the_model_prints_every_case(capsys):
+    assert cost_model.main(["--summary", "--cases", ",".join(sorted(CASES))]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in CASES)
+    assert cost_model.main(["--cases", "T1"]) == 0
+    assert "| T1 | bwd | fold" in capsys.readouterr().out
+
+
+def test_an_unknown_case_is_a_usage_error():
+    with pytest.raises(SystemExit) as e:
+        cost_model.main(["--cases", "T9"])
+    assert e.value.code == 2
