@@ -43,3 +43,18 @@ def test_an_unknown_case_is_a_usage_error():
     with pytest.raises(SystemExit) as e:
         cost_model.main(["--cases", "T9"])
     assert e.value.code == 2
+
+
+def test_step_bench_runs_every_step_and_compares_with_the_model(tmp_path, capsys):
+    from relaxedconv.kernels import common, step_bench
+
+    if not common.interpreting():
+        pytest.skip("the CPU smoke run needs the Triton interpreter (a GPU run is the real use)")
+    out = tmp_path / "steps.json"
+    assert step_bench.main(["--cpu-smoke", "--json", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    steps = {r["step"] for r in rows}
+    assert {"u", "dz", "v + fold", "forward (whole)", "backward (whole, U given)"} <= steps
+    assert all(r["measured_us"] > 0 and r["predicted_us"] > 0 for r in rows)

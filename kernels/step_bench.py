@@ -1,0 +1,148 @@
+"""Time every step of the fused path on the GPU beside the FLOP/byte model's prediction.
+
+    python -m relaxedconv.kernels.step_bench --cases T1,T2,G4 [--card H100] [--json steps.json]
+
+For each benchmark case (bf16, random tensors of the case's shapes) it times, with
+``triton.testing.do_bench`` (median, L2 flushed, compile and autotuning excluded), the whole
+forward and backward of ``relaxed_conv_fwd``/``relaxed_conv_bwd`` and each step on its own — the
+input repack, the Z alignment, the ``u`` gather-GEMM, the W GEMMs, ``dz``, ``v`` and ``fold`` — and
+prints measured µs, predicted µs (:mod:`relaxedconv.kernels.cost_model`) and their ratio, so a
+redesign is checked step by step against the argument that motivated it. Off-GPU it runs under
+``TRITON_INTERPRET=1`` on a tiny shape with ``--cpu-smoke`` (the timings then mean nothing; it
+checks that every step runs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from . import common, cost_model
+from .relaxed_conv_bwd import _hidden_grad, _input_grad, relaxed_conv_bwd
+from .relaxed_conv_fwd import hidden_projection, output_weight_matrix, relaxed_conv_fwd
+
+
+def _timer(device):
+    if device.type == "cuda":
+        import triton.testing
+
+        def bench(fn):
+            return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")) * 1e3
+
+        return bench
+
+    def bench(fn):  # off-GPU only proves the step runs: one call, its wall time
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+
+    return bench
+
+
+def _geometry(s: cost_model.Shape):
+    from relaxedconv.reference import ConvGeometry
+
+    return ConvGeometry(s.in_channels, s.out_channels, s.in_rotations, s.out_rotations, s.kernel_size, s.kernel_size // 2)
+
+
+def measure(s: cost_model.Shape, device, dtype=torch.bfloat16) -> dict[str, float]:
+    """Median µs of the whole passes and of each step, at the shape ``s``."""
+    g = _geometry(s)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    p = s.positions
+    hp = s.hidden + 1
+    x = rnd(s.batch, s.in_channels * s.in_rotations, s.size, s.size)
+    z = rnd(*((s.out_rotations, p, s.window, hp) if s.per_position else (s.out_rotations, s.window, hp)))
+    w = rnd(s.out_channels, s.in_channels, hp) * 0.1
+    bench = _timer(device)
+    y, u = relaxed_conv_fwd(x, z, w, None, g, return_u=True)
+    dy = torch.randn_like(y)
+    x_cl = common.channels_last_padded(x, g.padding)
+    z_al = common.aligned_hidden(z)
+    out_hw = (s.size, s.size)
+    rows = s.out_rotations * p
+    dy3 = dy.view(s.batch, s.out_channels, rows)
+    w_mat = output_weight_matrix(w)
+    du = torch.matmul(dy3.transpose(1, 2), w_mat).view(s.batch, s.out_rotations, p, hp, s.in_channels)
+    res = {
+        "forward (whole)": bench(lambda: relaxed_conv_fwd(x, z, w, None, g, return_u=True)),
+        "backward (whole, U given)": bench(lambda: relaxed_conv_bwd(dy, x, z, w, g, u=u)),
+        "pack x (channels-last, padded)": bench(lambda: common.channels_last_padded(x, g.padding)),
+        "pad Z hidden stride to 16": bench(lambda: common.aligned_hidden(z)),
+        "u": bench(lambda: hidden_projection(x_cl, z_al, hp, g, out_hw, s.batch)),
+        "Y = W U^T (cuBLAS)": bench(lambda: torch.matmul(w_mat, u.view(s.batch, rows, -1).transpose(1, 2))),
+        "dY transposed for dW": bench(lambda: dy3.transpose(0, 1).reshape(s.out_channels, -1)),
+        "dW = dY U (cuBLAS)": bench(lambda: dy3.transpose(0, 1).reshape(s.out_channels, -1) @ u.view(s.batch * rows, -1)),
+        "dU = dY^T W (cuBLAS)": bench(lambda: torch.matmul(dy3.transpose(1, 2), w_mat)),
+        "dz": bench(lambda: _hidden_grad(x_cl, du, z, g, out_hw, s.batch)),
+        "v + fold": bench(lambda: _input_grad(du, z_al, hp, g, x.shape, out_hw, dtype)),
+    }
+    return res
+
+
+def _predicted(s: cost_model.Shape, card) -> dict[str, float]:
+    """The model's µs for the same steps (a step that both passes run, such as the repack, once)."""
+    out = {}
+    for items in cost_model.steps(s, card).values():
+        for item in items:
+            out.setdefault(item.name.split(":")[0].split(" [")[0], cost_model.step_time(item, card) * 1e6)
+    out["v + fold"] = out.pop("v") + out.pop("fold")
+    pr = cost_model.predict(s, card)
+    out["forward (whole)"] = pr["fwd_ms"] * 1e3
+    out["backward (whole, U given)"] = pr["bwd_ms"] * 1e3
+    return out
+
+
+def main(argv=None) -> int:
+    from relaxedconv.benchmark.cases import CASES
+
+    ap = argparse.ArgumentParser(prog="python -m relaxedconv.kernels.step_bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="T1,T2,G4")
+    ap.add_argument("--card", choices=sorted(cost_model.CARDS), default="H100", help="the model's card parameters")
+    ap.add_argument("--json", default="", help="also write the rows here")
+    ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: run every step once on a tiny shape under the interpreter")
+    args = ap.parse_args(argv)
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if args.cpu_smoke:
+        if not common.interpreting():
+            ap.error("--cpu-smoke needs TRITON_INTERPRET=1 (the kernels run in Triton's interpreter on the CPU)")
+        shapes = {"tiny-trans": cost_model.Shape(2, 3, 4, 2, 2, 3, 16, 4, True)}
+        device, dtype = torch.device("cpu"), torch.float32
+    else:
+        if not torch.cuda.is_available():
+            print("step_bench: no CUDA device; run it on a GPU (or --cpu-smoke with TRITON_INTERPRET=1 to check it runs)")
+            return 2
+        unknown = [c for c in names if c not in CASES]
+        if unknown:
+            ap.error(f"unknown case(s) {unknown}; choose from {sorted(CASES)}")
+        shapes = {c: cost_model.shape_of_case(CASES[c]) for c in names}
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    card = cost_model.CARDS[args.card]
+    rows = []
+    print(f"step_bench on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (interpreter: timings meaningless)'}; "
+          f"model: {card.name}")
+    print(f"{'case':12s} {'step':34s} {'measured µs':>12s} {'predicted µs':>13s} {'ratio':>6s}")
+    for name, s in shapes.items():
+        got = measure(s, device, dtype)
+        pred = _predicted(s, card)
+        for step, us in got.items():
+            pu = pred.get(step)
+            ratio = us / pu if pu else float("nan")
+            rows.append({"case": name, "step": step, "measured_us": us, "predicted_us": pu, "ratio": ratio})
+            print(f"{name:12s} {step:34s} {us:12.1f} {pu if pu is not None else float('nan'):13.1f} {ratio:6.2f}")
+    if args.json:
+        meta = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+                "model_card": card.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
