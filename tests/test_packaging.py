@@ -48,9 +48,10 @@ def test_offline_editable_install_without_build_isolation(tmp_path):
     for pkg in ("relaxedconv", "kernels"):
         shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     prefix = tmp_path / "prefix"
-    # --isolated: no pip configuration or environment (no index, no find-links); --no-index: offline
+    # --isolated: no pip configuration or environment (no index, no find-links); --no-index: offline;
+    # --ignore-installed: leave the running environment's own relaxedconv install alone
     cmd = [sys.executable, "-m", "pip", "install", "--isolated", "--no-index", "--no-deps", "--no-build-isolation",
-           "--disable-pip-version-check", "--prefix", str(prefix), "-e", str(src)]
+           "--ignore-installed", "--disable-pip-version-check", "--prefix", str(prefix), "-e", str(src)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     finders = list(prefix.rglob("__editable___relaxedconv_*finder.py"))
@@ -59,3 +60,6 @@ def test_offline_editable_install_without_build_isolation(tmp_path):
     # the Triton kernels in kernels/ install as relaxedconv.kernels
     assert f"'relaxedconv.kernels': '{src / 'kernels'}'" in text
     assert f"'relaxedconv': '{src / 'relaxedconv'}'" in text
+    # the environment running the tests still imports its own copy
+    check = subprocess.run([sys.executable, "-c", "import relaxedconv.kernels"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr[-2000:]
