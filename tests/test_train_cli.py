@@ -14,7 +14,7 @@ from relaxedconv import __version__
 from relaxedconv.cli import main as relaxedconv_main
 from relaxedconv.training import cli
 from relaxedconv.training import data as data_mod
-from relaxedconv.training.checks import check_against_data, check_config
+from relaxedconv.training.checks import check_against_data, check_config, resolved_model_options
 from relaxedconv.training.trainer import DEFAULTS
 
 from test_training import TINY, make_folder
@@ -203,11 +203,18 @@ def test_version(capsys):
 def test_config_json_records_what_the_model_uses(tmp_path, variant, expect):
     data = make_folder(tmp_path / "f", n_train=16, n_test=4)
     out = tmp_path / variant
-    assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "4",
-                           "--epochs", "1", "--variant", variant, *TINY, "--warmup-epochs", "0"]) == 0
+    cmd = ["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "4",
+           "--epochs", "1", "--variant", variant, *TINY, "--warmup-epochs", "0"]
+    assert cli.train_main(cmd) == 0
     doc = json.loads((out / "config.json").read_text())
     for k, v in expect.items():
         assert doc["config"][k] == v == doc["model"][k], k
+    # the resolution the CLI compares configurations with agrees with the built model's
+    raw, _ = cli.resolve_config(cmd)
+    assert resolved_model_options(raw) == {k: doc["model"][k] for k in ("group_order", "omega_rot", "omega_pos", "learn_omega")}
+    # rerunning the very same command with --resume (what experiments/run_*.sh do) finds the finished run,
+    # although the command says --group-order 4 and a t2 run is saved with N = 1
+    assert cli.train_main([*cmd, "--resume"]) == 0
 
 
 def test_final_json_timing_and_a_resumed_finished_run(tmp_path, capsys):

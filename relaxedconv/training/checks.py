@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..models import _SPECS as VARIANT_SPECS
+from ..models import DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT
 from ..validation import check_kernel_size, check_omega
 
 # Above this many image-epochs a CPU run is a matter of days (the reduced SE(2)-8 model of
@@ -43,6 +44,24 @@ def _number(cfg: dict, key: str, *, positive: bool) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
         want = "a positive number" if positive else "a number >= 0"
         raise ConfigError(f"{_flag(key)} must be {want}, got {v!r}")
+
+
+def resolved_model_options(cfg: dict) -> dict:
+    """The options that ``build_model`` resolves per variant, as it resolves them (t2's N = 1, the
+    default omegas of the non-stationary variants, an omega a variant cannot use as 0, learning on
+    for the *_learned variants). The trainer records the built model's own values in config.json;
+    this is for comparing configurations before anything is built."""
+    spec = VARIANT_SPECS.get(cfg.get("variant"))
+    if spec is None:
+        return {}
+    rot = DEFAULT_OMEGA_ROT if cfg["omega_rot"] is None else float(cfg["omega_rot"])
+    pos = DEFAULT_OMEGA_POS if cfg["omega_pos"] is None else float(cfg["omega_pos"])
+    return dict(
+        group_order=spec["group_order"] or cfg["group_order"],
+        omega_rot=rot if spec["rot"] else 0.0,
+        omega_pos=pos if spec["trans"] else 0.0,
+        learn_omega=bool(cfg["learn_omega"] or spec["learn"]) if (spec["rot"] or spec["trans"]) else False,
+    )
 
 
 def resolved_device_type(device: str) -> str:

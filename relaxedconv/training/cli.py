@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import __version__
 from ..dispatch import BACKENDS
 from ..models import DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT, VARIANTS
-from .checks import ConfigError
+from .checks import ConfigError, resolved_model_options
 from .data import DATASETS, DatasetError
 from .trainer import DEFAULTS, RESUMABLE_CHANGES
 
@@ -163,9 +163,13 @@ def resolve_config(argv, log=None) -> tuple[dict, bool]:
                 )
             (log or _stderr)(f"relaxedconv train: note: {args.out} holds no run yet; starting a new one with the given options")
         else:
+            # Compared as the model uses them: `--variant t2 --group-order 8` resumes a run saved as N = 1.
+            before = {**DEFAULTS, **saved}
+            before.update(resolved_model_options(before))
+            now = {**cfg, **resolved_model_options(cfg)}
             conflicts = {
-                k: (saved.get(k), cfg[k]) for k in explicit
-                if k not in RESUMABLE_CHANGES and k in saved and saved[k] != cfg[k]
+                k: (before[k], now[k]) for k in explicit
+                if k not in RESUMABLE_CHANGES and k in saved and before[k] != now[k]
             }
             if conflicts:
                 lines = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in conflicts.items())
