@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 
 import torch
@@ -107,6 +109,16 @@ def check_omega(name: str, value) -> float:
     return v
 
 
+def _stacklevel_outside_package() -> int:
+    """The ``stacklevel`` of the caller's first frame outside relaxedconv: a warning then points at
+    the user's line, however many constructors (subclasses, models) sit in between."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def check_omegas(layer: str, *, omega_rel, omega_rot, omega_pos, rotation_nonstationary: bool,
                  translation_nonstationary: bool) -> tuple[float, float, float]:
     """Validate the three initial frequencies of a layer; warn about one the layer cannot use.
@@ -124,7 +136,7 @@ def check_omegas(layer: str, *, omega_rel, omega_rot, omega_pos, rotation_nonsta
                 f"{layer}: {name}={value:g} has no effect because {flag}=False (the kernel does not see "
                 f"that absolute coordinate); pass {flag}=True to use it, or leave {name} at 0",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=_stacklevel_outside_package(),
             )
     return rel, rot, pos
 

@@ -167,8 +167,12 @@ def test_bad_omega(name, value, exc, msg):
 
 @pytest.mark.parametrize("name, flag", [("omega_rot", "rotation_nonstationary"), ("omega_pos", "translation_nonstationary")])
 def test_omega_without_its_nonstationarity_warns(name, flag):
-    with pytest.warns(UserWarning, match=rf"LiftingConv: {name}=1.5 has no effect because {flag}=False .*pass {flag}=True"):
+    with pytest.warns(UserWarning, match=rf"LiftingConv: {name}=1.5 has no effect because {flag}=False .*pass {flag}=True") as record:
         layer = rc.LiftingConv(2, 2, 3, 4, hidden_channels=8, **{name: 1.5})
+    assert record[0].filename == __file__  # points at the line that built the layer
+    with pytest.warns(UserWarning, match=rf"PointwiseGroupConv: {name}=1.5") as record:
+        rc.PointwiseGroupConv(2, 2, 4, hidden_channels=8, **{name: 1.5})
+    assert record[0].filename == __file__
     assert name.split("_")[1] not in layer.omegas()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
