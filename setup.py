@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["relaxedconv", "relaxedconv.kernels", "relaxedconv.training", "relaxedconv.benchmark"],
-    # design.md §6: the Triton kernels live in kernels/ and install as relaxedconv.kernels.
+    # docs/design.md §6: the Triton kernels live in kernels/ and install as relaxedconv.kernels.
     package_dir={"relaxedconv.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

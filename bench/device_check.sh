@@ -55,10 +55,6 @@ if ! "$PY" -c "import relaxedconv.kernels" > /dev/null 2>&1; then
   timeout 45 "$PY" -m pip install --no-deps --no-build-isolation -q -e . >> "$SUMMARY" 2>&1 \
     || log "pip install -e . failed"
 fi
-if ! "$PY" -c "import relaxedconv.kernels" > /dev/null 2>&1 && [ ! -e relaxedconv/kernels ]; then
-  # No install possible (offline, no setuptools): point the package at kernels/ in this copy.
-  ln -s ../kernels relaxedconv/kernels && log "linked relaxedconv/kernels -> ../kernels"
-fi
 "$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import torch, triton, relaxedconv, relaxedconv.kernels
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), "

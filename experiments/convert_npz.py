@@ -21,18 +21,45 @@ import hashlib
 import io
 import pickle
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 
+class ArchiveError(Exception):
+    """An input archive that cannot be read; the message names the file and what to do."""
+
+
+ARRAYS = ("jpeg", "offsets", "labels", "classes")
+
+
 def decode(npz: Path):
     from PIL import Image
 
-    d = np.load(npz)
-    j, o = d["jpeg"], d["offsets"]
-    x = np.stack([np.asarray(Image.open(io.BytesIO(j[o[i]:o[i + 1]].tobytes())).convert("RGB")) for i in range(len(o) - 1)])
-    return x, d["labels"].astype(np.int64), [str(c) for c in d["classes"]]
+    try:
+        with np.load(npz) as d:
+            missing = [k for k in ARRAYS if k not in d.files]
+            if missing:
+                raise ArchiveError(f"{npz}: no array(s) {missing}; expected {list(ARRAYS)} (the offline CIFAR-10 copy's layout)")
+            j, o, labels, classes = (d[k] for k in ARRAYS)
+    except ArchiveError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+        # np.load reads the zip directory at the end of the file; a truncated download has none
+        raise ArchiveError(f"{npz} is not a complete .npz archive ({type(e).__name__}: {e}); "
+                           "it is truncated or corrupt: copy or download it again") from None
+    if o.ndim != 1 or len(o) != len(labels) + 1 or (len(o) and o[-1] > len(j)):
+        raise ArchiveError(f"{npz}: {len(o)} offsets for {len(labels)} labels and {len(j)} JPEG bytes do not fit together; "
+                           "the archive is not the offline CIFAR-10 copy or is damaged: copy it again")
+    images = []
+    for i in range(len(o) - 1):
+        try:
+            images.append(np.asarray(Image.open(io.BytesIO(j[o[i]:o[i + 1]].tobytes())).convert("RGB")))
+        except OSError as e:  # PIL.UnidentifiedImageError is an OSError
+            raise ArchiveError(f"{npz}: image {i} is not a readable JPEG ({e}); the archive is damaged: copy it again") from None
+    return np.stack(images), labels.astype(np.int64), [str(c) for c in classes]
 
 
 def write_batches(dst: Path, train, test, classes, seed: int = 0) -> None:
@@ -77,8 +104,12 @@ def main(argv=None) -> int:
         if not f.is_file():
             print(f"convert_npz: {f} not found; expected cifar10-train-jpeg.npz and cifar10-test-jpeg.npz in {args.src}", file=sys.stderr)
             return 2
-    train = decode(files["train"])
-    test = decode(files["test"])
+    try:
+        train = decode(files["train"])
+        test = decode(files["test"])
+    except ArchiveError as e:
+        print(f"convert_npz: {e}", file=sys.stderr)
+        return 2
     classes = train[2]
     if args.layout == "batches":
         write_batches(args.dst, train[:2], test[:2], classes)

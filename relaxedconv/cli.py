@@ -17,7 +17,8 @@ COMMANDS = {
 def _usage() -> str:
     lines = ["usage: relaxedconv <command> [options]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "run 'relaxedconv <command> --help' for a command's options"]
+    lines += ["", "run 'relaxedconv <command> --help' for a command's options; 'relaxedconv --version' for the version",
+              "documentation: README.md; the method, conventions and backends: docs/design.md"]
     return "\n".join(lines)
 
 
@@ -25,6 +26,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"relaxedconv {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -15,7 +15,16 @@ from . import dispatch
 from .groups import coordinate_groups, disk_mask
 from .kernel_net import SirenKernelNet
 from .reference import ConvGeometry
-from .validation import check_feature_map, check_kernel_size, check_positive_int, resolve_padding
+from .validation import (
+    LATTICE_FIELDS,
+    LATTICE_STATE_VERSION,
+    check_feature_map,
+    check_kernel_size,
+    check_lattice_state,
+    check_omegas,
+    check_positive_int,
+    resolve_padding,
+)
 
 
 class _RelaxedGroupConv(nn.Module):
@@ -56,6 +65,16 @@ class _RelaxedGroupConv(nn.Module):
         self.translation_nonstationary = bool(translation_nonstationary)
         self.mask = (self.group_order > 1) if mask is None else bool(mask)
         self.backend = dispatch.check_backend_name(backend)
+        omega_rel, omega_rot, omega_pos = check_omegas(
+            type(self).__name__,
+            omega_rel=omega_rel,
+            omega_rot=omega_rot,
+            omega_pos=omega_pos,
+            rotation_nonstationary=self.rotation_nonstationary,
+            translation_nonstationary=self.translation_nonstationary,
+        )
+        # kept for reset_parameters(): the frequencies are parameters, re-initialised to these
+        self._initial_omegas = {"rel": omega_rel, "rot": omega_rot, "pos": omega_pos}
         self.geometry = ConvGeometry(
             in_channels=self.in_channels,
             out_channels=self.out_channels,
@@ -84,17 +103,34 @@ class _RelaxedGroupConv(nn.Module):
             learn_omega_rot=learn_omega_rot,
             learn_omega_pos=learn_omega_pos,
         )
-        fan_in = self.in_channels * self.in_rotations * self.kernel_size**2
         self.bias = nn.Parameter(torch.empty(self.out_channels)) if bias else None
-        self._init_to_conv2d_scale(fan_in)
+        self._init_to_conv2d_scale()
 
     # ---- initialisation -------------------------------------------------------------------
-    def _init_to_conv2d_scale(self, fan_in: int) -> None:
+    def reset_parameters(self) -> None:
+        """Initialise every parameter as the constructor does: the SIREN's layers, the omegas at
+        their initial values, the output layer and bias at nn.Conv2d's scale.
+
+        A layer built under ``torch.device("meta")`` has no values; after ``layer.to_empty(device=...)``
+        call this (or load a state_dict; ``load_state_dict(sd, assign=True)`` also works on the meta
+        layer directly). A loop that resets every submodule must reach this layer after its kernel
+        net's ``nn.Linear`` layers, e.g. ``for m in reversed(list(model.modules()))``."""
+        kn = self.kernel_net
+        with torch.no_grad():
+            for name, param in kn.omegas().items():
+                param.fill_(self._initial_omegas[name])
+            kn._siren_init(kn.first.in_features)
+        self._init_to_conv2d_scale()
+
+    def _init_to_conv2d_scale(self) -> None:
         """Give the generated kernel nn.Conv2d's default variance 1/(3*fan_in).
 
         k = W_L z with W_L ~ U(-a, a) has E[k^2] = (a^2/3) * H * E[z^2]; E[z^2] is measured on this
         layer's own lattice (it depends on the omegas), so a^2 = 1/(fan_in * H * E[z^2]).
         """
+        if self.kernel_net.first.weight.is_meta:
+            return  # deferred: a meta layer has nothing to measure; reset_parameters() after to_empty()
+        fan_in = self.in_channels * self.in_rotations * self.kernel_size**2
         with torch.no_grad():
             # A representative output size for abs_pos; the statistics hardly depend on it.
             z = self._hidden_features(out_hw=(9, 9))
@@ -175,6 +211,24 @@ class _RelaxedGroupConv(nn.Module):
         if name == "auto":
             name = dispatch.choose_backend(self, x)
         return dispatch.run(name, self, x, out_hw)
+
+    # ---- state_dict: the lattice record ------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        """What defines the lattice the kernel net is evaluated on (plain ints and bools).
+
+        The parameters' shapes do not depend on the kernel size, group order, padding, mask or
+        which absolute coordinates the kernel sees beyond the input width, so this record is what
+        lets :meth:`load_state_dict` refuse weights saved from another lattice."""
+        return {"version": LATTICE_STATE_VERSION, "lattice": {k: getattr(self, k) for k in LATTICE_FIELDS}}
+
+    def set_extra_state(self, state) -> None:
+        check_lattice_state(type(self).__name__, state, self.get_extra_state())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state_dict saved before the lattice was recorded (relaxedconv 0.1.0) has no
+        # _extra_state: load it as before, unchecked, rather than fail on a missing key.
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def omegas(self) -> dict[str, float]:
         """This layer's frequencies as floats: {'rel': .., 'rot': .., 'pos': ..} (those present)."""

@@ -194,7 +194,9 @@ class CKResNet(nn.Module):
         y = self.lift_subset(F.relu(self.lift_norm(self.lift(x))))
         y = self.blocks(y)
         y = F.relu(self.head_norm(self.head(y)))
-        return self.fc(self.pool(y).float())
+        # The pooled features go to the head in its own dtype: fp32 for an fp32 model fed bf16/fp16
+        # inputs (as under autocast), fp64/bf16 for a model converted with .double()/.bfloat16().
+        return self.fc(self.pool(y).to(self.fc.weight.dtype))
 
 
 def build_model(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -38,7 +39,10 @@ def test_state_dict_same_in_train_and_eval(relax):
     sd_eval = model.state_dict()
     assert list(sd_train) == list(sd_eval)
     for k in sd_train:
-        assert torch.equal(sd_train[k], sd_eval[k]), k
+        if k.endswith("_extra_state"):  # the lattice record: a dict of ints and bools
+            assert sd_train[k] == sd_eval[k], k
+        else:
+            assert torch.equal(sd_train[k], sd_eval[k]), k
     assert any(k.endswith("omega_rel") for k in sd_train)
     if relax:
         assert "0.kernel_net.omega_rot" in sd_train and "2.kernel_net.omega_pos" in sd_train
@@ -75,6 +79,113 @@ def test_state_dict_round_trip_gives_the_same_function():
     assert not torch.allclose(other(x), model(x))
     other.load_state_dict(model.state_dict())
     assert torch.equal(other(x), model(x))
+
+
+# ---- the lattice record in the state_dict (issue 12, item 7) ----------------------------------------
+@pytest.mark.parametrize(
+    "other, field",
+    [
+        (dict(kernel_size=5), "kernel_size 3 \\(saved\\) vs 5"),
+        (dict(group_order=8), "group_order 4 \\(saved\\) vs 8"),
+        (dict(padding=0), "padding 1 \\(saved\\) vs 0"),
+        (dict(mask=False), "mask True \\(saved\\) vs False"),
+        (dict(in_channels=6, out_channels=2), "in_channels 4 \\(saved\\) vs 6"),  # C_out*C_in = 12 either way
+    ],
+)
+def test_state_dict_from_another_lattice_is_refused(other, field):
+    """Parameter shapes do not depend on K, N, padding or the mask: the recorded lattice catches it."""
+    args = dict(in_channels=4, out_channels=3, kernel_size=3, group_order=4, hidden_channels=8, bias=False)
+    saved = rc.GroupConv(**args).state_dict()
+    target = rc.GroupConv(**{**args, **other})
+    assert all(saved[k].shape == v.shape for k, v in target.state_dict().items() if not k.endswith("_extra_state"))
+    with pytest.raises(ValueError, match=rf"GroupConv: the state_dict was saved from a layer on another lattice: .*{field}"):
+        target.load_state_dict(saved)
+    with pytest.raises(ValueError, match="build the layer with"):
+        target.load_state_dict(saved, strict=False)
+
+
+def test_state_dict_lattice_record_round_trips_and_old_checkpoints_still_load(tmp_path):
+    model = small_model(rotation_nonstationary=True, omega_rot=1.0)
+    sd = model.state_dict()
+    assert sd["0._extra_state"]["lattice"] == dict(
+        in_channels=3, out_channels=4, in_rotations=1, kernel_size=3, group_order=4, padding=1, mask=True,
+        rotation_nonstationary=True, translation_nonstationary=False,
+    )
+    # plain data: a weights-only load reads it
+    torch.save(sd, tmp_path / "sd.pt")
+    loaded = torch.load(tmp_path / "sd.pt", weights_only=True)
+    twin = small_model(rotation_nonstationary=True, omega_rot=0.0)
+    twin.load_state_dict(loaded)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(twin(x), model(x))
+    # a state_dict saved by relaxedconv 0.1.0 (no _extra_state) loads strictly, unchecked
+    old = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
+    fresh = small_model(rotation_nonstationary=True, omega_rot=0.0)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh(x), model(x))
+    # the record of the wrong kind of module is refused clearly
+    bad = dict(sd, **{"0._extra_state": {"something": 1}})
+    with pytest.raises(ValueError, match="not a relaxedconv lattice record"):
+        fresh.load_state_dict(bad)
+
+
+# ---- dtypes of whole models, and the meta device (issue 12, items 4 and 5) ---------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_converted_model_runs_in_its_dtype(dtype):
+    from relaxedconv.models import build_model
+
+    torch.manual_seed(5)
+    model = build_model("se2_rot", group_order=4, widths=(4,), kernel_size=3, hidden_channels=8)
+    x = torch.randn(2, 3, 12, 12)
+    ref = model(x)
+    converted = copy.deepcopy(model).to(dtype)
+    y = converted(x.to(dtype))
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert all(p.grad is None or p.grad.dtype == dtype for p in converted.parameters())
+    tol = 1e-5 if dtype == torch.float64 else 0.1
+    y, ref = y.detach().double(), ref.detach().double()
+    assert float((y - ref).norm() / ref.norm()) < tol
+    # an fp32 model fed bf16 keeps an fp32 head, as under autocast
+    assert model(x.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls, args, kw", [
+    (rc.LiftingConv, (3, 16, 5, 4), dict(rotation_nonstationary=True, omega_rot=1.5)),
+    (rc.GroupConv, (4, 16, 3, 4), dict(translation_nonstationary=True, omega_pos=2.0, omega_rel=3.0)),
+    (rc.PointwiseGroupConv, (4, 16, 8), {}),
+])
+def test_meta_device_construction_then_to_empty_and_reset(cls, args, kw):
+    with torch.device("meta"):
+        layer = cls(*args, hidden_channels=8, **kw)
+    assert all(p.is_meta for p in layer.parameters())
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    torch.manual_seed(0)
+    eager = cls(*args, hidden_channels=8, **kw)
+    assert layer.omegas() == eager.omegas()
+    # same initial statistics as an eagerly built layer: the kernel at nn.Conv2d's scale
+    fan_in = layer.in_channels * layer.in_rotations * layer.kernel_size**2
+    with torch.no_grad():
+        k = layer.full_kernel((5, 5))
+        keep = layer._mask_over_window(k.dtype).bool()
+        vals = (k[:, keep] if k.dim() == 4 else k[:, :, keep]).flatten()
+    assert 0.7 < float(vals.std()) * math.sqrt(3 * fan_in) < 1.4
+    assert float(layer.kernel_net.out.bias.detach().abs().max()) == 0.0
+
+
+def test_meta_model_loads_a_state_dict_with_assign():
+    from relaxedconv.models import build_model
+
+    torch.manual_seed(6)
+    kw = dict(group_order=4, widths=(4,), kernel_size=3, hidden_channels=8)
+    real = build_model("se2_rot", **kw).eval()
+    with torch.device("meta"):
+        lazy = build_model("se2_rot", **kw)
+    lazy.load_state_dict(real.state_dict(), assign=True)
+    lazy.eval()
+    x = torch.randn(2, 3, 12, 12)
+    assert torch.equal(lazy(x), real(x))
 
 
 # ---- omegas and the prior ---------------------------------------------------------------------------

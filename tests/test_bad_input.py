@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -147,6 +148,43 @@ def test_bad_layer_arguments(kwargs, exc, msg):
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
         rc.GroupConv(**args)
+
+
+@pytest.mark.parametrize("name", ["omega_rel", "omega_rot", "omega_pos"])
+@pytest.mark.parametrize("value, exc, msg", [
+    (-1.0, ValueError, r"must be >= 0, got -1.0: a frequency's sign only mirrors the coordinates it scales \(pass 1\)"),
+    (float("nan"), ValueError, r"must be a finite number >= 0, got nan"),
+    (float("inf"), ValueError, r"must be a finite number >= 0, got inf"),
+    ("2", TypeError, r"must be a number, got str"),
+    (None, TypeError, r"must be a number, got NoneType"),
+])
+def test_bad_omega(name, value, exc, msg):
+    """Refused in the constructor, whether or not the layer uses that frequency."""
+    relax = dict(rotation_nonstationary=True, translation_nonstationary=True)
+    with pytest.raises(exc, match=rf"{name} {msg}"):
+        rc.GroupConv(2, 2, 3, 4, **relax, **{name: value})
+
+
+@pytest.mark.parametrize("name, flag", [("omega_rot", "rotation_nonstationary"), ("omega_pos", "translation_nonstationary")])
+def test_omega_without_its_nonstationarity_warns(name, flag):
+    with pytest.warns(UserWarning, match=rf"LiftingConv: {name}=1.5 has no effect because {flag}=False .*pass {flag}=True") as record:
+        layer = rc.LiftingConv(2, 2, 3, 4, hidden_channels=8, **{name: 1.5})
+    assert record[0].filename == __file__  # points at the line that built the layer
+    with pytest.warns(UserWarning, match=rf"PointwiseGroupConv: {name}=1.5") as record:
+        rc.PointwiseGroupConv(2, 2, 4, hidden_channels=8, **{name: 1.5})
+    assert record[0].filename == __file__
+    assert name.split("_")[1] not in layer.omegas()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rc.LiftingConv(2, 2, 3, 4, hidden_channels=8, **{name: 1.5, flag: True})  # used: no warning
+        rc.LiftingConv(2, 2, 3, 4, hidden_channels=8, **{name: 0.0})  # the default: no warning
+
+
+def test_numeric_omega_types_are_accepted():
+    import numpy as np
+
+    layer = rc.GroupConv(2, 2, 3, 4, rotation_nonstationary=True, omega_rot=np.float32(0.5), omega_rel=torch.tensor(3.0), hidden_channels=8)
+    assert layer.omegas() == {"rel": 3.0, "rot": 0.5}
 
 
 def test_pointwise_refuses_window_arguments():

@@ -226,7 +226,10 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, variant):
     assert a["epoch"] == b["epoch"] == 3
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+        if k.endswith("_extra_state"):  # the layers' lattice records (dicts)
+            assert a["model"][k] == b["model"][k], k
+        else:
+            assert torch.equal(a["model"][k], b["model"][k]), k
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in p.read_text().splitlines()]  # noqa: E731

@@ -12,6 +12,18 @@ import numpy as np
 import torch
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def use_default_mode(path) -> None:
+    """Give a file made by mkstemp (always 0600) the mode open() would have: 0666 less the umask,
+    so run files are as readable as any other file the user writes."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 @contextlib.contextmanager
 def _replaced_atomically(path):
     """Yield a temporary path in ``path``'s folder; on success fsync it and rename it over ``path``.
@@ -20,6 +32,7 @@ def _replaced_atomically(path):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    use_default_mode(tmp)
     try:
         yield tmp
         with open(tmp, "rb") as f:

@@ -13,7 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from ..models import VARIANTS
+from .. import __version__
+from ..dispatch import BACKENDS
+from ..models import DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT, VARIANTS
+from .checks import ConfigError, resolved_model_options
 from .data import DATASETS, DatasetError
 from .trainer import DEFAULTS, RESUMABLE_CHANGES
 
@@ -40,45 +43,77 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on/off, got {s!r}")
 
 
+class _DefaultsHelp(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" to an option's help, except where the help already says it or there
+    is no meaningful default (flags, None)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if "%(default)" in h or "default" in h or d is None or d is False or d is argparse.SUPPRESS or not action.option_strings:
+            return h
+        shown = ",".join(map(str, d)) if isinstance(d, (list, tuple)) else ("on" if d is True else "%(default)s")
+        return f"{h} (default: {shown})" if h else f"(default: {shown})"
+
+
+TRAIN_EPILOG = """\
+The defaults are the paper's protocol (design §7 of docs/design.md): 300 epochs of the full model,
+sized for a GPU. On a CPU start from experiments/run_cpu.sh's reduced options.
+
+examples:
+  relaxedconv train --data-dir ./data --download --variant se2 --out runs/c10_se2_8
+  relaxedconv train --out runs/c10_se2_8 --resume           # continue an interrupted run exactly
+  relaxedconv train --data-dir ./data --variant se2_rot --omega-rot 2 --widths 8,16 --kernel-size 5 \\
+      --hidden-channels 16 --epochs 4 --train-subset 5000 --device cpu --out runs/cpu_se2_rot
+"""
+
+
 def train_parser(prog: str = "relaxedconv train") -> argparse.ArgumentParser:
     d = DEFAULTS
-    ap = argparse.ArgumentParser(prog=prog, description="Train a continuous-kernel (relaxed) group ResNet on CIFAR-10/100 or an image folder.")
+    ap = argparse.ArgumentParser(
+        prog=prog, formatter_class=lambda prog: _DefaultsHelp(prog, max_help_position=30),
+        description="Train a continuous-kernel (relaxed) group ResNet on CIFAR-10/100 or an image folder.",
+        epilog=TRAIN_EPILOG,
+    )
+    ap.add_argument("--version", action="version", version=f"relaxedconv {__version__}")
     g = ap.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default=d["dataset"])
-    g.add_argument("--data-dir", default=d["data_dir"], help="CIFAR python batches, or train/<class>/ and test/<class>/ image folders (default %(default)s)")
+    g.add_argument("--dataset", choices=DATASETS, default=d["dataset"], help="which data --data-dir holds")
+    g.add_argument("--data-dir", metavar="DIR", default=d["data_dir"], help="CIFAR python batches, or train/<class>/ and test/<class>/ image folders")
     g.add_argument("--download", action="store_true", help="fetch the official CIFAR archive (md5-checked) when it is not in --data-dir")
     g.add_argument("--label-type", choices=("fine", "coarse"), default=d["label_type"], help="CIFAR-100 labels")
-    g.add_argument("--val-size", type=int, default=d["val_size"], help="validation images held out of the training set (seeded; default %(default)s = the 45k/5k split)")
-    g.add_argument("--train-subset", type=int, default=d["train_subset"], help="train on a seeded random subset of this many images (0 = all)")
-    g.add_argument("--test-subset", type=int, default=d["test_subset"], help="evaluate on a seeded random subset of the test set (0 = all)")
-    g.add_argument("--augment", type=_bool, default=d["augment"], metavar="on/off", help="random crop (pad 4) + horizontal flip, on the training device (on/off)")
+    g.add_argument("--val-size", metavar="N", type=int, default=d["val_size"], help="validation images held out of the training set, seeded; 5000 gives the 45k/5k split")
+    g.add_argument("--train-subset", metavar="N", type=int, default=d["train_subset"], help="train on a seeded random subset of this many images (0 = all)")
+    g.add_argument("--test-subset", metavar="N", type=int, default=d["test_subset"], help="evaluate on a seeded random subset of the test set (0 = all)")
+    g.add_argument("--augment", type=_bool, default=d["augment"], metavar="on/off", help="random crop (pad 4) + horizontal flip, on the training device")
     g = ap.add_argument_group("model")
-    g.add_argument("--variant", choices=VARIANTS, default=d["variant"])
-    g.add_argument("--group-order", type=int, default=d["group_order"], help="N rotations (ignored by t2)")
-    g.add_argument("--widths", type=_ints, default=d["widths"], help="residual block widths (default 32,64)")
-    g.add_argument("--kernel-size", type=int, default=d["kernel_size"])
-    g.add_argument("--hidden-channels", type=int, default=d["hidden_channels"], help="kernel-net width")
-    g.add_argument("--omega-rel", type=float, default=d["omega_rel"])
-    g.add_argument("--omega-rot", type=float, default=d["omega_rot"], help="rotation frequency of non-stationary variants (default 2)")
-    g.add_argument("--omega-pos", type=float, default=d["omega_pos"], help="position frequency of non-stationary variants (default 1)")
+    g.add_argument("--variant", choices=VARIANTS, default=d["variant"], help="layer type of every convolution (README: Models and training)")
+    g.add_argument("--group-order", metavar="N", type=int, default=d["group_order"], help="N rotations (t2 always uses 1)")
+    g.add_argument("--widths", type=_ints, default=",".join(map(str, d["widths"])), metavar="W1,W2,...", help="residual block widths, channels per rotation")
+    g.add_argument("--kernel-size", metavar="K", type=int, default=d["kernel_size"], help="K, odd")
+    g.add_argument("--hidden-channels", metavar="H", type=int, default=d["hidden_channels"], help="kernel-net (SIREN) width H")
+    g.add_argument("--omega-rel", metavar="W", type=float, default=d["omega_rel"], help="frequency of the relative coordinates")
+    g.add_argument("--omega-rot", metavar="W", type=float, default=d["omega_rot"], help=f"initial rotation frequency of the rotation non-stationary variants (default: {DEFAULT_OMEGA_ROT:g})")
+    g.add_argument("--omega-pos", metavar="W", type=float, default=d["omega_pos"], help=f"initial position frequency of the translation non-stationary variants (default: {DEFAULT_OMEGA_POS:g})")
     g.add_argument("--learn-omega", action="store_true", help="learn the omegas of a non-stationary variant (the *_learned variants always do)")
-    g.add_argument("--omega-penalty", type=float, default=d["omega_penalty"], help="strength of the penalty sum |omega|^2 toward equivariance on learned omegas")
-    g.add_argument("--backend", default=d["backend"], choices=("auto", "materialize", "expand_conv", "factored_torch", "triton"))
+    g.add_argument("--omega-penalty", metavar="S", type=float, default=d["omega_penalty"], help="strength of the penalty sum |omega|^2 toward equivariance on learned omegas")
+    g.add_argument("--backend", default=d["backend"], choices=BACKENDS, help="convolution path of every layer (README: backend=\"auto\")")
     g = ap.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d["epochs"])
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch (split over DDP processes)")
-    g.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"])
-    g.add_argument("--lr", type=float, default=d["lr"])
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    g.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"])
-    g.add_argument("--seed", type=int, default=d["seed"])
+    g.add_argument("--epochs", metavar="N", type=int, default=d["epochs"], help="training epochs")
+    g.add_argument("--batch-size", metavar="B", type=int, default=d["batch_size"], help="global batch (split over DDP processes)")
+    g.add_argument("--eval-batch-size", metavar="B", type=int, default=d["eval_batch_size"], help="batch of validation and test passes")
+    g.add_argument("--lr", metavar="LR", type=float, default=d["lr"], help="Adam learning rate after warm-up, cosine-decayed")
+    g.add_argument("--weight-decay", metavar="WD", type=float, default=d["weight_decay"], help="Adam weight decay")
+    g.add_argument("--warmup-epochs", metavar="N", type=int, default=d["warmup_epochs"], help="epochs of linear learning-rate warm-up")
+    g.add_argument("--seed", metavar="S", type=int, default=d["seed"], help="seeds the split, subsets, initialisation, shuffling, augmentation")
     g = ap.add_argument_group("run")
-    g.add_argument("--out", required=False, default=None, help="run directory (required)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (its saved config is used)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d["device"])
+    g.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: config, metrics, checkpoints, results")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint with its saved config; when --out holds no run yet, "
+                   "start one only if the command gives its options (so one command can start or continue a run)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d["device"], help="auto: the GPU when there is one")
     g.add_argument("--amp", choices=("auto", "bf16", "off"), default=d["amp"], help="auto: bf16 autocast on GPU, none on CPU")
-    g.add_argument("--progress", choices=("auto", "on", "off"), default=d["progress"])
-    g.add_argument("--test-every-epoch", action="store_true", help="evaluate the test set every epoch (default: at each new best validation epoch)")
+    g.add_argument("--progress", choices=("auto", "on", "off"), default=d["progress"], help="progress bar; auto: when stderr is a terminal")
+    g.add_argument("--test-every-epoch", action="store_true", help="evaluate the test set every epoch (else at each new best validation epoch)")
     g.add_argument("--interrupt-after-steps", type=int, default=0, help=argparse.SUPPRESS)
     return ap
 
@@ -87,7 +122,7 @@ def _explicit_keys(ap: argparse.ArgumentParser, argv) -> set:
     """Destinations given on the command line (not defaults)."""
     probe = argparse.ArgumentParser(add_help=False)
     for a in ap._actions:  # noqa: SLF001 - rebuild with suppressed defaults
-        if a.dest == "help" or not a.option_strings:
+        if a.dest in ("help", "version") or not a.option_strings:
             continue
         kw = dict(dest=a.dest, default=argparse.SUPPRESS)
         if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # noqa: SLF001
@@ -99,20 +134,42 @@ def _explicit_keys(ap: argparse.ArgumentParser, argv) -> set:
     return set(vars(ns))
 
 
-def resolve_config(argv) -> tuple[dict, bool]:
+def _saved_config(out: str) -> dict | None:
+    """The config a run directory was started with (its config.json), or None when it holds no run."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["config"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--resume: {path} is not a readable run config ({e}); choose another --out") from None
+
+
+def resolve_config(argv, log=None) -> tuple[dict, bool]:
+    """The train config of ``argv``: with --resume, the run's saved config plus the options that may
+    change on resume. Raises ConfigError when --resume has nothing to continue and no options to start."""
     ap = train_parser()
     args = ap.parse_args(argv)
-    if not args.out:
-        ap.error("--out RUN_DIR is required")
     cfg = {k: v for k, v in vars(args).items() if k != "resume"}
     if args.resume:
-        saved_path = Path(args.out) / "config.json"
-        if saved_path.is_file():
-            saved = json.loads(saved_path.read_text())["config"]
-            explicit = _explicit_keys(ap, argv) - {"resume"}
+        saved = _saved_config(args.out)
+        explicit = _explicit_keys(ap, argv) - {"resume"}
+        if saved is None:
+            if not explicit - RESUMABLE_CHANGES:
+                # Bare --resume on an empty directory would start the default (300-epoch) config.
+                raise ConfigError(
+                    f"--resume: {args.out} holds no run to continue (no config.json); to start one, give its options "
+                    f"without --resume (relaxedconv train --out {args.out} --data-dir ... --variant ...)"
+                )
+            (log or _stderr)(f"relaxedconv train: note: {args.out} holds no run yet; starting a new one with the given options")
+        else:
+            # Compared as the model uses them: `--variant t2 --group-order 8` resumes a run saved as N = 1.
+            before = {**DEFAULTS, **saved}
+            before.update(resolved_model_options(before))
+            now = {**cfg, **resolved_model_options(cfg)}
             conflicts = {
-                k: (saved.get(k), cfg[k]) for k in explicit
-                if k not in RESUMABLE_CHANGES and k in saved and saved[k] != cfg[k]
+                k: (before[k], now[k]) for k in explicit
+                if k not in RESUMABLE_CHANGES and k in saved and before[k] != now[k]
             }
             if conflicts:
                 lines = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in conflicts.items())
@@ -125,13 +182,30 @@ def resolve_config(argv) -> tuple[dict, bool]:
     return cfg, bool(args.resume)
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def interrupted_hint(out) -> str:
+    """What to run after an interruption: --resume only once the run's config has been saved."""
+    if out and (Path(out) / "config.json").is_file():
+        return f"continue with: relaxedconv train --out {out} --resume"
+    where = f" ({out} has no config.json)" if out else ""
+    return f"nothing of the run was saved yet{where}: rerun the same command to start it"
+
+
 def train_main(argv=None) -> int:
     from .trainer import Interrupted, train
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, resume = resolve_config(argv)
+    out = None
     try:
+        cfg, resume = resolve_config(argv)
+        out = cfg["out"]
         train(cfg, resume=resume)
+    except ConfigError as e:
+        print(f"relaxedconv train: {e}", file=sys.stderr)
+        return 2
     except DatasetError as e:
         print(f"relaxedconv train: dataset problem: {e}", file=sys.stderr)
         return 2
@@ -139,10 +213,10 @@ def train_main(argv=None) -> int:
         print(f"relaxedconv train: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"relaxedconv train: {e}; continue with --resume", file=sys.stderr)
+        print(f"relaxedconv train: {e}; {interrupted_hint(out)}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print(f"\nrelaxedconv train: interrupted; continue with: relaxedconv train --out {cfg['out']} --resume", file=sys.stderr)
+        print(f"\nrelaxedconv train: interrupted; {interrupted_hint(out)}", file=sys.stderr)
         return 130
     return 0
 
@@ -186,7 +260,11 @@ def sweep_main(argv=None) -> int:
                 run_argv += ["--omega-rot", str(wr)]
             if wp is not None:
                 run_argv += ["--omega-pos", str(wp)]
-            cfg, _ = resolve_config(run_argv)
+            try:
+                cfg, _ = resolve_config(run_argv)
+            except ConfigError as e:
+                print(f"relaxedconv sweep: {e}", file=sys.stderr)
+                return 2
             final_path = out / name / "final.json"
             if final_path.is_file() and json.loads(final_path.read_text()).get("epochs") == cfg["epochs"]:
                 final = json.loads(final_path.read_text())
@@ -195,6 +273,9 @@ def sweep_main(argv=None) -> int:
                 print(f"sweep: {name}")
                 try:
                     final = train(cfg, resume=True)
+                except ConfigError as e:
+                    print(f"relaxedconv sweep: {e}", file=sys.stderr)
+                    return 2
                 except DatasetError as e:
                     print(f"relaxedconv sweep: dataset problem: {e}", file=sys.stderr)
                     return 2

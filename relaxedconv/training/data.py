@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import use_default_mode
+
 
 class DatasetError(RuntimeError):
     """A missing or malformed dataset; the message says what was expected where."""
@@ -219,6 +221,7 @@ def download(name: str, root: Path, log=print) -> Path:
         log(f"downloading {spec['url']} -> {archive}")
         fd, tmp = tempfile.mkstemp(dir=root, suffix=".part")
         os.close(fd)
+        use_default_mode(tmp)
         try:
             with urllib.request.urlopen(spec["url"], timeout=60) as r, open(tmp, "wb") as f:
                 shutil.copyfileobj(r, f)

@@ -1,5 +1,6 @@
 """``relaxedconv report``: run directories -> ``results.md`` (a Markdown table) and PNG plots of the
-omegas per layer over training and of accuracy against omega (matplotlib, optional)."""
+omegas per layer over training (runs that learn them) and of accuracy against omega (only for a
+sweep: one variant at two omegas or more); matplotlib is optional."""
 from __future__ import annotations
 
 import json
@@ -78,40 +79,36 @@ def markdown_table(runs: list[dict], root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(runs: list[dict], out: Path) -> tuple[list[Path], str | None]:
-    try:
-        import matplotlib
+def _omega_figure(runs: list[dict], plt):
+    """Every layer's omegas over training, one panel per run that learns them (fixed omegas are flat
+    lines), from their initial value at epoch 0; None when no run learns an omega."""
+    from matplotlib.ticker import MaxNLocator
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [], "matplotlib is not installed (pip install 'relaxedconv[plots]'): no PNG plots were written"
-    paths = []
-    # omegas per layer over training, one panel per run that has non-stationary layers
-    # (only runs that learn them: fixed omegas are flat lines), starting at their initial value (epoch 0)
     with_omega = [r for r in runs if r["config"]["model"].get("learn_omega") and r["history"]]
-    if with_omega:
-        fig, axes = plt.subplots(len(with_omega), 1, figsize=(7, 3 * len(with_omega)), squeeze=False)
-        for ax, r in zip(axes[:, 0], with_omega):
-            epochs = [0] + [h["epoch"] for h in r["history"]]
-            layers = list(r["history"][-1]["omegas"])
-            model = r["config"]["model"]
-            for layer in layers:
-                for key, style in (("rot", "-"), ("pos", "--")):
-                    ys = [h["omegas"].get(layer, {}).get(key) for h in r["history"]]
-                    ys = [model[f"omega_{key}"] if ys[0] is not None else None] + ys
-                    if any(y is not None for y in ys):
-                        ax.plot(epochs, ys, style, marker=".", label=f"{layer} ω_{key}")
-            ax.set_title(r["dir"].name, fontsize=9)
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("ω")
-            ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        p = out / "omega_per_layer.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
-    # accuracy against omega (mean final omega_rot / omega_pos; strict models at omega = 0)
+    if not with_omega:
+        return None
+    fig, axes = plt.subplots(len(with_omega), 1, figsize=(7, 3 * len(with_omega)), squeeze=False)
+    for ax, r in zip(axes[:, 0], with_omega):
+        epochs = [0] + [h["epoch"] for h in r["history"]]
+        layers = list(r["history"][-1]["omegas"])
+        model = r["config"]["model"]
+        for layer in layers:
+            for key, style in (("rot", "-"), ("pos", "--")):
+                ys = [h["omegas"].get(layer, {}).get(key) for h in r["history"]]
+                ys = [model[f"omega_{key}"] if ys[0] is not None else None] + ys
+                if any(y is not None for y in ys):
+                    ax.plot(epochs, ys, style, marker=".", label=f"{layer} ω_{key}")
+        ax.set_title(r["dir"].name, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.set_ylabel("ω")
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def _accuracy_points(runs: list[dict]) -> list[tuple]:
+    """(mean final ω_rot, mean final ω_pos, val acc, test acc, variant) of each finished group model."""
     pts = []
     for r in runs:
         if not r["final"]:
@@ -121,19 +118,47 @@ def _plots(runs: list[dict], out: Path) -> tuple[list[Path], str | None]:
             continue  # T(2) has no rotation axis
         wr, wp = _mean_omega(om, "rot") or 0.0, _mean_omega(om, "pos") or 0.0
         pts.append((wr, wp, r["final"]["best_val_acc"], r["final"]["test_acc_at_best_val"], model["variant"]))
-    if pts:
-        panels = [(0, "ω_rot (mean over layers)")] + ([(1, "ω_pos (mean over layers)")] if any(p[1] for p in pts) else [])
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-        for ax, (idx, label) in zip(axes[0], panels):
-            for variant in sorted({p[4] for p in pts}):
-                sel = sorted((p for p in pts if p[4] == variant), key=lambda p: p[idx])
-                ax.plot([p[idx] for p in sel], [p[3] if p[3] is not None else float("nan") for p in sel], "o-", label=f"{variant} test")
-                ax.plot([p[idx] for p in sel], [p[2] for p in sel], "x:", label=f"{variant} val")
-            ax.set_xlabel(label)
-            ax.set_ylabel("accuracy (%)")
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        p = out / "accuracy_vs_omega.png"
+    return pts
+
+
+def is_sweep(pts: list[tuple]) -> bool:
+    """Accuracy against ω says something only for a sweep: one variant at two ω's or more."""
+    return any(len({(p[0], p[1]) for p in pts if p[4] == v}) >= 2 for v in {p[4] for p in pts})
+
+
+def _accuracy_figure(runs: list[dict], plt):
+    """Accuracy against the mean final ω, one line per variant; None unless there is a sweep."""
+    pts = _accuracy_points(runs)
+    if not is_sweep(pts):
+        return None
+    panels = [(0, "ω_rot (mean over layers)")] + ([(1, "ω_pos (mean over layers)")] if any(p[1] for p in pts) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (idx, label) in zip(axes[0], panels):
+        for variant in sorted({p[4] for p in pts}):
+            sel = sorted((p for p in pts if p[4] == variant), key=lambda p: p[idx])
+            ax.plot([p[idx] for p in sel], [p[3] if p[3] is not None else float("nan") for p in sel], "o-", label=f"{variant} test")
+            ax.plot([p[idx] for p in sel], [p[2] for p in sel], "x:", label=f"{variant} val")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def _plots(runs: list[dict], out: Path) -> tuple[list[Path], str | None]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "matplotlib is not installed (pip install 'relaxedconv[plots]'): no PNG plots were written"
+    paths = []
+    for name, make in (("omega_per_layer.png", _omega_figure), ("accuracy_vs_omega.png", _accuracy_figure)):
+        fig = make(runs, plt)
+        if fig is None:
+            continue
+        p = out / name
         fig.savefig(p, dpi=120)
         plt.close(fig)
         paths.append(p)

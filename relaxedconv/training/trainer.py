@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,6 +36,7 @@ from ..equivariance import _relaxed_layers, layer_equivariance_errors
 from ..models import build_model, partial_subsets
 from . import data as data_mod
 from .checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, rng_state, set_rng_state
+from .checks import check_against_data, check_config, check_out_dir
 from .progress import Progress
 
 DEFAULTS = dict(
@@ -90,8 +92,6 @@ class Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-        if device_pref == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device is available")
         if want_cuda:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
@@ -154,11 +154,19 @@ def _epoch_generator(seed: int, epoch: int, rank: int, device) -> torch.Generato
 
 
 # ---- the run ----------------------------------------------------------------------------------
+def _warn_stderr(msg: str) -> None:
+    print(f"relaxedconv train: {msg if msg.startswith('note:') else 'warning: ' + msg}", file=sys.stderr, flush=True)
+
+
 class Trainer:
-    def __init__(self, cfg: dict, log=print):
+    def __init__(self, cfg: dict, log=print, warn=_warn_stderr):
         self.cfg = {**DEFAULTS, **cfg}
         if not self.cfg.get("out"):
             raise ValueError("a run directory (--out) is required")
+        # Every option is checked before anything is loaded (a ConfigError says what to use instead).
+        self._warn = warn
+        self._warnings = check_config(self.cfg)
+        check_out_dir(self.cfg["out"])
         self.dist = Dist(self.cfg["device"])
         self.device = self.dist.device
         if self.device.type == "cuda":
@@ -173,12 +181,18 @@ class Trainer:
         if self.dist.main:
             self._log(*a)
 
+    def warn(self, msg: str) -> None:
+        if self.dist.main:
+            self._warn(msg)
+
     # -- data --
     def _prepare_data(self):
         c = self.cfg
         d = data_mod.load_dataset(c["dataset"], c["data_dir"], download_missing=c["download"], label_type=c["label_type"], log=self.log)
         x = data_mod.to_tensor(d.train_images)
         y = torch.from_numpy(d.train_labels)
+        for w in check_against_data(c, len(x), tuple(x.shape[-2:])):
+            self.warn(w)
         tr, va = data_mod.split_indices(len(x), c["val_size"], c["seed"])
         if c["train_subset"] and c["train_subset"] < len(tr):
             g = torch.Generator().manual_seed(int(c["seed"]) + 1)
@@ -215,6 +229,10 @@ class Trainer:
             in_channels=self.data_info["image_shape"][0],
         ).to(self.device)
         self.model_config = model.config
+        # The run's config records what the model uses: t2's N = 1, the default omegas of the
+        # non-stationary variants, learn_omega of the *_learned ones (a resume rebuilds the same model).
+        for k in ("group_order", "omega_rot", "omega_pos", "learn_omega"):
+            c[k] = model.config[k]
         self.model = model
         self.learns_omega = any(p.requires_grad for m in _relaxed_layers(model) for p in m[1].kernel_net.omegas().values())
         if self.dist.enabled:
@@ -229,8 +247,6 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=c["lr"], weight_decay=c["weight_decay"])
         world = self.dist.world
-        if c["batch_size"] % world:
-            raise ValueError(f"--batch-size {c['batch_size']} is the global batch; it must be divisible by the {world} processes")
         self.local_batch = c["batch_size"] // world
         n_local = len(self.train_x) // world
         self.steps_per_epoch = max(1, math.ceil(n_local / self.local_batch))
@@ -332,6 +348,8 @@ class Trainer:
     # -- main --
     def run(self, resume: bool = False) -> dict:
         c = self.cfg
+        for w in self._warnings:
+            self.warn(w)
         ckpt_path = self.out / "checkpoint.pt"
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -341,6 +359,11 @@ class Trainer:
             ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)
         elif not resume and ckpt_path.is_file():
             raise FileExistsError(f"{self.out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
+        final_path = self.out / "final.json"
+        if ckpt is not None and ckpt["epoch"] >= c["epochs"] and final_path.is_file():
+            # Nothing left to train: keep final.json as the process that trained wrote it.
+            self.log(f"{self.out} has finished its {c['epochs']} epochs; nothing to resume (final.json unchanged)")
+            return json.loads(final_path.read_text())
         self._prepare_data()
         self._build()
         history, best, start = [], {"epoch": None, "val_acc": -1.0, "test_acc": None}, 1
@@ -367,7 +390,6 @@ class Trainer:
             self.log(f"{c['variant']} N={self.model_config['group_order']} widths={c['widths']} K={c['kernel_size']}: "
                      f"{n_params:,} parameters on {env['device']} (world {self.dist.world}, amp {env['amp']}); "
                      f"data {self.data_info['train']}/{self.data_info['val']}/{self.data_info['test']} train/val/test")
-        t_run = time.time()
         for epoch in range(start, c["epochs"] + 1):
             t0 = time.time()
             m = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"]}  # lr at the epoch's first step
@@ -394,9 +416,9 @@ class Trainer:
                 + (f"  test acc {m['test_acc']:.2f}" if "test_acc" in m else "")
                 + f"  lr {m['lr']:.2e}  {m['seconds']:.1f}s"
             )
-        return self._finish(history, best, time.time() - t_run)
+        return self._finish(history, best, epochs_this_process=len(history) - (start - 1))
 
-    def _finish(self, history, best, seconds) -> dict:
+    def _finish(self, history, best, epochs_this_process: int) -> dict:
         probe = self.val_x[:4] if len(self.val_x) else self.test_x[:4]
         eq = layer_equivariance_errors(self.model, self._normalise(probe))
         om = omegas(self.model)
@@ -409,7 +431,10 @@ class Trainer:
             "test_acc_at_best_val": best["test_acc"],
             "final_val_acc": last.get("val_acc"),
             "final_train_acc": last.get("train_acc"),
-            "train_seconds_this_process": seconds,
+            # Seconds are per epoch (training and evaluation, as in metrics.jsonl); this process's
+            # share is the sum over the epochs it ran, so it is never more than the total.
+            "epochs_this_process": epochs_this_process,
+            "train_seconds_this_process": sum(h["seconds"] for h in history[len(history) - epochs_this_process :]),
             "train_seconds_total": sum(h["seconds"] for h in history),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "omegas": om,

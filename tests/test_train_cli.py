@@ -1,0 +1,254 @@
+"""``relaxedconv train`` as a new user meets it (issue 12): options checked before any data is read,
+--resume that cannot start the default run by accident, help text with defaults, honest run files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from relaxedconv import __version__
+from relaxedconv.cli import main as relaxedconv_main
+from relaxedconv.training import cli
+from relaxedconv.training import data as data_mod
+from relaxedconv.training.checks import check_against_data, check_config, resolved_model_options
+from relaxedconv.training.trainer import DEFAULTS
+
+from test_training import TINY, make_folder
+
+
+@pytest.fixture
+def data_never_loaded(monkeypatch):
+    """Fails the test if the run gets as far as reading its data."""
+
+    def refuse(*a, **k):
+        raise AssertionError("the data was loaded although an option was invalid")
+
+    monkeypatch.setattr(data_mod, "load_dataset", refuse)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ---- item 2/3: every option checked before anything is loaded ---------------------------------------
+BAD_OPTIONS = [
+    (["--train-subset", "-5"], "--train-subset must be >= 0 (0 = the whole training split), got -5"),
+    (["--test-subset", "-1"], "--test-subset must be >= 0"),
+    (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--warmup-epochs", "-2"], "--warmup-epochs must be >= 0, got -2"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1, got 0"),
+    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a number >= 0"),
+    (["--omega-penalty", "-1"], "--omega-penalty must be a number >= 0"),
+    (["--kernel-size", "4"], "--kernel-size: kernel_size must be a positive odd number"),
+    (["--group-order", "0"], "--group-order must be >= 1, got 0"),
+    (["--variant", "partial", "--group-order", "1"], "--group-order must be >= 2 (the partial variant needs 2 rotations or more)"),
+    (["--hidden-channels", "0"], "--hidden-channels must be >= 1, got 0"),
+    (["--widths", "4,0"], "--widths must be comma-separated integers >= 1"),
+    (["--widths", ","], "--widths must be comma-separated integers >= 1"),
+    (["--omega-rel", "-1"], "--omega-rel: omega_rel must be >= 0, got -1.0"),
+    (["--variant", "se2_rot", "--omega-rot", "nan"], "--omega-rot: omega_rot must be a finite number >= 0, got nan"),
+    (["--variant", "se2_trans", "--backend", "expand_conv"], "--backend expand_conv cannot run variant se2_trans"),
+    (["--val-size", "-1"], "--val-size must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_bad_option_exits_2_with_one_line_before_loading(tmp_path, capsys, data_never_loaded, options, message):
+    rc = cli.train_main(["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *TINY, *options])
+    assert rc == 2
+    line = _one_line_error(capsys)
+    assert line.startswith("relaxedconv train: ") and message in line, line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_cuda_and_triton_refused_without_a_gpu(tmp_path, capsys, data_never_loaded, monkeypatch):
+    base = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *TINY]
+    assert cli.train_main([*base, "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA device is visible" in _one_line_error(capsys)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli.train_main([*base, "--backend", "triton"]) == 2
+    assert "--backend triton needs a CUDA device and this run is on the CPU; use --backend auto" in _one_line_error(capsys)
+
+
+def test_unwritable_out_is_refused_before_loading(tmp_path, capsys, data_never_loaded):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    assert cli.train_main(["--out", str(a_file), *TINY]) == 2
+    assert f"--out {a_file} is a file, not a directory" in _one_line_error(capsys)
+    assert cli.train_main(["--out", str(a_file / "run"), *TINY]) == 2  # parent is a file
+    assert "cannot write a run directory there" in _one_line_error(capsys)
+    if os.path.isdir("/proc"):
+        assert cli.train_main(["--out", "/proc/x", *TINY]) == 2
+        assert "--out /proc/x: cannot write a run directory there" in _one_line_error(capsys)
+
+
+def test_options_that_depend_on_the_data_are_refused_before_building(tmp_path, capsys, monkeypatch):
+    import relaxedconv.training.trainer as trainer_mod
+
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)  # 16x16 images
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was built although an option did not fit the data")
+
+    monkeypatch.setattr(trainer_mod, "build_model", no_model)
+    base = ["--dataset", "folder", "--data-dir", str(data), "--epochs", "2", *TINY]
+    assert cli.train_main([*base, "--out", str(tmp_path / "a"), "--val-size", "60000"]) == 2
+    assert "--val-size 60000 leaves no training images: the data has 16; use a value below 16" in _one_line_error(capsys)
+    assert cli.train_main([*base, "--out", str(tmp_path / "b"), "--val-size", "16"]) == 2
+    capsys.readouterr()
+    # widths 4,8: two 2x2 pools, 16 -> 4, and the head's 'valid' 5x5 convolution does not fit
+    assert cli.train_main([*base, "--out", str(tmp_path / "c"), "--val-size", "4", "--kernel-size", "5"]) == 2
+    assert "--kernel-size 5 with 2 residual block(s) needs images of at least 20x20" in _one_line_error(capsys)
+
+
+def test_questionable_options_warn_and_run(tmp_path, capsys):
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    rc = cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(tmp_path / "r"), "--val-size", "4",
+                         "--epochs", "1", *TINY, "--warmup-epochs", "5", "--variant", "se2", "--omega-rot", "3",
+                         "--train-subset", "100"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "warning: --warmup-epochs 5 >= --epochs 1: the learning rate never leaves its linear warm-up" in err
+    assert "warning: --omega-rot 3 is ignored: variant se2 has no rotation non-stationarity" in err
+    assert "warning: --train-subset 100 is more than the 12 training images: all are used" in err
+
+
+def test_full_protocol_on_a_cpu_is_announced():
+    cpu = dict(DEFAULTS, device="cpu")
+    assert check_config(cpu) == []
+    notes = [w for w in check_against_data(cpu, 50_000, (32, 32)) if w.startswith("note:")]
+    assert len(notes) == 1, notes
+    assert "300 epochs of 45,000 images on the CPU" in notes[0] and "days to weeks" in notes[0] and "run_cpu.sh" in notes[0]
+    small = dict(cpu, epochs=4, train_subset=5000, warmup_epochs=1)
+    assert check_config(small) == [] and check_against_data(small, 50_000, (32, 32)) == []
+
+
+# ---- item 1: --resume never starts the default run by accident -----------------------------------
+def test_bare_resume_of_an_empty_directory_is_refused(tmp_path, capsys, data_never_loaded):
+    out = tmp_path / "k"
+    assert cli.train_main(["--out", str(out), "--resume"]) == 2
+    line = _one_line_error(capsys)
+    assert f"--resume: {out} holds no run to continue (no config.json)" in line and "without --resume" in line
+    assert not (out / "config.json").exists()
+    # options that may change on resume do not define a run either
+    assert cli.train_main(["--out", str(out), "--resume", "--progress", "off", "--data-dir", str(tmp_path)]) == 2
+    assert "holds no run to continue" in _one_line_error(capsys)
+
+
+def test_resume_with_the_run_options_starts_it_once(tmp_path, capsys):
+    """What experiments/run_cpu.sh relies on: one command that starts a run or continues it."""
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    cmd = ["--dataset", "folder", "--data-dir", str(data), "--out", str(tmp_path / "r"), "--val-size", "4",
+           "--epochs", "1", "--resume", *TINY, "--warmup-epochs", "0"]
+    assert cli.train_main(cmd) == 0
+    assert "holds no run yet; starting a new one with the given options" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r" / "final.json").read_text())["epochs"] == 1
+
+
+def test_interrupt_before_anything_is_saved_does_not_suggest_resume(tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_mod, "load_dataset", interrupted)
+    out = tmp_path / "k"
+    assert cli.train_main(["--data-dir", str(tmp_path), "--out", str(out), *TINY]) == 130
+    err = capsys.readouterr().err
+    assert "--resume" not in err and "nothing of the run was saved yet" in err and "rerun the same command" in err
+    # once config.json is written, --resume continues with the saved config
+    (out / "config.json").write_text(json.dumps({"config": {}}))
+    assert cli.interrupted_hint(str(out)) == f"continue with: relaxedconv train --out {out} --resume"
+
+
+# ---- item 8: help, --out, --version ---------------------------------------------------------------
+def test_help_shows_defaults_and_out_as_required(capsys):
+    text = cli.train_parser().format_help()
+    flat = " ".join(text.split())
+    for shown in ("(default: 300)", "(default: 32,64)", "(default: 7)", "(default: 0.001)", "(default: 5000)",
+                  "(default: se2)", "(default: on)", "(default: 2)", "docs/design.md", "run_cpu.sh"):
+        assert shown in flat, shown
+    usage = " ".join(text.split("\n\n")[0].split()) + " "
+    assert " --out RUN_DIR " in usage and "[--out" not in usage
+    with pytest.raises(SystemExit) as e:
+        cli.train_main([*TINY])
+    assert e.value.code == 2 and "the following arguments are required: --out" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    assert relaxedconv_main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"relaxedconv {__version__}"
+    with pytest.raises(SystemExit) as e:
+        cli.train_main(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+# ---- item 9: run files say what ran ---------------------------------------------------------------
+@pytest.mark.parametrize("variant, expect", [
+    ("se2_learned", dict(learn_omega=True, omega_rot=2.0, omega_pos=0.0, group_order=4)),
+    ("t2", dict(learn_omega=False, group_order=1, omega_rot=0.0)),
+    ("se2_rot", dict(learn_omega=False, omega_rot=2.0, group_order=4)),
+])
+def test_config_json_records_what_the_model_uses(tmp_path, variant, expect):
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    out = tmp_path / variant
+    cmd = ["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "4",
+           "--epochs", "1", "--variant", variant, *TINY, "--warmup-epochs", "0"]
+    assert cli.train_main(cmd) == 0
+    doc = json.loads((out / "config.json").read_text())
+    for k, v in expect.items():
+        assert doc["config"][k] == v == doc["model"][k], k
+    # the resolution the CLI compares configurations with agrees with the built model's
+    raw, _ = cli.resolve_config(cmd)
+    assert resolved_model_options(raw) == {k: doc["model"][k] for k in ("group_order", "omega_rot", "omega_pos", "learn_omega")}
+    # rerunning the very same command with --resume (what experiments/run_*.sh do) finds the finished run,
+    # although the command says --group-order 4 and a t2 run is saved with N = 1
+    assert cli.train_main([*cmd, "--resume"]) == 0
+
+
+def test_final_json_timing_and_a_resumed_finished_run(tmp_path, capsys):
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    out = tmp_path / "r"
+    common = ["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "4", "--epochs", "3",
+              *TINY, "--warmup-epochs", "0"]
+    # 2 steps per epoch: interrupted in epoch 2, resumed for epochs 2 and 3
+    assert cli.train_main([*common, "--interrupt-after-steps", "3"]) == 130
+    assert cli.train_main(["--out", str(out), "--resume", "--progress", "off"]) == 0
+    final = json.loads((out / "final.json").read_text())
+    seconds = [json.loads(x)["seconds"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert final["epochs_this_process"] == 2
+    assert final["train_seconds_this_process"] == pytest.approx(sum(seconds[1:]))
+    assert final["train_seconds_total"] == pytest.approx(sum(seconds))
+    assert 0 < final["train_seconds_this_process"] < final["train_seconds_total"]
+    # resuming the finished run changes nothing and says so
+    before = (out / "final.json").read_bytes()
+    assert cli.train_main(["--out", str(out), "--resume", "--progress", "off"]) == 0
+    assert "has finished its 3 epochs; nothing to resume" in capsys.readouterr().out
+    assert (out / "final.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_run_files_respect_the_umask(tmp_path, umask, mode):
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    out = tmp_path / "r"
+    old = os.umask(umask)
+    try:
+        assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "4",
+                               "--epochs", "1", *TINY, "--warmup-epochs", "0"]) == 0
+    finally:
+        os.umask(old)
+    files = sorted(p.name for p in out.iterdir())
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "final.json"} <= set(files)
+    for p in out.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == mode, (p.name, oct(p.stat().st_mode))
