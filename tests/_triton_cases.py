@@ -41,7 +41,8 @@ def case_id(c):
 def make_layer(case, dtype=torch.float64, device=DEVICE):
     layer, cin, cout, n, k, rot, trans, b, hw, pad, hid = case
     kw = dict(
-        rotation_nonstationary=rot, omega_rot=1.5, translation_nonstationary=trans, omega_pos=1.5,
+        rotation_nonstationary=rot, omega_rot=1.5 if rot else 0.0, translation_nonstationary=trans,
+        omega_pos=1.5 if trans else 0.0,
         hidden_channels=hid, learn_omega_rel=True, omega_rel=3.0,
     )
     if layer == "lift":
