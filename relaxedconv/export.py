@@ -390,17 +390,24 @@ def save(exported: nn.Module, path, meta: dict | None = None) -> int:
 
 
 # ---- ONNX ---------------------------------------------------------------------------------------------------
-def to_onnx(exported: nn.Module, example: torch.Tensor, path) -> None:
-    """``torch.onnx.export`` of an exported model (batch size dynamic). Needs ``pip install relaxedconv[onnx]``."""
+ONNX_INLINE_LIMIT = 3 << 29  # 1.5 GiB: protobuf caps one file at 2 GiB, so larger weights go to PATH.data
+
+
+def to_onnx(exported: nn.Module, example: torch.Tensor, path) -> list[Path]:
+    """``torch.onnx.export`` of an exported model, batch size dynamic; returns the files written
+    (``PATH`` and, for weights over 1.5 GiB, ``PATH.data``). Needs ``pip install 'relaxedconv[onnx]'``."""
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise RuntimeError(f"ONNX export needs the onnx extra: pip install 'relaxedconv[onnx]' ({e})") from e
+    weights = sum(t.numel() * t.element_size() for t in exported.state_dict().values())
+    external = weights > ONNX_INLINE_LIMIT
     torch.onnx.export(
-        exported, (example,), str(path), dynamo=True, external_data=False, input_names=["input"],
+        exported, (example,), str(path), dynamo=True, external_data=external, input_names=["input"],
         output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
     )
+    return [Path(path)] + ([Path(f"{path}.data")] if external and Path(f"{path}.data").exists() else [])
 
 
 def run_onnx(path, x: torch.Tensor) -> torch.Tensor:
@@ -536,13 +543,13 @@ def _main(args) -> int:
     print(f"wrote {args.out} ({_fmt_bytes(nbytes)}); reloaded with relaxedconv.deploy.load: max difference {_max_diff(reloaded, y)[0]:.3e}")
     if args.onnx:
         try:
-            to_onnx(exported, x, args.onnx)
+            files = to_onnx(exported, x, args.onnx)
         except RuntimeError as e:
             raise _Refused(str(e)) from e
-        line = f"wrote {args.onnx} ({_fmt_bytes(Path(args.onnx).stat().st_size)})"
+        line = "wrote " + ", ".join(f"{f} ({_fmt_bytes(f.stat().st_size)})" for f in files)
         try:
             y_onnx = run_onnx(args.onnx, x)
-            line += f"; onnxruntime (CPU): max difference {_max_diff(y_onnx, y)[0]:.3e}"
+            line += "; onnxruntime (CPU): max difference {:.3e} (relative {:.3e})".format(*_max_diff(y_onnx, y))
         except ImportError:
             line += "; onnxruntime is not installed, not checked"
         print(line)

@@ -44,6 +44,15 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 TRANSLATION_RELAXED = {"se2_trans", "se2_rot_trans", "se2_learned_rot_trans"}
 
 
+@pytest.fixture(autouse=True)
+def _full_fp32():
+    """cuDNN convolutions default to tf32 on CUDA; the 1e-5 comparisons need full fp32."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give the norms and rotation subsets the non-trivial state a trained model has."""
     g = torch.Generator().manual_seed(seed)
@@ -106,8 +115,8 @@ def _assert_plain(exported):
 def test_exported_model_matches_the_original(variant, backend, dtype):
     tiny, size, batch = TINY, SIZE, 2
     if backend == "triton" and not ON_GPU:
-        if variant in TRANSLATION_RELAXED - {"se2_rot_trans"}:
-            pytest.skip("the Triton interpreter takes ~15 s per translation-relaxed model; se2_rot_trans covers these layers")
+        if variant in TRANSLATION_RELAXED and (variant, dtype) != ("se2_rot_trans", torch.float64):
+            pytest.skip("the Triton interpreter takes ~12 s per translation-relaxed model: se2_rot_trans in fp64 covers these layers")
         tiny, size, batch = TRITON_TINY, TRITON_SIZE, 1
     model = _model(variant, dtype, backend, tiny)
     exported = export(model, size)
