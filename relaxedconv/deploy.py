@@ -14,9 +14,9 @@ types with their constructor arguments, and the wiring), the ``state_dict`` and 
 ``torch.load(path, weights_only=True)`` reads it and :func:`build` rebuilds the model from the
 description alone.
 
-The description names callables by their import path; :func:`build` accepts only torch's,
-``operator``'s and ``math``'s. That keeps a stray file from naming arbitrary code, but treat a
-model file like any other program you run.
+The description names callables by their import path; :func:`build` accepts only functions of
+torch's tensor namespaces, ``operator`` and ``math`` (not torch's file I/O). That keeps a stray file
+from naming arbitrary code, but treat a model file like any other program you run.
 """
 from __future__ import annotations
 
@@ -157,7 +157,13 @@ PLAIN_MODULES = {cls.__name__: cls for cls in (PerPositionConv2d, FactoredPerPos
 
 
 # ---- description <-> GraphModule ----------------------------------------------------------------
-_ALLOWED_FUNCTION_MODULES = ("torch", "operator", "_operator", "math")
+# Where traced models' functions live (torch.fx names F.gelu etc. by their torch._C._nn home);
+# torch's file and network I/O is left out.
+_ALLOWED_FUNCTION_MODULES = (
+    "torch", "torch.nn.functional", "torch.functional", "torch._C._nn", "torch.special", "torch.fft",
+    "torch.linalg", "operator", "_operator", "math",
+)
+_DENIED_TORCH_FUNCTIONS = {"load", "save", "from_file"}
 _ALLOWED_BUILTINS = {"getattr": getattr, "len": len}
 
 
@@ -225,18 +231,15 @@ def _resolve_function(name: str):
         if fn is None:
             raise ValueError(f"the model description calls {name}, which load() does not allow")
         return fn
-    parts = name.split(".")
-    if parts[0] not in _ALLOWED_FUNCTION_MODULES:
-        raise ValueError(f"the model description calls {name}; load() allows only torch, operator and math functions")
-    for cut in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        for attr in parts[cut:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ValueError(f"cannot resolve {name} from the model description")
+    module, _, attr = name.rpartition(".")
+    if module not in _ALLOWED_FUNCTION_MODULES or attr in _DENIED_TORCH_FUNCTIONS or attr.startswith("__"):
+        raise ValueError(
+            f"the model description calls {name}; load() allows only functions of {', '.join(_ALLOWED_FUNCTION_MODULES)}"
+        )
+    fn = getattr(importlib.import_module(module), attr, None)
+    if not callable(fn):
+        raise ValueError(f"cannot resolve {name} from the model description")
+    return fn
 
 
 def _module_type_name(m: nn.Module) -> str:

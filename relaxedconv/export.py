@@ -248,13 +248,14 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _LIBRARY_LEAVES) or super().is_leaf_module(m, qualname)
 
 
-def _input_channels(model: nn.Module, input_size) -> int:
+def _input_channels(model: nn.Module, input_size) -> int | None:
+    """C of ``input_size`` when given, else the first relaxed layer's input channels (None without one)."""
     if input_size is not None and not isinstance(input_size, int) and len(tuple(input_size)) == 3:
         return int(tuple(input_size)[0])
     for m in model.modules():
         if isinstance(m, RELAXED_LAYERS):
             return m.in_channels * m.in_rotations
-    raise ValueError("export: cannot tell the model's input channels; pass input_size=(C, H, W)")
+    return None
 
 
 def layer_input_sizes(model: nn.Module, input_size) -> dict[str, tuple[int, int]]:
@@ -280,6 +281,8 @@ def layer_input_sizes(model: nn.Module, input_size) -> dict[str, tuple[int, int]
 
         return forward
 
+    if not layers:
+        return seen
     w = _param_of(model)
     x = torch.zeros(1, _input_channels(model, input_size), *hw, device=w.device, dtype=w.dtype)
     for name, layer in layers.items():
@@ -338,7 +341,8 @@ def export(model: nn.Module, input_size=None, form: str = "auto") -> nn.Module:
     for name, m in exported.named_modules():
         if not (m is exported or type(m) is nn.Module or _is_torch_nn(m) or isinstance(m, tuple(deploy.PLAIN_MODULES.values()))):
             raise TypeError(f"export: {name} is a {type(m).__module__}.{type(m).__name__}, not a plain module")
-    exported.meta = {"input_size": None if input_size is None else [_input_channels(model, input_size), *_spatial(input_size)]}
+    channels = _input_channels(model, input_size)
+    exported.meta = {"input_size": None if input_size is None else [c for c in (channels, *_spatial(input_size)) if c is not None]}
     return exported
 
 
@@ -522,7 +526,10 @@ def _main(args) -> int:
         print(f"  {r['name']:<20} {r['layer']:<18} -> {r['form']:<8} {_fmt_bytes(r['bytes']):>10}{where}{alt}")
     print(f"  relaxed layers hold {_fmt_bytes(sum(r['bytes'] for r in rows))} exported", flush=True)
 
-    exported = export(model, size, args.form)
+    try:
+        exported = export(model, size, args.form)
+    except ValueError as e:
+        raise _Refused(str(e)) from e
     x = torch.randn(args.check_batch, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y_ref, y = model(x), exported(x)

@@ -300,6 +300,9 @@ def test_description_round_trips_and_refuses_what_it_cannot_rebuild(tmp_path):
     bad["graph"][1] = {**bad["graph"][1], "op": "call_function", "target": "os.system"}
     with pytest.raises(ValueError, match="os.system"):
         deploy.build(bad)
+    bad["graph"][1]["target"] = "torch.load"
+    with pytest.raises(ValueError, match="torch.load"):
+        deploy.build(bad)
     torch.save(exported.state_dict(), tmp_path / "sd.pt")
     with pytest.raises(ValueError, match="not a model written by relaxedconv export"):
         deploy.load(tmp_path / "sd.pt")
@@ -402,6 +405,13 @@ def test_cli_refuses_bad_runs_and_arguments(run_dir, tmp_path, capsys, monkeypat
     assert "no best.pt" in capsys.readouterr().err
     assert main(["export", str(run_dir), "--out", str(tmp_path / "m.pt"), "--input-size", "4"]) == 2
     assert "too small" in capsys.readouterr().err
+    diverged = tmp_path / "diverged"
+    shutil.copytree(run_dir, diverged)
+    state = torch.load(diverged / "best.pt", weights_only=True)
+    state["fc.weight"][0, 0] = float("nan")
+    torch.save(state, diverged / "best.pt")
+    assert main(["export", str(diverged), "--out", str(tmp_path / "m.pt")]) == 2
+    assert "non-finite" in capsys.readouterr().err and not (tmp_path / "m.pt").exists()
     with pytest.raises(SystemExit) as e:
         main(["export", str(run_dir), "--out", str(tmp_path / "m.pt"), "--input-size", "big"])
     assert e.value.code == 2
