@@ -299,7 +299,8 @@ def describe(model: fx.GraphModule) -> dict:
         if node.op == "call_module":
             m = model.get_submodule(target)
             modules[target] = {"type": _module_type_name(m), "kwargs": _module_kwargs(m, target)}
-            rebuilt = _new_module(modules[target])
+            with torch.device("meta"):  # the structure only: no memory for the weights
+                rebuilt = _new_module(modules[target])
             if repr(rebuilt) != repr(m):
                 raise TypeError(f"cannot describe {target}: rebuilt as {rebuilt!r}, not {m!r}")
         elif node.op == "get_attr":

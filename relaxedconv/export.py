@@ -270,7 +270,9 @@ def layer_input_sizes(model: nn.Module, input_size) -> dict[str, tuple[int, int]
 
     def stand_in(name, layer):
         def forward(x, *args, **kwargs):
-            seen[name] = (int(x.shape[-2]), int(x.shape[-1]))
+            hw_here = (int(x.shape[-2]), int(x.shape[-1]))
+            if seen.setdefault(name, hw_here) != hw_here:
+                raise ValueError(f"layer {name} runs at two input sizes, {seen[name]} and {hw_here}; a per-position export holds one")
             out_hw = layer.geometry.out_size(*seen[name])
             if min(out_hw) < 1:
                 raise ValueError(
@@ -440,7 +442,7 @@ def parser() -> argparse.ArgumentParser:
         description="Export a training run's best model to plain PyTorch modules (and ONNX), check it against the original, write it.",
     )
     ap.add_argument("run_dir", help="a run directory of 'relaxedconv train' (config.json and best.pt)")
-    ap.add_argument("--out", required=True, help="file to write (load it with relaxedconv.deploy.load, no relaxedconv needed)")
+    ap.add_argument("--out", required=True, help="file to write; relaxedconv/deploy.py (torch only) loads it: deploy.load(OUT)")
     ap.add_argument("--onnx", default=None, help="also write an ONNX file (needs the onnx extra: pip install 'relaxedconv[onnx]')")
     ap.add_argument("--input-size", type=_size_arg, default=None, help="H or HxW the model will run at (default: the run's image size)")
     ap.add_argument("--checkpoint", choices=("best", "last"), default="best", help="best.pt (default) or the last epoch's checkpoint.pt")

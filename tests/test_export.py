@@ -13,7 +13,7 @@ Real properties:
 from __future__ import annotations
 
 import copy
-import importlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -350,6 +350,17 @@ def test_export_refuses_inconsistent_models():
 
     with pytest.raises(ValueError, match="cannot trace.*export_layer"):
         export(Branchy())
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = rc.GroupConv(2, 2, 3, 2, translation_nonstationary=True, hidden_channels=8)
+
+        def forward(self, x):
+            return self.conv(F.max_pool2d(self.conv(x), 2))
+
+    with pytest.raises(ValueError, match=r"conv runs at two input sizes, \(8, 8\) and \(4, 4\)"):
+        export(Shared(), (4, 8, 8))
     with pytest.raises(ValueError, match="form must be"):
         export(model, SIZE, form="dense")
 
@@ -388,6 +399,8 @@ def test_cli_exports_a_training_run(run_dir, tmp_path, capsys):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert rel_err(model(x), original.eval()(x)) < 1e-5
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "last.pt"), "--checkpoint", "last"]) == 0
+    assert "checkpoint.pt" in deploy.load(tmp_path / "last.pt").meta["source"]
     # a bigger input size exports another per-position bank
     assert main(["export", str(run_dir), "--out", str(tmp_path / "m24.pt"), "--input-size", "24", "--form", "bank"]) == 0
     assert deploy.load(tmp_path / "m24.pt")(torch.randn(1, 3, 24, 24)).shape == (1, 4)
@@ -424,9 +437,7 @@ def test_cli_refuses_bad_runs_and_arguments(run_dir, tmp_path, capsys, monkeypat
 # ---- ONNX -----------------------------------------------------------------------------------------
 def _onnx_missing():
     for name in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
+        if importlib.util.find_spec(name) is None:
             return f"{name} is not installed (pip install 'relaxedconv[onnx]')"
     return None
 
