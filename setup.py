@@ -20,6 +20,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "pillow"],
         "data": ["pillow"],
         "plots": ["matplotlib"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],  # relaxedconv export --onnx, and its tests
     },
     entry_points={"console_scripts": ["relaxedconv=relaxedconv.cli:main"]},
 )

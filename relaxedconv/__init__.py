@@ -6,6 +6,7 @@ van der Wilk, NeurIPS 2022).
 """
 from .dispatch import BACKENDS, choose_backend
 from .equivariance import equivariance_error, equivariance_penalty, layer_equivariance_errors, omegas
+from .export import export, export_layer  # the function shadows the submodule name; import_module still finds it
 from .kernel_net import SirenKernelNet
 from .layers import GroupConv, InvariantPool, LiftingConv, PointwiseGroupConv
 from .reference import ConvGeometry, conv_expand, conv_factored, conv_materialize
@@ -24,6 +25,8 @@ __all__ = [
     "conv_materialize",
     "equivariance_error",
     "equivariance_penalty",
+    "export",
+    "export_layer",
     "layer_equivariance_errors",
     "omegas",
 ]
