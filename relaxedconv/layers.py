@@ -234,6 +234,13 @@ class _RelaxedGroupConv(nn.Module):
         """This layer's frequencies as floats: {'rel': .., 'rot': .., 'pos': ..} (those present)."""
         return {k: float(v.detach()) for k, v in self.kernel_net.omegas().items()}
 
+    def export(self, input_size=None, form: str = "auto") -> nn.Module:
+        """This layer as plain PyTorch (``nn.Conv2d`` when translation-stationary, else a fixed-size
+        per-position module for inputs of ``input_size``): :func:`relaxedconv.export_layer`."""
+        from .export import export_layer
+
+        return export_layer(self, input_size, form)
+
     def extra_repr(self) -> str:
         s = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -299,6 +306,12 @@ class InvariantPool(nn.Module):
         if self.over == "rotation":
             return red(g, 2)
         return red(g, (2, 3, 4))
+
+    def export(self) -> nn.Module:
+        """This pooling as plain PyTorch (``relaxedconv.deploy.RotationSpacePool``)."""
+        from .export import export_layer
+
+        return export_layer(self)
 
     def extra_repr(self) -> str:
         return f"group_order={self.group_order}, over={self.over!r}, reduce={self.reduce!r}"

@@ -462,3 +462,17 @@ def test_cli_writes_onnx(run_dir, tmp_path, capsys):
 
     assert main(["export", str(run_dir), "--out", str(tmp_path / "m.pt"), "--onnx", str(tmp_path / "m.onnx")]) == 0
     assert "onnxruntime (CPU): max difference" in capsys.readouterr().out
+
+
+def test_layer_export_methods_match_the_layers():
+    torch.manual_seed(11)
+    lift = rc.LiftingConv(3, 4, 3, 4).double().eval()
+    trans = rc.GroupConv(4, 2, 3, 4, translation_nonstationary=True, omega_pos=1.0).double().eval()
+    pool = rc.InvariantPool(4)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        h = lift(x, backend="materialize")
+        y = trans(h, backend="materialize")
+        assert (lift.export()(x) - h).abs().max() < 1e-10
+        assert (trans.export(input_size=6)(h) - y).abs().max() < 1e-10
+        assert torch.equal(pool.export()(y), pool(y))
