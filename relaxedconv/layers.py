@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import dispatch
+from . import dispatch, functional
 from .groups import coordinate_groups, disk_mask
 from .kernel_net import SirenKernelNet
 from .reference import ConvGeometry
@@ -22,6 +22,7 @@ class _RelaxedGroupConv(nn.Module):
     """Shared machinery: coordinates -> kernel net -> one of the backends of design.md §3."""
 
     _is_lifting = False
+    last_backend: str | None = None  # the backend of the latest eager call (what "auto" resolved to)
 
     def __init__(
         self,
@@ -171,10 +172,18 @@ class _RelaxedGroupConv(nn.Module):
             param=self.kernel_net.first.weight,
         )
         name = dispatch.check_backend_name(backend) if backend is not None else self.backend
-        out_hw = self.geometry.out_size(x.shape[-2], x.shape[-1])
-        if name == "auto":
-            name = dispatch.choose_backend(self, x)
-        return dispatch.run(name, self, x, out_hw)
+        g = self.geometry
+        out_hw = g.out_size(x.shape[-2], x.shape[-1])
+        z, w_ext = self.factored_kernel(out_hw)
+        name = dispatch.resolve(name, x, z, w_ext, self.bias, g, where=type(self).__name__)
+        self._note_backend(name)
+        operands = functional.prepare_backend(name, z, w_ext, self.bias, g, dispatch.compute_dtype(x))
+        return functional.apply_backend(name, x, operands, g)
+
+    def _note_backend(self, name: str) -> None:
+        """Remember which backend ran (reported by the trainer and the benchmark)."""
+        if not torch.compiler.is_compiling():
+            self.last_backend = name
 
     def omegas(self) -> dict[str, float]:
         """This layer's frequencies as floats: {'rel': .., 'rot': .., 'pos': ..} (those present)."""
@@ -190,6 +199,12 @@ class _RelaxedGroupConv(nn.Module):
         if self.translation_nonstationary:
             s += ", translation_nonstationary=True"
         return s + f", backend={self.backend!r}"
+
+
+def backends_used(model: nn.Module) -> dict[str, str | None]:
+    """``{layer name: backend}`` of every relaxed layer's latest call (None: not called yet)."""
+    return {name or type(m).__name__: m.last_backend for name, m in model.named_modules()
+            if isinstance(m, _RelaxedGroupConv)}
 
 
 class LiftingConv(_RelaxedGroupConv):

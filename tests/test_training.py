@@ -200,6 +200,9 @@ def test_short_train_run_writes_the_run_directory(tmp_path):
     assert all("rot" in om for om in lines[0]["omegas"].values())
     final = json.loads((out / "final.json").read_text())
     assert final["best_epoch"] in (1, 2) and final["test_acc_at_best_val"] is not None
+    # which backend each layer ran (issue 10): CPU, static rule, translation-stationary layers
+    assert final["backends"] and set(final["backends"].values()) == {"expand_conv"}
+    assert set(final["backends"]) == set(final["omegas"])
     eq = json.loads((out / "equivariance.json").read_text())
     assert set(eq) == set(final["omegas"]) and eq["lift"]["rotation_90"] > 1e-4  # non-stationary: not equivariant
     # running into an existing run directory without --resume is refused
@@ -291,13 +294,16 @@ def test_torchrun_ddp_runs_the_same_command(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "relaxedconv",
            "train", "--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "8",
-           "--variant", "se2_rot", "--epochs", "1", "--device", "cpu", *TINY]
+           "--variant", "se2_rot", "--epochs", "1", "--device", "cpu", "--auto-policy", "measure", *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["environment"]["world_size"] == 2
-    assert json.loads((out / "final.json").read_text())["epochs"] == 1
+    final = json.loads((out / "final.json").read_text())
+    assert final["epochs"] == 1
+    # measured auto under DDP: rank 0 decided for both ranks (tests/test_auto_backend.py checks agreement)
+    assert set(final["backends"].values()) <= {"expand_conv", "factored_torch", "materialize"}
 
 
 def test_download_checks_md5_and_unpacks(tmp_path, monkeypatch):

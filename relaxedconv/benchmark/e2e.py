@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .layer_bench import DTYPES, NO_GPU, free_memory, precision, record_failure
+from ..layers import backends_used
+from .layer_bench import CONCRETE_BACKENDS, DTYPES, NO_GPU, free_memory, precision, record_failure
 
 E2E_VARIANTS = ("t2", "se2", "se2_rot", "se2_rot_trans")
-E2E_BACKENDS = ("auto", "triton", "expand_conv", "factored_torch", "materialize")
+E2E_BACKENDS = ("auto", *CONCRETE_BACKENDS)
 VARIANT_LABELS = {
     "t2": "T(2)",
     "se2": "strict SE(2)-N",
@@ -88,6 +89,7 @@ def base_row(variant: str, backend: str, cfg: E2EConfig) -> dict:
         "step_p20_p80_ms": None,
         "steps_timed": None,
         "peak_mib": None,
+        "backends": None,  # {layer: backend it ran} after the warm-up steps
     }
 
 
@@ -95,8 +97,12 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
     from ..models import build_model  # written beside this package; imported only when needed
 
     row = base_row(variant, backend, cfg)
-    if backend == "triton" and (device.type != "cuda" or not dispatch.triton_available()):
-        row.update(status="not timed", reason=NO_GPU)
+    entry = dispatch.BACKEND_TABLE.get(backend)
+    if entry is not None and device.type not in entry.devices:
+        row.update(status="not timed", reason=NO_GPU if entry.devices == ("cuda",) else f"{backend}: not on {device.type}")
+        return row
+    if entry is not None and entry.needs_triton and not dispatch.triton_available():
+        row.update(status="not timed", reason="triton is not importable")
         return row
     dtype, _ = DTYPES[cfg.dtype]
     autocast = (
@@ -124,6 +130,7 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
 
             for _ in range(cfg.warmup_steps):
                 step()
+            row["backends"] = backends_used(model)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()

@@ -26,7 +26,8 @@ from . import cases as cases_mod
 from . import e2e as e2e_mod
 from . import environment, report
 from .flops import case_macs
-from .layer_bench import BENCH_BACKENDS, DTYPES, NO_GPU, measure, resolve_dtypes, skipped_row
+from .. import dispatch
+from .layer_bench import BENCH_BACKENDS, CONCRETE_BACKENDS, DTYPES, NO_GPU, interleaved_ratio, measure, resolve_dtypes, skipped_row
 from .timing import FULL, QUICK
 
 DEFAULT_JSON = "relaxedconv_bench.json"
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: torch's; --quick on CPU: 1, since its tiny shapes gain "
                     "nothing from threads and stall when another process holds a core)")
+    ap.add_argument("--auto-policy", choices=dispatch.AUTO_POLICIES, default=None,
+                    help="how backend='auto' chooses: measure (time the runnable backends on the first call per "
+                    "shape) or static (the documented rule); default: RELAXEDCONV_AUTO, else measure on CUDA and "
+                    "static on CPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
                     help="print the tables of existing result files instead of running")
@@ -159,6 +164,8 @@ def main(argv=None) -> int:
             raise SystemExit("relaxedconv bench: --device cuda but torch sees no GPU")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    dispatch.set_auto_policy(args.auto_policy)
+    auto_policy = dispatch.auto_policy(device.type)
     threads = args.threads or (1 if (args.quick and device.type == "cpu") else None)
     if threads:
         torch.set_num_threads(threads)
@@ -184,6 +191,7 @@ def main(argv=None) -> int:
             "dtypes": dtypes,
             "timing": dataclasses.asdict(cfg),
             "time_budget_s": budget_s,
+            "auto_policy": auto_policy,
             "fwd": "layer(x, backend=...) with autograd recording; x and parameters require grad",
             "bwd": "median(fwd+bwd) - median(fwd)",
             "peak_mib": "CUDA max_memory_allocated during one fwd+bwd minus memory allocated before it; "
@@ -220,6 +228,7 @@ def main(argv=None) -> int:
         )
         layers = {}
         for case, dt in order:
+            rows = {}
             for backend in args.backends:
                 if budget.spent(layer_share):
                     row = skipped_row(case, dt, backend, budget.reason())
@@ -229,8 +238,11 @@ def main(argv=None) -> int:
                         layers[case.name] = cases_mod.build_layer(case, device)
                     row = measure(case, layers[case.name], dt, backend, device, cfg)
                     _progress(row, budget)
+                rows[backend] = row
                 payload["layers"].append(row)
                 save()
+            _compare_auto(rows, case, layers.get(case.name), dt, device, cfg, budget, layer_share)
+            save()
         del layers
         payload["layers"] = _sorted_rows(payload["layers"], [c.name for c in cases], dtypes, args.backends, "case")
         payload["targets"] = report.targets(payload["layers"])
@@ -257,8 +269,10 @@ def main(argv=None) -> int:
     print()
     if run_layers:
         print(report.layer_table(payload["layers"]))
+        print(report.TFLOPS_LEGEND)
         print()
         print(report.targets_table(payload["targets"]))
+        print(report.AUTO_LEGEND)
         if device.type != "cuda":
             print("(the targets are issue 6's H100 targets; on a CPU they are shown for reference only)")
         print()
@@ -275,6 +289,24 @@ def main(argv=None) -> int:
         print(f"note: {len(skipped)} measurements skipped ({'; '.join(sorted({r['reason'] for r in skipped}))})")
     print(f"done in {budget.elapsed():.1f} s" + (f"; wrote {args.json}" if args.json else ""))
     return 0
+
+
+def _compare_auto(rows: dict, case, layer, dt: str, device, cfg, budget: Budget, share: float) -> None:
+    """Time auto against the fastest concrete backend interleaved (issue 12, item 10); the result
+    goes into the auto row and the auto / best target reads it."""
+    auto = rows.get("auto")
+    ok = [r for b, r in rows.items() if b in CONCRETE_BACKENDS and r["status"] == "ok"]
+    if auto is None or auto["status"] != "ok" or not ok or budget.spent(share):
+        return
+    best = min(ok, key=lambda r: r["fwdbwd_ms"])["backend"]
+    try:
+        auto["auto_vs_best"] = interleaved_ratio(case, layer, dt, "auto", best, device, cfg)
+    except Exception as e:  # noqa: BLE001 - a comparison that fails leaves the separate medians
+        auto["auto_vs_best"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        return
+    r = auto["auto_vs_best"]
+    print(f"  [{budget.elapsed():6.1f}s] {case.name:<12} {dt:<5} auto / {best} interleaved: {r['ratio']:.3f} "
+          f"(per-round p20-p80 {r['pair_p20_p80'][0]:.2f}-{r['pair_p20_p80'][1]:.2f}, {r['rounds']} rounds)", flush=True)
 
 
 def _sorted_rows(rows, names, dtypes, backends, key):

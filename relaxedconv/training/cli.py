@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..dispatch import AUTO_POLICIES, BACKENDS
 from ..models import VARIANTS
 from .data import DATASETS, DatasetError
 from .trainer import DEFAULTS, RESUMABLE_CHANGES
@@ -63,7 +64,11 @@ def train_parser(prog: str = "relaxedconv train") -> argparse.ArgumentParser:
     g.add_argument("--omega-pos", type=float, default=d["omega_pos"], help="position frequency of non-stationary variants (default 1)")
     g.add_argument("--learn-omega", action="store_true", help="learn the omegas of a non-stationary variant (the *_learned variants always do)")
     g.add_argument("--omega-penalty", type=float, default=d["omega_penalty"], help="strength of the penalty sum |omega|^2 toward equivariance on learned omegas")
-    g.add_argument("--backend", default=d["backend"], choices=("auto", "materialize", "expand_conv", "factored_torch", "triton"))
+    g.add_argument("--backend", default=d["backend"], choices=BACKENDS)
+    g.add_argument("--auto-policy", default=d["auto_policy"], choices=AUTO_POLICIES,
+                   help="how --backend auto chooses: measure (time the backends on the first call per shape) or static "
+                   "(the documented rule, for runs that must not depend on timings); default: RELAXEDCONV_AUTO, "
+                   "else measure on CUDA and static on CPU")
     g = ap.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d["epochs"])
     g.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch (split over DDP processes)")
