@@ -38,7 +38,7 @@ The static rule (README.md):
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -130,13 +130,24 @@ def check_backend_name(name: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON_IMPORTS: bool | None = None
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """Whether Triton imports (tried once; inside a torch.compile trace, where nothing is imported,
+    whether it is installed)."""
+    global _TRITON_IMPORTS
+    if _TRITON_IMPORTS is None:
+        if torch.compiler.is_compiling():
+            return _TRITON_INSTALLED
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_IMPORTS = True
+        except Exception:
+            _TRITON_IMPORTS = False
+    return _TRITON_IMPORTS
 
 
 def _interpreting() -> bool:

@@ -120,6 +120,12 @@ def test_quick_run_writes_json_with_metadata_and_marks_backends(tmp_path, monkey
     assert set(e2e["t2", "auto"]["backends"].values()) == {"expand_conv"}
     assert "expand_conv x" in printed
     assert e2e["se2", "triton"]["status"] == "not timed"
+    # the plain-conv floor (issue 13) and every row's ratio to it, training step and inference
+    floor, auto = e2e["t2", "conv2d"], e2e["t2", "auto"]
+    assert floor["status"] == "ok" and floor["x_floor"] == 1.0 and floor["backends"] is None
+    assert auto["x_floor"] == pytest.approx(auto["step_ms"] / floor["step_ms"])
+    assert auto["infer_ms"] > 0 and auto["infer_x_floor"] == pytest.approx(auto["infer_ms"] / floor["infer_ms"])
+    assert report.E2E_LEGEND in printed
 
 
 def test_time_budget_skips_and_cli_dispatch(tmp_path, monkeypatch, capsys):
@@ -192,6 +198,30 @@ def test_auto_over_best_is_noise_aware():
     assert loses["status"] == "fail"
     wins = verdict("materialize", {"against": "expand_conv", "ratio": 1.01, "pair_p20_p80": [0.97, 1.05], "rounds": 7})
     assert wins["status"] == "pass"
+
+
+def test_plain_conv_floor_is_the_same_network_without_kernel_nets():
+    from relaxedconv.benchmark.floor import plain_conv_floor
+    from relaxedconv.layers import _RelaxedGroupConv
+    from relaxedconv.models import build_model
+
+    model = build_model("se2_rot", group_order=4, widths=(2, 4), kernel_size=3, hidden_channels=4)
+    floor = plain_conv_floor(model)
+    relaxed = {n: m for n, m in model.named_modules() if isinstance(m, _RelaxedGroupConv)}
+    assert relaxed and not any(isinstance(m, _RelaxedGroupConv) for m in floor.modules())
+    assert not any("kernel_net" in n for n, _ in floor.named_parameters())
+    for name, layer in relaxed.items():
+        conv = floor.get_submodule(name)
+        g = layer.geometry
+        assert isinstance(conv, torch.nn.Conv2d)
+        assert conv.weight.shape == (g.out_channels * g.out_rotations, g.in_channels * g.in_rotations, g.kernel_size, g.kernel_size)
+        assert conv.padding == (g.padding, g.padding) and (conv.bias is None) == (layer.bias is None)
+    # everything else is the model itself
+    others = lambda m: [(n, type(s)) for n, s in m.named_modules() if not isinstance(s, (torch.nn.Conv2d, _RelaxedGroupConv))
+                        and not n.startswith(tuple(relaxed))]  # noqa: E731
+    assert others(floor) == others(model)
+    x = torch.randn(2, 3, 16, 16)
+    assert floor(x).shape == model(x).shape
 
 
 def test_module_entry_point_help():

@@ -209,6 +209,27 @@ def test_short_train_run_writes_the_run_directory(tmp_path):
     assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(out), *TINY]) == 2
 
 
+def test_compile_option_compiles_the_training_model(tmp_path, monkeypatch):
+    """--compile MODE wraps the training model in torch.compile(mode=MODE); the compiler backend is
+    swapped for dynamo's "eager" here (inductor would take minutes on this CPU; tests/test_compile.py
+    checks compiled outputs)."""
+    calls = []
+    real_compile = torch.compile
+
+    def compile_spy(model, mode=None, **kw):
+        calls.append((type(model).__name__, mode))
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    data = make_folder(tmp_path / "f", n_train=16, n_test=8)
+    out = tmp_path / "run"
+    rc = cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "8",
+                         "--variant", "se2", "--epochs", "1", "--compile", "reduce-overhead", *TINY])
+    assert rc == 0 and calls == [("CKResNet", "reduce-overhead")]
+    assert json.loads((out / "config.json").read_text())["config"]["compile"] == "reduce-overhead"
+    assert json.loads((out / "final.json").read_text())["epochs"] == 1
+
+
 @pytest.mark.parametrize("variant", ["se2_learned", "partial"])
 def test_resume_after_interruption_gives_identical_weights(tmp_path, variant):
     data = make_folder(tmp_path / "f", n_train=32, n_test=8)

@@ -52,7 +52,9 @@ def count(fn) -> OpCounter:
 
 
 def _relaxed_layers(model):
-    return [(n, m) for n, m in model.named_modules() if hasattr(m, "kernel_net")]
+    """The relaxed layers (or, in the floor model, the convolutions that replace them)."""
+    convs = [(n, m) for n, m in model.named_modules() if hasattr(m, "kernel_net")]
+    return convs or [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
 
 
 def training_step_counts(variant: str, backend: str, *, batch=2, size=32, widths=(8, 16), group_order=8,
@@ -63,8 +65,13 @@ def training_step_counts(variant: str, backend: str, *, batch=2, size=32, widths
     from relaxedconv.models import build_model
 
     torch.manual_seed(0)
+    floor = backend == "conv2d"  # the plain-conv floor: the same network, nn.Conv2d weights, no kernel net
     model = build_model(variant, num_classes=10, group_order=group_order, widths=widths, kernel_size=kernel_size,
-                        hidden_channels=hidden, backend=backend)
+                        hidden_channels=hidden, backend="auto" if floor else backend)
+    if floor:
+        from relaxedconv.benchmark.floor import plain_conv_floor
+
+        model = plain_conv_floor(model)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(batch, 3, size, size)
@@ -122,7 +129,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m relaxedconv.benchmark.opcount", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="t2,se2,se2_rot")
-    ap.add_argument("--backends", default="expand_conv,factored_torch")
+    ap.add_argument("--backends", default="expand_conv,factored_torch,conv2d",
+                    help="conv2d: the plain-conv floor (same network, nn.Conv2d weights of the expanded shapes)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -67,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                     f"(default: none; --quick: {QUICK_BUDGET_S:.0f})")
     ap.add_argument("--e2e-variants", type=_csv, default=list(e2e_mod.E2E_VARIANTS))
     ap.add_argument("--e2e-backends", type=_csv, default=None,
-                    help=f"default: {','.join(e2e_mod.E2E_BACKENDS)} (--quick: auto,triton)")
+                    help=f"default: {','.join(e2e_mod.E2E_BACKENDS)} (--quick: auto,{e2e_mod.FLOOR},triton); "
+                    f"{e2e_mod.FLOOR} = the same network with plain nn.Conv2d weights of the expanded shapes, the floor "
+                    "every other row is compared with")
+    ap.add_argument("--e2e-compile", choices=("off", "default", "reduce-overhead", "max-autotune"), default=None,
+                    help="run the e2e model under torch.compile with this mode (reduce-overhead: CUDA graphs); "
+                    "default off")
+    ap.add_argument("--e2e-infer-batch", type=int, default=None, help="inference batch (default 256 on CUDA, 8 on CPU)")
     ap.add_argument("--e2e-batch", type=int, default=None)
     ap.add_argument("--e2e-size", type=int, default=None)
     ap.add_argument("--e2e-widths", type=_csv, default=None, help="block widths, e.g. 32,64")
@@ -143,6 +149,10 @@ def _e2e_config(args, device) -> e2e_mod.E2EConfig:
         cfg.group_order = args.e2e_group_order
     if args.e2e_dtype:
         cfg.dtype = args.e2e_dtype
+    if args.e2e_compile:
+        cfg.compile = args.e2e_compile
+    if args.e2e_infer_batch:
+        cfg.infer_batch = args.e2e_infer_batch
     cfg.dtype = resolve_dtypes([cfg.dtype], device)[0][0]
     return cfg
 
@@ -178,7 +188,7 @@ def main(argv=None) -> int:
     run_layers = args.suite in ("all", "layers")
     run_e2e = args.suite in ("all", "e2e")
     e2e_cfg = _e2e_config(args, device) if run_e2e else None
-    e2e_backends = args.e2e_backends or (["auto", "triton"] if args.quick else list(e2e_mod.E2E_BACKENDS))
+    e2e_backends = args.e2e_backends or (["auto", e2e_mod.FLOOR, "triton"] if args.quick else list(e2e_mod.E2E_BACKENDS))
 
     payload = {
         "schema": report.SCHEMA,
@@ -259,10 +269,11 @@ def main(argv=None) -> int:
                 else:
                     row = e2e_mod.measure_step(variant, backend, device, e2e_cfg)
                     print(f"  [{budget.elapsed():6.1f}s] e2e {variant:<14} {backend:<15} {row['status']:<9} "
-                          f"{_num(row['images_per_s'], '.1f')} img/s" + (f" ({row['reason'][:100]})" if row["reason"] else ""),
-                          flush=True)
+                          f"{_num(row['images_per_s'], '.1f')} img/s, inference {_num(row['infer_images_per_s'], '.1f')} img/s"
+                          + (f" ({row['reason'][:100]})" if row["reason"] else ""), flush=True)
                 payload["e2e"].append(row)
                 save()
+        e2e_mod.add_floor_ratios(payload["e2e"])
         payload["e2e"] = _sorted_rows(payload["e2e"], args.e2e_variants, [e2e_cfg.dtype], e2e_backends, "variant")
         save()
 
@@ -279,8 +290,11 @@ def main(argv=None) -> int:
     if run_e2e:
         c = e2e_cfg
         print(f"end-to-end training step (design.md §7 model, batch {c.batch}, {c.size}x{c.size}, widths "
-              f"{tuple(c.widths)}, N = {c.group_order}, {c.dtype}{', scaled down for CPU' if c.scaled_down else ''})")
+              f"{tuple(c.widths)}, N = {c.group_order}, {c.dtype}{', scaled down for CPU' if c.scaled_down else ''}"
+              f"{'' if c.compile == 'off' else f', torch.compile mode {c.compile}'}) and inference (eval, no_grad, batch "
+              f"{c.infer_batch})")
         print(report.e2e_table(payload["e2e"]))
+        print(report.E2E_LEGEND)
         print()
     for n in notes:
         print(f"note: {n}")

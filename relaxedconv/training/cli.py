@@ -82,6 +82,9 @@ def train_parser(prog: str = "relaxedconv train") -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (its saved config is used)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d["device"])
     g.add_argument("--amp", choices=("auto", "bf16", "off"), default=d["amp"], help="auto: bf16 autocast on GPU, none on CPU")
+    g.add_argument("--compile", choices=("off", "default", "reduce-overhead", "max-autotune"), default=d["compile"],
+                   help="torch.compile the training forward/backward with this mode; reduce-overhead also captures "
+                   "them in CUDA graphs (CUDA only). The first steps compile (minutes). Default off")
     g.add_argument("--progress", choices=("auto", "on", "off"), default=d["progress"])
     g.add_argument("--test-every-epoch", action="store_true", help="evaluate the test set every epoch (default: at each new best validation epoch)")
     g.add_argument("--interrupt-after-steps", type=int, default=0, help=argparse.SUPPRESS)

@@ -55,6 +55,7 @@ DEFAULTS = dict(
     omega_penalty=1e-3,
     backend="auto",
     auto_policy=None,  # None: RELAXEDCONV_AUTO, else measure on CUDA / static on CPU
+    compile="off",  # or a torch.compile mode for the training forward/backward ("reduce-overhead": CUDA graphs)
     epochs=300,
     batch_size=64,
     eval_batch_size=256,
@@ -229,6 +230,10 @@ class Trainer:
             )
         else:
             self.ddp = model
+        if c.get("compile", "off") != "off":
+            # The training step's forward and backward; evaluation runs the eager model, whose
+            # relaxed layers reuse their cached kernels under no_grad.
+            self.ddp = torch.compile(self.ddp, mode=None if c["compile"] == "default" else c["compile"])
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=c["lr"], weight_decay=c["weight_decay"])
         world = self.dist.world
