@@ -15,9 +15,11 @@ timed on detached copies of the call's tensors and the fastest is kept for the p
   (README.md, "backend='auto'").
 - a backend that raises (out of memory, a refusal, anything) is skipped and its reason kept; if
   none runs, the static rule's choice is used.
-- under DDP (``torch.distributed`` initialised, world > 1) rank 0 decides and broadcasts, so every
-  rank runs the same backend; the choice is made at the same call on every rank because every
-  rank reaches the same layers with the same keys.
+- under DDP (``torch.distributed`` initialised, world > 1) rank 0 decides for calls that need
+  gradients and broadcasts, so every rank trains with the same backend; the choice is made at the
+  same call on every rank because training steps reach the same layers with the same shapes.
+  Calls without gradients (evaluation, whose split over ranks may be uneven) are chosen per rank
+  with no collective, so they can never wait on a rank that does not come.
 - an optional file cache (:func:`set_cache_file`, or ``RELAXEDCONV_AUTO_CACHE=1`` for the default
   path under the user's cache directory, or ``=<path>``) keeps choices across processes. It is
   keyed also by torch, Triton and relaxedconv versions and a hash of the backends' sources; a
@@ -366,13 +368,18 @@ def _decide(key, x, z, w_ext, bias, geometry, fallback) -> Choice:
 
 def measured_choice(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str) -> str:
     """The backend ``auto`` runs this call with (the module docstring says how it is chosen)."""
-    key = choice_key(x, z, bias, geometry, needs_grad(x, z, w_ext, bias))
+    train = needs_grad(x, z, w_ext, bias)
+    key = choice_key(x, z, bias, geometry, train)
     hit = _choices.get(key)
     if hit is not None:
         return hit.backend
     if torch.compiler.is_compiling():
         return fallback
-    dist = _distributed()
+    # Training calls reach every rank with the same shapes (DDP steps in lockstep), so all ranks
+    # miss the cache at the same call and meet in the broadcast. Inference calls need not (an
+    # evaluation split unevenly over ranks has a last batch of another size on some ranks): they
+    # are chosen per rank, without a collective that could wait forever.
+    dist = _distributed() if train else None
     if dist is None:
         choice = _decide(key, x, z, w_ext, bias, geometry, fallback)
     else:
