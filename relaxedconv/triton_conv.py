@@ -19,7 +19,6 @@ from typing import List, Optional
 
 import torch
 
-from .kernels.common import interpreting
 from .reference import ConvGeometry
 
 
@@ -79,20 +78,17 @@ def _backward(ctx, dy):
 triton_conv_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def check_triton_inputs(x: torch.Tensor) -> None:
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError(
-            f"backend='triton' runs on CUDA tensors (got a tensor on {x.device}); on CPU use "
-            "backend='auto', 'expand_conv' or 'factored_torch' (or set TRITON_INTERPRET=1 to run "
-            "the kernels in Triton's slow interpreter for testing)"
-        )
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"backend='triton' supports float32/float16/bfloat16/float64 inputs, got {x.dtype}")
+def check_triton_inputs(x: torch.Tensor, z: torch.Tensor | None = None) -> None:
+    """The backend table's refusal for ``triton`` on this input (device, dtype), as an error."""
+    from . import dispatch
+
+    dispatch.check_supported("triton", device_type=x.device.type, dtype=x.dtype,
+                             per_position=z is not None and z.dim() == 4)
 
 
 def relaxed_conv_triton(x, z, w_ext, bias, geometry: ConvGeometry) -> torch.Tensor:
     """Functional entry point; same layouts as :mod:`relaxedconv.reference`."""
-    check_triton_inputs(x)
+    check_triton_inputs(x, z)
     if torch.is_autocast_enabled(x.device.type):
         # A custom operator is not autocast-aware: run it in the autocast dtype, as conv2d would.
         dt = torch.get_autocast_dtype(x.device.type)
