@@ -12,7 +12,6 @@ so ``torch.compile`` sees one opaque operator per direction: no graph break, and
 neither traces into nor reorders the kernels. ``geometry`` travels as the six integers of
 :class:`relaxedconv.reference.ConvGeometry`.
 """
-from __future__ import annotations
 
 import dataclasses
 from typing import List, Optional
