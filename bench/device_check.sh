@@ -11,11 +11,13 @@
 #   1. python -m pytest -q tests, on CUDA (the Triton kernels compiled, not interpreted) 200 s
 #   2. layer benchmark: every case, bf16 then tf32, 6 backends, budget 135 s           170 s
 #   3. end-to-end training-step figure (design.md §7 model), bf16 autocast, budget 50 s  75 s
+#      (with the plain-conv floor row the other rows are compared with)
+#  3b. one-off cost of auto's measurement per new shape (G1, G4, T1, T2)               60 s
 #   4. pytest-benchmark entries (G4, T2), GPU-synchronised                               35 s
 #
-# Output: "$OUT" (bench/results/ when OUT is unset), 7 flat files:
+# Output: "$OUT" (bench/results/ when OUT is unset), 8 flat files:
 #   device_summary.txt  tests.log  bench_layers.log  bench_layers.json
-#   bench_e2e.log  bench_e2e.json  pytest_bench.log
+#   bench_e2e.log  bench_e2e.json  auto_cost.log  pytest_bench.log
 # Exit status: 0 when every step passed, else 1 (all steps run regardless).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -73,8 +75,11 @@ run_step bench_layers 170 "$PY" -m relaxedconv.benchmark --suite layers \
 
 # ---- 3. end-to-end figure ----------------------------------------------------------------------
 run_step bench_e2e 75 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
-  --e2e-variants t2,se2,se2_rot,se2_rot_trans --e2e-backends auto,triton,expand_conv,materialize,factored_torch \
+  --e2e-variants t2,se2,se2_rot,se2_rot_trans --e2e-backends auto,conv2d,triton,expand_conv,materialize,factored_torch \
   --time-budget 50 --json "$OUT/bench_e2e.json"
+
+# ---- 3b. one-off cost of auto's measurement (README "backend='auto'") ---------------------------
+run_step auto_cost 60 "$PY" -m relaxedconv.benchmark.auto_cost --cases G1,G4,T1,T2
 
 # ---- 4. pytest-benchmark -----------------------------------------------------------------------
 if "$PY" -c "import pytest_benchmark" > /dev/null 2>&1; then

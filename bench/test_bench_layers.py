@@ -14,14 +14,14 @@ import torch
 
 from relaxedconv.benchmark import cases as cases_mod
 from relaxedconv.benchmark.flops import case_macs, pass_flops
-from relaxedconv.benchmark.layer_bench import precision
+from relaxedconv.benchmark.layer_bench import LAYER_BACKENDS, precision, table_refusal
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE_NAME = "bf16" if CUDA else "fp32"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 CASES = ("G1", "G4", "T1", "T2")
-BACKENDS = ("triton", "expand_conv", "materialize", "auto")
+BACKENDS = tuple(b for b in LAYER_BACKENDS if b != "factored_torch")  # the backend table's, and auto
 
 if CUDA:
     torch.backends.cudnn.benchmark = True
@@ -36,10 +36,9 @@ def _case(name):
 @pytest.mark.parametrize("name", CASES)
 def test_layer_fwd_bwd(benchmark, name, backend):
     case = _case(name)
-    if backend == "triton" and not CUDA:
-        pytest.skip("fused kernel not timed: no GPU")
-    if backend == "expand_conv" and case.translation_nonstationary:
-        pytest.skip("expand_conv: n/a for translation non-stationary layers")
+    refusal = table_refusal(case, DTYPE_NAME, backend, DEVICE)  # what the backend table says cannot run here
+    if refusal is not None:
+        pytest.skip(f"{backend}: {refusal[0]}: {refusal[1]}")
     torch.manual_seed(0)
     layer = cases_mod.build_layer(case, DEVICE)
     x = cases_mod.make_input(case, DEVICE, DTYPE)

@@ -4,14 +4,16 @@ Layers whose continuous kernels see relative *and* absolute group coordinates, s
 learnable frequencies, so each layer learns how equivariant to be (van der Ouderaa, Romero,
 van der Wilk, NeurIPS 2022).
 """
-from .dispatch import BACKENDS, choose_backend
+from .dispatch import BACKEND_TABLE, BACKENDS, choose_backend, set_auto_policy
 from .equivariance import equivariance_error, equivariance_penalty, layer_equivariance_errors, omegas
 from .export import export, export_layer  # the function shadows the submodule name; import_module still finds it
 from .kernel_net import SirenKernelNet
-from .layers import GroupConv, InvariantPool, LiftingConv, PointwiseGroupConv
+from .functional import relaxed_conv
+from .layers import GroupConv, InvariantPool, LiftingConv, PointwiseGroupConv, backends_used
 from .reference import ConvGeometry, conv_expand, conv_factored, conv_materialize
 
 __all__ = [
+    "BACKEND_TABLE",
     "BACKENDS",
     "ConvGeometry",
     "GroupConv",
@@ -19,6 +21,7 @@ __all__ = [
     "LiftingConv",
     "PointwiseGroupConv",
     "SirenKernelNet",
+    "backends_used",
     "choose_backend",
     "conv_expand",
     "conv_factored",
@@ -29,5 +32,7 @@ __all__ = [
     "export_layer",
     "layer_equivariance_errors",
     "omegas",
+    "relaxed_conv",
+    "set_auto_policy",
 ]
 __version__ = "0.1.0"

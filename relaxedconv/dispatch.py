@@ -1,6 +1,28 @@
-"""Backend names, the ``backend="auto"`` rule, and the call into each path.
+"""The backend table, the static rule for ``backend="auto"``, and how ``auto`` is resolved.
 
-The rule for ``auto`` (documented in README.md):
+Every backend computes the same relaxed group convolution from the same tensors, the factors
+``(z, w_ext)`` of design.md §2 (:mod:`relaxedconv.reference` has the layouts). One table,
+:data:`BACKEND_TABLE`, says for each backend what it can run (translation non-stationarity, device
+types, dtypes) and holds its two functions:
+
+- ``prepare(z, w_ext, bias, geometry, dtype) -> operands``: what the backend builds from the
+  factors (materialize: the full kernel; expand_conv: the conv2d weight bank; factored_torch and
+  triton: the factors in the compute dtype). Independent of the batch: a layer in inference mode
+  caches it.
+- ``apply(x, operands, geometry) -> y``.
+
+``auto``, the CLI's ``--backend`` choices, the benchmark's ``n/a`` rows and the error messages all
+read this table (:func:`unsupported`, :func:`runnable`).
+
+``backend="auto"`` is resolved by one of two policies (:func:`auto_policy`):
+
+- ``measure`` (the default on CUDA): time every runnable backend on the first call for a shape and
+  keep the fastest, like ``torch.backends.cudnn.benchmark`` (:mod:`relaxedconv.auto_backend`).
+- ``static`` (the default elsewhere, and the fallback): the rule below, a pure function of the
+  layer's geometry, device type and dtype. Select it with ``auto_policy="static"``,
+  :func:`set_auto_policy` or ``RELAXEDCONV_AUTO=static`` for runs that must not depend on timings.
+
+The static rule (README.md):
 
 1. CPU (or any non-CUDA device): ``expand_conv`` when translation-stationary (one oneDNN
    convolution), else ``factored_torch`` (never builds the per-position kernel). Never ``triton``.
@@ -8,23 +30,98 @@ The rule for ``auto`` (documented in README.md):
    ``materialize`` needs the per-position kernel: P times the memory).
 3. CUDA, translation-stationary: compare multiply-adds of the factored form with the direct
    convolution on the expanded bank (design.md §2):
-   ``factored/direct = H'/C_out + H'/(N_in*K*K)``. cuDNN sustains roughly twice the fraction
-   of peak that the fused kernel does, so ``triton`` is picked only when that ratio is below
-   :data:`TRITON_FLOP_RATIO` and the kernels get tensor cores (bf16/fp16, or fp32 with
-   ``torch.backends.cuda.matmul.allow_tf32``; exact fp32 and fp64 run on the FMA units while
-   cuDNN uses tf32 by default); otherwise ``expand_conv``. Under autocast the autocast dtype counts.
+   ``factored/direct = H'/C_out + H'/(N_in*K*K)``. ``triton`` is picked only when that ratio is
+   below :data:`TRITON_FLOP_RATIO` and the kernels get tensor cores (bf16/fp16, or fp32 with
+   ``torch.backends.cuda.matmul.allow_tf32``); otherwise ``expand_conv``. Under autocast the
+   autocast dtype counts.
 4. ``triton`` is never picked when Triton cannot be imported.
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from . import reference
+from .reference import ConvGeometry
 
-BACKENDS = ("auto", "materialize", "expand_conv", "factored_torch", "triton")
 TRITON_FLOP_RATIO = 0.5
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+AUTO_POLICIES = ("measure", "static")
+AUTO_ENV = "RELAXEDCONV_AUTO"
+
+
+# ---- the backends' functions ------------------------------------------------------------------------
+def _prepare_kernel(z, w_ext, bias, g, dtype):
+    return reference.kernel_from_factors(z, w_ext).to(dtype), bias
+
+
+def _apply_materialize(x, operands, g):
+    kernel, bias = operands
+    return reference.conv_materialize(x, kernel, bias, g)
+
+
+def _prepare_bank(z, w_ext, bias, g, dtype):
+    bank = reference.bank_from_factors(z, w_ext, g).to(dtype)
+    return bank, None if bias is None else bias.to(dtype).repeat_interleave(g.out_rotations)
+
+
+def _apply_bank(x, operands, g):
+    bank, bias_per_channel = operands
+    return torch.nn.functional.conv2d(x, bank, bias_per_channel, padding=g.padding)
+
+
+def _prepare_factors(z, w_ext, bias, g, dtype):
+    return z.to(dtype), w_ext.to(dtype), bias
+
+
+def _apply_factored(x, operands, g):
+    z, w_ext, bias = operands
+    return reference.conv_factored(x, z, w_ext, bias, g)
+
+
+def _apply_triton(x, operands, g):
+    from .triton_conv import relaxed_conv_triton
+
+    z, w_ext, bias = operands
+    return relaxed_conv_triton(x, z, w_ext, bias, g)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the backend table."""
+
+    name: str
+    summary: str
+    translation_nonstationary: bool  # can run a kernel that differs per output position
+    devices: tuple  # device types it runs on
+    dtypes: tuple  # input dtypes it runs
+    prepare: Callable
+    apply: Callable
+    needs_triton: bool = False
+    interpreter_on_cpu: bool = False  # also on CPU tensors under TRITON_INTERPRET=1 (testing only)
+    auto_candidate: bool = True
+    slow_reference: bool = False  # named last when an error message suggests alternatives
+
+
+BACKEND_TABLE: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("materialize", "full kernel at every coordinate, unfold + einsum (R1, the ground truth)",
+                True, ("cpu", "cuda"), FLOAT_DTYPES, _prepare_kernel, _apply_materialize, slow_reference=True),
+        Backend("expand_conv", "kernel bank [C_out*N, C_in*N_in, K, K] + conv2d (R2, cuDNN/oneDNN)",
+                False, ("cpu", "cuda"), FLOAT_DTYPES, _prepare_bank, _apply_bank),
+        Backend("factored_torch", "the factorisation of design.md §2 in plain PyTorch (R3)",
+                True, ("cpu", "cuda"), FLOAT_DTYPES, _prepare_factors, _apply_factored),
+        Backend("triton", "fused Triton kernels, forward and backward",
+                True, ("cuda",), FLOAT_DTYPES, _prepare_factors, _apply_triton,
+                needs_triton=True, interpreter_on_cpu=True),
+    )
+}
+BACKENDS = ("auto", *BACKEND_TABLE)
 
 
 def check_backend_name(name: str) -> str:
@@ -33,26 +130,106 @@ def check_backend_name(name: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON_IMPORTS: bool | None = None
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """Whether Triton imports (tried once; inside a torch.compile trace, where nothing is imported,
+    whether it is installed)."""
+    global _TRITON_IMPORTS
+    if _TRITON_IMPORTS is None:
+        if torch.compiler.is_compiling():
+            return _TRITON_INSTALLED
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_IMPORTS = True
+        except Exception:
+            _TRITON_IMPORTS = False
+    return _TRITON_IMPORTS
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _alternatives(pred) -> str:
+    """"'backend='auto', 'a', 'b' or 'c'": auto and the backends that satisfy ``pred``, the slow
+    reference last."""
+    names = [repr(b.name) for b in sorted(BACKEND_TABLE.values(), key=lambda b: b.slow_reference) if pred(b)]
+    names = ["backend='auto'", *names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def unsupported(name: str, *, device_type: str, dtype: torch.dtype, per_position: bool):
+    """Why ``name`` cannot run this call, as ``(exception type, message)``, or None when it can.
+
+    The one place that decides what a backend supports; the messages say what to use instead.
+    """
+    b = BACKEND_TABLE[check_backend_name(name)] if name != "auto" else None
+    if b is None:
+        return None
+    if per_position and not b.translation_nonstationary:
+        return ValueError, (
+            f"backend={name!r} cannot run a translation non-stationary layer (its kernel differs at "
+            f"every output position, which conv2d cannot express). Use {_alternatives(lambda c: c.translation_nonstationary)}."
+        )
+    if b.needs_triton and not triton_available():
+        return ValueError, (f"backend={name!r} needs Triton, which cannot be imported here; use "
+                            f"{_alternatives(lambda c: not c.needs_triton)}")
+    on_device = device_type in b.devices or (b.interpreter_on_cpu and device_type == "cpu" and _interpreting())
+    if not on_device:
+        hint = " (or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter for testing)" \
+            if b.interpreter_on_cpu else ""
+        return ValueError, (
+            f"backend={name!r} runs on {'/'.join(d.upper() for d in b.devices)} tensors (got a tensor on "
+            f"{device_type}); on {device_type.upper()} use {_alternatives(lambda c: device_type in c.devices)}{hint}"
+        )
+    if dtype not in b.dtypes:
+        names = "/".join(str(d).replace("torch.", "") for d in b.dtypes)
+        return TypeError, f"backend={name!r} supports {names} inputs, got {dtype}"
+    return None
+
+
+def check_supported(name: str, *, device_type: str, dtype: torch.dtype, per_position: bool, where: str = "") -> None:
+    """Raise :func:`unsupported`'s error (prefixed with ``where``, e.g. the layer's class name)."""
+    refusal = unsupported(name, device_type=device_type, dtype=dtype, per_position=per_position)
+    if refusal is not None:
+        exc, msg = refusal
+        raise exc(f"{where}: {msg}" if where else msg)
+
+
+def runnable(*, device_type: str, dtype: torch.dtype, per_position: bool, for_auto: bool = False) -> list[str]:
+    """Backends that can run this call (with ``for_auto``: those ``auto`` may time: not Triton's
+    CPU interpreter, a testing aid thousands of times slower than the real paths)."""
+    out = []
+    for name, b in BACKEND_TABLE.items():
+        if unsupported(name, device_type=device_type, dtype=dtype, per_position=per_position) is not None:
+            continue
+        if for_auto and (not b.auto_candidate or device_type not in b.devices):
+            continue
+        out.append(name)
+    return out
+
+
+# ---- dtype and the static rule ----------------------------------------------------------------------
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolution runs in: the autocast dtype under autocast, else the input's."""
+    dt = x.dtype
+    if dt in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return dt
+
+
+def flop_ratio(geometry: ConvGeometry, hidden_plus_one: int) -> float:
+    """design.md §2: multiply-adds of the factored form over those of the direct convolution."""
+    h = hidden_plus_one
+    return h / geometry.out_channels + h / geometry.window
 
 
 def factored_to_direct_ratio(layer) -> float:
-    h = layer.kernel_net.hidden_channels + 1
-    return h / layer.out_channels + h / (layer.in_rotations * layer.kernel_size**2)
-
-
-def choose_backend(layer, x: torch.Tensor) -> str:
-    """The backend ``auto`` runs ``layer`` with on input ``x``."""
-    dtype = x.dtype
-    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-    return backend_rule(layer, x.device.type, triton_available(), dtype)
+    return flop_ratio(layer.geometry, layer.kernel_net.hidden_channels + 1)
 
 
 def _tensor_cores(dtype: torch.dtype) -> bool:
@@ -61,34 +238,70 @@ def _tensor_cores(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
-def backend_rule(layer, device_type: str, have_triton: bool, dtype: torch.dtype = torch.bfloat16) -> str:
-    """The documented rule itself, as a pure function of the layer, device type and dtype."""
+def static_choice(geometry: ConvGeometry, hidden_plus_one: int, per_position: bool, device_type: str,
+                  dtype: torch.dtype, have_triton: bool) -> str:
+    """The documented static rule (module docstring) as a pure function."""
     if device_type != "cuda" or not have_triton:
-        return "factored_torch" if layer.translation_nonstationary else "expand_conv"
-    if layer.translation_nonstationary:
+        return "factored_torch" if per_position else "expand_conv"
+    if per_position:
         return "triton"
-    if factored_to_direct_ratio(layer) < TRITON_FLOP_RATIO and _tensor_cores(dtype):
+    if flop_ratio(geometry, hidden_plus_one) < TRITON_FLOP_RATIO and _tensor_cores(dtype):
         return "triton"
     return "expand_conv"
 
 
-def run(name: str, layer, x: torch.Tensor, out_hw) -> torch.Tensor:
-    g, bias = layer.geometry, layer.bias
-    if name == "expand_conv" and layer.translation_nonstationary:
-        raise ValueError(
-            f"{type(layer).__name__}: backend='expand_conv' cannot run a translation non-stationary "
-            "layer (its kernel differs at every output position, which conv2d cannot express). "
-            "Use backend='auto', 'factored_torch', 'triton' or 'materialize'."
-        )
-    if name in ("materialize", "expand_conv"):
-        kernel = layer.full_kernel(out_hw, dtype=x.dtype)
-        fn = reference.conv_materialize if name == "materialize" else reference.conv_expand
-        return fn(x, kernel, bias, g)
-    z, w_ext = layer.factored_kernel(out_hw, dtype=x.dtype)
-    if name == "factored_torch":
-        return reference.conv_factored(x, z, w_ext, bias, g)
-    if name == "triton":
-        from .triton_conv import relaxed_conv_triton
+def backend_rule(layer, device_type: str, have_triton: bool, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The static rule for ``layer`` (kept for callers of the layer-based form)."""
+    return static_choice(layer.geometry, layer.kernel_net.hidden_channels + 1, layer.translation_nonstationary,
+                         device_type, dtype, have_triton)
 
-        return relaxed_conv_triton(x, z, w_ext, bias, g)
-    raise ValueError(f"unknown backend {name!r}")
+
+# ---- the auto policy ----------------------------------------------------------------------------------
+_policy_override: str | None = None
+
+
+def set_auto_policy(policy: str | None) -> None:
+    """Process-wide policy for ``auto``: "measure", "static", or None (``RELAXEDCONV_AUTO``, else the
+    default: measure on CUDA, static elsewhere)."""
+    global _policy_override
+    if policy is not None and policy not in AUTO_POLICIES:
+        raise ValueError(f"auto policy must be one of {AUTO_POLICIES} or None, got {policy!r}")
+    _policy_override = policy
+
+
+def auto_policy(device_type: str, policy: str | None = None) -> str:
+    """The policy ``auto`` follows on ``device_type``: the argument, else :func:`set_auto_policy`'s,
+    else ``RELAXEDCONV_AUTO``, else measure on CUDA and static elsewhere."""
+    p = policy or _policy_override or os.environ.get(AUTO_ENV) or None
+    if p is None:
+        return "measure" if device_type == "cuda" else "static"
+    if p not in AUTO_POLICIES:
+        raise ValueError(f"auto policy must be one of {AUTO_POLICIES} (argument or {AUTO_ENV}), got {p!r}")
+    return p
+
+
+def resolve(name: str, x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, bias, geometry: ConvGeometry,
+            *, policy: str | None = None, where: str = "") -> str:
+    """The concrete backend that runs this call: ``name`` itself (checked against the table), or
+    what ``auto`` picks for it."""
+    per_position = z.dim() == 4
+    dtype = compute_dtype(x)
+    if name != "auto":
+        check_supported(name, device_type=x.device.type, dtype=dtype, per_position=per_position, where=where)
+        return name
+    static = static_choice(geometry, z.shape[-1], per_position, x.device.type, dtype, triton_available())
+    if auto_policy(x.device.type, policy) == "static":
+        return static
+    from . import auto_backend
+
+    return auto_backend.measured_choice(x, z, w_ext, bias, geometry, fallback=static)
+
+
+def choose_backend(layer, x: torch.Tensor) -> str:
+    """The backend ``auto`` runs ``layer`` with on input ``x`` (under the current policy)."""
+    out_hw = layer.geometry.out_size(x.shape[-2], x.shape[-1])
+    with torch.no_grad():
+        z, w_ext = layer.factored_kernel(out_hw)
+    if torch.is_grad_enabled():
+        z, w_ext = z.requires_grad_(), w_ext.requires_grad_()
+    return resolve("auto", x, z, w_ext, layer.bias, layer.geometry)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import dispatch
+from . import dispatch, functional
 from .groups import coordinate_groups, disk_mask
 from .kernel_net import SirenKernelNet
 from .reference import ConvGeometry
@@ -31,6 +32,7 @@ class _RelaxedGroupConv(nn.Module):
     """Shared machinery: coordinates -> kernel net -> one of the backends of design.md §3."""
 
     _is_lifting = False
+    last_backend: str | None = None  # the backend of the latest eager call (what "auto" resolved to)
 
     def __init__(
         self,
@@ -145,27 +147,64 @@ class _RelaxedGroupConv(nn.Module):
                 b = 1.0 / math.sqrt(fan_in)
                 self.bias.uniform_(-b, b)
 
+    # ---- the lattice (constant per layer, device, dtype and output size) -------------------------
+    _LATTICE_CACHE_SIZE = 8
+
+    def _cache(self, name: str) -> dict:
+        # A plain attribute, not a buffer: it never enters the state_dict (the same in train and
+        # eval), follows the module to any device or dtype because entries are keyed by them, and
+        # needs no re-initialisation after meta-device construction.
+        cache = self.__dict__.get(name)
+        if cache is None:
+            cache = self.__dict__[name] = {}
+        return cache
+
+    def _remember(self, key, value):
+        cache = self._cache("_lattice_cache")
+        if not torch.compiler.is_compiling():  # a compiled graph keeps its own constants
+            if len(cache) >= self._LATTICE_CACHE_SIZE:
+                cache.clear()
+            cache[key] = value
+        return value
+
+    def _lattice(self, out_hw, device, dtype) -> dict:
+        """The coordinate groups on ``device`` in ``dtype``: built once per layer, device, dtype and
+        (translation non-stationary only) output size, then reused."""
+        key = ("coords", device, dtype, tuple(out_hw) if self.translation_nonstationary else None)
+        hit = self._cache("_lattice_cache").get(key)
+        if hit is not None:
+            return hit
+        return self._remember(key, coordinate_groups(
+            out_rotations=self.group_order,
+            in_rotations=None if self._is_lifting else self.in_rotations,
+            kernel_size=self.kernel_size,
+            out_size=tuple(out_hw) if self.translation_nonstationary else None,
+            rotation_nonstationary=self.rotation_nonstationary,
+            device=device,
+            dtype=dtype,
+        ))
+
+    def _window_mask(self, device, dtype):
+        """The disk mask over the im2col window (n', kh, kw), [J]; None when the layer has none."""
+        if not self.mask:
+            return None
+        key = ("mask", device, dtype)
+        hit = self._cache("_lattice_cache").get(key)
+        if hit is not None:
+            return hit
+        return self._remember(key, disk_mask(self.kernel_size, device=device, dtype=dtype).repeat(self.in_rotations))
+
     # ---- the kernel --------------------------------------------------------------------------
     def _mask_over_window(self, dtype) -> torch.Tensor:
         """[J] mask over the im2col window (n', kh, kw)."""
         device = self.kernel_net.first.weight.device
-        k2 = self.kernel_size**2
-        if not self.mask:
-            return torch.ones(self.in_rotations * k2, device=device, dtype=dtype)
-        return disk_mask(self.kernel_size, device=device, dtype=dtype).repeat(self.in_rotations)
+        mask = self._window_mask(device, dtype)
+        return torch.ones(self.in_rotations * self.kernel_size**2, device=device, dtype=dtype) if mask is None else mask
 
     def _hidden_features(self, out_hw) -> torch.Tensor:
         """Hidden features z on the lattice: [N, J, H], or [N, P, J, H] when translation non-stationary."""
         w = self.kernel_net.first.weight
-        coords = coordinate_groups(
-            out_rotations=self.group_order,
-            in_rotations=None if self._is_lifting else self.in_rotations,
-            kernel_size=self.kernel_size,
-            out_size=out_hw if self.translation_nonstationary else None,
-            rotation_nonstationary=self.rotation_nonstationary,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        coords = self._lattice(out_hw, w.device, w.dtype)
         if self.translation_nonstationary and torch.is_grad_enabled():
             # Per-position features are N*P*J*H values; keeping only them (not every SIREN layer's
             # activations) and recomputing the SIREN in backward costs ~2% of the layer's FLOPs.
@@ -174,8 +213,12 @@ class _RelaxedGroupConv(nn.Module):
             z = self.kernel_net.hidden(coords)
         n, k2, h = self.group_order, self.kernel_size**2, z.shape[-1]
         p = out_hw[0] * out_hw[1] if self.translation_nonstationary else 1
-        z = z.expand(n, p, self.in_rotations, k2, h).reshape(n, p, self.in_rotations * k2, h)
-        return z if self.translation_nonstationary else z[:, 0]
+        full = (n, p, self.in_rotations, k2, h)
+        if tuple(z.shape) != full:  # the coordinate groups' broadcast normally covers every axis already
+            z = z.expand(full)
+        if self.translation_nonstationary:
+            return z.reshape(n, p, self.in_rotations * k2, h)
+        return z.reshape(n, self.in_rotations * k2, h)
 
     def full_kernel(self, out_hw, dtype=None) -> torch.Tensor:
         """The full masked kernel, [N, J, C_out, C_in] (or [N, P, J, C_out, C_in]): method R1's view."""
@@ -187,12 +230,55 @@ class _RelaxedGroupConv(nn.Module):
     def factored_kernel(self, out_hw, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Z, [W_L | b_L]) of design.md §2: Z has a ones column appended and the mask folded in."""
         z = self._hidden_features(out_hw)
-        z = torch.cat([z, torch.ones_like(z[..., :1])], dim=-1)
-        z = z * self._mask_over_window(z.dtype)[:, None]
+        z = F.pad(z, (0, 1), value=1.0)  # the ones column that carries b_L
+        mask = self._window_mask(z.device, z.dtype)
+        if mask is not None:
+            z = z * mask[:, None]
         w_ext = self.kernel_net.extended_output_weight()
         if dtype is not None:
             z, w_ext = z.to(dtype), w_ext.to(dtype)
         return z, w_ext
+
+    # ---- inference: the generated kernel cached until a parameter changes ----------------------
+    def _parameter_state(self) -> tuple:
+        """Changes whenever a parameter does: in place (its version counter: optimiser steps,
+        load_state_dict, ``p.add_``), replaced, or moved to another device or dtype.
+
+        Read from the modules' parameter dicts directly (found once): a replaced parameter is a new
+        entry there, and walking ``self.parameters()`` would cost more than the cached call itself."""
+        slots = self.__dict__.get("_parameter_slots")
+        if slots is None:
+            slots = self.__dict__["_parameter_slots"] = [(m._parameters, n) for m in self.modules() for n in m._parameters]
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for d, n in slots if (p := d.get(n)) is not None)
+
+    def _kernel_needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+    def clear_kernel_cache(self) -> None:
+        """Drop the cached inference kernel (it is rebuilt on the next no-grad call)."""
+        self._cache("_inference_cache").clear()
+
+    def _cached_operands(self, name: str, x: torch.Tensor, out_hw):
+        """(backend, operands) for a call that needs no gradient to the parameters: the factors and
+        what the backend builds from them are kept until a parameter changes."""
+        cache = self._cache("_inference_cache")
+        state = (self._parameter_state(), torch.is_inference_mode_enabled())
+        if cache.get("state") != state:
+            cache.clear()
+            cache["state"] = state
+        fkey = ("factors", tuple(out_hw) if self.translation_nonstationary else None)
+        if fkey not in cache:
+            with torch.no_grad():
+                cache[fkey] = self.factored_kernel(out_hw)
+        z, w_ext = cache[fkey]
+        g = self.geometry
+        name = dispatch.resolve(name, x, z, w_ext, self.bias, g, where=type(self).__name__)
+        dtype = dispatch.compute_dtype(x)
+        okey = ("operands", name, dtype, fkey[1])
+        if okey not in cache:
+            with torch.no_grad():
+                cache[okey] = functional.prepare_backend(name, z, w_ext, self.bias, g, dtype)
+        return name, cache[okey]
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
@@ -207,10 +293,23 @@ class _RelaxedGroupConv(nn.Module):
             param=self.kernel_net.first.weight,
         )
         name = dispatch.check_backend_name(backend) if backend is not None else self.backend
-        out_hw = self.geometry.out_size(x.shape[-2], x.shape[-1])
-        if name == "auto":
-            name = dispatch.choose_backend(self, x)
-        return dispatch.run(name, self, x, out_hw)
+        g = self.geometry
+        out_hw = g.out_size(x.shape[-2], x.shape[-1])
+        if not torch.compiler.is_compiling() and not self._kernel_needs_grad():
+            name, operands = self._cached_operands(name, x, out_hw)
+        else:
+            if self.__dict__.get("_inference_cache"):
+                self.clear_kernel_cache()  # training again: do not hold a stale kernel
+            z, w_ext = self.factored_kernel(out_hw)
+            name = dispatch.resolve(name, x, z, w_ext, self.bias, g, where=type(self).__name__)
+            operands = functional.prepare_backend(name, z, w_ext, self.bias, g, dispatch.compute_dtype(x))
+        self._note_backend(name)
+        return functional.apply_backend(name, x, operands, g)
+
+    def _note_backend(self, name: str) -> None:
+        """Remember which backend ran (reported by the trainer and the benchmark)."""
+        if not torch.compiler.is_compiling():
+            self.__dict__["last_backend"] = name  # a plain attribute; skips nn.Module.__setattr__
 
     # ---- state_dict: the lattice record ------------------------------------------------------
     def get_extra_state(self) -> dict:
@@ -251,6 +350,12 @@ class _RelaxedGroupConv(nn.Module):
         if self.translation_nonstationary:
             s += ", translation_nonstationary=True"
         return s + f", backend={self.backend!r}"
+
+
+def backends_used(model: nn.Module) -> dict[str, str | None]:
+    """``{layer name: backend}`` of every relaxed layer's latest call (None: not called yet)."""
+    return {name or type(m).__name__: m.last_backend for name, m in model.named_modules()
+            if isinstance(m, _RelaxedGroupConv)}
 
 
 class LiftingConv(_RelaxedGroupConv):

@@ -10,6 +10,11 @@ and differ only in how:
   Translation-stationary only.
 - :func:`conv_factored` (R3): the factorisation of §2, ``y = W_L . (Z^T X)``, in plain PyTorch.
 
+Every path can start from the same two tensors, the factors (Z, [W_L | b_L]) of §2:
+:func:`kernel_from_factors` gives R1's kernel and :func:`bank_from_factors` R2's conv2d weight
+(the mask and the ones column are folded into Z, so ``sum_h Z W_ext`` is the masked kernel with
+its b_L term). :mod:`relaxedconv.functional` runs each backend from them.
+
 Layouts shared by every path (J = N_in * K * K, ordered (n', kh, kw) as ``F.unfold`` orders a
 channel's window):
     x       [B, C_in*N_in, H, W]
@@ -84,9 +89,36 @@ def expand_kernel_bank(kernel: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
 
 
 def conv_expand(x, kernel, bias, g: ConvGeometry) -> torch.Tensor:
-    bank = expand_kernel_bank(kernel, g)
+    return conv_bank(x, expand_kernel_bank(kernel, g), bias, g)
+
+
+def conv_bank(x, bank, bias, g: ConvGeometry) -> torch.Tensor:
+    """R2 from the conv2d weight itself; ``bias`` is the per-channel [C_out] (shared over rotations)."""
     b = None if bias is None else bias.to(x.dtype).repeat_interleave(g.out_rotations)
     return F.conv2d(x, bank, b, padding=g.padding)
+
+
+def kernel_from_factors(z: torch.Tensor, w_ext: torch.Tensor) -> torch.Tensor:
+    """R1's kernel from the factors: ``[N, (P,) J, H+1] x [C_out, C_in, H+1] -> [N, (P,) J, C_out, C_in]``
+    (one matrix product; its output is already in that layout)."""
+    c_out, c_in, hp = w_ext.shape
+    k = z.reshape(-1, hp) @ w_ext.reshape(c_out * c_in, hp).t()
+    return k.view(*z.shape[:-1], c_out, c_in)
+
+
+def bank_from_factors(z: torch.Tensor, w_ext: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    """R2's conv2d weight ``[C_out*N, C_in*N_in, K, K]`` from the factors."""
+    if z.dim() != 3:
+        raise ValueError(
+            "expand_conv needs translation-stationary hidden features z [N, J, H+1]; features per "
+            "output position (translation non-stationary) have no conv2d form. "
+            "Use backend='materialize', 'factored_torch' or 'triton'."
+        )
+    k, hp = g.kernel_size, z.shape[-1]
+    # One matrix product [C_out*C_in, N*J] and one copy into the bank's (o, n, i, j) order: fewer
+    # operators (forward and backward) than an einsum, which permutes both operands first.
+    bank = (w_ext.reshape(-1, hp) @ z.reshape(-1, hp).t()).view(g.out_channels, g.in_channels, g.out_rotations, -1)
+    return bank.transpose(1, 2).reshape(g.out_channels * g.out_rotations, g.in_channels * g.in_rotations, k, k)
 
 
 def conv_factored(x, z, w_ext, bias, g: ConvGeometry) -> torch.Tensor:

@@ -1,57 +1,95 @@
-"""The fused Triton path as an autograd Function (forward and backward kernels in ``kernels/``)."""
-from __future__ import annotations
+"""The fused Triton path as PyTorch operators with their own autograd (kernels in ``kernels/``).
+
+Two ``torch.library`` custom operators wrap the host functions of the kernels:
+
+- ``relaxedconv::triton_conv_fwd(x, z, w_ext, bias, geometry) -> y``
+- ``relaxedconv::triton_conv_bwd(dy, x, z, w_ext, geometry, needs) -> [dx, dz, dw_ext]`` (a gradient
+  that is not needed comes back as an empty tensor)
+
+Each has a fake (meta) implementation that gives the output shapes without running a kernel, and
+the forward has a registered autograd formula (U = X Z is recomputed in backward, never stored),
+so ``torch.compile`` sees one opaque operator per direction: no graph break, and the compiler
+neither traces into nor reorders the kernels. ``geometry`` travels as the six integers of
+:class:`relaxedconv.reference.ConvGeometry`.
+"""
+
+import dataclasses
+from typing import List, Optional
 
 import torch
 
-from .kernels.common import interpreting
 from .reference import ConvGeometry
 
 
-class RelaxedConvTritonFunction(torch.autograd.Function):
-    """y = conv(x; Z, W_ext) + bias with the Triton kernels; U = X Z is recomputed in backward."""
-
-    @staticmethod
-    def forward(ctx, x, z, w_ext, bias, geometry: ConvGeometry):
-        from .kernels.relaxed_conv_fwd import relaxed_conv_fwd
-
-        y = relaxed_conv_fwd(x, z, w_ext, bias, geometry)
-        ctx.save_for_backward(x, z, w_ext)
-        ctx.geometry = geometry
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        from .kernels.relaxed_conv_bwd import relaxed_conv_bwd
-
-        x, z, w_ext = ctx.saved_tensors
-        g = ctx.geometry
-        needs = ctx.needs_input_grad
-        dx, dz, dw = relaxed_conv_bwd(dy, x, z, w_ext, g, needs=needs[:3])
-        dbias = None
-        if ctx.bias_dtype is not None and needs[3]:
-            acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-            dbias = dy.unflatten(1, (g.out_channels, g.out_rotations)).sum((0, 2, 3, 4), dtype=acc)
-            dbias = dbias.to(ctx.bias_dtype)
-        return dx, dz, dw, dbias, None
+def _geometry(values) -> ConvGeometry:
+    return ConvGeometry(*(int(v) for v in values))
 
 
-def check_triton_inputs(x: torch.Tensor) -> None:
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError(
-            f"backend='triton' runs on CUDA tensors (got a tensor on {x.device}); on CPU use "
-            "backend='auto', 'expand_conv' or 'factored_torch' (or set TRITON_INTERPRET=1 to run "
-            "the kernels in Triton's slow interpreter for testing)"
-        )
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"backend='triton' supports float32/float16/bfloat16/float64 inputs, got {x.dtype}")
+@torch.library.custom_op("relaxedconv::triton_conv_fwd", mutates_args=())
+def triton_conv_fwd(x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, bias: Optional[torch.Tensor],
+                    geometry: List[int]) -> torch.Tensor:
+    from .kernels.relaxed_conv_fwd import relaxed_conv_fwd
+
+    return relaxed_conv_fwd(x, z, w_ext, bias, _geometry(geometry)).contiguous()
+
+
+@triton_conv_fwd.register_fake
+def _triton_conv_fwd_fake(x, z, w_ext, bias, geometry):
+    g = _geometry(geometry)
+    h, w = g.out_size(x.shape[-2], x.shape[-1])
+    return x.new_empty((x.shape[0], g.out_channels * g.out_rotations, h, w))
+
+
+@torch.library.custom_op("relaxedconv::triton_conv_bwd", mutates_args=())
+def triton_conv_bwd(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, geometry: List[int],
+                    needs: List[bool]) -> List[torch.Tensor]:
+    from .kernels.relaxed_conv_bwd import relaxed_conv_bwd
+
+    grads = relaxed_conv_bwd(dy, x, z, w_ext, _geometry(geometry), needs=tuple(bool(n) for n in needs))
+    # Contiguous, as the fake implementation promises the compiler (dw_ext comes back permuted).
+    return [g.contiguous() if g is not None else like.new_empty(0) for g, like in zip(grads, (x, z, w_ext))]
+
+
+@triton_conv_bwd.register_fake
+def _triton_conv_bwd_fake(dy, x, z, w_ext, geometry, needs):
+    return [like.new_empty(like.shape if need else (0,)) for like, need in zip((x, z, w_ext), needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, z, w_ext, bias, geometry = inputs
+    ctx.save_for_backward(x, z, w_ext)
+    ctx.geometry = list(geometry)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy):
+    x, z, w_ext = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx, dz, dw = triton_conv_bwd(dy, x, z, w_ext, ctx.geometry, [bool(n) for n in needs[:3]])
+    dbias = None
+    if ctx.bias_dtype is not None and needs[3]:
+        g = _geometry(ctx.geometry)
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        dbias = dy.unflatten(1, (g.out_channels, g.out_rotations)).sum((0, 2, 3, 4), dtype=acc).to(ctx.bias_dtype)
+    return (dx if needs[0] else None, dz if needs[1] else None, dw if needs[2] else None, dbias, None)
+
+
+triton_conv_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_triton_inputs(x: torch.Tensor, z: torch.Tensor | None = None) -> None:
+    """The backend table's refusal for ``triton`` on this input (device, dtype), as an error."""
+    from . import dispatch
+
+    dispatch.check_supported("triton", device_type=x.device.type, dtype=x.dtype,
+                             per_position=z is not None and z.dim() == 4)
 
 
 def relaxed_conv_triton(x, z, w_ext, bias, geometry: ConvGeometry) -> torch.Tensor:
     """Functional entry point; same layouts as :mod:`relaxedconv.reference`."""
-    check_triton_inputs(x)
+    check_triton_inputs(x, z)
     if torch.is_autocast_enabled(x.device.type):
-        # A custom Function is not autocast-aware: run it in the autocast dtype, as conv2d would.
+        # A custom operator is not autocast-aware: run it in the autocast dtype, as conv2d would.
         dt = torch.get_autocast_dtype(x.device.type)
         x, z, w_ext = x.to(dt), z.to(dt), w_ext.to(dt)
-    return RelaxedConvTritonFunction.apply(x, z, w_ext, bias, geometry)
+    return triton_conv_fwd(x, z, w_ext, bias, list(dataclasses.astuple(geometry)))

@@ -2,6 +2,7 @@
 reports backends that cannot run. Tiny shapes only; the timings themselves are not checked."""
 import itertools
 import json
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from relaxedconv import dispatch
 from relaxedconv.benchmark import cases as cases_mod
 from relaxedconv.benchmark import flops, report, runner
 from relaxedconv.benchmark.layer_bench import NO_GPU
@@ -73,6 +75,7 @@ REQUIRED_META = ("date", "device", "card", "torch", "triton", "commit", "source_
 
 def test_quick_run_writes_json_with_metadata_and_marks_backends(tmp_path, monkeypatch, capsys):
     _tiny_cases(monkeypatch)
+    monkeypatch.setattr(dispatch, "_policy_override", None)
     out = tmp_path / "bench.json"
     argv = ["--quick", "--device", "cpu", "--scale", "full", "--json", str(out),
             "--e2e-variants", "t2,se2", "--e2e-batch", "2", "--e2e-size", "28", "--e2e-widths", "2,4",
@@ -80,6 +83,8 @@ def test_quick_run_writes_json_with_metadata_and_marks_backends(tmp_path, monkey
     assert runner.main(argv) == 0
     printed = capsys.readouterr().out
     assert NO_GPU in printed
+    assert report.TFLOPS_LEGEND in printed and report.AUTO_LEGEND in printed  # the columns and ratio explained
+    assert re.search(r"G1 +fp32 +auto / (expand_conv|materialize|factored_torch) interleaved: ", printed)
     data = json.loads(out.read_text())
     assert data["schema"] == report.SCHEMA
     for key in REQUIRED_META:
@@ -104,11 +109,23 @@ def test_quick_run_writes_json_with_metadata_and_marks_backends(tmp_path, monkey
             assert r["tflops"]["factored"]["fwd"] > 0
     assert rows["T1", "auto"]["auto_choice"] == "factored_torch"
     assert rows["G1", "auto"]["auto_choice"] == "expand_conv"
+    inter = rows["G1", "auto"]["auto_vs_best"]
+    assert inter["backend"] == "auto" and inter["ratio"] > 0 and inter["rounds"] >= 5
+    assert inter["pair_p20_p80"][0] <= inter["pair_p20_p80"][1]
     assert data["cases"]["G1"]["macs_fwd"] == flops.case_macs(cases_mod.CASES["G1"])
     assert any(t["status"] == "not measured" for t in data["targets"])
     e2e = {(r["variant"], r["backend"]): r for r in data["e2e"]}
     assert e2e["t2", "auto"]["status"] == "ok" and e2e["t2", "auto"]["images_per_s"] > 0
+    # which backend each layer ran (static rule on CPU: every layer of T(2) is stationary)
+    assert set(e2e["t2", "auto"]["backends"].values()) == {"expand_conv"}
+    assert "expand_conv x" in printed
     assert e2e["se2", "triton"]["status"] == "not timed"
+    # the plain-conv floor (issue 13) and every row's ratio to it, training step and inference
+    floor, auto = e2e["t2", "conv2d"], e2e["t2", "auto"]
+    assert floor["status"] == "ok" and floor["x_floor"] == 1.0 and floor["backends"] is None
+    assert auto["x_floor"] == pytest.approx(auto["step_ms"] / floor["step_ms"])
+    assert auto["infer_ms"] > 0 and auto["infer_x_floor"] == pytest.approx(auto["infer_ms"] / floor["infer_ms"])
+    assert report.E2E_LEGEND in printed
 
 
 def test_time_budget_skips_and_cli_dispatch(tmp_path, monkeypatch, capsys):
@@ -132,14 +149,17 @@ def test_cpu_scaling_keeps_the_method_ratios():
     assert cases_mod.select(["T2-b64-32px", "G1"], scale="full")[0].name == "G1"  # priority order
 
 
-def test_targets_pass_and_fail():
-    def row(case, backend, fb, fwd=None, peak=None, tf=None, dtype="bf16"):
-        return {"case": case, "dtype": dtype, "backend": backend, "status": "ok", "fwdbwd_ms": fb,
-                "fwd_ms": fwd or fb / 3, "peak_mib": peak, "auto_choice": "expand_conv" if backend == "auto" else None,
-                "tflops": {"factored": {"fwd": tf}}}
+def _row(case, backend, fb, fwd=None, peak=None, tf=None, dtype="bf16", status="ok", choice="expand_conv", inter=None):
+    return {"case": case, "dtype": dtype, "backend": backend, "status": status, "fwdbwd_ms": fb,
+            "fwd_ms": fwd or (fb and fb / 3), "peak_mib": peak, "auto_choice": choice if backend == "auto" else None,
+            "auto_vs_best": inter, "tflops": {"factored": {"fwd": tf}}}
 
+
+def test_targets_pass_and_fail():
+    row = _row
     rows = [
         row("T1", "triton", 1.0, peak=10.0), row("T1", "materialize", 30.0, peak=200.0),
+        row("T2", "triton", None, status="not timed"),
         row("G4", "triton", 2.0), row("G4", "expand_conv", 1.0),
         row("G1", "expand_conv", 1.0), row("G1", "materialize", 3.0), row("G1", "auto", 1.02),
         row("G3", "triton", 5.0, tf=250.0),
@@ -147,10 +167,61 @@ def test_targets_pass_and_fail():
     got = {t["target"]: t["status"] for t in report.targets(rows)}
     assert got["T1 bf16: triton f+b speedup over materialize"] == "pass"
     assert got["T1 bf16: triton / materialize peak memory"] == "pass"
-    assert got["T2 bf16: triton f+b speedup over materialize"] == "not measured"
+    assert got["T2 bf16: triton f+b speedup over materialize"] == "not measured"  # run, but triton not timed
     assert got["G4 bf16: triton / expand_conv time"] == "fail"
     assert got["G1 bf16: auto / best backend"] == "pass"
     assert got["G3 bf16: triton forward TFLOP/s (factored)"] == "pass"
+
+
+def test_targets_only_for_cases_the_run_tried():
+    """Issue 12 item 10: no 'not measured' rows for cases (G2, G3, T2 ...) that --quick never runs."""
+    rows = [_row("G1", "expand_conv", 1.0), _row("G1", "auto", 1.0), _row("T1", "factored_torch", 2.0)]
+    names = [t["target"] for t in report.targets(rows)]
+    assert not any(n.startswith(("G2", "G3", "G4", "T2")) for n in names), names
+    assert "G1 bf16: auto / best backend" in names and "T1 bf16: auto / best backend" in names  # every case tried
+
+
+def test_auto_over_best_is_noise_aware():
+    """Issue 12 item 10: auto ran the best backend itself, or the interleaved rounds overlap 1:
+    a ratio beyond 5% is noise, not a failure; a real loss still fails."""
+    def verdict(auto_choice, inter, auto_ms=1.3):
+        rows = [_row("G1", "expand_conv", 1.0), _row("G1", "materialize", 3.0),
+                _row("G1", "auto", auto_ms, choice=auto_choice, inter=inter)]
+        (t,) = [t for t in report.targets(rows) if t["target"] == "G1 bf16: auto / best backend"]
+        return t
+
+    same = verdict("expand_conv", None)
+    assert same["status"] == "within noise" and "timing noise" in same["detail"]
+    overlap = verdict("materialize", {"against": "expand_conv", "ratio": 1.2, "pair_p20_p80": [0.9, 1.4], "rounds": 7})
+    assert overlap["status"] == "within noise" and overlap["value"] == 1.2 and "interleaved" in overlap["detail"]
+    loses = verdict("materialize", {"against": "expand_conv", "ratio": 2.9, "pair_p20_p80": [2.7, 3.1], "rounds": 7})
+    assert loses["status"] == "fail"
+    wins = verdict("materialize", {"against": "expand_conv", "ratio": 1.01, "pair_p20_p80": [0.97, 1.05], "rounds": 7})
+    assert wins["status"] == "pass"
+
+
+def test_plain_conv_floor_is_the_same_network_without_kernel_nets():
+    from relaxedconv.benchmark.floor import plain_conv_floor
+    from relaxedconv.layers import _RelaxedGroupConv
+    from relaxedconv.models import build_model
+
+    model = build_model("se2_rot", group_order=4, widths=(2, 4), kernel_size=3, hidden_channels=4)
+    floor = plain_conv_floor(model)
+    relaxed = {n: m for n, m in model.named_modules() if isinstance(m, _RelaxedGroupConv)}
+    assert relaxed and not any(isinstance(m, _RelaxedGroupConv) for m in floor.modules())
+    assert not any("kernel_net" in n for n, _ in floor.named_parameters())
+    for name, layer in relaxed.items():
+        conv = floor.get_submodule(name)
+        g = layer.geometry
+        assert isinstance(conv, torch.nn.Conv2d)
+        assert conv.weight.shape == (g.out_channels * g.out_rotations, g.in_channels * g.in_rotations, g.kernel_size, g.kernel_size)
+        assert conv.padding == (g.padding, g.padding) and (conv.bias is None) == (layer.bias is None)
+    # everything else is the model itself
+    others = lambda m: [(n, type(s)) for n, s in m.named_modules() if not isinstance(s, (torch.nn.Conv2d, _RelaxedGroupConv))
+                        and not n.startswith(tuple(relaxed))]  # noqa: E731
+    assert others(floor) == others(model)
+    x = torch.randn(2, 3, 16, 16)
+    assert floor(x).shape == model(x).shape
 
 
 def test_module_entry_point_help():

@@ -200,10 +200,34 @@ def test_short_train_run_writes_the_run_directory(tmp_path):
     assert all("rot" in om for om in lines[0]["omegas"].values())
     final = json.loads((out / "final.json").read_text())
     assert final["best_epoch"] in (1, 2) and final["test_acc_at_best_val"] is not None
+    # which backend each layer ran (issue 10): CPU, static rule, translation-stationary layers
+    assert final["backends"] and set(final["backends"].values()) == {"expand_conv"}
+    assert set(final["backends"]) == set(final["omegas"])
     eq = json.loads((out / "equivariance.json").read_text())
     assert set(eq) == set(final["omegas"]) and eq["lift"]["rotation_90"] > 1e-4  # non-stationary: not equivariant
     # running into an existing run directory without --resume is refused
     assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(out), *TINY]) == 2
+
+
+def test_compile_option_compiles_the_training_model(tmp_path, monkeypatch):
+    """--compile MODE wraps the training model in torch.compile(mode=MODE); the compiler backend is
+    swapped for dynamo's "eager" here (inductor would take minutes on this CPU; tests/test_compile.py
+    checks compiled outputs)."""
+    calls = []
+    real_compile = torch.compile
+
+    def compile_spy(model, mode=None, **kw):
+        calls.append((type(model).__name__, mode))
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    data = make_folder(tmp_path / "f", n_train=16, n_test=8)
+    out = tmp_path / "run"
+    rc = cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "8",
+                         "--variant", "se2", "--epochs", "1", "--compile", "reduce-overhead", *TINY])
+    assert rc == 0 and calls == [("CKResNet", "reduce-overhead")]
+    assert json.loads((out / "config.json").read_text())["config"]["compile"] == "reduce-overhead"
+    assert json.loads((out / "final.json").read_text())["epochs"] == 1
 
 
 @pytest.mark.parametrize("variant", ["se2_learned", "partial"])
@@ -294,13 +318,16 @@ def test_torchrun_ddp_runs_the_same_command(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "relaxedconv",
            "train", "--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "8",
-           "--variant", "se2_rot", "--epochs", "1", "--device", "cpu", *TINY]
+           "--variant", "se2_rot", "--epochs", "1", "--device", "cpu", "--auto-policy", "measure", *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["environment"]["world_size"] == 2
-    assert json.loads((out / "final.json").read_text())["epochs"] == 1
+    final = json.loads((out / "final.json").read_text())
+    assert final["epochs"] == 1
+    # measured auto under DDP: rank 0 decided for both ranks (tests/test_auto_backend.py checks agreement)
+    assert set(final["backends"].values()) <= {"expand_conv", "factored_torch", "materialize"}
 
 
 def test_download_checks_md5_and_unpacks(tmp_path, monkeypatch):

@@ -2,11 +2,19 @@
 
 One step = ``zero_grad`` -> forward -> cross-entropy -> backward -> Adam step, on a fixed random
 batch. bf16 runs the step under ``torch.autocast`` (the module stays fp32, as in mixed-precision
-training); fp32/tf32 run it in fp32 with TF32 off/on. The first ``warmup_steps`` steps (Triton
-autotuning, cuDNN's algorithm search) are not timed; then each step is timed on its own (CUDA
-synchronised) until ``min_time_s`` has passed and at least ``min_steps`` ran. images/s = batch /
-median step time. Peak memory: CUDA peak of one step above what was allocated before it
-(model, optimiser state and batch excluded).
+training); fp32/tf32 run it in fp32 with TF32 off/on. The first ``warmup_steps`` steps (auto's
+measurement, Triton autotuning, cuDNN's algorithm search, compilation) are not timed; then each
+step is timed on its own (CUDA synchronised) until ``min_time_s`` has passed and at least
+``min_steps`` ran. images/s = batch / median step time. Peak memory: CUDA peak of one step above
+what was allocated before it (model, optimiser state and batch excluded).
+
+Inference: the same model in ``eval()`` under ``torch.no_grad()`` on a batch of ``infer_batch``
+(timed the same way): relaxed layers reuse their cached kernel (README, "Inference").
+
+Backend ``conv2d`` is the floor (issue 13): the same network with plain ``nn.Conv2d`` weights of
+the expanded shapes (:mod:`relaxedconv.benchmark.floor`); every other row reports its step and
+inference time as a ratio to it (``x_floor``). ``compile`` (E2EConfig) wraps the model in
+``torch.compile(mode=...)``.
 """
 from __future__ import annotations
 
@@ -19,10 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .layer_bench import DTYPES, NO_GPU, free_memory, precision, record_failure
+from ..layers import backends_used
+from .floor import plain_conv_floor
+from .layer_bench import CONCRETE_BACKENDS, DTYPES, NO_GPU, free_memory, precision, record_failure
 
 E2E_VARIANTS = ("t2", "se2", "se2_rot", "se2_rot_trans")
-E2E_BACKENDS = ("auto", "triton", "expand_conv", "factored_torch", "materialize")
+FLOOR = "conv2d"
+E2E_BACKENDS = ("auto", FLOOR, *CONCRETE_BACKENDS)  # the floor early: a time budget cuts from the end
 VARIANT_LABELS = {
     "t2": "T(2)",
     "se2": "strict SE(2)-N",
@@ -44,6 +55,8 @@ class E2EConfig:
     min_steps: int = 3
     max_steps: int = 20
     min_time_s: float = 1.0
+    infer_batch: int = 256
+    compile: str = "off"  # or a torch.compile mode: "default", "reduce-overhead", "max-autotune"
     scaled_down: bool = False
     notes: list = field(default_factory=list)
 
@@ -61,8 +74,8 @@ def cpu_config(quick: bool) -> E2EConfig:
     # 32x32 stays: the model's "valid" 7x7 head needs at least 28x28 inputs after two 2x2 pools.
     return E2EConfig(
         batch=2, size=32, widths=(8, 16), dtype="fp32", warmup_steps=1, min_steps=2,
-        max_steps=3 if quick else 10, min_time_s=0.0 if quick else 2.0, scaled_down=True,
-        notes=["scaled down for CPU: batch 2, widths (8, 16)"],
+        max_steps=3 if quick else 10, min_time_s=0.0 if quick else 2.0, infer_batch=8, scaled_down=True,
+        notes=["scaled down for CPU: batch 2 (inference 8), widths (8, 16)"],
     )
 
 
@@ -88,6 +101,13 @@ def base_row(variant: str, backend: str, cfg: E2EConfig) -> dict:
         "step_p20_p80_ms": None,
         "steps_timed": None,
         "peak_mib": None,
+        "x_floor": None,  # step time / the conv2d floor's step time (filled once both ran)
+        "infer_batch": cfg.infer_batch,
+        "infer_ms": None,
+        "infer_images_per_s": None,
+        "infer_x_floor": None,
+        "compile": cfg.compile,
+        "backends": None,  # {layer: backend it ran} after the warm-up steps
     }
 
 
@@ -95,22 +115,30 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
     from ..models import build_model  # written beside this package; imported only when needed
 
     row = base_row(variant, backend, cfg)
-    if backend == "triton" and (device.type != "cuda" or not dispatch.triton_available()):
-        row.update(status="not timed", reason=NO_GPU)
+    entry = dispatch.BACKEND_TABLE.get(backend)
+    if entry is not None and device.type not in entry.devices:
+        row.update(status="not timed", reason=NO_GPU if entry.devices == ("cuda",) else f"{backend}: not on {device.type}")
+        return row
+    if entry is not None and entry.needs_triton and not dispatch.triton_available():
+        row.update(status="not timed", reason="triton is not importable")
         return row
     dtype, _ = DTYPES[cfg.dtype]
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16) else contextlib.nullcontext()
     )
-    model = opt = x = y = None
+    model = run_model = opt = x = y = xi = None
+    infer_times = []
     try:
         with precision(cfg.dtype):
             torch.manual_seed(0)
             model = build_model(
                 variant, num_classes=10, group_order=cfg.group_order, widths=cfg.widths,
-                kernel_size=cfg.kernel_size, hidden_channels=cfg.hidden, backend=backend,
+                kernel_size=cfg.kernel_size, hidden_channels=cfg.hidden, backend="auto" if backend == FLOOR else backend,
             ).to(device)
+            if backend == FLOOR:
+                model = plain_conv_floor(model)
             model.train()
+            run_model = model if cfg.compile == "off" else torch.compile(model, mode=None if cfg.compile == "default" else cfg.compile)
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             x = torch.randn(cfg.batch, 3, cfg.size, cfg.size, device=device)
             y = torch.randint(0, 10, (cfg.batch,), device=device)
@@ -118,12 +146,14 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
             def step():
                 opt.zero_grad(set_to_none=True)
                 with autocast:
-                    loss = F.cross_entropy(model(x).float(), y)
+                    loss = F.cross_entropy(run_model(x).float(), y)
                 loss.backward()
                 opt.step()
 
             for _ in range(cfg.warmup_steps):
                 step()
+            if backend != FLOOR:
+                row["backends"] = backends_used(model)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
@@ -139,19 +169,59 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
                 times.append((time.perf_counter() - t0) * 1e3)
             if device.type == "cuda":
                 row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            model.eval()
+            xi = torch.randn(cfg.infer_batch, 3, cfg.size, cfg.size, device=device)
+
+            def infer():
+                with torch.no_grad(), autocast:
+                    run_model(xi)
+
+            infer_times = _timed(infer, device, cfg, warmup=cfg.warmup_steps)
     except Exception as e:  # noqa: BLE001 - recorded in the row
         return record_failure(row, e, lambda msg: backend == "expand_conv" and "translation non-stationary" in msg)
     finally:
-        del model, opt, x, y
+        del model, run_model, opt, x, y, xi
         free_memory(device)
     times.sort()
     n = len(times)
     med = statistics.median(times)
+    infer_ms = statistics.median(infer_times)
     row.update(
         status="ok",
         step_ms=med,
         step_p20_p80_ms=[times[int(0.2 * (n - 1))], times[int(0.8 * (n - 1))]],
         steps_timed=n,
         images_per_s=cfg.batch / (med * 1e-3),
+        infer_ms=infer_ms,
+        infer_images_per_s=cfg.infer_batch / (infer_ms * 1e-3),
     )
     return row
+
+
+def _timed(fn, device, cfg: E2EConfig, *, warmup: int) -> list[float]:
+    """Per-call ms of ``fn`` after ``warmup`` untimed calls (the step's own rule: ``min_steps`` to
+    ``max_steps`` calls, until ``min_time_s``)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    t_end = time.perf_counter() + cfg.min_time_s
+    while len(times) < cfg.max_steps and (len(times) < cfg.min_steps or time.perf_counter() < t_end):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def add_floor_ratios(rows: list[dict]) -> None:
+    """Fill ``x_floor`` / ``infer_x_floor`` of every row whose variant has an ok floor row."""
+    floors = {r["variant"]: r for r in rows if r["backend"] == FLOOR and r["status"] == "ok"}
+    for r in rows:
+        f = floors.get(r["variant"])
+        if f is None or r["status"] != "ok":
+            continue
+        r["x_floor"] = r["step_ms"] / f["step_ms"]
+        r["infer_x_floor"] = r["infer_ms"] / f["infer_ms"]

@@ -10,14 +10,21 @@
   ``[C_out*N, C_in*N_in, K, K]``: the cuDNN (oneDNN on CPU) ceiling without the kernel net's cost.
   For translation non-stationary cases it is the stationary ceiling only: conv2d cannot compute them.
 
-Status of a row: ``ok``; ``n/a`` (the backend cannot compute this layer: expand_conv on a
-translation non-stationary layer); ``not timed`` (triton without a GPU); ``oom``; ``skipped``
-(the time budget ran out); ``error`` (anything else, with the message).
+Status of a row: ``ok``; ``n/a`` (the backend table, :data:`relaxedconv.dispatch.BACKEND_TABLE`,
+says the backend cannot compute this layer, e.g. expand_conv on a translation non-stationary
+layer, or a kernel refused the shape); ``not timed`` (a CUDA-only backend without a GPU);
+``oom``; ``skipped`` (the time budget ran out); ``error`` (anything else, with the message).
+
+``auto`` rows record what auto ran (``auto_choice``: the layer's backend after the first call,
+measured or static per ``auto_policy``). :func:`interleaved_ratio` times auto against the best
+concrete backend in alternation, so a drift of the machine hits both (issue 12, item 10).
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +34,11 @@ from . import cases as cases_mod
 from .flops import case_macs, tflops
 from .timing import TimingConfig, peak_memory_mib, time_fn
 
-# Backends in table order; "conv2d" is the plain F.conv2d of the same expanded shape.
-BENCH_BACKENDS = ("triton", "expand_conv", "materialize", "factored_torch", "auto", "conv2d")
-LAYER_BACKENDS = tuple(b for b in BENCH_BACKENDS if b != "conv2d")
-assert set(LAYER_BACKENDS) <= set(dispatch.BACKENDS)
+# The backend table's backends (the fused one first), auto, and "conv2d": the plain F.conv2d of
+# the same expanded shape.
+CONCRETE_BACKENDS = tuple(sorted(dispatch.BACKEND_TABLE, key=lambda b: (b != "triton", dispatch.BACKEND_TABLE[b].slow_reference)))
+LAYER_BACKENDS = (*CONCRETE_BACKENDS, "auto")
+BENCH_BACKENDS = (*LAYER_BACKENDS, "conv2d")
 
 # name -> (torch dtype, allow TF32 in cuBLAS/cuDNN)
 DTYPES = {
@@ -104,6 +112,7 @@ def base_row(case, dtype_name: str, backend: str) -> dict:
         "status": None,
         "reason": None,
         "auto_choice": None,
+        "auto_vs_best": None,
         "fwd_ms": None,
         "bwd_ms": None,
         "fwdbwd_ms": None,
@@ -147,11 +156,27 @@ def _closures(case, layer, backend: str, x: torch.Tensor, dy: torch.Tensor):
     return fwd, fwdbwd, leaves
 
 
+def table_refusal(case, dtype_name: str, backend: str, device: torch.device):
+    """``(status, reason)`` when the backend table says this row cannot run here, else None."""
+    if backend not in dispatch.BACKEND_TABLE:
+        return None
+    entry = dispatch.BACKEND_TABLE[backend]
+    if device.type not in entry.devices:  # e.g. triton on a CPU (its interpreter is a testing aid)
+        return "not timed", NO_GPU if entry.devices == ("cuda",) else f"{backend} does not run on {device.type}"
+    with precision(dtype_name):
+        refusal = dispatch.unsupported(backend, device_type=device.type, dtype=DTYPES[dtype_name][0],
+                                       per_position=case.translation_nonstationary)
+    if refusal is not None:
+        return ("n/a" if refusal[0] is ValueError or refusal[0] is TypeError else "error"), refusal[1][:300]
+    return None
+
+
 def measure(case, layer, dtype_name: str, backend: str, device: torch.device, cfg: TimingConfig) -> dict:
     """One row (see the module docstring). ``layer`` is the case's fp32 module on ``device``."""
     row = base_row(case, dtype_name, backend)
-    if backend == "triton" and (device.type != "cuda" or not dispatch.triton_available()):
-        row.update(status="not timed", reason=NO_GPU if device.type != "cuda" else "triton is not importable")
+    refusal = table_refusal(case, dtype_name, backend, device)
+    if refusal is not None:
+        row.update(status=refusal[0], reason=refusal[1])
         return row
     dtype, _ = DTYPES[dtype_name]
     macs = case_macs(case)
@@ -160,23 +185,22 @@ def measure(case, layer, dtype_name: str, backend: str, device: torch.device, cf
         with precision(dtype_name):
             torch.manual_seed(0)
             x = cases_mod.make_input(case, device, dtype)
-            if backend == "auto":
-                row["auto_choice"] = dispatch.choose_backend(layer, x)
             out_hw = (case.out_size, case.out_size)
             dy = torch.randn(case.batch, case.out_channels * case.group_order, *out_hw, device=device, dtype=dtype)
             fwd, fwdbwd, leaves = _closures(case, layer, backend, x, dy)
-            # First calls: Triton compilation/autotuning, cuDNN's algorithm search; never timed.
+            # First calls: auto's measured choice, Triton compilation/autotuning, cuDNN's algorithm
+            # search; never timed.
             fwdbwd()
             fwd()
+            if backend == "auto":
+                row["auto_choice"] = layer.last_backend
             row["peak_mib"] = peak_memory_mib(fwdbwd, device, leaves)
             t_fwd = time_fn(fwd, device, cfg, leaves)
             t_fb = time_fn(fwdbwd, device, cfg, leaves)
     except Exception as e:  # noqa: BLE001 - recorded in the row
         # n/a: the backend cannot express this layer (expand_conv + translation non-stationarity),
         # or a kernel refused the shape (32-bit indexing).
-        return record_failure(
-            row, e, lambda msg: (backend == "expand_conv" and case.translation_nonstationary) or "32-bit" in msg
-        )
+        return record_failure(row, e, lambda msg: "32-bit" in msg)
     finally:
         for t in (x, dy):
             if t is not None:
@@ -204,3 +228,58 @@ def measure(case, layer, dtype_name: str, backend: str, device: torch.device, cf
         },
     )
     return row
+
+
+def interleaved_ratio(case, layer, dtype_name: str, a: str, b: str, device: torch.device, cfg: TimingConfig) -> dict:
+    """fwd+bwd of backend ``a`` over backend ``b``, timed in alternation (a b, b a, a b, ...) so that
+    a drift of the machine (another process, clocks) hits both; each call synchronised on CUDA.
+
+    Returns ``ratio`` (median time of a / median time of b), ``pair_p20_p80`` (the 20th and 80th
+    percentiles of the per-round ratios: the noise) and ``rounds``.
+    """
+    dtype, _ = DTYPES[dtype_name]
+    with precision(dtype_name):
+        torch.manual_seed(0)
+        x = cases_mod.make_input(case, device, dtype)
+        dy = torch.randn(case.batch, case.out_channels * case.group_order, case.out_size, case.out_size,
+                         device=device, dtype=dtype)
+        calls = {}
+        for name in (a, b):
+            _, fwdbwd, leaves = _closures(case, layer, name, x, dy)
+            calls[name] = (fwdbwd, leaves)
+
+        def timed(name):
+            fn, leaves = calls[name]
+            for t in leaves:
+                t.grad = None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        for name in (a, b):
+            timed(name)  # warm
+        ta, tb = [], []
+        min_rounds, max_rounds = (5, 50) if device.type == "cuda" else (cfg.cpu_min_reps + 2, 2 * cfg.cpu_max_reps)
+        budget_s = 2 * (cfg.rep_ms / 1e3 if device.type == "cuda" else cfg.cpu_target_s)
+        t_end = time.perf_counter() + budget_s
+        while len(ta) < max_rounds and (len(ta) < min_rounds or time.perf_counter() < t_end):
+            first, second = (a, b) if len(ta) % 2 == 0 else (b, a)
+            t1, t2 = timed(first), timed(second)
+            ta.append(t1 if first == a else t2)
+            tb.append(t2 if first == a else t1)
+        for name in (a, b):
+            for t in calls[name][1]:
+                t.grad = None
+    pair = sorted(p / q for p, q in zip(ta, tb))
+    n = len(pair)
+    return {
+        "backend": a,
+        "against": b,
+        "ratio": statistics.median(ta) / statistics.median(tb),
+        "pair_p20_p80": [pair[int(0.2 * (n - 1))], pair[int(0.8 * (n - 1))]],
+        "rounds": n,
+    }

@@ -26,7 +26,8 @@ from . import cases as cases_mod
 from . import e2e as e2e_mod
 from . import environment, report
 from .flops import case_macs
-from .layer_bench import BENCH_BACKENDS, DTYPES, NO_GPU, measure, resolve_dtypes, skipped_row
+from .. import dispatch
+from .layer_bench import BENCH_BACKENDS, CONCRETE_BACKENDS, DTYPES, NO_GPU, interleaved_ratio, measure, resolve_dtypes, skipped_row
 from .timing import FULL, QUICK
 
 DEFAULT_JSON = "relaxedconv_bench.json"
@@ -66,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                     f"(default: none; --quick: {QUICK_BUDGET_S:.0f})")
     ap.add_argument("--e2e-variants", type=_csv, default=list(e2e_mod.E2E_VARIANTS))
     ap.add_argument("--e2e-backends", type=_csv, default=None,
-                    help=f"default: {','.join(e2e_mod.E2E_BACKENDS)} (--quick: auto,triton)")
+                    help=f"default: {','.join(e2e_mod.E2E_BACKENDS)} (--quick: auto,{e2e_mod.FLOOR},triton); "
+                    f"{e2e_mod.FLOOR} = the same network with plain nn.Conv2d weights of the expanded shapes, the floor "
+                    "every other row is compared with")
+    ap.add_argument("--e2e-compile", choices=("off", "default", "reduce-overhead", "max-autotune"), default=None,
+                    help="run the e2e model under torch.compile with this mode (reduce-overhead: CUDA graphs); "
+                    "default off")
+    ap.add_argument("--e2e-infer-batch", type=int, default=None, help="inference batch (default 256 on CUDA, 8 on CPU)")
     ap.add_argument("--e2e-batch", type=int, default=None)
     ap.add_argument("--e2e-size", type=int, default=None)
     ap.add_argument("--e2e-widths", type=_csv, default=None, help="block widths, e.g. 32,64")
@@ -78,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: torch's; --quick on CPU: 1, since its tiny shapes gain "
                     "nothing from threads and stall when another process holds a core)")
+    ap.add_argument("--auto-policy", choices=dispatch.AUTO_POLICIES, default=None,
+                    help="how backend='auto' chooses: measure (time the runnable backends on the first call per "
+                    "shape) or static (the documented rule); default: RELAXEDCONV_AUTO, else measure on CUDA and "
+                    "static on CPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
                     help="print the tables of existing result files instead of running")
@@ -138,6 +149,10 @@ def _e2e_config(args, device) -> e2e_mod.E2EConfig:
         cfg.group_order = args.e2e_group_order
     if args.e2e_dtype:
         cfg.dtype = args.e2e_dtype
+    if args.e2e_compile:
+        cfg.compile = args.e2e_compile
+    if args.e2e_infer_batch:
+        cfg.infer_batch = args.e2e_infer_batch
     cfg.dtype = resolve_dtypes([cfg.dtype], device)[0][0]
     return cfg
 
@@ -159,6 +174,8 @@ def main(argv=None) -> int:
             raise SystemExit("relaxedconv bench: --device cuda but torch sees no GPU")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    dispatch.set_auto_policy(args.auto_policy)
+    auto_policy = dispatch.auto_policy(device.type)
     threads = args.threads or (1 if (args.quick and device.type == "cpu") else None)
     if threads:
         torch.set_num_threads(threads)
@@ -171,7 +188,7 @@ def main(argv=None) -> int:
     run_layers = args.suite in ("all", "layers")
     run_e2e = args.suite in ("all", "e2e")
     e2e_cfg = _e2e_config(args, device) if run_e2e else None
-    e2e_backends = args.e2e_backends or (["auto", "triton"] if args.quick else list(e2e_mod.E2E_BACKENDS))
+    e2e_backends = args.e2e_backends or (["auto", e2e_mod.FLOOR, "triton"] if args.quick else list(e2e_mod.E2E_BACKENDS))
 
     payload = {
         "schema": report.SCHEMA,
@@ -184,6 +201,7 @@ def main(argv=None) -> int:
             "dtypes": dtypes,
             "timing": dataclasses.asdict(cfg),
             "time_budget_s": budget_s,
+            "auto_policy": auto_policy,
             "fwd": "layer(x, backend=...) with autograd recording; x and parameters require grad",
             "bwd": "median(fwd+bwd) - median(fwd)",
             "peak_mib": "CUDA max_memory_allocated during one fwd+bwd minus memory allocated before it; "
@@ -220,6 +238,7 @@ def main(argv=None) -> int:
         )
         layers = {}
         for case, dt in order:
+            rows = {}
             for backend in args.backends:
                 if budget.spent(layer_share):
                     row = skipped_row(case, dt, backend, budget.reason())
@@ -229,8 +248,11 @@ def main(argv=None) -> int:
                         layers[case.name] = cases_mod.build_layer(case, device)
                     row = measure(case, layers[case.name], dt, backend, device, cfg)
                     _progress(row, budget)
+                rows[backend] = row
                 payload["layers"].append(row)
                 save()
+            _compare_auto(rows, case, layers.get(case.name), dt, device, cfg, budget, layer_share)
+            save()
         del layers
         payload["layers"] = _sorted_rows(payload["layers"], [c.name for c in cases], dtypes, args.backends, "case")
         payload["targets"] = report.targets(payload["layers"])
@@ -247,26 +269,32 @@ def main(argv=None) -> int:
                 else:
                     row = e2e_mod.measure_step(variant, backend, device, e2e_cfg)
                     print(f"  [{budget.elapsed():6.1f}s] e2e {variant:<14} {backend:<15} {row['status']:<9} "
-                          f"{_num(row['images_per_s'], '.1f')} img/s" + (f" ({row['reason'][:100]})" if row["reason"] else ""),
-                          flush=True)
+                          f"{_num(row['images_per_s'], '.1f')} img/s, inference {_num(row['infer_images_per_s'], '.1f')} img/s"
+                          + (f" ({row['reason'][:100]})" if row["reason"] else ""), flush=True)
                 payload["e2e"].append(row)
                 save()
+        e2e_mod.add_floor_ratios(payload["e2e"])
         payload["e2e"] = _sorted_rows(payload["e2e"], args.e2e_variants, [e2e_cfg.dtype], e2e_backends, "variant")
         save()
 
     print()
     if run_layers:
         print(report.layer_table(payload["layers"]))
+        print(report.TFLOPS_LEGEND)
         print()
         print(report.targets_table(payload["targets"]))
+        print(report.AUTO_LEGEND)
         if device.type != "cuda":
             print("(the targets are issue 6's H100 targets; on a CPU they are shown for reference only)")
         print()
     if run_e2e:
         c = e2e_cfg
         print(f"end-to-end training step (design.md §7 model, batch {c.batch}, {c.size}x{c.size}, widths "
-              f"{tuple(c.widths)}, N = {c.group_order}, {c.dtype}{', scaled down for CPU' if c.scaled_down else ''})")
+              f"{tuple(c.widths)}, N = {c.group_order}, {c.dtype}{', scaled down for CPU' if c.scaled_down else ''}"
+              f"{'' if c.compile == 'off' else f', torch.compile mode {c.compile}'}) and inference (eval, no_grad, batch "
+              f"{c.infer_batch})")
         print(report.e2e_table(payload["e2e"]))
+        print(report.E2E_LEGEND)
         print()
     for n in notes:
         print(f"note: {n}")
@@ -275,6 +303,24 @@ def main(argv=None) -> int:
         print(f"note: {len(skipped)} measurements skipped ({'; '.join(sorted({r['reason'] for r in skipped}))})")
     print(f"done in {budget.elapsed():.1f} s" + (f"; wrote {args.json}" if args.json else ""))
     return 0
+
+
+def _compare_auto(rows: dict, case, layer, dt: str, device, cfg, budget: Budget, share: float) -> None:
+    """Time auto against the fastest concrete backend interleaved (issue 12, item 10); the result
+    goes into the auto row and the auto / best target reads it."""
+    auto = rows.get("auto")
+    ok = [r for b, r in rows.items() if b in CONCRETE_BACKENDS and r["status"] == "ok"]
+    if auto is None or auto["status"] != "ok" or not ok or budget.spent(share):
+        return
+    best = min(ok, key=lambda r: r["fwdbwd_ms"])["backend"]
+    try:
+        auto["auto_vs_best"] = interleaved_ratio(case, layer, dt, "auto", best, device, cfg)
+    except Exception as e:  # noqa: BLE001 - a comparison that fails leaves the separate medians
+        auto["auto_vs_best"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        return
+    r = auto["auto_vs_best"]
+    print(f"  [{budget.elapsed():6.1f}s] {case.name:<12} {dt:<5} auto / {best} interleaved: {r['ratio']:.3f} "
+          f"(per-round p20-p80 {r['pair_p20_p80'][0]:.2f}-{r['pair_p20_p80'][1]:.2f}, {r['rounds']} rounds)", flush=True)
 
 
 def _sorted_rows(rows, names, dtypes, backends, key):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..dispatch import BACKENDS
+from ..dispatch import AUTO_POLICIES, BACKENDS
 from ..models import DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT, VARIANTS
 from .checks import ConfigError, resolved_model_options
 from .data import DATASETS, DatasetError
@@ -97,6 +97,10 @@ def train_parser(prog: str = "relaxedconv train") -> argparse.ArgumentParser:
     g.add_argument("--learn-omega", action="store_true", help="learn the omegas of a non-stationary variant (the *_learned variants always do)")
     g.add_argument("--omega-penalty", metavar="S", type=float, default=d["omega_penalty"], help="strength of the penalty sum |omega|^2 toward equivariance on learned omegas")
     g.add_argument("--backend", default=d["backend"], choices=BACKENDS, help="convolution path of every layer (README: backend=\"auto\")")
+    g.add_argument("--auto-policy", default=d["auto_policy"], choices=AUTO_POLICIES,
+                   help="how --backend auto chooses: measure (time the backends on the first call per shape) or static "
+                   "(the documented rule, for runs that must not depend on timings); default: RELAXEDCONV_AUTO, "
+                   "else measure on CUDA and static on CPU")
     g = ap.add_argument_group("optimisation")
     g.add_argument("--epochs", metavar="N", type=int, default=d["epochs"], help="training epochs")
     g.add_argument("--batch-size", metavar="B", type=int, default=d["batch_size"], help="global batch (split over DDP processes)")
@@ -112,6 +116,9 @@ def train_parser(prog: str = "relaxedconv train") -> argparse.ArgumentParser:
                    "start one only if the command gives its options (so one command can start or continue a run)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d["device"], help="auto: the GPU when there is one")
     g.add_argument("--amp", choices=("auto", "bf16", "off"), default=d["amp"], help="auto: bf16 autocast on GPU, none on CPU")
+    g.add_argument("--compile", choices=("off", "default", "reduce-overhead", "max-autotune"), default=d["compile"],
+                   help="torch.compile the training forward/backward with this mode; reduce-overhead also captures "
+                   "them in CUDA graphs (CUDA only). The first steps compile (minutes)")
     g.add_argument("--progress", choices=("auto", "on", "off"), default=d["progress"], help="progress bar; auto: when stderr is a terminal")
     g.add_argument("--test-every-epoch", action="store_true", help="evaluate the test set every epoch (else at each new best validation epoch)")
     g.add_argument("--interrupt-after-steps", type=int, default=0, help=argparse.SUPPRESS)

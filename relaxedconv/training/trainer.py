@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import equivariance_penalty, omegas
+from .. import backends_used, dispatch, equivariance_penalty, omegas
 from ..equivariance import _relaxed_layers, layer_equivariance_errors
 from ..models import build_model, partial_subsets
 from . import data as data_mod
@@ -56,6 +56,8 @@ DEFAULTS = dict(
     learn_omega=False,
     omega_penalty=1e-3,
     backend="auto",
+    auto_policy=None,  # None: RELAXEDCONV_AUTO, else measure on CUDA / static on CPU
+    compile="off",  # or a torch.compile mode for the training forward/backward ("reduce-overhead": CUDA graphs)
     epochs=300,
     batch_size=64,
     eval_batch_size=256,
@@ -173,9 +175,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        dispatch.set_auto_policy(self.cfg.get("auto_policy"))
         self._log = log
         self.out = Path(self.cfg["out"])
         self.steps_done = 0
+        self.backends = None  # {layer: backend it ran}, after the first training step
 
     def log(self, *a):
         if self.dist.main:
@@ -244,6 +248,10 @@ class Trainer:
             )
         else:
             self.ddp = model
+        if c.get("compile", "off") != "off":
+            # The training step's forward and backward; evaluation runs the eager model, whose
+            # relaxed layers reuse their cached kernels under no_grad.
+            self.ddp = torch.compile(self.ddp, mode=None if c["compile"] == "default" else c["compile"])
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=c["lr"], weight_decay=c["weight_decay"])
         world = self.dist.world
@@ -300,6 +308,9 @@ class Trainer:
                 if bar.enabled and (step % 20 == 0 or i + b >= len(perm)):
                     bar.update(step + 1 - bar.n, loss=float(loss_sum) / count, acc=100 * float(correct) / count)
                 self.steps_done += 1
+                if self.backends is None:
+                    self.backends = backends_used(self.model)
+                    self.log("backends: " + ", ".join(f"{k}={v}" for k, v in self.backends.items()))
                 if c["interrupt_after_steps"] and self.steps_done >= c["interrupt_after_steps"]:
                     raise Interrupted(f"interrupted after {self.steps_done} steps (--interrupt-after-steps)")
         s = self.dist.sum([float(loss_sum), float(correct), float(count)])
@@ -439,6 +450,7 @@ class Trainer:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "omegas": om,
             "equivariance_error": eq,
+            "backends": self.backends or backends_used(self.model),
         }
         subsets = partial_subsets(self.model)
         if subsets:

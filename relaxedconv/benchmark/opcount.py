@@ -1,0 +1,154 @@
+"""Operators per training step and per layer: the CPU-side evidence of issue 13.
+
+Every ATen operator that reaches the dispatcher (forward, backward and optimiser) is counted with
+a ``TorchDispatchMode``; ``_local_scalar_dense`` is the operator behind ``.item()``/``float(t)``,
+i.e. a host synchronisation on a GPU. Views count (each is a launch-free dispatcher call, but a
+call), so the figures are an upper bound on kernel launches.
+
+    python -m relaxedconv.benchmark.opcount                 # the §7 model, batch 2, widths 8,16
+    python -m relaxedconv.benchmark.opcount --json ops.json
+
+Only public entry points are used (``build_model``, ``GroupConv``), so the same file measures an
+older checkout: ``PYTHONPATH=<old tree> python relaxedconv/benchmark/opcount.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+SYNC_OPS = ("_local_scalar_dense",)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts ATen overload packets (``aten.mm``, ``aten.sin``, ...) that run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def syncs(self) -> int:
+        return sum(self.counts[name] for name in SYNC_OPS)
+
+
+def count(fn) -> OpCounter:
+    with OpCounter() as c:
+        fn()
+    return c
+
+
+def _relaxed_layers(model):
+    """The relaxed layers (or, in the floor model, the convolutions that replace them)."""
+    convs = [(n, m) for n, m in model.named_modules() if hasattr(m, "kernel_net")]
+    return convs or [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def training_step_counts(variant: str, backend: str, *, batch=2, size=32, widths=(8, 16), group_order=8,
+                         kernel_size=7, hidden=32, steps=3) -> dict:
+    """Ops of one training step (forward, loss, backward; Adam apart), the last of ``steps`` (the
+    first steps build caches), of each relaxed layer's forward + backward alone, and of one
+    forward in eval mode under ``no_grad`` (after one such forward)."""
+    from relaxedconv.models import build_model
+
+    torch.manual_seed(0)
+    floor = backend == "conv2d"  # the plain-conv floor: the same network, nn.Conv2d weights, no kernel net
+    model = build_model(variant, num_classes=10, group_order=group_order, widths=widths, kernel_size=kernel_size,
+                        hidden_channels=hidden, backend="auto" if floor else backend)
+    if floor:
+        from relaxedconv.benchmark.floor import plain_conv_floor
+
+        model = plain_conv_floor(model)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+
+    def fwd_bwd():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    for _ in range(steps - 1):
+        fwd_bwd()
+        opt.step()
+    c = count(fwd_bwd)
+    # Adam's per-parameter step counters are CPU scalars even on a GPU (``.item()`` there is no
+    # device sync), so the optimiser is counted apart from the model's forward + backward.
+    c_opt = count(opt.step)
+
+    # Each relaxed layer alone: its input captured by a forward hook, then layer(x).backward(dy).
+    inputs = {}
+
+    def keep_input(name):
+        def hook(mod, args, out):
+            inputs.setdefault(name, args[0].detach())  # returns None: the output is unchanged
+        return hook
+
+    hooks = [m.register_forward_hook(keep_input(name)) for name, m in _relaxed_layers(model)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    per_layer = {}
+    for name, m in _relaxed_layers(model):
+        xi = inputs[name].clone().requires_grad_(True)
+        dy = torch.randn_like(m(xi))
+        m(xi).backward(dy)  # caches
+        per_layer[name] = count(lambda m=m, xi=xi, dy=dy: m(xi).backward(dy)).total
+    fwd_only = {}
+    with torch.no_grad():
+        model.eval()
+        model(x)
+        fwd_only = count(lambda: model(x))
+    return {
+        "variant": variant,
+        "backend": backend,
+        "fwd_bwd_ops": c.total,
+        "fwd_bwd_syncs": c.syncs,
+        "fwd_bwd_top": dict(c.counts.most_common(12)),
+        "optimizer_ops": c_opt.total,
+        "layer_fwd_bwd_ops": per_layer,
+        "eval_forward_ops": fwd_only.total,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m relaxedconv.benchmark.opcount", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="t2,se2,se2_rot")
+    ap.add_argument("--backends", default="expand_conv,factored_torch,conv2d",
+                    help="conv2d: the plain-conv floor (same network, nn.Conv2d weights of the expanded shapes)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for variant in args.variants.split(","):
+        for backend in args.backends.split(","):
+            r = training_step_counts(variant, backend)
+            rows.append(r)
+            layers = r["layer_fwd_bwd_ops"]
+            print(f"{variant:<14} {backend:<15} forward+backward {r['fwd_bwd_ops']:>5} ops ({r['fwd_bwd_syncs']} host "
+                  f"syncs), Adam {r['optimizer_ops']} ops, "
+                  f"eval forward {r['eval_forward_ops']:>4} ops, per layer fwd+bwd "
+                  f"{min(layers.values())}-{max(layers.values())} ops over {len(layers)} layers", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

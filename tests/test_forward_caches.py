@@ -1,0 +1,184 @@
+"""Less work per step (issue 13): the lattice built once per layer and shape, the generated kernel
+cached for inference until a parameter changes, no host synchronisation inside a step."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import relaxedconv as rc
+from relaxedconv import layers as layers_mod
+from relaxedconv.benchmark.opcount import count
+from relaxedconv.models import build_model
+
+CPU_BACKENDS = ("materialize", "expand_conv", "factored_torch")
+
+
+def _layer(trans=False, backend="auto", **kw):
+    torch.manual_seed(0)
+    return rc.GroupConv(2, 3, 3, 4, hidden_channels=4, translation_nonstationary=trans, omega_pos=1.0,
+                        rotation_nonstationary=True, omega_rot=1.0, backend=backend, **kw)
+
+
+class Counting:
+    """Counts calls of ``obj.name`` (wrapping it in place; undone by monkeypatch)."""
+
+    def __init__(self, monkeypatch, obj, name):
+        self.calls = 0
+        real = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            self.calls += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(obj, name, wrapper)
+
+
+# ---- the lattice -----------------------------------------------------------------------------------
+def test_lattice_and_mask_are_built_once_per_layer_dtype_and_shape(monkeypatch):
+    coords = Counting(monkeypatch, layers_mod, "coordinate_groups")
+    masks = Counting(monkeypatch, layers_mod, "disk_mask")
+    stat, trans = _layer(), _layer(trans=True)
+    built = coords.calls  # construction (the init-scale statistics) builds each lattice once
+    for _ in range(3):
+        stat(torch.randn(2, 8, 5, 6)).sum().backward()
+        stat(torch.randn(2, 8, 7, 7))  # another size: the same lattice when translation-stationary
+    assert coords.calls == built
+    trans(torch.randn(2, 8, 5, 6)).sum().backward()
+    trans(torch.randn(2, 8, 5, 6))
+    assert coords.calls == built + 1  # per-position coordinates: one lattice per output size
+    trans(torch.randn(2, 8, 7, 7))
+    assert coords.calls == built + 2
+    stat.double()(torch.randn(2, 8, 5, 6, dtype=torch.float64))  # follows the module to a new dtype
+    assert coords.calls == built + 3
+    assert masks.calls <= 3  # once per layer (construction) and once for the new dtype
+
+
+def test_cached_lattice_follows_dtype_and_matches_a_fresh_layer():
+    layer = _layer(trans=True)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    layer(x.float())  # fills the float32 caches
+    fresh = copy.deepcopy(layer)
+    fresh.__dict__.pop("_lattice_cache")
+    fresh.__dict__.pop("_inference_cache", None)
+    assert torch.equal(layer.double()(x), fresh.double()(x))
+
+
+def test_state_dict_is_the_same_in_train_and_eval_and_holds_no_cache():
+    layer = _layer()
+    keys = list(layer.state_dict())
+    layer(torch.randn(2, 8, 5, 6)).sum().backward()
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 5, 6))
+    assert list(layer.state_dict()) == keys and all("cache" not in k for k in keys)
+    assert layer._inference_cache  # a kernel is cached, outside the state_dict
+
+
+# ---- the inference cache -----------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("trans", [False, True])
+def test_inference_reuses_the_generated_kernel_and_gives_the_same_output(monkeypatch, backend, trans):
+    if trans and backend == "expand_conv":
+        pytest.skip("expand_conv cannot run translation non-stationary layers")
+    layer = _layer(trans, backend).eval()
+    x = torch.randn(2, 8, 5, 6)
+    y_grad_path = layer(x)  # grad enabled, parameters require grad: no cache
+    assert y_grad_path.requires_grad and not layer.__dict__.get("_inference_cache")
+    hidden = Counting(monkeypatch, layer.kernel_net, "hidden")
+    with torch.no_grad():
+        y1 = layer(x)
+        y2 = layer(torch.cat([x, x]))  # another batch: the same kernel
+    assert hidden.calls == 1
+    assert torch.equal(y1, y_grad_path.detach()) and torch.equal(y2[:2], y1)
+    # a cached call is the convolution alone: no kernel-net operator (sin), far fewer operators
+    with torch.no_grad():
+        cached = count(lambda: layer(x)).counts
+        layer.clear_kernel_cache()
+        uncached = count(lambda: layer(x)).counts
+    assert "sin" not in cached and uncached["sin"] >= 2
+    assert sum(cached.values()) < sum(uncached.values()) - 20
+    if backend == "expand_conv":
+        assert dict(cached) == {"convolution": 1}  # deployed at plain-convolution speed
+
+
+def test_inference_cache_is_dropped_when_a_parameter_changes(monkeypatch):
+    layer = _layer(backend="expand_conv")
+    x = torch.randn(2, 8, 5, 6)
+    hidden = Counting(monkeypatch, layer.kernel_net, "hidden")
+
+    def fresh_output():
+        ref = copy.deepcopy(layer)
+        del ref.kernel_net.hidden  # the copy of the counting wrapper would call the original
+        ref.__dict__.pop("_inference_cache", None)
+        with torch.no_grad():
+            return ref(x)
+
+    def check(expected_calls):
+        with torch.no_grad():
+            y = layer(x)
+        assert hidden.calls == expected_calls
+        assert torch.equal(y, fresh_output())
+
+    check(1)
+    check(1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).square().sum().backward()  # a training step (grad path; drops the cache)
+    opt.step()
+    check(3)
+    with torch.no_grad():
+        layer.kernel_net.omega_rot.add_(0.5)  # in place, a parameter that is not even trained
+    check(4)
+    layer.load_state_dict(_layer(backend="expand_conv").state_dict())
+    check(5)
+    layer.kernel_net.out.weight = torch.nn.Parameter(layer.kernel_net.out.weight.detach() * 2)  # replaced
+    check(6)
+
+
+def test_no_cache_when_the_parameters_need_gradients_even_in_eval():
+    layer = _layer(backend="expand_conv").eval()
+    x = torch.randn(2, 8, 5, 6)
+    layer(x).sum().backward()
+    assert layer.kernel_net.out.weight.grad is not None and layer.kernel_net.first.weight.grad is not None
+    # frozen parameters: the cached kernel serves, and the input still gets its gradient
+    layer.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)
+    y.sum().backward()
+    assert layer._inference_cache and xg.grad is not None
+    xr = x.clone().requires_grad_(True)
+    rc.conv_materialize(xr, layer.full_kernel((5, 6)), layer.bias, layer.geometry).sum().backward()
+    assert torch.allclose(xg.grad, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_mode_then_no_grad_then_training():
+    layer = _layer(backend="expand_conv")
+    x = torch.randn(2, 8, 5, 6)
+    with torch.inference_mode():
+        a = layer(x)
+    with torch.no_grad():
+        b = layer(x)  # not the inference-mode tensors: rebuilt outside inference mode
+    c = layer(x.requires_grad_())
+    c.sum().backward()
+    assert torch.equal(a, b) and torch.equal(b, c.detach())
+
+
+# ---- one training step -------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_training_step_never_synchronises_with_the_host(backend):
+    """No .item()/float()/bool() of a tensor (aten._local_scalar_dense) in forward + backward: on
+    a GPU each would wait for the queue to drain."""
+    variant = "se2_rot_trans" if backend != "expand_conv" else "se2_rot"
+    torch.manual_seed(0)
+    model = build_model(variant, group_order=2, widths=(2, 2), kernel_size=3, hidden_channels=4, backend=backend)
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    step()
+    c = count(step)
+    assert c.total > 100 and c.syncs == 0, dict(c.counts)
