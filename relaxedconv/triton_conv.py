@@ -2,19 +2,24 @@
 
 Two ``torch.library`` custom operators wrap the host functions of the kernels:
 
-- ``relaxedconv::triton_conv_fwd(x, z, w_ext, bias, geometry) -> y``
-- ``relaxedconv::triton_conv_bwd(dy, x, z, w_ext, geometry, needs) -> [dx, dz, dw_ext]`` (a gradient
-  that is not needed comes back as an empty tensor)
+- ``relaxedconv::triton_conv_fwd(x, z, w_ext, bias, geometry) -> (y, U)``
+- ``relaxedconv::triton_conv_bwd(dy, x, z, w_ext, U, geometry, needs) -> [dx, dz, dw_ext]`` (a
+  gradient that is not needed comes back as an empty tensor)
 
-Each has a fake (meta) implementation that gives the output shapes without running a kernel, and
-the forward has a registered autograd formula (U = X Z is recomputed in backward, never stored),
-so ``torch.compile`` sees one opaque operator per direction: no graph break, and the compiler
-neither traces into nor reorders the kernels. ``geometry`` travels as the six integers of
-:class:`relaxedconv.reference.ConvGeometry`.
+U = X_col Z (``[B, N, P, H+1, C_in]``) is what the forward computes before its cuBLAS GEMM; the
+autograd formula keeps it for dW_ext, so the backward does not recompute it. That costs U's memory
+between forward and backward (≈ 33x the output at C_in = C_out = 32, H = 32);
+``RELAXEDCONV_TRITON_RECOMPUTE_U=1`` keeps nothing and recomputes U in the backward instead.
+
+Each operator has a fake (meta) implementation that gives the output shapes without running a
+kernel, and the forward has a registered autograd formula, so ``torch.compile`` sees one opaque
+operator per direction: no graph break, and the compiler neither traces into nor reorders the
+kernels. ``geometry`` travels as the six integers of :class:`relaxedconv.reference.ConvGeometry`.
 """
 
 import dataclasses
-from typing import List, Optional
+import os
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -25,47 +30,57 @@ def _geometry(values) -> ConvGeometry:
     return ConvGeometry(*(int(v) for v in values))
 
 
+def recompute_u() -> bool:
+    """Whether the backward recomputes U instead of keeping it from the forward."""
+    return os.environ.get("RELAXEDCONV_TRITON_RECOMPUTE_U", "0") not in ("", "0")
+
+
 @torch.library.custom_op("relaxedconv::triton_conv_fwd", mutates_args=())
 def triton_conv_fwd(x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, bias: Optional[torch.Tensor],
-                    geometry: List[int]) -> torch.Tensor:
+                    geometry: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     from .kernels.relaxed_conv_fwd import relaxed_conv_fwd
 
-    return relaxed_conv_fwd(x, z, w_ext, bias, _geometry(geometry)).contiguous()
+    y, u = relaxed_conv_fwd(x, z, w_ext, bias, _geometry(geometry), return_u=True)
+    return y.contiguous(), u
 
 
 @triton_conv_fwd.register_fake
 def _triton_conv_fwd_fake(x, z, w_ext, bias, geometry):
     g = _geometry(geometry)
     h, w = g.out_size(x.shape[-2], x.shape[-1])
-    return x.new_empty((x.shape[0], g.out_channels * g.out_rotations, h, w))
+    y = x.new_empty((x.shape[0], g.out_channels * g.out_rotations, h, w))
+    return y, x.new_empty((x.shape[0], g.out_rotations, h * w, z.shape[-1], g.in_channels))
 
 
 @torch.library.custom_op("relaxedconv::triton_conv_bwd", mutates_args=())
-def triton_conv_bwd(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, geometry: List[int],
-                    needs: List[bool]) -> List[torch.Tensor]:
+def triton_conv_bwd(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, u: Optional[torch.Tensor],
+                    geometry: List[int], needs: List[bool]) -> List[torch.Tensor]:
     from .kernels.relaxed_conv_bwd import relaxed_conv_bwd
 
-    grads = relaxed_conv_bwd(dy, x, z, w_ext, _geometry(geometry), needs=tuple(bool(n) for n in needs))
+    grads = relaxed_conv_bwd(dy, x, z, w_ext, _geometry(geometry), needs=tuple(bool(n) for n in needs), u=u)
     # Contiguous, as the fake implementation promises the compiler (dw_ext comes back permuted).
     return [g.contiguous() if g is not None else like.new_empty(0) for g, like in zip(grads, (x, z, w_ext))]
 
 
 @triton_conv_bwd.register_fake
-def _triton_conv_bwd_fake(dy, x, z, w_ext, geometry, needs):
+def _triton_conv_bwd_fake(dy, x, z, w_ext, u, geometry, needs):
     return [like.new_empty(like.shape if need else (0,)) for like, need in zip((x, z, w_ext), needs)]
 
 
 def _setup_context(ctx, inputs, output):
     x, z, w_ext, bias, geometry = inputs
-    ctx.save_for_backward(x, z, w_ext)
+    _, u = output
+    # U serves dW_ext only: keep it when that gradient is wanted and memory is not to be saved.
+    ctx.keep_u = ctx.needs_input_grad[2] and not recompute_u()
+    ctx.save_for_backward(x, z, w_ext, u if ctx.keep_u else None)
     ctx.geometry = list(geometry)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, dy):
-    x, z, w_ext = ctx.saved_tensors
+def _backward(ctx, dy, _du):
+    x, z, w_ext, u = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    dx, dz, dw = triton_conv_bwd(dy, x, z, w_ext, ctx.geometry, [bool(n) for n in needs[:3]])
+    dx, dz, dw = triton_conv_bwd(dy, x, z, w_ext, u, ctx.geometry, [bool(n) for n in needs[:3]])
     dbias = None
     if ctx.bias_dtype is not None and needs[3]:
         g = _geometry(ctx.geometry)
@@ -92,4 +107,4 @@ def relaxed_conv_triton(x, z, w_ext, bias, geometry: ConvGeometry) -> torch.Tens
         # A custom operator is not autocast-aware: run it in the autocast dtype, as conv2d would.
         dt = torch.get_autocast_dtype(x.device.type)
         x, z, w_ext = x.to(dt), z.to(dt), w_ext.to(dt)
-    return triton_conv_fwd(x, z, w_ext, bias, list(dataclasses.astuple(geometry)))
+    return triton_conv_fwd(x, z, w_ext, bias, list(dataclasses.astuple(geometry)))[0]

@@ -95,3 +95,21 @@ def test_aligned_hidden_pads_rows_to_sixteen_and_keeps_values():
     za = common.aligned_hidden(z)
     assert za.shape == (2, 5, 48) and za.stride(-2) % 16 == 0
     assert torch.equal(za[..., :33], z) and not za[..., 33:].any()
+
+
+@pytest.mark.parametrize("per_position", [False, True], ids=["stationary", "per-position"])
+def test_recomputing_u_in_backward_gives_the_same_gradients(per_position, monkeypatch):
+    from relaxedconv.kernels import relaxed_conv_fwd as fwd
+
+    calls = []
+    real = fwd.hidden_projection
+    monkeypatch.setattr(bwd, "hidden_projection", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(2)
+    g, inputs = _op_inputs(per_position)
+    kept = _grads(g, inputs)
+    assert not calls, "the backward recomputed U although the forward kept it"
+    monkeypatch.setenv("RELAXEDCONV_TRITON_RECOMPUTE_U", "1")
+    recomputed = _grads(g, inputs)
+    assert len(calls) == 1
+    for a, b in zip(kept, recomputed):
+        assert torch.equal(a, b)
