@@ -317,13 +317,24 @@ def plan(dtypes: list[str], filters: list[str], quick: bool) -> tuple[list[Job],
                                "error": str(e)})
                 continue
             if quick:
-                configs = configs[:1]
+                configs = [heaviest(configs)]
             for config in configs:
                 for spec_label, _ in registry.specialisations(kernel):
                     job = Job(kernel.name, dname, config.label, spec_label)
                     if not filters or any(f in job.label for f in filters):
                         jobs.append(job)
     return jobs, broken
+
+
+def heaviest(configs: list) -> "registry.LaunchConfig":
+    """The config with the largest tile per warp (product of its BLOCK_* sizes / num_warps; the
+    first of equals): the one most likely to run out of registers, so --quick checks it."""
+    def load(c):
+        size = 1
+        for v in c.meta.values():
+            size *= v
+        return size / c.num_warps
+    return max(configs, key=load)  # max keeps the first of equal keys
 
 
 def run_jobs(jobs: list[Job], n_jobs: int) -> list[dict]:
@@ -414,17 +425,21 @@ def findings(rows: list[dict], unregistered: list[str]) -> list[str]:
         if r.get("smem", 0) > SM90_SMEM_PER_BLOCK:
             out.append(f"SHARED MEMORY {r['kernel']} {r['config']} {r['dtype']} {r['spec']}: "
                        f"{r['smem'] / 1024:.1f} KB > 227 KB per block (the launch would fail)")
-    # Dots on mma.sync where the dtype could use wgmma: grouped by kernel and reason.
-    why: dict[tuple, set] = {}
+    # Dots left on mma.sync although the dtype could use wgmma, per kernel and config.
+    why: dict[tuple, dict] = {}
     for r in ok:
         if not registry.DTYPES[r["dtype"]].tensor_cores:
             continue
         for d in r.get("source_dots", []):
             if d["wgmma_blockers"]:
-                key = (r["kernel"], f"{d['m']}x{d['n']}x{d['k']}", "; ".join(d["wgmma_blockers"]))
-                why.setdefault(key, set()).add(r["config"])
-    for (kernel, shape, reason), configs in sorted(why.items()):
-        out.append(f"no wgmma: {kernel} dot MxNxK {shape}: {reason} [{', '.join(sorted(configs))}]")
+                entry = why.setdefault((r["kernel"], r["config"]), {"shapes": set(), "reasons": set(), "dots": 0})
+                entry["shapes"].add(f"{d['m']}x{d['n']}x{d['k']}")
+                entry["reasons"].update(d["wgmma_blockers"])
+        if (r["kernel"], r["config"]) in why:
+            why[(r["kernel"], r["config"])]["dots"] = max(why[(r["kernel"], r["config"])]["dots"], len(r["source_dots"]))
+    for (kernel, config), e in sorted(why.items()):
+        out.append(f"no wgmma: {kernel} {config}: dots MxNxK {', '.join(sorted(e['shapes']))} "
+                   f"(of {e['dots']} per row) fail Triton's MMAv3 rule: {', '.join(sorted(e['reasons']))}")
     return out
 
 
@@ -448,7 +463,7 @@ def parse_args(argv):
                    help=f"comma-separated, of {', '.join(registry.DTYPES)} (default: %(default)s)")
     p.add_argument("--filter", action="append", default=[], metavar="TEXT",
                    help="keep rows whose 'kernel config dtype spec' contains TEXT (repeatable: any matches)")
-    p.add_argument("--quick", action="store_true", help="one config per kernel per dtype (the first shipped one)")
+    p.add_argument("--quick", action="store_true", help="one config per kernel per dtype: the largest tile per warp (most likely to spill)")
     p.add_argument("--jobs", type=int, default=1, help="parallel compiles (default 1)")
     p.add_argument("--json", metavar="PATH", help="also write the rows and findings as JSON")
     args = p.parse_args(argv)
