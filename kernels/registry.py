@@ -176,7 +176,8 @@ KERNELS: tuple[Kernel, ...] = (
         fixed={"BLOCK_M": 16, "BLOCK_O": 16, "BLOCK_C": 16},
         constexprs={"KSIZE": KSIZE},
         ints={"*": {"B": _B, "CN_IN": _C * _N, "W_IN": _S, "Q": _S * _S, "H_OUT": _S, "W_OUT": _S, "C_OUT": _C,
-                    "N_OUT": _N, "PAD": 3, **_DY, **_strides("sen sek seo sec", _N, KSIZE * KSIZE, _C, _C * _N), **_DX}},
+                    "N_OUT": _N, "PAD": 3, **_DY, **_DX,
+                    **_strides("sen sek seo sec", _N, KSIZE * KSIZE, _C, _C * _N)}},
     ),
 )
 
@@ -343,6 +344,7 @@ def jit_kernels_in_package() -> dict[str, str]:
             continue
         mod = importlib.import_module(f"{PACKAGE}.{info.name}")
         for attr, obj in vars(mod).items():
-            if isinstance(obj, triton.runtime.JITFunction) and attr.endswith("_kernel") and obj.__module__ == mod.__name__:
+            is_jit = isinstance(obj, triton.runtime.JITFunction)
+            if is_jit and attr.endswith("_kernel") and obj.__module__ == mod.__name__:
                 found[f"{info.name}:{attr}"] = obj.__name__
     return found

@@ -415,6 +415,14 @@ def findings(rows: list[dict], unregistered: list[str]) -> list[str]:
         if registry.DTYPES[r["dtype"]].pointer in ("bf16", "fp16") and spill:
             out.append(f"SPILLS {r['kernel']} {r['config']} {r['dtype']} {r['spec']}: "
                        f"{r['spill_stores']} B stores / {r['spill_loads']} B loads at {r['regs']} registers")
+    others: dict[str, list] = {}
+    for r in ok:
+        if registry.DTYPES[r["dtype"]].pointer not in ("bf16", "fp16") and (r.get("spill_stores") or 0):
+            others.setdefault(r["dtype"], []).append(r)
+    for dtype, spilled in others.items():
+        worst = max(spilled, key=lambda r: r["spill_stores"])
+        out.append(f"spills in {len(spilled)} {dtype} rows (worst {worst['kernel']} {worst['config']} {worst['spec']}: "
+                   f"{worst['spill_stores']} B stores)")
     for r in ok:
         if registry.DTYPES[r["dtype"]].tensor_cores:
             off = [d for d in r.get("dots", []) if d["kind"] == "fma"]
@@ -435,8 +443,9 @@ def findings(rows: list[dict], unregistered: list[str]) -> list[str]:
                 entry = why.setdefault((r["kernel"], r["config"]), {"shapes": set(), "reasons": set(), "dots": 0})
                 entry["shapes"].add(f"{d['m']}x{d['n']}x{d['k']}")
                 entry["reasons"].update(d["wgmma_blockers"])
-        if (r["kernel"], r["config"]) in why:
-            why[(r["kernel"], r["config"])]["dots"] = max(why[(r["kernel"], r["config"])]["dots"], len(r["source_dots"]))
+        entry = why.get((r["kernel"], r["config"]))
+        if entry:
+            entry["dots"] = max(entry["dots"], len(r["source_dots"]))
     for (kernel, config), e in sorted(why.items()):
         out.append(f"no wgmma: {kernel} {config}: dots MxNxK {', '.join(sorted(e['shapes']))} "
                    f"(of {e['dots']} per row) fail Triton's MMAv3 rule: {', '.join(sorted(e['reasons']))}")
@@ -463,7 +472,8 @@ def parse_args(argv):
                    help=f"comma-separated, of {', '.join(registry.DTYPES)} (default: %(default)s)")
     p.add_argument("--filter", action="append", default=[], metavar="TEXT",
                    help="keep rows whose 'kernel config dtype spec' contains TEXT (repeatable: any matches)")
-    p.add_argument("--quick", action="store_true", help="one config per kernel per dtype: the largest tile per warp (most likely to spill)")
+    p.add_argument("--quick", action="store_true",
+                   help="one config per kernel per dtype: the largest tile per warp (most likely to spill)")
     p.add_argument("--jobs", type=int, default=1, help="parallel compiles (default 1)")
     p.add_argument("--json", metavar="PATH", help="also write the rows and findings as JSON")
     args = p.parse_args(argv)

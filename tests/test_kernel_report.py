@@ -28,8 +28,8 @@ TRITON = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("kernel-report") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "relaxedconv.kernels.report", "--quick", "--dtypes", ",".join(QUICK_DTYPES),
-           "--json", str(out)]
+    cmd = [sys.executable, "-m", "relaxedconv.kernels.report", "--quick", "--jobs", "2",
+           "--dtypes", ",".join(QUICK_DTYPES), "--json", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if r.returncode == report.SKIP:
         pytest.skip(r.stdout.strip())
@@ -168,7 +168,8 @@ FAKE = _fake_fn(("x_ptr", False), ("out_ptr", False), ("n", False), ("sx", False
 
 def test_compile_signature_follows_the_jit_signature_and_launch_rules():
     entry = registry.Kernel("fake", "m:f", fixed={"BLOCK_M": 16}, axes=(registry.LAYOUT,),
-                            pointers={"out_ptr": registry.ACC}, ints={"*": {"sx": 1, "n": 64}, "per-position": {"sy": 48}})
+                            pointers={"out_ptr": registry.ACC},
+                            ints={"*": {"sx": 1, "n": 64}, "per-position": {"sy": 48}})
     config = registry.LaunchConfig("M64", {"BLOCK_M": 64}, 4, 2)
     sig, consts, attrs = registry.compile_signature(
         FAKE, entry, registry.DTYPES["bf16"], config, "per-position", {"PER_POSITION": True})
