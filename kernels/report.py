@@ -248,7 +248,10 @@ def compile_job(job: Job) -> dict:
     except Exception as e:  # noqa: BLE001 - every failure becomes a row, the run goes on
         row["error"] = f"{type(e).__name__}: {str(e).strip()[:1500]}"
         return row
-    row.update(measure(compiled, log.getvalue(), config.num_warps))
+    try:
+        row.update(measure(compiled, log.getvalue(), config.num_warps))
+    except Exception as e:  # noqa: BLE001 - a tool that fails on one cubin fails that row only
+        row["error"] = f"compiled, but reading the result failed: {type(e).__name__}: {str(e)[:500]}"
     row["ok"] = row.get("error") is None
     return row
 

@@ -202,3 +202,31 @@ def test_shipped_configs_are_the_autotune_configs_plus_the_fixed_launch():
     assert len(configs) == len(tuned) + 1 and configs[-1].fixed and configs[-1].num_warps == 4
     assert [c.meta for c in configs[:-1]] == [c.kwargs for c in tuned]
     assert [c.fixed for c in registry.shipped_configs(fwd, registry.DTYPES["fp64"])] == [True]  # fp64 never autotunes
+
+
+def _row(dtype, **kw):
+    base = {"kernel": "fwd", "config": "M64", "dtype": dtype, "spec": "-", "ok": True, "regs": 128,
+            "spill_stores": 0, "spill_loads": 0, "smem": 4096, "sass_mma": "HGMMA",
+            "dots": [{"kind": "wgmma"}], "source_dots": []}
+    return {**base, **kw}
+
+
+def test_findings_name_what_to_fix_and_nothing_else():
+    rows = [
+        _row("bf16"),  # clean
+        _row("bf16", spec="spilling", regs=255, spill_stores=64, spill_loads=32),
+        _row("fp32-tf32", spec="on-fma", sass_mma="FMA", dots=[{"kind": "fma"}]),
+        _row("fp32-ieee", sass_mma="FMA", dots=[{"kind": "fma"}]),  # exact fp32 has no tensor-core form
+        _row("bf16", spec="big", smem=300 * 1024),
+        {"kernel": "bwd-dz", "config": "M64", "dtype": "bf16", "spec": "-", "ok": False, "error": "boom"},
+        _row("bf16", spec="narrow",
+             source_dots=[{"m": 32, "n": 32, "k": 64, "wgmma_blockers": ["M=32 not a multiple of 64"]}]),
+    ]
+    found = report.findings(rows, ["relaxed_conv_new:_new_kernel"])
+    assert len(found) == 6, found
+    assert any(f.startswith("SPILLS fwd M64 bf16 spilling: 64 B stores / 32 B loads") for f in found)
+    assert any(f.startswith("NO TENSOR CORES fwd M64 fp32-tf32 on-fma") for f in found)
+    assert any(f.startswith("SHARED MEMORY fwd M64 bf16 big: 300.0 KB") for f in found)
+    assert any(f.startswith("COMPILE FAILED bwd-dz") for f in found)
+    assert any("UNREGISTERED kernel relaxed_conv_new:_new_kernel" in f for f in found)
+    assert any(f.startswith("no wgmma: fwd M64: dots MxNxK 32x32x64") for f in found)
