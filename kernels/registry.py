@@ -1,0 +1,331 @@
+"""What the kernel report compiles: every Triton kernel, its shipped configs, its specialisations.
+
+The report (``python -m relaxedconv.kernels.report``) compiles each (kernel, config,
+specialisation) ahead of time for sm_90a and reads registers, spills, shared memory and the
+tensor-core instructions off the result. This file is the one list it works from; keep it in step
+with the kernels (a kernel missing here is reported as unregistered, and the CI test fails).
+
+Adding a kernel is one :class:`Kernel` entry. Everything that can be read off the ``@triton.jit``
+function is: argument names, which are ``tl.constexpr``, which are pointers (names ending in
+``_ptr``, as every kernel here names them) and which are integers. An entry supplies only what the
+signature cannot say:
+
+- ``fn`` / ``autotuner``: ``"module:attribute"`` references, resolved when the report runs, so this
+  file stays importable when a kernel is renamed (the report then names the stale reference);
+- ``fixed``: the non-autotuned launch (fp64, the interpreter, ``RELAXEDCONV_AUTOTUNE=0``), as the
+  host function launches it;
+- ``axes``: the constexpr variants to compile, crossed with each other and with the dtypes;
+- ``constexprs``: constexpr values that stay the same in every row (a representative ``KSIZE``);
+- ``pointers``: dtype of pointers that do not hold the data dtype (fp32 partial sums);
+- ``ints``: what a representative launch passes to the integer arguments (``"*"``: always; a
+  variant label: in rows of that variant). Triton specialises integers at launch time, a value of
+  1 into a constant and a multiple of 16 into a divisibility hint, which changes vector widths,
+  cp.async eligibility and registers; the report applies the same rule, so only whether a value
+  is 1, a multiple of 16 or neither matters. An integer argument not listed is compiled as a plain
+  i32 (no hint).
+
+The entries below are not written by hand: :func:`captured_launches` runs the host functions
+(``relaxed_conv_fwd``/``relaxed_conv_bwd``) on meta tensors of three benchmark layers with the
+launch intercepted, and each kernel's variants ("case" axis: T1 = T(2) translation-relaxed, T2 =
+SE(2)-8 translation-relaxed, G1 = SE(2)-8 stationary; all K 7, hidden 32) are exactly the
+constexprs and integers the host passes — so the registry cannot drift from the launches.
+
+Dtype-dependent constexprs (``PRECISION``, ``ACC``, ``FP64``) come from :data:`DTYPES`, applied to
+whichever of them a kernel declares.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+
+@dataclass(frozen=True)
+class Dtype:
+    """One data dtype as the host functions launch it (``kernels/common.py``: ``dot_precision``,
+    ``acc_dtype``, ``use_autotune``)."""
+
+    name: str
+    pointer: str  # Triton's pointer element type: "bf16", "fp32", ...
+    precision: str | None  # tl.dot input_precision
+    acc: str  # accumulator: "fp32" or "fp64"
+    autotuned: bool  # whether the autotune configs are shipped for it (fp64 runs the fixed config)
+    tensor_cores: bool  # whether its dots must run on tensor cores on sm_90
+
+
+DTYPES = {
+    d.name: d
+    for d in (
+        Dtype("bf16", "bf16", None, "fp32", True, True),
+        Dtype("fp16", "fp16", None, "fp32", True, True),
+        Dtype("fp32-tf32", "fp32", "tf32", "fp32", True, True),
+        Dtype("fp32-ieee", "fp32", "ieee", "fp32", True, False),
+        Dtype("fp64", "fp64", "ieee", "fp64", False, False),
+    )
+}
+DEFAULT_DTYPES = ("bf16", "fp32-tf32", "fp32-ieee", "fp64")
+
+# Pointer dtype tokens an entry may use besides a Triton type name: the data dtype, or the
+# accumulator dtype (partial sums are fp32, fp64 for fp64 data).
+DATA, ACC = "data", "acc"
+
+PointerDtype = Union[str, Callable[[dict], str]]
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One kind of specialisation: labelled alternatives, each a dict of constexpr values."""
+
+    name: str
+    variants: tuple[tuple[str, dict], ...]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    fn: str  # "module:attribute" of the @triton.jit function, module relative to relaxedconv.kernels
+    fixed: dict  # the non-autotuned launch: constexpr tile sizes, plus num_warps/num_stages if not Triton's defaults
+    autotuner: str | None = None  # "module:attribute" of its triton.autotune wrapper
+    axes: tuple[Axis, ...] = ()
+    constexprs: dict = field(default_factory=dict)
+    pointers: dict[str, PointerDtype] = field(default_factory=dict)
+    ints: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+LAYOUT = Axis("layout", (("stationary", {"PER_POSITION": False}), ("per-position", {"PER_POSITION": True})))
+KSIZE = 7  # the benchmark layers' kernel size (design.md §5)
+
+# (label, in/out channels, rotations, image size, batch, translation non-stationary): benchmark layers.
+CASES = (("T1", 32, 1, 32, 64, True), ("T2", 32, 8, 16, 16, True), ("G1", 32, 8, 32, 64, False))
+# Constexprs that depend on the dtype come from DTYPES; tile sizes from the configs.
+_NOT_VARIANT = {"PRECISION", "ACC", "FP64", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C"}
+
+
+def captured_launches() -> dict[str, dict[str, tuple[dict, dict]]]:
+    """{kernel launch name: {case label: (constexprs, integer arguments)}} as the host functions
+    launch them (bf16), from runs on meta tensors with ``common.launch`` intercepted."""
+    import torch
+
+    from . import common, relaxed_conv_bwd, relaxed_conv_fwd
+    from relaxedconv.reference import ConvGeometry
+
+    seen: dict[str, dict[str, tuple[dict, dict]]] = {}
+    label = None
+
+    def record(name, kernel, autotuned, grid, args, consts, fixed, **kw):
+        # The host passes the non-constexpr arguments positionally, in the signature's order.
+        params = [n for n in inspect.signature(kernel.fn).parameters if n not in consts and n not in fixed]
+        ints = {n: a for n, a in zip(params, args) if not isinstance(a, torch.Tensor)}
+        variant = {k: v for k, v in consts.items() if k not in _NOT_VARIANT}
+        seen.setdefault(name, {}).setdefault(label, (variant, ints))
+
+    real = common.launch
+    common.launch = record
+    try:
+        for label, c, n, size, batch, per_position in CASES:
+            g = ConvGeometry(c, c, n, n, KSIZE, KSIZE // 2)
+            dt = torch.bfloat16
+            x = torch.empty(batch, c * n, size, size, dtype=dt, device="meta")
+            p = size * size
+            z = torch.empty((n, p, g.window, 33) if per_position else (n, g.window, 33), dtype=dt, device="meta")
+            w = torch.empty(c, c, 33, dtype=dt, device="meta")
+            y, u = relaxed_conv_fwd.relaxed_conv_fwd(x, z, w, None, g, return_u=True)
+            relaxed_conv_bwd.relaxed_conv_bwd(torch.empty_like(y), x, z, w, g, u=u)
+    finally:
+        common.launch = real
+    return seen
+
+
+def _entry(name: str, launch: str, fn: str, autotuner: str, fixed: dict, captured, **kw) -> Kernel:
+    cases = captured[launch]
+    axis = Axis("case", tuple((label, variant) for label, (variant, _) in cases.items()))
+    return Kernel(name, fn, fixed=fixed, autotuner=autotuner, axes=(axis,),
+                  ints={label: ints for label, (_, ints) in cases.items()}, **kw)
+
+
+def _kernels() -> tuple[Kernel, ...]:
+    from .relaxed_conv_bwd import FIXED_FOLD, FIXED_TILE
+
+    cap = captured_launches()
+    return (
+        _entry("u", "u", "relaxed_conv_fwd:_hidden_projection_kernel", "relaxed_conv_fwd:_hidden_projection_autotuned",
+               FIXED_TILE, cap),
+        _entry("dz", "dz", "relaxed_conv_bwd:_hidden_weight_grad_kernel", "relaxed_conv_bwd:_hidden_weight_grad_autotuned",
+               FIXED_TILE, cap, pointers={"out_ptr": ACC}),  # fp32 (fp64) partials/dZ, cast on the host
+        _entry("v", "v", "relaxed_conv_bwd:_window_columns_kernel", "relaxed_conv_bwd:_window_columns_autotuned",
+               FIXED_TILE, cap),
+        _entry("fold", "fold", "relaxed_conv_bwd:_fold_kernel", "relaxed_conv_bwd:_fold_autotuned", FIXED_FOLD, cap),
+    )
+
+
+KERNELS: tuple[Kernel, ...] = _kernels()
+
+
+# --- resolving an entry into compile jobs -------------------------------------------------------
+
+class RegistryError(Exception):
+    """A registry entry that does not match its kernel (stale reference, unknown constexpr...)."""
+
+
+PACKAGE = "relaxedconv.kernels"
+
+
+def resolve(ref: str):
+    """``"module:attribute"`` (module relative to relaxedconv.kernels) -> the object."""
+    module, _, attr = ref.partition(":")
+    try:
+        mod = importlib.import_module(f"{PACKAGE}.{module}")
+    except ImportError as e:
+        raise RegistryError(f"cannot import {PACKAGE}.{module} for {ref!r}: {e}") from e
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise RegistryError(f"{PACKAGE}.{module} has no {attr!r} (renamed? update kernels/registry.py)") from None
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One shipped config: constexpr tile sizes and compile options."""
+
+    label: str
+    meta: dict
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None = None
+    fixed: bool = False
+
+
+TRITON_DEFAULT_WARPS, TRITON_DEFAULT_STAGES = 4, 3  # what a launch without options gets on CUDA
+
+
+def _config_label(meta: dict, warps: int, stages: int) -> str:
+    tiles = "-".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in meta.items())
+    return f"{tiles}-w{warps}-s{stages}"
+
+
+def shipped_configs(kernel: Kernel, dtype: Dtype) -> list[LaunchConfig]:
+    """The autotune configs (for dtypes that autotune) and the fixed launch, without duplicates."""
+    fixed = dict(kernel.fixed)
+    warps = fixed.pop("num_warps", TRITON_DEFAULT_WARPS)
+    stages = fixed.pop("num_stages", TRITON_DEFAULT_STAGES)
+    out = []
+    if dtype.autotuned and kernel.autotuner:
+        tuner = resolve(kernel.autotuner)
+        configs = getattr(tuner, "configs", None)
+        if configs is None:
+            raise RegistryError(f"{kernel.autotuner!r} is not a triton.autotune wrapper (no .configs)")
+        for c in configs:
+            out.append(LaunchConfig(_config_label(c.kwargs, c.num_warps, c.num_stages), dict(c.kwargs),
+                                    c.num_warps, c.num_stages, getattr(c, "maxnreg", None)))
+    label = _config_label(fixed, warps, stages)
+    if not any(c.label == label for c in out):
+        out.append(LaunchConfig("fixed:" + label, fixed, warps, stages, fixed=True))
+    return out
+
+
+def specialisations(kernel: Kernel) -> list[tuple[str, dict]]:
+    """(label, constexpr values) for every combination of the entry's axes."""
+    if not kernel.axes:
+        return [("-", {})]
+    out = []
+    for combo in itertools.product(*(a.variants for a in kernel.axes)):
+        label = " ".join(lbl for lbl, _ in combo)
+        values: dict = {}
+        for _, v in combo:
+            values.update(v)
+        out.append((label, values))
+    return out
+
+
+def _pointer_type(token: str, dtype: Dtype) -> str:
+    if token == DATA:
+        return dtype.pointer
+    if token == ACC:
+        return dtype.acc
+    return token
+
+
+def dtype_constexprs(dtype: Dtype) -> dict:
+    import triton.language as tl
+
+    return {"PRECISION": dtype.precision, "ACC": getattr(tl, {"fp32": "float32", "fp64": "float64"}[dtype.acc]),
+            "FP64": dtype.acc == "fp64"}
+
+
+def specialise_int(value: int) -> tuple[str, list]:
+    """Triton's launch-time rule for an integer argument: (signature type, attributes)."""
+    if value == 1:
+        return "constexpr", []
+    return "i32", ([["tt.divisibility", 16]] if value % 16 == 0 else [])
+
+
+def compile_signature(fn, kernel: Kernel, dtype: Dtype, config: LaunchConfig, spec_label: str, spec: dict):
+    """(signature, constexprs, attrs) for ``triton.compile(ASTSource(fn, ...))``, built from the jit
+    function's own parameters the way a real launch specialises them: constexprs by value,
+    pointers as ``*<dtype>`` aligned to 16 bytes, integers by the entry's representative values."""
+    names = list(fn.arg_names)
+    given = {**kernel.constexprs, **spec, **config.meta}
+    labels = ["*", *spec_label.split()]
+    ints: dict[str, int] = {}
+    valid = {"*"} | {lbl for axis in kernel.axes for lbl, _ in axis.variants}
+    for key in kernel.ints:
+        if key not in valid:
+            raise RegistryError(f"{kernel.name}: ints key {key!r} is neither '*' nor one of its variant labels")
+    for label in labels:
+        ints.update(kernel.ints.get(label, {}))
+    from_dtype = dtype_constexprs(dtype)
+    for name in [*given, *kernel.pointers, *ints]:
+        if name not in names:
+            raise RegistryError(f"{kernel.name}: {fn.__name__} has no argument {name!r} (update kernels/registry.py)")
+    signature, constexprs, attrs = {}, {}, {}
+    for idx, (name, param) in enumerate(zip(names, fn.params)):
+        if param.is_constexpr:
+            if name in given:
+                value = given[name]
+            elif name in from_dtype:
+                value = from_dtype[name]
+            elif param.has_default:
+                value = param.default
+            else:
+                raise RegistryError(f"{kernel.name}: no value for constexpr {name!r} of {fn.__name__} "
+                                    "(add it to the entry's constexprs, axes or configs)")
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif name.endswith("_ptr") or name in kernel.pointers:
+            token = kernel.pointers.get(name, DATA)
+            if callable(token):
+                token = token({**from_dtype, **given})
+            signature[name] = "*" + _pointer_type(token, dtype)
+            if not getattr(param, "do_not_specialize_on_alignment", False):
+                attrs[(idx,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif name in ints and not param.do_not_specialize:
+            signature[name], hint = specialise_int(ints[name])
+            if signature[name] == "constexpr":
+                constexprs[name] = 1
+            elif hint and not getattr(param, "do_not_specialize_on_alignment", False):
+                attrs[(idx,)] = hint
+        else:
+            signature[name] = "i32"
+    return signature, constexprs, attrs
+
+
+def jit_kernels_in_package() -> dict[str, str]:
+    """Every ``@triton.jit`` function named ``*_kernel`` in relaxedconv.kernels ("module:name" ->
+    qualified name), to find kernels the registry does not list. Helpers are not named ``*_kernel``."""
+    import pkgutil
+
+    import triton
+
+    pkg = importlib.import_module(PACKAGE)
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name in ("registry", "report"):
+            continue
+        mod = importlib.import_module(f"{PACKAGE}.{info.name}")
+        for attr, obj in vars(mod).items():
+            is_jit = isinstance(obj, triton.runtime.JITFunction)
+            if is_jit and attr.endswith("_kernel") and obj.__module__ == mod.__name__:
+                found[f"{info.name}:{attr}"] = obj.__name__
+    return found
