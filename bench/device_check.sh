@@ -75,7 +75,7 @@ run_step bench_layers 170 "$PY" -m relaxedconv.benchmark --suite layers \
 
 # ---- 3. end-to-end figure ----------------------------------------------------------------------
 run_step bench_e2e 75 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
-  --e2e-variants t2,se2,se2_rot,se2_rot_trans --e2e-backends auto,conv2d,triton,expand_conv,materialize,factored_torch \
+  --row-time-limit 25 --e2e-variants t2,se2,se2_rot,se2_rot_trans --e2e-backends auto,conv2d,triton,expand_conv,materialize,factored_torch \
   --time-budget 50 --json "$OUT/bench_e2e.json"
 
 # ---- 3b. one-off cost of auto's measurement (README "backend='auto'") ---------------------------

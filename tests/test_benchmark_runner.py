@@ -228,3 +228,32 @@ def test_module_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "relaxedconv.benchmark", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "--quick" in res.stdout
+
+
+def test_row_deadline_interrupts_a_slow_measurement_and_restores_the_timer():
+    import signal
+    import time
+
+    from relaxedconv.benchmark.deadline import RowTimeout, row_deadline
+
+    before = signal.getsignal(signal.SIGALRM)
+    t0 = time.perf_counter()
+    with pytest.raises(RowTimeout, match="0.05 s time limit"):
+        with row_deadline(0.05):
+            while True:  # a step that never ends
+                sum(range(1000))
+    assert time.perf_counter() - t0 < 5
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    with row_deadline(None):  # no limit: nothing fires
+        time.sleep(0.01)
+
+
+def test_an_e2e_row_past_its_time_limit_is_recorded_and_the_run_goes_on():
+    from relaxedconv.benchmark import e2e
+
+    cfg = e2e.cpu_config(quick=True)
+    cfg.row_time_limit_s = 0.01  # building the model alone takes longer
+    row = e2e.measure_step("t2", "expand_conv", torch.device("cpu"), cfg)
+    assert row["status"] == "timeout" and "time limit" in row["reason"]
+    cfg.row_time_limit_s = None
+    assert e2e.measure_step("t2", "expand_conv", torch.device("cpu"), cfg)["status"] == "ok"

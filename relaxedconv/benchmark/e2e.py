@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from ..layers import backends_used
+from .deadline import RowTimeout, row_deadline
 from .floor import plain_conv_floor
 from .layer_bench import CONCRETE_BACKENDS, DTYPES, NO_GPU, free_memory, precision, record_failure
 
@@ -57,6 +58,7 @@ class E2EConfig:
     min_time_s: float = 1.0
     infer_batch: int = 256
     compile: str = "off"  # or a torch.compile mode: "default", "reduce-overhead", "max-autotune"
+    row_time_limit_s: float | None = 60.0  # one row (build, warm-up, timing, inference); None: no limit
     scaled_down: bool = False
     notes: list = field(default_factory=list)
 
@@ -129,7 +131,7 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
     model = run_model = opt = x = y = xi = None
     infer_times = []
     try:
-        with precision(cfg.dtype):
+        with row_deadline(cfg.row_time_limit_s), precision(cfg.dtype):
             torch.manual_seed(0)
             model = build_model(
                 variant, num_classes=10, group_order=cfg.group_order, widths=cfg.widths,
@@ -177,10 +179,15 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
                     run_model(xi)
 
             infer_times = _timed(infer, device, cfg, warmup=cfg.warmup_steps)
+    except RowTimeout as e:
+        row.update(status="timeout", reason=str(e))
+        return row
     except Exception as e:  # noqa: BLE001 - recorded in the row
         return record_failure(row, e, lambda msg: backend == "expand_conv" and "translation non-stationary" in msg)
     finally:
         del model, run_model, opt, x, y, xi
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # let a row cut short finish what it queued before the next one
         free_memory(device)
     times.sort()
     n = len(times)

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how backend='auto' chooses: measure (time the runnable backends on the first call per "
                     "shape) or static (the documented rule); default: RELAXEDCONV_AUTO, else measure on CUDA and "
                     "static on CPU")
+    ap.add_argument("--row-time-limit", type=float, default=None, metavar="S",
+                    help="time limit of one e2e row (model build, warm-up, timed steps, inference); a row past it "
+                    "is recorded as 'timeout' and the run goes on (default 60 s; 0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
                     help="print the tables of existing result files instead of running")
@@ -153,6 +156,8 @@ def _e2e_config(args, device) -> e2e_mod.E2EConfig:
         cfg.compile = args.e2e_compile
     if args.e2e_infer_batch:
         cfg.infer_batch = args.e2e_infer_batch
+    if args.row_time_limit is not None:
+        cfg.row_time_limit_s = args.row_time_limit or None
     cfg.dtype = resolve_dtypes([cfg.dtype], device)[0][0]
     return cfg
 
