@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# The one GPU check for issue 6 (benchmarks). From the repository root:
+# The one GPU check (issues 6, 9, 10, 13). From the repository root:
 #
-#     bash bench/device_check.sh
+#     bash bench/device_check.sh                       # every step, ~9.5 min worst case
+#     STEPS="tests kernels" bash bench/device_check.sh # only some steps (a command may run 10 min:
+#                                                      # split the check over two calls if needed)
 #
 # Steps, each under its own `timeout` so that one hung step does not lose the others
 # (worst case ~9 min; the benchmark steps also stop starting new measurements at their budget
 # and rewrite their JSON after every measurement, so a killed step keeps what it measured):
 #
 #   0. environment (nvidia-smi, versions) and install (pip -e, no network)          <= 45 s
-#   1. python -m pytest -q tests, on CUDA (the Triton kernels compiled, not interpreted) 200 s
-#   2. layer benchmark: every case, bf16 then tf32, 6 backends, budget 135 s           170 s
-#   3. end-to-end training-step figure (design.md §7 model), bf16 autocast, budget 50 s  75 s
-#      (with the plain-conv floor row the other rows are compared with)
-#  3b. one-off cost of auto's measurement per new shape (G1, G4, T1, T2)               60 s
-#   4. pytest-benchmark entries (G4, T2), GPU-synchronised                               35 s
+#   1. tests:   python -m pytest -q tests, on CUDA (kernels compiled, not interpreted)  150 s
+#   2. kernels: every step of the fused path timed beside the cost model (T1, T2, G4)    60 s
+#   3. layers:  layer benchmark, every case, bf16 then tf32, 6 backends, budget 115 s   150 s
+#   4. e2e:     training step (design.md §7 model), bf16 autocast, budget 50 s,          75 s
+#               every row under its own 25 s limit, with the plain-conv floor row
+#   5. auto:    one-off cost of auto's measurement per new shape (G1, G4, T1, T2)        45 s
+#   6. pytest_bench: pytest-benchmark entries (G4, T2), GPU-synchronised                  35 s
 #
-# Output: "$OUT" (bench/results/ when OUT is unset), 8 flat files:
-#   device_summary.txt  tests.log  bench_layers.log  bench_layers.json
-#   bench_e2e.log  bench_e2e.json  auto_cost.log  pytest_bench.log
+# Output: "$OUT" (bench/results/ when OUT is unset), flat files:
+#   device_summary.txt  tests.log  kernel_steps.log  kernel_steps.json  bench_layers.log
+#   bench_layers.json  bench_e2e.log  bench_e2e.json  auto_cost.log  pytest_bench.log
 # Exit status: 0 when every step passed, else 1 (all steps run regardless).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -30,7 +33,10 @@ SUMMARY="$OUT/device_summary.txt"
 FAILED=0
 PY="${PYTHON:-python}"
 
+STEPS="${STEPS:-tests kernels layers e2e auto pytest_bench}"
+
 log() { echo "$*" | tee -a "$SUMMARY"; }
+want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 # run_step NAME TIMEOUT_S CMD...: output to $OUT/NAME.log; rc, time and the log's tail to the summary.
 run_step() {
@@ -65,24 +71,30 @@ print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO
 EOF
 
 # ---- 1. tests on CUDA ------------------------------------------------------------------------
-run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests
+want tests && run_step tests 150 "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests
 
-# ---- 2. layer benchmark ------------------------------------------------------------------------
+# ---- 2. the fused path step by step, beside the cost model ------------------------------------
+want kernels && run_step kernel_steps 60 "$PY" -m relaxedconv.kernels.step_bench --cases T1,T2,G4 \
+  --json "$OUT/kernel_steps.json"
+
+# ---- 3. layer benchmark ------------------------------------------------------------------------
 # Cases in priority order (the issue's targets first); the budget cuts the batch/size variants.
-run_step bench_layers 170 "$PY" -m relaxedconv.benchmark --suite layers \
+want layers && run_step bench_layers 150 "$PY" -m relaxedconv.benchmark --suite layers \
   --cases T1,T2,G3,G4,G1,G2,T2-b64-32px,G1-b1,G1-b256,G1-64px,T1-b1,T1-b256,T1-64px \
-  --dtypes bf16,tf32 --warmup-ms 10 --rep-ms 50 --time-budget 135 --json "$OUT/bench_layers.json"
+  --dtypes bf16,tf32 --warmup-ms 10 --rep-ms 50 --time-budget 115 --json "$OUT/bench_layers.json"
 
-# ---- 3. end-to-end figure ----------------------------------------------------------------------
-run_step bench_e2e 75 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
+# ---- 4. end-to-end figure ----------------------------------------------------------------------
+want e2e && run_step bench_e2e 75 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
   --row-time-limit 25 --e2e-variants t2,se2,se2_rot,se2_rot_trans --e2e-backends auto,conv2d,triton,expand_conv,materialize,factored_torch \
   --time-budget 50 --json "$OUT/bench_e2e.json"
 
-# ---- 3b. one-off cost of auto's measurement (README "backend='auto'") ---------------------------
-run_step auto_cost 60 "$PY" -m relaxedconv.benchmark.auto_cost --cases G1,G4,T1,T2
+# ---- 5. one-off cost of auto's measurement (README "backend='auto'") ---------------------------
+want auto && run_step auto_cost 45 "$PY" -m relaxedconv.benchmark.auto_cost --cases G1,G4,T1,T2
 
-# ---- 4. pytest-benchmark -----------------------------------------------------------------------
-if "$PY" -c "import pytest_benchmark" > /dev/null 2>&1; then
+# ---- 6. pytest-benchmark -----------------------------------------------------------------------
+if ! want pytest_bench; then
+  :
+elif "$PY" -c "import pytest_benchmark" > /dev/null 2>&1; then
   run_step pytest_bench 35 "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_layers.py -k "G4 or T2" \
     --benchmark-columns=min,median,max,rounds --benchmark-sort=name
 else
