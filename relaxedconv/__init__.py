@@ -5,7 +5,15 @@ learnable frequencies, so each layer learns how equivariant to be (van der Ouder
 van der Wilk, NeurIPS 2022).
 """
 from .dispatch import BACKENDS, choose_backend
-from .equivariance import equivariance_error, equivariance_penalty, layer_equivariance_errors, omegas
+from .equivariance import (
+    effective_omegas,
+    equivariance_error,
+    equivariance_penalty,
+    kernel_nonstationarity,
+    layer_equivariance_errors,
+    omegas,
+    parameter_groups,
+)
 from .kernel_net import SirenKernelNet
 from .layers import GroupConv, InvariantPool, LiftingConv, PointwiseGroupConv
 from .reference import ConvGeometry, conv_expand, conv_factored, conv_materialize
@@ -22,9 +30,12 @@ __all__ = [
     "conv_expand",
     "conv_factored",
     "conv_materialize",
+    "effective_omegas",
     "equivariance_error",
     "equivariance_penalty",
+    "kernel_nonstationarity",
     "layer_equivariance_errors",
     "omegas",
+    "parameter_groups",
 ]
 __version__ = "0.1.0"

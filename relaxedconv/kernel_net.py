@@ -147,6 +147,13 @@ class SirenKernelNet(nn.Module):
 
     def hidden(self, coords: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hidden features z at the broadcast of the coordinate groups; shape [..., H]."""
+        z = torch.sin(self.first_preactivation(coords))
+        for layer in self.hidden_layers:
+            z = torch.sin(layer(z))
+        return z
+
+    def first_preactivation(self, coords: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The first sine layer's argument at the broadcast of the coordinate groups; [..., H]."""
         w = self.first.weight
         pre = self.first.bias
         for k, g in enumerate(self.relative_groups):
@@ -156,10 +163,7 @@ class SirenKernelNet(nn.Module):
         for g in self.absolute_groups:
             omega = getattr(self, f"omega_{FREQUENCY_OF_GROUP[g]}")
             pre = pre + omega * (coords[g].to(w.dtype) @ getattr(self, f"{g}_direction").to(w.dtype).t())
-        z = torch.sin(pre)
-        for layer in self.hidden_layers:
-            z = torch.sin(layer(z))
-        return z
+        return pre
 
     def forward(self, coords: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full kernel values, shape [..., C_out, C_in]."""

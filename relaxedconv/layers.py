@@ -22,6 +22,9 @@ class _RelaxedGroupConv(nn.Module):
     """Shared machinery: coordinates -> kernel net -> one of the backends of design.md §3."""
 
     _is_lifting = False
+    # Offset of the rotation grid (radians) for the next forward; set per step by a model that
+    # samples the Monte-Carlo grid (models.CKResNet(mc_rotation=True)), 0 otherwise.
+    angle_offset = 0.0
 
     def __init__(
         self,
@@ -127,6 +130,7 @@ class _RelaxedGroupConv(nn.Module):
             kernel_size=self.kernel_size,
             out_size=out_hw if self.translation_nonstationary else None,
             rotation_nonstationary=self.rotation_nonstationary,
+            angle_offset=self.angle_offset,
             device=w.device,
             dtype=w.dtype,
         )
