@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..models import VARIANTS
+from ..models import ARCHITECTURES, VARIANTS
 from .data import DATASETS, DatasetError
 from .trainer import DEFAULTS, RESUMABLE_CHANGES
 
@@ -62,7 +62,10 @@ def train_parser(prog: str = "relaxedconv train") -> argparse.ArgumentParser:
     g.add_argument("--omega-rot", type=float, default=d["omega_rot"], help="rotation frequency of non-stationary variants (default 2)")
     g.add_argument("--omega-pos", type=float, default=d["omega_pos"], help="position frequency of non-stationary variants (default 1)")
     g.add_argument("--learn-omega", action="store_true", help="learn the omegas of a non-stationary variant (the *_learned variants always do)")
-    g.add_argument("--omega-penalty", type=float, default=d["omega_penalty"], help="strength of the penalty sum |omega|^2 toward equivariance on learned omegas")
+    g.add_argument("--omega-penalty", type=float, default=d["omega_penalty"], help="strength of the penalty sum |omega|^2 toward equivariance on learned omegas (default %(default)s)")
+    g.add_argument("--omega-lr", type=float, default=d["omega_lr"], help="learning rate of the omegas' own optimiser group, no weight decay (default %(default)s)")
+    g.add_argument("--architecture", choices=ARCHITECTURES, default=d["architecture"], help="residual block: the authors' (default) or this package's first 'simple' one")
+    g.add_argument("--mc-rotation", type=_bool, default=d["mc_rotation"], metavar="on/off", help="random offset of the rotation grid per training step, as in the authors' Monte-Carlo runs (default off)")
     g.add_argument("--backend", default=d["backend"], choices=("auto", "materialize", "expand_conv", "factored_torch", "triton"))
     g = ap.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d["epochs"])
