@@ -11,6 +11,7 @@ COMMANDS = {
     "train": ("relaxedconv.training.cli", "train_main", "train a model on CIFAR-10/100 or an image folder"),
     "sweep": ("relaxedconv.training.cli", "sweep_main", "cross-validate over a grid of omegas"),
     "report": ("relaxedconv.training.cli", "report_main", "run directories -> Markdown table and PNG plots"),
+    "symmetry": ("relaxedconv.symmetry_experiment", "main", "the controlled-symmetry experiment: does a learned omega find the data's symmetry?"),
 }
 
 

@@ -106,7 +106,7 @@ def test_effective_omegas_and_the_penalty_on_them():
     eff = rc.effective_omegas(model)
     assert eff == {"0": {"rot": pytest.approx(1.5)}, "2": {"pos": pytest.approx(0.5)}}
     pen = rc.equivariance_penalty(model, strength=0.1)
-    assert float(pen) == pytest.approx(0.1 * (1.5**2 + 0.5**2))
+    assert float(pen.detach()) == pytest.approx(0.1 * (1.5**2 + 0.5**2))
     pen.backward()
     assert float(model[0].kernel_net.omega_rot.grad) == pytest.approx(0.1 * 2 * -1.5)
     assert float(model[2].kernel_net.omega_pos.grad) == pytest.approx(0.1 * 2 * 0.5)
