@@ -8,7 +8,8 @@ knob (the fraction of classes whose label is an orientation), over several seeds
 - ``fixed_<w>``: rotation non-stationary with a fixed omega_rot = w (the sweep, the cross-validation
   reference: per seed the w with the best validation accuracy is selected);
 - ``learned_from<w0>`` and ``learned_from<w0>_penalty``: omega_rot learned from w0 (0 and a positive
-  start), without and with :func:`relaxedconv.equivariance_penalty`.
+  start), without and with :func:`relaxedconv.equivariance_penalty` at the library's default strength
+  (1e-3); ``learned_from<w0>_penalty<s>``: with a stronger penalty s (the protocol's ``extra_penalties``).
 
 All models are :func:`relaxedconv.models.build_model` CK ResNets (the authors' architecture); the
 omegas train in their own optimiser group (:func:`relaxedconv.parameter_groups`). The loop is a lean
@@ -46,6 +47,7 @@ PROTOCOLS = {
         fractions=(0.0, 0.5, 1.0), seeds=(0, 1, 2), size=20, n_train=512, n_val=256, n_test=1024,
         group_order=4, widths=(6, 12), kernel_size=5, hidden_channels=16, epochs=16, warmup_epochs=1,
         batch_size=64, lr=3e-3, omega_lr=2e-2, penalty=1e-3, fixed_omegas=(0.25, 1.0), learned_starts=(0.0, 1.0),
+        extra_penalties=(1e-2, 1e-1),
     ),
     # One H100/H200 device call (<= 9 minutes with --time-budget): more data, a wider model, a
     # finer knob, five seeds, a finer sweep; several processes share the GPU (the models are small).
@@ -53,6 +55,7 @@ PROTOCOLS = {
         fractions=(0.0, 0.5, 0.75, 1.0), seeds=(0, 1, 2, 3, 4), size=20, n_train=1024, n_val=512, n_test=2048,
         group_order=4, widths=(8, 16), kernel_size=5, hidden_channels=16, epochs=20, warmup_epochs=1,
         batch_size=64, lr=3e-3, omega_lr=2e-2, penalty=1e-3, fixed_omegas=(0.25, 0.5, 1.0, 2.0), learned_starts=(0.0, 1.0),
+        extra_penalties=(1e-2,),
     ),
     # Seconds: for tests and a first look.
     "smoke": dict(
@@ -71,6 +74,8 @@ def variants(p: dict) -> dict:
     for w0 in p["learned_starts"]:
         v[f"learned_from{w0:g}"] = dict(variant="se2_learned", omega_rot=float(w0), penalty=0.0)
         v[f"learned_from{w0:g}_penalty"] = dict(variant="se2_learned", omega_rot=float(w0), penalty=p["penalty"])
+        for s in p.get("extra_penalties", ()):
+            v[f"learned_from{w0:g}_penalty{s:g}"] = dict(variant="se2_learned", omega_rot=float(w0), penalty=float(s))
     return v
 
 
@@ -181,12 +186,19 @@ def _run_path(out: Path, fraction: float, name: str, seed: int) -> Path:
     return out / "runs" / f"fraction{fraction:g}" / name / f"seed{seed}.json"
 
 
+def _data(p: dict, fraction: float, seed: int) -> dict:
+    # Filled by the parent before forking (CPU); a spawned worker (CUDA) makes and keeps its own.
+    if (fraction, seed) not in _DATA:
+        _DATA[(fraction, seed)] = make_data(p, fraction, seed)
+    return _DATA[(fraction, seed)]
+
+
 def _worker(args):
     p, fraction, seed, name, out, threads, device, deadline = args
     if deadline is not None and time.time() > deadline:
         return None
     torch.set_num_threads(threads)
-    rec = run_one(p, fraction, seed, name, _DATA[(fraction, seed)], device)
+    rec = run_one(p, fraction, seed, name, _data(p, fraction, seed), device)
     path = _run_path(Path(out), fraction, name, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -357,6 +369,8 @@ def _plot(out: Path, summary: dict):
         return None
     p = summary["protocol"]
     rows = {(r["fraction"], r["variant"]): r for r in summary["rows"]}
+    if not rows:
+        return None
     fr = list(p["fractions"])
     names = list(variants(p))
     learned = [n for n in names if n.startswith("learned")]
@@ -371,15 +385,17 @@ def _plot(out: Path, summary: dict):
     if learned:
         ax.legend(fontsize=7)
     ax = axes[1]
-    for n, style in zip(learned, ("-", "--", "-.", ":")):
+    shown = [n for n in learned if n.endswith("_penalty")][:2]  # the default penalty, from each start
+    for n, style in zip(shown, ("-", "--")):
         layer_names = sorted({k for f in fr if (f, n) in rows for k in rows[(f, n)]["effective_omega_per_layer"]})
         for j, k in enumerate(layer_names):
-            ys = [rows[(f, n)]["effective_omega_per_layer"].get(k, (None, None))[0] if (f, n) in rows else None for f in fr]
-            ax.plot(fr, ys, style, color=f"C{j}", marker=".", label=f"{k}" if n == learned[0] else None)
+            ms = [rows[(f, n)]["effective_omega_per_layer"].get(k, (None, None)) if (f, n) in rows else (None, None) for f in fr]
+            ax.errorbar(fr, [m[0] for m in ms], yerr=[m[1] for m in ms], fmt=style, color=f"C{j}", marker=".", capsize=2,
+                        label=k if n == shown[0] else None)
     ax.set_xlabel("fraction of orientation-dependent classes")
-    ax.set_ylabel("learned effective ω per layer (mean over seeds)")
-    ax.set_title("line style = variant (as in the left panel's order); colour = layer", fontsize=8)
-    if learned:
+    ax.set_ylabel("learned effective ω per layer (mean ± sd)")
+    ax.set_title(" / ".join(f"{st} {n}" for n, st in zip(shown, ("solid", "dashed"))) + "; colour = layer", fontsize=8)
+    if shown:
         ax.legend(fontsize=6)
     ax = axes[2]
     for n in names + ["cv_fixed"]:
@@ -413,7 +429,7 @@ def _load() -> str:
 
 
 def run_protocol(protocol: str, out, *, jobs: int = 2, threads: int = 1, device: str = "cpu", log=print,
-                 overrides: dict | None = None, time_budget: float | None = None) -> dict:
+                 overrides: dict | None = None, time_budget: float | None = None, start_method: str | None = None) -> dict:
     """Run (or finish) every run of ``protocol`` into ``out``; returns the summary.
 
     Runs go seed by seed, so a stopped protocol leaves whole seeds. With ``time_budget`` (seconds)
@@ -436,8 +452,9 @@ def run_protocol(protocol: str, out, *, jobs: int = 2, threads: int = 1, device:
                 else:
                     todo.append((f, s, n))
     log(f"symmetry[{protocol}]: {len(records)} runs done, {len(todo)} to run ({jobs} process(es) x {threads} thread(s), {device})")
-    for f, s in sorted({(f, s) for f, s, _ in todo}):
-        _DATA[(f, s)] = make_data(p, f, s)
+    if device == "cpu" and start_method in (None, "fork"):
+        for f, s in sorted({(f, s) for f, s, _ in todo}):
+            _data(p, f, s)
     # Seed by seed (a stopped protocol leaves whole seeds); within a seed the expensive runs first.
     todo.sort(key=lambda t: (t[1], t[2] == "t2", -t[0]))
     deadline = None if time_budget is None else t0 + float(time_budget)
@@ -446,8 +463,10 @@ def run_protocol(protocol: str, out, *, jobs: int = 2, threads: int = 1, device:
     if jobs > 1 and len(args) > 1:
         import multiprocessing as mp
 
-        # fork: the workers inherit the generated data (the parent never initialises CUDA).
-        with mp.get_context("fork").Pool(jobs) as pool:
+        # CPU: fork, the workers inherit the generated data. CUDA: spawn (CUDA does not survive a
+        # fork), each worker generates the splits it needs (deterministic) and shares the GPU.
+        method = start_method or ("fork" if device == "cpu" else "spawn")
+        with mp.get_context(method).Pool(jobs) as pool:
             for rec in pool.imap(_worker, args):
                 if rec is not None:
                     done += 1
@@ -477,6 +496,25 @@ def run_protocol(protocol: str, out, *, jobs: int = 2, threads: int = 1, device:
     return summary
 
 
+def summarise_folder(protocol: str, out, *, overrides: dict | None = None, log=print) -> dict:
+    """Summary, results.md and plot from the run files in ``out`` (no training); keeps the meta of the
+    last full invocation when there is one."""
+    p = {**PROTOCOLS[protocol], **(overrides or {})}
+    out = Path(out)
+    records = [json.loads(f.read_text()) for f in sorted(out.glob("runs/*/*/seed*.json"))]
+    records = [r for r in records if r["fraction"] in p["fractions"] and r["seed"] in p["seeds"] and r["variant"] in variants(p)]
+    if not records:
+        raise FileNotFoundError(f"no finished runs of protocol {protocol!r} under {out}/runs")
+    old = json.loads((out / "summary.json").read_text()).get("meta", {}) if (out / "summary.json").is_file() else {}
+    summary = summarise(records, p)
+    summary["meta"] = {**old, "protocol": protocol, "runs": len(records),
+                       "cpu_seconds_all_runs": sum(r.get("cpu_seconds", 0.0) for r in records)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    for path in write_report(out, summary, summary["meta"]):
+        log(f"wrote {path}")
+    return summary
+
+
 def _progress_line(rec, done, total, t0):
     eff = rec["effective_omega_mean"]
     return (f"[{done}/{total} {time.time() - t0:.0f}s] fraction {rec['fraction']:g} {rec['variant']} seed {rec['seed']}: "
@@ -493,10 +531,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds overriding the protocol's")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds after which no new run starts")
+    ap.add_argument("--summarise-only", action="store_true", help="rewrite summary.json, results.md and the plot from the finished runs")
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         ap.error("--jobs and --threads must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # ask NVML: the parent must not initialise CUDA
+    if args.device == "cuda" and not args.summarise_only and not torch.cuda.is_available():
         print("relaxedconv symmetry: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     overrides = {}
@@ -505,6 +545,13 @@ def main(argv=None) -> int:
             overrides["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
         except ValueError:
             ap.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if args.summarise_only:
+        try:
+            summarise_folder(args.protocol, args.out, overrides=overrides)
+        except FileNotFoundError as e:
+            print(f"relaxedconv symmetry: {e}", file=sys.stderr)
+            return 2
+        return 0
     run_protocol(args.protocol, args.out, jobs=args.jobs, threads=args.threads, device=args.device, overrides=overrides,
                  time_budget=args.time_budget)
     return 0

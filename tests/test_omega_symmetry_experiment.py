@@ -90,6 +90,19 @@ def test_smoke_protocol_writes_results_and_resumes(tmp_path, capsys):
     lines = []
     se.run_protocol("smoke", out, jobs=1, threads=1, log=lines.append)
     assert lines[0].startswith(f"symmetry[smoke]: {len(runs)} runs done, 0 to run")
+    # the report can be rebuilt from the run files alone
+    (out / "results.md").unlink()
+    assert se.main(["--protocol", "smoke", "--out", str(out), "--summarise-only"]) == 0
+    assert "## Issue 11 acceptance checks" in (out / "results.md").read_text()
+    assert se.main(["--protocol", "smoke", "--out", str(tmp_path / "empty"), "--summarise-only"]) == 2
+
+
+def test_time_budget_stops_starting_runs(tmp_path):
+    lines = []
+    summary = se.run_protocol("smoke", tmp_path / "b", jobs=1, threads=1, log=lines.append, time_budget=0.0,
+                              overrides=dict(fractions=(0.0,), seeds=(0,)))
+    assert any("time budget spent; 5 runs not started" in x for x in lines)
+    assert not list((tmp_path / "b").glob("runs/*/*/*.json")) and summary["rows"] == []
 
 
 def test_cli_rejects_bad_arguments(capsys):
@@ -97,3 +110,13 @@ def test_cli_rejects_bad_arguments(capsys):
         se.main(["--protocol", "nope", "--out", "x"])
     with pytest.raises(SystemExit):
         se.main(["--out", "x", "--jobs", "0"])
+
+
+def test_spawned_workers_make_their_own_data(tmp_path):
+    """The GPU protocol's path: spawned worker processes (CUDA does not survive a fork) generate the
+    splits themselves and give the same runs as the in-process path."""
+    ov = dict(fractions=(1.0,), seeds=(0,), fixed_omegas=(), learned_starts=())
+    a = se.run_protocol("smoke", tmp_path / "a", jobs=2, threads=1, log=lambda *x: None, overrides=ov, start_method="spawn")
+    b = se.run_protocol("smoke", tmp_path / "b", jobs=1, threads=1, log=lambda *x: None, overrides=ov)
+    acc = lambda s: {r["variant"]: r["test_acc"] for r in s["rows"]}  # noqa: E731
+    assert acc(a) == acc(b) and set(acc(a)) == {"t2", "strict", "cv_fixed"}
