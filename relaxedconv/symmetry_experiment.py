@@ -346,11 +346,15 @@ def write_report(out: Path, summary: dict, meta: dict) -> list:
     lines += ["", "## Issue 11 acceptance checks", "", "| criterion | numbers | holds |", "|---|---|---|"]
     for c in summary["checks"]:
         lines.append(f"| {c['criterion']} | {c['numbers']} | {'yes' if c['holds'] else '**no**'} |")
-    lines += ["", f"Runs: {meta.get('runs')}; this invocation's wall time {meta.get('wall_seconds', 0):.0f} s with "
-              f"{meta.get('jobs')} process(es) x {meta.get('threads')} thread(s) on {meta.get('device')}; 1-minute load "
-              f"average {meta.get('load1_mean_during')} on average during the runs (start/end {meta.get('load_start')} / "
-              f"{meta.get('load_end')}); CPU time of all runs {meta.get('cpu_seconds_all_runs', 0):.0f} s; "
-              f"torch {torch.__version__}.", ""]
+    inv = meta.get("invocations", [])
+    lines += ["", f"Runs: {meta.get('runs')} on {meta.get('device')}, torch {meta.get('torch', torch.__version__)}; "
+              f"CPU time of all runs {meta.get('cpu_seconds_all_runs', 0):.0f} s; wall time "
+              f"{meta.get('wall_seconds_all_invocations', 0):.0f} s over {len(inv)} invocation(s):", ""]
+    for k, i in enumerate(inv, 1):
+        lines.append(f"- {k}: {i.get('started', '?')}, {i['runs_trained']} runs trained in {i['wall_seconds']:.0f} s wall "
+                     f"with {i['jobs']} process(es) x {i['threads']} thread(s); 1-minute load average "
+                     f"{i.get('load1_mean_during')} on average (start {i.get('load_start')}, end {i.get('load_end')})")
+    lines.append("")
     plot = _plot(out, summary)
     if plot:
         lines += [f"![symmetry]({plot.name})", ""]
@@ -376,9 +380,10 @@ def _plot(out: Path, summary: dict):
     learned = [n for n in names if n.startswith("learned")]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
-    for n in learned:
+    for i, n in enumerate(learned):
         pts = [(f, *rows[(f, n)]["effective_omega"]) for f in fr if (f, n) in rows]
-        ax.errorbar([q[0] for q in pts], [q[1] for q in pts], yerr=[q[2] for q in pts], marker="o", capsize=3, label=n)
+        ax.errorbar([q[0] for q in pts], [q[1] for q in pts], yerr=[q[2] for q in pts], marker="o", capsize=3, label=n,
+                    linestyle="-" if n.startswith("learned_from0") else ":", color=f"C{i % 10}")
     ax.set_xlabel("fraction of orientation-dependent classes")
     ax.set_ylabel("learned effective ω (mean over layers)")
     ax.set_title("mean ± sd over seeds", fontsize=9)
@@ -398,11 +403,13 @@ def _plot(out: Path, summary: dict):
     if shown:
         ax.legend(fontsize=6)
     ax = axes[2]
-    for n in names + ["cv_fixed"]:
+    cmap = plt.get_cmap("tab20")
+    for i, n in enumerate(names + ["cv_fixed"]):
         pts = [(f, *rows[(f, n)]["test_acc"]) for f in fr if (f, n) in rows]
         if pts:
+            style = "--" if n.startswith("fixed") else (":" if n.startswith("learned_from") and not n.startswith("learned_from0") else "-")
             ax.errorbar([q[0] for q in pts], [q[1] for q in pts], yerr=[q[2] for q in pts], marker="o", capsize=2,
-                        label=n, linestyle="--" if n.startswith("fixed") else "-")
+                        label=n, linestyle=style, color=cmap(i % 20), lw=2.2 if n in ("t2", "strict", "cv_fixed") else 1.2)
     ax.axhline(25, color="gray", lw=0.8, ls=":")
     ax.set_xlabel("fraction of orientation-dependent classes")
     ax.set_ylabel("test accuracy (%)")
@@ -484,11 +491,16 @@ def run_protocol(protocol: str, out, *, jobs: int = 2, threads: int = 1, device:
     if done < len(args):
         log(f"symmetry[{protocol}]: time budget spent; {len(args) - done} runs not started (rerun to finish them)")
     summary = summarise(records, p)
-    meta = dict(protocol=protocol, runs=len(records), jobs=jobs, threads=threads, wall_seconds=time.time() - t0,
-                device=device if device != "cpu" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
-                load_start=load_start, load_end=_load(), torch=torch.__version__,
+    this = dict(runs_trained=done, jobs=jobs, threads=threads, wall_seconds=round(time.time() - t0, 1),
+                load_start=load_start, load_end=_load(),
                 load1_mean_during=round(statistics.fmean(loads), 2) if loads[0] is not None else None,
-                cpu_seconds_all_runs=sum(r.get("cpu_seconds", 0.0) for r in records))
+                started=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t0)) + " UTC")
+    old = json.loads((out / "summary.json").read_text()).get("meta", {}) if (out / "summary.json").is_file() else {}
+    invocations = [i for i in old.get("invocations", []) if i.get("runs_trained")] + [this]
+    meta = dict(protocol=protocol, runs=len(records), invocations=invocations,
+                wall_seconds_all_invocations=round(sum(i["wall_seconds"] for i in invocations), 1),
+                device=device if device != "cpu" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+                torch=torch.__version__, cpu_seconds_all_runs=sum(r.get("cpu_seconds", 0.0) for r in records))
     summary["meta"] = meta
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     for path in write_report(out, summary, meta):
