@@ -97,13 +97,16 @@ def kernel_nonstationarity(model, out_hw=(9, 9)) -> dict[str, dict[str, float]]:
     positions of an ``out_hw`` map); 'rot' is ``sum |k - mean_n k|^2 / sum |k|^2`` over the disk
     mask, the mean taken over theta_n ('pos': over positions). Unlike omega, this is a property
     of the function the layer computes (W_L included): a measured, not a parameterised, degree.
+    Computed from the hidden features z and G = [W_L|b_L]^T [W_L|b_L] (``|k|^2 = z^T G z``), so the
+    per-position kernel is never built.
     """
     from .groups import coordinate_groups, output_positions, rotation_angles
 
     out = {}
     for name, m in _relaxed_layers(model):
         net = m.kernel_net
-        if not net.absolute_groups:
+        eff = net.effective_omegas()
+        if not eff:
             continue
         w = net.first.weight
         coords = coordinate_groups(
@@ -115,13 +118,19 @@ def kernel_nonstationarity(model, out_hw=(9, 9)) -> dict[str, dict[str, float]]:
             coords["abs_rot"] = torch.stack([torch.cos(theta), torch.sin(theta)], -1)[:, None, None, None]
         if "abs_pos" in net.absolute_groups:
             coords["abs_pos"] = output_positions(*out_hw, device=w.device, dtype=w.dtype)[None, :, None, None]
-        k = net(coords)  # [N or 1, P or 1, N_in or 1, K*K, C_out, C_in]
-        k = k * m._mask_over_window(k.dtype)[: m.kernel_size**2, None, None]
-        total = k.pow(2).sum().clamp_min(1e-30)
+        z = net.hidden(coords)  # [N or 1, P or 1, N_in or 1, K*K, H]
+        z = torch.cat([z, torch.ones_like(z[..., :1])], -1)
+        z = z * m._mask_over_window(z.dtype)[: m.kernel_size**2, None]  # the mask multiplies k = W_ext z
+        w_ext = net.extended_output_weight().flatten(0, 1).to(z.dtype)  # [C_out*C_in, H+1]
+        gram = w_ext.t() @ w_ext
+        energy = lambda t: float(((t @ gram) * t).sum())  # noqa: E731  sum over coordinates of |W_ext t|^2
+        shape = torch.broadcast_shapes(*(c.shape[:-1] for c in coords.values())) + z.shape[-1:]
+        z = z.expand(shape)
+        total = max(energy(z), 1e-30)
         res = {}
         for axis, key in ((0, "rot"), (1, "pos")):
-            if key in net.effective_omegas():
-                res[key] = float((k - k.mean(axis, keepdim=True)).pow(2).sum() / total) if k.shape[axis] > 1 else 0.0
+            if key in eff:
+                res[key] = energy(z - z.mean(axis, keepdim=True)) / total if z.shape[axis] > 1 else 0.0
         out[name or type(m).__name__] = res
     return out
 

@@ -110,7 +110,7 @@ def test_effective_omegas_and_the_penalty_on_them():
     pen.backward()
     assert float(model[0].kernel_net.omega_rot.grad) == pytest.approx(0.1 * 2 * -1.5)
     assert float(model[2].kernel_net.omega_pos.grad) == pytest.approx(0.1 * 2 * 0.5)
-    assert float(rc.equivariance_penalty(model, strength=1.0, p=1)) == pytest.approx(2.0)
+    assert float(rc.equivariance_penalty(model, strength=1.0, p=1).detach()) == pytest.approx(2.0)
 
 
 def test_kernel_nonstationarity_is_zero_at_zero_omega_and_grows():
@@ -178,3 +178,22 @@ def test_parameter_groups_give_omegas_their_own_lr_and_no_weight_decay():
     opt.step()
     steps = [abs(float(w) - b) for w, b in zip(learnable_omegas, before)]
     assert max(steps) == pytest.approx(0.02, rel=1e-3)  # Adam's first step is lr * sign(grad)
+
+
+def test_kernel_nonstationarity_matches_the_full_kernel():
+    """The z^T G z form equals the variance of the full kernel over absolute rotations / positions."""
+    torch.manual_seed(5)
+    layer = rc.GroupConv(2, 3, 3, 4, rotation_nonstationary=True, translation_nonstationary=True, omega_rot=0.7,
+                         omega_pos=0.4, hidden_channels=8).double()
+    got = rc.kernel_nonstationarity(layer, out_hw=(3, 4))["GroupConv"]
+    net = layer.kernel_net
+    coords = coordinate_groups(out_rotations=1, in_rotations=4, kernel_size=3, out_size=(3, 4),
+                               rotation_nonstationary=False, dtype=F64)
+    theta = torch.arange(4, dtype=F64) * (math.pi / 2)
+    coords["abs_rot"] = torch.stack([theta.cos(), theta.sin()], -1)[:, None, None, None]
+    with torch.no_grad():
+        k = net(coords) * layer._mask_over_window(F64)[:9, None, None]  # [4, 12, 4, 9, 3, 2]
+    total = k.pow(2).sum()
+    assert got["rot"] == pytest.approx(float((k - k.mean(0, keepdim=True)).pow(2).sum() / total), rel=1e-10)
+    assert got["pos"] == pytest.approx(float((k - k.mean(1, keepdim=True)).pow(2).sum() / total), rel=1e-10)
+    assert 0 < got["rot"] < 1 and 0 < got["pos"] < 1
