@@ -3,6 +3,8 @@
 # on a 5k-image subset of the 45k training split, 4 epochs, 5 variants, up to four processes at a time, one thread each.
 #   bash experiments/run_cpu.sh DATA_DIR RUNS_DIR
 # DATA_DIR: CIFAR-10 python batches (experiments/convert_npz.py writes them). Protocol in experiments/README.md.
+# The committed results/cpu_reduced predate issue 11 (simple block, non-identifiable omega); this script now
+# builds the authors' block with identifiable omega, so a rerun gives different models.
 set -euo pipefail
 DATA=${1:?DATA_DIR}; RUNS=${2:?RUNS_DIR}
 COMMON=(--dataset cifar10 --data-dir "$DATA" --group-order 8 --widths 8,16 --kernel-size 5 --hidden-channels 16

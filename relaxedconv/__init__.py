@@ -5,7 +5,15 @@ learnable frequencies, so each layer learns how equivariant to be (van der Ouder
 van der Wilk, NeurIPS 2022).
 """
 from .dispatch import BACKEND_TABLE, BACKENDS, choose_backend, set_auto_policy
-from .equivariance import equivariance_error, equivariance_penalty, layer_equivariance_errors, omegas
+from .equivariance import (
+    effective_omegas,
+    equivariance_error,
+    equivariance_penalty,
+    kernel_nonstationarity,
+    layer_equivariance_errors,
+    omegas,
+    parameter_groups,
+)
 from .export import export, export_layer  # the function shadows the submodule name; import_module still finds it
 from .kernel_net import SirenKernelNet
 from .functional import relaxed_conv
@@ -26,12 +34,15 @@ __all__ = [
     "conv_expand",
     "conv_factored",
     "conv_materialize",
+    "effective_omegas",
     "equivariance_error",
     "equivariance_penalty",
     "export",
     "export_layer",
+    "kernel_nonstationarity",
     "layer_equivariance_errors",
     "omegas",
+    "parameter_groups",
     "relaxed_conv",
     "set_auto_policy",
 ]

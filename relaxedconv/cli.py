@@ -12,6 +12,7 @@ COMMANDS = {
     "sweep": ("relaxedconv.training.cli", "sweep_main", "cross-validate over a grid of omegas"),
     "report": ("relaxedconv.training.cli", "report_main", "run directories -> Markdown table and PNG plots"),
     "export": ("relaxedconv.export", "main", "a run's best model -> plain PyTorch modules (and ONNX) for deployment"),
+    "symmetry": ("relaxedconv.symmetry_experiment", "main", "the controlled-symmetry experiment: does a learned omega find the data's symmetry?"),
 }
 
 

@@ -24,21 +24,115 @@ def omegas(model) -> dict[str, dict[str, float]]:
     return {name or type(m).__name__: m.omegas() for name, m in _relaxed_layers(model)}
 
 
+def effective_omegas(model) -> dict[str, dict[str, float]]:
+    """Every non-stationary layer's effective non-stationarity: ``{layer: {'rot': .., 'pos': ..}}``.
+
+    The scale of the absolute-coordinate modulation, ``|omega| * rms_h |u_h|`` (see
+    :meth:`SirenKernelNet.effective_omegas`): with the kernel net's fixed unit directions it is
+    ``|omega|``, the largest rate (radians of each hidden unit's pre-activation per radian of
+    rotation, or per unit of normalised position) at which the kernel may vary with the absolute
+    coordinate. No other parameter rescales it. Strict layers are left out.
+    """
+    out = {}
+    for name, m in _relaxed_layers(model):
+        eff = m.kernel_net.effective_omegas()
+        if eff:
+            out[name or type(m).__name__] = {k: float(v.detach()) for k, v in eff.items()}
+    return out
+
+
 def equivariance_penalty(model, strength: float = 1.0, p: int = 2) -> torch.Tensor:
-    """``strength * sum |omega_rot|^p + |omega_pos|^p`` over all layers: a prior pulling toward
-    strict equivariance (omega_rel, the smoothness of the stationary part, is not penalised).
+    """``strength * sum_layers (eff_rot^p + eff_pos^p)``, eff = the effective omegas
+    (:func:`effective_omegas`, here ``|omega_rot|`` and ``|omega_pos|``): a prior pulling toward
+    strict equivariance, on a quantity that no other parameter can rescale (omega_rel, the
+    smoothness of the stationary part, is not penalised). ``relaxedconv train`` uses p = 2 and
+    ``strength = --omega-penalty`` (default 1e-3), i.e. a Gaussian prior on each omega.
 
     Add it to the training loss; it is differentiable in the learnable omegas.
     """
     terms = []
     for _, m in _relaxed_layers(model):
-        for key, w in m.kernel_net.omegas().items():
-            if key in ("rot", "pos"):
-                terms.append(w.abs().pow(p))
+        for w in m.kernel_net.effective_omegas().values():
+            terms.append(w.pow(p))
     if not terms:
         dev = next((q.device for q in model.parameters()), torch.device("cpu"))
         return torch.zeros((), device=dev)
     return strength * torch.stack(terms).sum()
+
+
+def omega_parameters(model) -> list[torch.nn.Parameter]:
+    """The learnable frequencies of every relaxed layer (each once)."""
+    seen, out = set(), []
+    for _, m in _relaxed_layers(model):
+        for w in m.kernel_net.omegas().values():
+            if w.requires_grad and id(w) not in seen:
+                seen.add(id(w))
+                out.append(w)
+    return out
+
+
+def parameter_groups(model, *, lr: float, weight_decay: float = 0.0, omega_lr: float | None = None) -> list[dict]:
+    """Optimiser groups: every trainable parameter at ``lr``/``weight_decay``, except the omegas,
+    which get their own group at ``omega_lr`` (default ``lr``) and no weight decay (their prior
+    is :func:`equivariance_penalty`). Empty groups are left out; each group has a ``name``.
+    """
+    om = {id(w) for w in omega_parameters(model)}
+    rest = [q for q in model.parameters() if q.requires_grad and id(q) not in om]
+    groups = []
+    if rest:
+        groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "weights"})
+    if om:
+        groups.append({"params": omega_parameters(model), "lr": lr if omega_lr is None else omega_lr,
+                       "weight_decay": 0.0, "name": "omegas"})
+    return groups
+
+
+@torch.no_grad()
+def kernel_nonstationarity(model, out_hw=(9, 9)) -> dict[str, dict[str, float]]:
+    """Per non-stationary layer, the fraction of its kernel's energy that changes with the absolute
+    coordinate: ``{layer: {'rot': .., 'pos': ..}}``, each in [0, 1], 0 for a stationary kernel.
+
+    The kernel net is evaluated on the relative lattice of output rotation 0 (offsets Delta/r,
+    input rotations theta') at every absolute rotation theta_n of the layer's grid (and at the
+    positions of an ``out_hw`` map); 'rot' is ``sum |k - mean_n k|^2 / sum |k|^2`` over the disk
+    mask, the mean taken over theta_n ('pos': over positions). Unlike omega, this is a property
+    of the function the layer computes (W_L included): a measured, not a parameterised, degree.
+    Computed from the hidden features z and G = [W_L|b_L]^T [W_L|b_L] (``|k|^2 = z^T G z``), so the
+    per-position kernel is never built.
+    """
+    from .groups import coordinate_groups, output_positions, rotation_angles
+
+    out = {}
+    for name, m in _relaxed_layers(model):
+        net = m.kernel_net
+        eff = net.effective_omegas()
+        if not eff:
+            continue
+        w = net.first.weight
+        coords = coordinate_groups(
+            out_rotations=1, in_rotations=None if m._is_lifting else m.in_rotations, kernel_size=m.kernel_size,
+            out_size=None, rotation_nonstationary=False, device=w.device, dtype=w.dtype,
+        )
+        if "abs_rot" in net.absolute_groups:
+            theta = rotation_angles(m.group_order, device=w.device, dtype=w.dtype)
+            coords["abs_rot"] = torch.stack([torch.cos(theta), torch.sin(theta)], -1)[:, None, None, None]
+        if "abs_pos" in net.absolute_groups:
+            coords["abs_pos"] = output_positions(*out_hw, device=w.device, dtype=w.dtype)[None, :, None, None]
+        z = net.hidden(coords)  # [N or 1, P or 1, N_in or 1, K*K, H]
+        z = torch.cat([z, torch.ones_like(z[..., :1])], -1)
+        z = z * m._mask_over_window(z.dtype)[: m.kernel_size**2, None]  # the mask multiplies k = W_ext z
+        w_ext = net.extended_output_weight().flatten(0, 1).to(z.dtype)  # [C_out*C_in, H+1]
+        gram = w_ext.t() @ w_ext
+        energy = lambda t: float(((t @ gram) * t).sum())  # noqa: E731  sum over coordinates of |W_ext t|^2
+        shape = torch.broadcast_shapes(*(c.shape[:-1] for c in coords.values())) + z.shape[-1:]
+        z = z.expand(shape)
+        total = max(energy(z), 1e-30)
+        res = {}
+        for axis, key in ((0, "rot"), (1, "pos")):
+            if key in eff:
+                res[key] = energy(z - z.mean(axis, keepdim=True)) / total if z.shape[axis] > 1 else 0.0
+        out[name or type(m).__name__] = res
+    return out
 
 
 def rotate_feature_map(t: torch.Tensor, quarter_turns: int, rotations: int) -> torch.Tensor:

@@ -64,6 +64,7 @@ def coordinate_groups(
     kernel_size: int,
     out_size: tuple[int, int] | None,
     rotation_nonstationary: bool,
+    angle_offset: float = 0.0,
     device=None,
     dtype=torch.float32,
 ) -> dict[str, torch.Tensor]:
@@ -77,8 +78,12 @@ def coordinate_groups(
       ``in_rotations`` not None)
     - ``abs_rot = (cos, sin)(theta)``               shape [N, 1, 1, 1, 2]  (rotation non-stationary)
     - ``abs_pos = p`` normalised to [-1, 1]^2        shape [1, P, 1, 1, 2]  (``out_size`` given)
+
+    ``angle_offset`` shifts both angle grids (theta_n + offset): the Monte-Carlo rotation grid of
+    the authors' runs, one offset shared by every layer of a network per forward, so rel_rot is
+    unchanged and rel_pos/abs_rot turn with the grid.
     """
-    theta = rotation_angles(out_rotations, device=device, dtype=torch.float64)
+    theta = rotation_angles(out_rotations, device=device, dtype=torch.float64) + float(angle_offset)
     off = kernel_offsets(kernel_size, device=device, dtype=torch.float64)  # [K2, 2]
     c, s = torch.cos(theta), torch.sin(theta)
     # R(-theta) = [[c, s], [-s, c]]
@@ -86,7 +91,7 @@ def coordinate_groups(
     ry = -s[:, None] * off[None, :, 0] + c[:, None] * off[None, :, 1]
     groups = {"rel_pos": torch.stack([rx, ry], dim=-1)[:, None, None]}
     if in_rotations is not None:
-        theta_in = rotation_angles(in_rotations, device=device, dtype=torch.float64)
+        theta_in = rotation_angles(in_rotations, device=device, dtype=torch.float64) + float(angle_offset)
         groups["rel_rot"] = _cos_sin(theta_in[None, :] - theta[:, None])[:, None, :, None]
     if rotation_nonstationary:
         groups["abs_rot"] = _cos_sin(theta)[:, None, None, None]

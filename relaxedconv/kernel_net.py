@@ -1,8 +1,28 @@
-"""The continuous kernel: a SIREN whose inputs are scaled by per-group learnable frequencies.
+"""The continuous kernel: a SIREN whose inputs are scaled by per-group frequencies.
 
-    c = [w_rel*rel_pos, w_rel*rel_rot, w_rot*abs_rot, w_pos*abs_pos]
-    z = sin(W_{L-1} ... sin(W_1 c + b_1) ... + b_{L-1})      hidden features, width H
-    k(c) = W_L z + b_L                                        C_out*C_in values
+    pre = W_rel [w_rel*rel_pos, w_rel*rel_rot] + b_1                 (learned W_rel, b_1)
+          + w_rot * (U_rot abs_rot) + w_pos * (U_pos abs_pos)        (fixed unit rows U)
+    z   = sin(W_{L-1} ... sin(pre) ... + b_{L-1})                    hidden features, width H
+    k   = W_L z + b_L                                                C_out*C_in values
+
+Why the absolute coordinates get *fixed* first-layer weights (issue 11): if the columns that
+multiply ``abs_rot``/``abs_pos`` were learned, scaling w_rot by s and those columns by 1/s would
+leave every output unchanged, so w_rot would say nothing by itself and a penalty on it would be
+no prior at all. Here each hidden unit h sees the absolute coordinates through a fixed unit
+vector u_h = (cos phi_h, sin phi_h) (a persistent buffer, so one ``state_dict`` holds it):
+
+    abs_rot:  w_rot * u_h . (cos theta, sin theta) = w_rot * cos(theta - phi_h)
+    abs_pos:  w_pos * u_h . p                      (a plane wave along u_h over the map)
+
+so w alone sets how fast every hidden unit's pre-activation may change with the absolute
+coordinate: at most w radians per radian of rotation (per unit of normalised position), which is
+the rate of the authors' w * theta on the raw angle (their code fixed those weights to 1).
+Only the ``rel`` groups keep learned first-layer weights (``first``). The angles phi_h follow
+the golden-angle sequence phi_h = h * pi * (3 - sqrt 5) (+ an offset for abs_pos): a function of
+H alone, so construction draws no random numbers (a non-stationary layer at w = 0 is the same
+function as the strict layer built from the same seed) and the H directions spread evenly over
+the circle: the modulation matrix [H, 2] has full rank 2, unlike one shared column (rank 1).
+The phase of each unit's modulation is set by its learned bias b_1.
 
 The last layer is linear, which is what the factored fast path exploits (design.md §2): the
 layer asks for the hidden features z with :meth:`SirenKernelNet.hidden` and uses ``W_L``/``b_L``
@@ -18,6 +38,18 @@ from torch import nn
 # Which frequency scales which coordinate group. rel_rot shares omega_rel with rel_pos.
 FREQUENCY_OF_GROUP = {"rel_pos": "rel", "rel_rot": "rel", "abs_rot": "rot", "abs_pos": "pos"}
 GROUP_ORDER = ("rel_pos", "rel_rot", "abs_rot", "abs_pos")
+RELATIVE_GROUPS = ("rel_pos", "rel_rot")
+ABSOLUTE_GROUPS = ("abs_rot", "abs_pos")
+GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
+# abs_pos directions start half a golden angle further on, so a unit's rotation and position
+# directions differ.
+_DIRECTION_OFFSET = {"abs_rot": 0.0, "abs_pos": 0.5 * GOLDEN_ANGLE}
+
+
+def absolute_directions(hidden_channels: int, group: str = "abs_rot", *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The fixed unit vectors u_h (shape [H, 2]) through which hidden unit h sees ``group``."""
+    phi = torch.arange(hidden_channels, dtype=torch.float64) * GOLDEN_ANGLE + _DIRECTION_OFFSET[group]
+    return torch.stack([torch.cos(phi), torch.sin(phi)], dim=-1).to(dtype=dtype, device=device)
 
 
 class SirenKernelNet(nn.Module):
@@ -30,6 +62,9 @@ class SirenKernelNet(nn.Module):
         depth: number of linear layers (>= 2): ``depth - 1`` sine layers, then the linear output.
         omega_rel, omega_rot, omega_pos: initial frequencies.
         learn_omega_rel, learn_omega_rot, learn_omega_pos: whether each frequency is trained.
+
+    ``omega_rot``/``omega_pos`` are identifiable (see the module docstring): they are the only
+    scale of the absolute-coordinate modulation, which :meth:`effective_omegas` reports.
     """
 
     def __init__(
@@ -57,6 +92,8 @@ class SirenKernelNet(nn.Module):
         if unknown:
             raise ValueError(f"unknown coordinate groups {sorted(unknown)}; expected a subset of {GROUP_ORDER}")
         self.groups = groups
+        self.relative_groups = tuple(g for g in groups if g in RELATIVE_GROUPS)
+        self.absolute_groups = tuple(g for g in groups if g in ABSOLUTE_GROUPS)
         self.out_channels, self.in_channels = out_channels, in_channels
         self.hidden_channels = hidden_channels
         present = {FREQUENCY_OF_GROUP[g] for g in groups}
@@ -67,8 +104,10 @@ class SirenKernelNet(nn.Module):
             if name in present:
                 p = nn.Parameter(torch.tensor(float(init[name])), requires_grad=bool(learn[name]))
                 self.register_parameter(f"omega_{name}", p)
-        d = 2 * len(groups)
-        self.first = nn.Linear(d, hidden_channels)
+        d = 2 * len(self.relative_groups)
+        self.first = nn.Linear(d, hidden_channels)  # learned weights of the relative coordinates only
+        for g in self.absolute_groups:
+            self.register_buffer(f"{g}_direction", absolute_directions(hidden_channels, g))
         self.hidden_layers = nn.ModuleList(nn.Linear(hidden_channels, hidden_channels) for _ in range(depth - 2))
         self.out = nn.Linear(hidden_channels, out_channels * in_channels)
         self._siren_init(d)
@@ -77,31 +116,54 @@ class SirenKernelNet(nn.Module):
         # SIREN (Sitzmann et al. 2020): first layer U(-1/d, 1/d) since the frequencies scale its
         # input; later layers U(-sqrt(6/H), sqrt(6/H)) keep sin's argument ~ U(-pi/2, pi/2)-ish.
         with torch.no_grad():
-            self.first.weight.uniform_(-1.0 / d, 1.0 / d)
+            self.first.weight.uniform_(-1.0 / max(d, 1), 1.0 / max(d, 1))
             self.first.bias.uniform_(-1.0, 1.0)
             bound = math.sqrt(6.0 / self.hidden_channels)
             for layer in self.hidden_layers:
                 layer.weight.uniform_(-bound, bound)
                 layer.bias.uniform_(-1.0 / math.sqrt(self.hidden_channels), 1.0 / math.sqrt(self.hidden_channels))
             self.out.bias.zero_()
+            for g in self.absolute_groups:
+                buf = getattr(self, f"{g}_direction")
+                buf.copy_(absolute_directions(self.hidden_channels, g, dtype=buf.dtype, device=buf.device))
 
     def omegas(self) -> dict[str, torch.Tensor]:
         """The frequency parameters present in this net, keyed 'rel', 'rot', 'pos'."""
         return {n: getattr(self, f"omega_{n}") for n in ("rel", "rot", "pos") if hasattr(self, f"omega_{n}")}
 
+    def effective_omegas(self) -> dict[str, torch.Tensor]:
+        """The scale of each absolute-coordinate modulation, keyed 'rot', 'pos' (those present).
+
+        ``|omega| * rms_h |u_h|``: the root-mean-square over hidden units of the largest rate at
+        which the unit's pre-activation changes with the absolute coordinate. The directions are
+        unit vectors, so this equals ``|omega|``; it is differentiable (the penalty acts on it).
+        """
+        out = {}
+        for g in self.absolute_groups:
+            key = FREQUENCY_OF_GROUP[g]
+            u = getattr(self, f"{g}_direction")
+            out[key] = getattr(self, f"omega_{key}").abs() * u.pow(2).sum(-1).mean().sqrt().to(u.dtype)
+        return out
+
     def hidden(self, coords: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hidden features z at the broadcast of the coordinate groups; shape [..., H]."""
-        w = self.first.weight
-        pre = self.first.bias
-        for k, g in enumerate(self.groups):
-            omega = getattr(self, f"omega_{FREQUENCY_OF_GROUP[g]}")
-            c = coords[g].to(w.dtype)
-            # The first layer of a sum of groups is the sum of per-group products (broadcast).
-            pre = pre + omega * (c @ w[:, 2 * k : 2 * k + 2].t())
-        z = torch.sin(pre)
+        z = torch.sin(self.first_preactivation(coords))
         for layer in self.hidden_layers:
             z = torch.sin(layer(z))
         return z
+
+    def first_preactivation(self, coords: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The first sine layer's argument at the broadcast of the coordinate groups; [..., H]."""
+        w = self.first.weight
+        pre = self.first.bias
+        for k, g in enumerate(self.relative_groups):
+            c = coords[g].to(w.dtype)
+            # The first layer of a sum of groups is the sum of per-group products (broadcast).
+            pre = pre + self.omega_rel * (c @ w[:, 2 * k : 2 * k + 2].t())
+        for g in self.absolute_groups:
+            omega = getattr(self, f"omega_{FREQUENCY_OF_GROUP[g]}")
+            pre = pre + omega * (coords[g].to(w.dtype) @ getattr(self, f"{g}_direction").to(w.dtype).t())
+        return pre
 
     def forward(self, coords: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full kernel values, shape [..., C_out, C_in]."""

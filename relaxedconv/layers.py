@@ -33,6 +33,9 @@ class _RelaxedGroupConv(nn.Module):
 
     _is_lifting = False
     last_backend: str | None = None  # the backend of the latest eager call (what "auto" resolved to)
+    # Offset of the rotation grid (radians) for the next forward; set per step by a model that
+    # samples the Monte-Carlo grid (models.CKResNet(mc_rotation=True)), 0 otherwise.
+    angle_offset = 0.0
 
     def __init__(
         self,
@@ -170,7 +173,7 @@ class _RelaxedGroupConv(nn.Module):
     def _lattice(self, out_hw, device, dtype) -> dict:
         """The coordinate groups on ``device`` in ``dtype``: built once per layer, device, dtype and
         (translation non-stationary only) output size, then reused."""
-        key = ("coords", device, dtype, tuple(out_hw) if self.translation_nonstationary else None)
+        key = ("coords", device, dtype, tuple(out_hw) if self.translation_nonstationary else None, self.angle_offset)
         hit = self._cache("_lattice_cache").get(key)
         if hit is not None:
             return hit
@@ -180,6 +183,7 @@ class _RelaxedGroupConv(nn.Module):
             kernel_size=self.kernel_size,
             out_size=tuple(out_hw) if self.translation_nonstationary else None,
             rotation_nonstationary=self.rotation_nonstationary,
+            angle_offset=self.angle_offset,
             device=device,
             dtype=dtype,
         ))
@@ -241,15 +245,19 @@ class _RelaxedGroupConv(nn.Module):
 
     # ---- inference: the generated kernel cached until a parameter changes ----------------------
     def _parameter_state(self) -> tuple:
-        """Changes whenever a parameter does: in place (its version counter: optimiser steps,
-        load_state_dict, ``p.add_``), replaced, or moved to another device or dtype.
+        """Changes whenever a parameter or buffer does (the kernel net's fixed direction buffers
+        too): in place (its version counter: optimiser steps, load_state_dict, ``p.add_``),
+        replaced, or moved to another device or dtype; and with the rotation-grid offset.
 
-        Read from the modules' parameter dicts directly (found once): a replaced parameter is a new
-        entry there, and walking ``self.parameters()`` would cost more than the cached call itself."""
+        Read from the modules' parameter and buffer dicts directly (found once): a replaced tensor
+        is a new entry there, and walking ``self.parameters()`` would cost more than the cached call."""
         slots = self.__dict__.get("_parameter_slots")
         if slots is None:
-            slots = self.__dict__["_parameter_slots"] = [(m._parameters, n) for m in self.modules() for n in m._parameters]
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for d, n in slots if (p := d.get(n)) is not None)
+            slots = self.__dict__["_parameter_slots"] = [
+                (d, n) for m in self.modules() for d in (m._parameters, m._buffers) for n in d
+            ]
+        state = tuple((p.data_ptr(), p._version, p.dtype, p.device) for d, n in slots if (p := d.get(n)) is not None)
+        return state + (self.angle_offset,)
 
     def _kernel_needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())

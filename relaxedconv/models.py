@@ -1,14 +1,37 @@
 """The paper's models (design.md §7): a continuous-kernel ResNet on R^2 x| C_N built from our layers.
 
+Two residual architectures (``architecture=``, :data:`ARCHITECTURES`):
+
+``"authors"`` (the default; the block of the authors' code, CKResBlock)::
+
     lifting conv C_in -> w0 (K x K) -> BN -> ReLU
     for each width w in ``widths``: residual block
-        group conv K x K -> LN -> ReLU -> group conv K x K -> LN,  + pointwise-group-conv shortcut,
-        ReLU, 2x2 max-pool
+        y = ReLU(LN(group conv K x K (x)));  y = ReLU(LN(group conv K x K (y)))
+        y = y + shortcut(x);   out = ReLU(maxpool 2x2 (BN(y)))
+        LN: each sample and channel normalised over (N, H, W), no affine (their
+            ``layer_norm(out, out.shape[-3:])``); BN: one statistic per channel over (B, N, H, W).
+        shortcut: identity when the width does not change, else a pointwise group conv whose
+            kernel net has half the hidden width and sees the relative rotation only (always
+            stationary, whatever the other layers are).
     group conv K x K "valid" -> BN -> ReLU -> global max over (rotation, H, W) -> linear
 
-Every normalisation is equivariant: batch norm keeps one mean/variance per channel shared over
-rotations and space; layer norm normalises each sample over (C, N, H, W) with a per-channel affine
-shared over rotations. The 2x2 max-pool acts on ``[B, C*N, H, W]`` channel-wise. (A 2x2 pool on an
+``"simple"`` (this package's first model, kept to reproduce the runs made with it)::
+
+    residual block: group conv -> LN -> ReLU -> group conv -> LN, + pointwise-group-conv shortcut
+    (always; non-stationary in rotation like the other layers), ReLU, 2x2 max-pool; LN over
+    (C, N, H, W) per sample with a per-channel affine shared over rotations.
+
+Remaining differences from the authors' model (also in README.md): angles enter the kernel net as
+(cos, sin) rather than the raw angle, and the absolute coordinates through fixed unit directions
+(kernel_net.py) rather than unit weights on the raw angle; no dropout layer (their block has one
+after the first ReLU); a 2x2 max-pool in every block (theirs: in the blocks their config lists);
+the rotation grid is deterministic unless ``mc_rotation=True`` (one random offset of the whole
+grid per training forward, shared by every layer, as their Monte-Carlo runs sample it; the
+deterministic grid in eval); their options ``last_conv_T2`` and a learnable final pooling are not
+implemented; the partial variant is the discrete form (below).
+
+Every normalisation is equivariant: BN and LN keep their statistics per channel shared over
+rotations and space. The 2x2 max-pool acts on ``[B, C*N, H, W]`` channel-wise. (A 2x2 pool on an
 even grid is exactly equivariant only to rotations that map the pooling grid to itself; the same
 holds for the authors' model.)
 
@@ -31,11 +54,14 @@ equivariance (:func:`relaxedconv.equivariance_penalty`) is part of the training 
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import GroupConv, InvariantPool, LiftingConv, PointwiseGroupConv
+from .layers import GroupConv, InvariantPool, LiftingConv, PointwiseGroupConv, _RelaxedGroupConv
 
 # variant -> (group order forced or None, rotation non-stationary, translation non-stationary, learn omega)
 _SPECS = {
@@ -49,9 +75,20 @@ _SPECS = {
     "partial": dict(group_order=None, rot=False, trans=False, learn=False, partial=True),
 }
 VARIANTS = tuple(_SPECS)
+ARCHITECTURES = ("authors", "simple")
+DEFAULT_ARCHITECTURE = "authors"
 
-DEFAULT_OMEGA_ROT = 2.0  # authors' logs: non-stationary SE(2)-16 with omega_rot = 2 on CIFAR-10
+# omega_rot is the largest rate, in radians of each kernel-net hidden unit's pre-activation per
+# radian of rotation, at which the kernel may change with the absolute rotation (kernel_net.py).
+# The authors' omega multiplies the raw angle with a unit weight: the same rate, so their
+# omega_rot = 2 (non-stationary SE(2)-16 on CIFAR-10 in their logs) is like for like with 2 here
+# per step of the rotation grid (2*sin(pi/N) ~ 2*pi/N at most here, 2*pi/N there). Over a full turn
+# their pre-activation sweeps 2*pi*omega (with a jump back at 2*pi), ours 2*omega (peak to peak).
+DEFAULT_OMEGA_ROT = 2.0
+# omega_pos: radians per unit of normalised position (half the map's width) along a fixed direction.
 DEFAULT_OMEGA_POS = 1.0
+_STATIONARY_DROP = ("rotation_nonstationary", "translation_nonstationary", "omega_rot", "omega_pos",
+                    "learn_omega_rot", "learn_omega_pos")
 
 
 class GroupBatchNorm(nn.Module):
@@ -87,6 +124,22 @@ class GroupLayerNorm(nn.Module):
         w = self.weight.repeat_interleave(self.group_order)[None, :, None, None]
         b = self.bias.repeat_interleave(self.group_order)[None, :, None, None]
         return y * w.to(y.dtype) + b.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, group_order={self.group_order}, eps={self.eps}"
+
+
+class ChannelLayerNorm(nn.Module):
+    """The authors' norm inside residual blocks: each sample and channel of ``[B, C*N, H, W]``
+    normalised over (N, H, W), no affine (``F.layer_norm(x, x.shape[-3:])`` on ``[B, C, N, H, W]``)."""
+
+    def __init__(self, channels: int, group_order: int, eps: float = 1e-5):
+        super().__init__()
+        self.channels, self.group_order, self.eps = channels, group_order, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = x.unflatten(1, (self.channels, self.group_order))
+        return F.layer_norm(g, g.shape[-3:], eps=self.eps).flatten(1, 2)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, group_order={self.group_order}, eps={self.eps}"
@@ -132,6 +185,8 @@ class RotationSubset(nn.Module):
 
 
 class ResidualBlock(nn.Module):
+    """The ``"simple"`` architecture's block (module docstring)."""
+
     def __init__(self, cin: int, cout: int, kernel_size: int, group_order: int, conv_kw: dict, partial: bool):
         super().__init__()
         n = group_order
@@ -153,6 +208,50 @@ class ResidualBlock(nn.Module):
         return self.pool(y)
 
 
+class AuthorsResidualBlock(nn.Module):
+    """The authors' CKResBlock (module docstring): conv-LN-ReLU-conv-LN-ReLU, + shortcut, BN,
+    2x2 max-pool, ReLU; the shortcut is the identity, or a stationary half-width pointwise group
+    conv when the width changes."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, group_order: int, conv_kw: dict, partial: bool):
+        super().__init__()
+        n = group_order
+        self.conv1 = GroupConv(cin, cout, kernel_size, n, padding="same", **conv_kw)
+        self.norm1 = ChannelLayerNorm(cout, n)
+        self.conv2 = GroupConv(cout, cout, kernel_size, n, padding="same", **conv_kw)
+        self.norm2 = ChannelLayerNorm(cout, n)
+        if cin != cout:
+            sc_kw = {k: v for k, v in conv_kw.items() if k not in _STATIONARY_DROP}
+            sc_kw["hidden_channels"] = max(1, int(conv_kw.get("hidden_channels", 32)) // 2)
+            self.shortcut = PointwiseGroupConv(cin, cout, n, **sc_kw)
+        else:
+            self.shortcut = nn.Identity()
+        self.norm_out = GroupBatchNorm(cout, n)
+        self.subset1 = RotationSubset(cout, n) if partial else nn.Identity()
+        self.subset2 = RotationSubset(cout, n) if partial else nn.Identity()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.subset1(F.relu(self.norm1(self.conv1(x))))
+        y = F.relu(self.norm2(self.conv2(y)))
+        y = self.norm_out(y + self.shortcut(x))
+        return self.subset2(F.relu(self.pool(y)))
+
+
+@contextmanager
+def rotation_grid_offset(model: nn.Module, offset: float):
+    """Every relaxed layer of ``model`` evaluates its kernel on the rotation grid turned by
+    ``offset`` radians inside the block (the Monte-Carlo grid); restored afterwards."""
+    layers = [m for m in model.modules() if isinstance(m, _RelaxedGroupConv)]
+    for m in layers:
+        m.angle_offset = float(offset)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.angle_offset = 0.0
+
+
 class CKResNet(nn.Module):
     """The continuous-kernel group ResNet of design.md §7 (see the module docstring)."""
 
@@ -168,11 +267,18 @@ class CKResNet(nn.Module):
         translation_nonstationary: bool = False,
         partial: bool = False,
         conv_kw: dict | None = None,
+        architecture: str = DEFAULT_ARCHITECTURE,
+        mc_rotation: bool = False,
     ):
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if not widths:
             raise ValueError("widths must name at least one block width")
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
+        self.architecture = architecture
+        self.mc_rotation = bool(mc_rotation)
+        block_type = AuthorsResidualBlock if architecture == "authors" else ResidualBlock
         n = group_order
         kw = dict(conv_kw or {})
         kw.update(rotation_nonstationary=rotation_nonstationary, translation_nonstationary=translation_nonstationary)
@@ -182,7 +288,7 @@ class CKResNet(nn.Module):
         self.lift_subset = RotationSubset(widths[0], n) if partial else nn.Identity()
         blocks, c = [], widths[0]
         for w in widths:
-            blocks.append(ResidualBlock(c, w, kernel_size, n, kw, partial))
+            blocks.append(block_type(c, w, kernel_size, n, kw, partial))
             c = w
         self.blocks = nn.Sequential(*blocks)
         self.head = GroupConv(c, c, kernel_size, n, padding=0, **kw)
@@ -191,6 +297,14 @@ class CKResNet(nn.Module):
         self.fc = nn.Linear(c, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mc_rotation and self.training and self.group_order > 1:
+            # One offset in [0, 2*pi/N) for the whole network: rel_rot between layers stays exact.
+            offset = float(torch.rand(())) * 2 * math.pi / self.group_order
+            with rotation_grid_offset(self, offset):
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.lift_subset(F.relu(self.lift_norm(self.lift(x))))
         y = self.blocks(y)
         y = F.relu(self.head_norm(self.head(y)))
@@ -213,6 +327,8 @@ def build_model(
     learn_omega: bool = False,
     backend: str = "auto",
     in_channels: int = 3,
+    architecture: str = DEFAULT_ARCHITECTURE,
+    mc_rotation: bool = False,
 ) -> nn.Module:
     """One of :data:`VARIANTS` as a :class:`CKResNet`.
 
@@ -220,7 +336,9 @@ def build_model(
     unless learned, fixed) frequencies of the non-stationary variants; ``None`` gives
     :data:`DEFAULT_OMEGA_ROT` / :data:`DEFAULT_OMEGA_POS`. Variants without that non-stationarity
     ignore them. ``learn_omega`` makes them trainable for any non-stationary variant (the
-    ``*_learned*`` variants always learn them). ``model.config`` records the resolved arguments.
+    ``*_learned*`` variants always learn them). ``architecture`` picks the residual block
+    (:data:`ARCHITECTURES`; the authors' by default); ``mc_rotation`` samples a random offset of the
+    rotation grid per training forward. ``model.config`` records the resolved arguments.
     """
     if variant not in _SPECS:
         raise ValueError(f"unknown model variant {variant!r}; expected one of {VARIANTS}")
@@ -253,6 +371,8 @@ def build_model(
         translation_nonstationary=spec["trans"],
         partial=spec["partial"],
         conv_kw=conv_kw,
+        architecture=architecture,
+        mc_rotation=mc_rotation,
     )
     model.config = dict(
         variant=variant,
@@ -267,6 +387,8 @@ def build_model(
         learn_omega=learn if (spec["rot"] or spec["trans"]) else False,
         backend=backend,
         in_channels=in_channels,
+        architecture=architecture,
+        mc_rotation=bool(mc_rotation),
     )
     return model
 

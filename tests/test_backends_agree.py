@@ -10,8 +10,10 @@ whether it is learned) cycled through the cases so that every value appears many
 - fp32: every backend matches the fp64 `materialize` of `copy.deepcopy(layer).double()` to 1e-5
   relative. A learnable omega's gradient is one scalar, a sum over every coordinate in which
   terms can cancel, so its error is measured on the scale it is computed at,
-  ||W1_g|| * ||dL/dW1_g|| / |omega| (W1_g: the first kernel-net layer's columns that the omega
-  scales), which bounds |dL/domega| by Cauchy-Schwarz since omega * dL/domega = <W1_g, dL/dW1_g>.
+  ||W1_g|| * ||dL/dW1_g|| / |omega| (W1_g: the first-layer weights that the omega scales: the
+  learned columns of the relative groups for omega_rel, the fixed unit directions of abs_rot /
+  abs_pos for omega_rot / omega_pos, whose gradient is taken by letting those buffers require
+  grad), which bounds |dL/domega| by Cauchy-Schwarz since omega * dL/domega = <W1_g, dL/dW1_g>.
   That identity is itself checked exactly in fp64.
 - bf16 inputs to the fp32 module: within 1e-2 (outputs) / 2e-2 (gradients) of the fp32 reference.
 """
@@ -110,9 +112,20 @@ def run(layer, x, backend, gy):
     """Output, d/dx and d/d(each trainable parameter) of sum(y * gy)."""
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
-    y = layer(x, backend=backend)
-    (y * gy).sum().backward()
+    # The fixed absolute-coordinate directions are buffers; their gradient (taken here only)
+    # gives the scale of the omega_rot / omega_pos gradients (see omega_scale).
+    directions = {n: b for n, b in layer.named_buffers() if n.endswith("_direction")}
+    for b in directions.values():
+        b.grad = None
+        b.requires_grad_(True)
+    try:
+        y = layer(x, backend=backend)
+        (y * gy).sum().backward()
+    finally:
+        for b in directions.values():
+            b.requires_grad_(False)
     grads = {name: p.grad.detach().clone() for name, p in layer.named_parameters() if p.requires_grad}
+    grads.update({name: b.grad.detach().clone() for name, b in directions.items()})
     return y.detach(), x.grad.detach().clone(), grads
 
 
@@ -128,16 +141,13 @@ def omega_names(layer):
 
 
 def omega_scale(layer, grads, omega_key):
-    """||W1_g|| * ||dL/dW1_g|| / |omega| for the first-layer columns that this omega scales."""
+    """||W1_g|| * ||dL/dW1_g|| / |omega| for the first-layer weights that this omega scales."""
     net = layer.kernel_net
-    cols = [
-        j
-        for gi, g in enumerate(net.groups)
-        if FREQUENCY_OF_GROUP[g] == omega_key
-        for j in (2 * gi, 2 * gi + 1)
-    ]
-    w = net.first.weight.detach()[:, cols]
-    gw = grads["kernel_net.first.weight"][:, cols]
+    if omega_key == "rel":  # the learned first layer sees the relative groups only
+        w, gw = net.first.weight.detach(), grads["kernel_net.first.weight"]
+    else:
+        (group,) = [g for g in net.absolute_groups if FREQUENCY_OF_GROUP[g] == omega_key]
+        w, gw = getattr(net, f"{group}_direction").detach(), grads[f"kernel_net.{group}_direction"]
     omega = float(getattr(net, f"omega_{omega_key}").detach())
     return float(w.norm() * gw.norm()) / abs(omega), float((w * gw).sum()) / omega
 

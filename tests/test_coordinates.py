@@ -122,7 +122,8 @@ def test_rel_pos_quarter_turn_example():
 @pytest.mark.parametrize("groups", [("rel_pos",), ("rel_pos", "rel_rot"), ("rel_pos", "rel_rot", "abs_rot", "abs_pos"), ("rel_pos", "abs_pos")])
 @pytest.mark.parametrize("depth", [2, 3, 4])
 def test_kernel_net_is_the_siren_of_design_section_1(groups, depth):
-    """z = sin(W_{L-1} ... sin(W_1 c + b_1)), k = W_L z + b_L with c = [w_rel rel_pos, w_rel rel_rot, w_rot abs_rot, w_pos abs_pos]."""
+    """z = sin(W_{L-1} ... sin(W_1 c + b_1 + w_rot U_rot abs_rot + w_pos U_pos abs_pos)), k = W_L z + b_L
+    with c = [w_rel rel_pos, w_rel rel_rot] and fixed unit rows U (kernel_net's docstring)."""
     torch.manual_seed(0)
     net = SirenKernelNet(groups, 3, 2, hidden_channels=8, depth=depth, omega_rel=2.5, omega_rot=0.7, omega_pos=1.9).double()
     with torch.no_grad():
@@ -137,8 +138,17 @@ def test_kernel_net_is_the_siren_of_design_section_1(groups, depth):
         assert value == pytest.approx({"rel": 2.5, "rot": 0.7, "pos": 1.9}[key], rel=1e-7)
     freq = {g: om[FREQUENCY_OF_GROUP[g]] for g in groups}
     shape = torch.broadcast_shapes(*(coords[g].shape for g in groups))
-    c = torch.cat([freq[g] * coords[g].expand(shape) for g in groups], dim=-1)  # in GROUP_ORDER
-    z = torch.sin(c @ net.first.weight.T + net.first.bias)
+    rel = [g for g in groups if g.startswith("rel")]
+    c = torch.cat([freq[g] * coords[g].expand(shape) for g in rel], dim=-1)  # in GROUP_ORDER
+    pre = c @ net.first.weight.T + net.first.bias
+    # the absolute groups enter through fixed unit directions, one per hidden unit (issue 11)
+    for g in groups:
+        if g.startswith("abs"):
+            u = getattr(net, f"{g}_direction")
+            assert u.shape == (8, 2) and torch.allclose(u.norm(dim=-1), torch.ones(8, dtype=F64))
+            pre = pre + freq[g] * coords[g].expand(shape) @ u.T
+    assert net.first.weight.shape == (8, 2 * len(rel))
+    z = torch.sin(pre)
     for layer in net.hidden_layers:
         z = torch.sin(z @ layer.weight.T + layer.bias)
     assert len(net.hidden_layers) == depth - 2

@@ -197,7 +197,9 @@ def test_short_train_run_writes_the_run_directory(tmp_path):
     assert cfg["environment"]["commit"] and "device" in cfg["environment"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
-    assert all("rot" in om for om in lines[0]["omegas"].values())
+    # every layer but the authors' (always stationary) shortcuts is non-stationary in rotation
+    assert all("rot" in om for name, om in lines[0]["omegas"].items() if not name.endswith("shortcut"))
+    assert set(lines[0]["effective_omegas"]) == {name for name, om in lines[0]["omegas"].items() if "rot" in om}
     final = json.loads((out / "final.json").read_text())
     assert final["best_epoch"] in (1, 2) and final["test_acc_at_best_val"] is not None
     # which backend each layer ran (issue 10): CPU, static rule, translation-stationary layers

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..dispatch import AUTO_POLICIES, BACKENDS
-from ..models import DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT, VARIANTS
+from ..models import ARCHITECTURES, DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT, VARIANTS
 from .checks import ConfigError, resolved_model_options
 from .data import DATASETS, DatasetError
 from .trainer import DEFAULTS, RESUMABLE_CHANGES
@@ -95,7 +95,10 @@ def train_parser(prog: str = "relaxedconv train") -> argparse.ArgumentParser:
     g.add_argument("--omega-rot", metavar="W", type=float, default=d["omega_rot"], help=f"initial rotation frequency of the rotation non-stationary variants (default: {DEFAULT_OMEGA_ROT:g})")
     g.add_argument("--omega-pos", metavar="W", type=float, default=d["omega_pos"], help=f"initial position frequency of the translation non-stationary variants (default: {DEFAULT_OMEGA_POS:g})")
     g.add_argument("--learn-omega", action="store_true", help="learn the omegas of a non-stationary variant (the *_learned variants always do)")
-    g.add_argument("--omega-penalty", metavar="S", type=float, default=d["omega_penalty"], help="strength of the penalty sum |omega|^2 toward equivariance on learned omegas")
+    g.add_argument("--omega-penalty", metavar="S", type=float, default=d["omega_penalty"], help="strength of the penalty: S times the sum over layers of effective omega^2 (learned omegas only)")
+    g.add_argument("--omega-lr", metavar="LR", type=float, default=d["omega_lr"], help="learning rate of the omegas' own optimiser group, no weight decay")
+    g.add_argument("--architecture", choices=ARCHITECTURES, default=d["architecture"], help="residual block: the authors' or this package's first 'simple' one")
+    g.add_argument("--mc-rotation", type=_bool, default=d["mc_rotation"], metavar="on/off", help="random offset of the rotation grid per training step, as in the authors' Monte-Carlo runs (default: off)")
     g.add_argument("--backend", default=d["backend"], choices=BACKENDS, help="convolution path of every layer (README: backend=\"auto\")")
     g.add_argument("--auto-policy", default=d["auto_policy"], choices=AUTO_POLICIES,
                    help="how --backend auto chooses: measure (time the backends on the first call per shape) or static "

@@ -1,6 +1,8 @@
 """``relaxedconv report``: run directories -> ``results.md`` (a Markdown table) and PNG plots of the
-omegas per layer over training (runs that learn them) and of accuracy against omega (only for a
-sweep: one variant at two omegas or more); matplotlib is optional."""
+effective omegas per layer over training and of accuracy against the effective omega (matplotlib,
+optional). The effective omega is what scales a layer's non-stationarity (|omega| with the kernel
+net's fixed unit directions; :func:`relaxedconv.effective_omegas`); runs recorded before it existed
+fall back to |omega|. The accuracy plot is drawn only for a sweep (one variant at two omegas or more)."""
 from __future__ import annotations
 
 import json
@@ -36,6 +38,13 @@ def _mean_omega(om: dict, key: str):
     return sum(vals) / len(vals) if vals else None
 
 
+def _effective(entry: dict) -> dict:
+    """A metrics or final entry's effective omegas ({layer: {'rot': .., 'pos': ..}})."""
+    if "effective_omegas" in entry:
+        return entry["effective_omegas"]
+    return {layer: {k: abs(v) for k, v in om.items() if k in ("rot", "pos")} for layer, om in entry.get("omegas", {}).items()}
+
+
 def _max_err(eq: dict, key_prefix: str):
     vals = [v for layer in eq.values() for k, v in layer.items() if k.startswith(key_prefix) and v is not None]
     return max(vals) if vals else None
@@ -48,12 +57,14 @@ def _f(v, fmt="{:.2f}"):
 
 
 def markdown_table(runs: list[dict], root: Path) -> str:
-    head = ("| run | variant | N | ω_rot init → final (mean) | ω_pos init → final (mean) | learned | epochs | best epoch "
+    head = ("| run | variant | N | ω_rot init → final (mean) | ω_pos init → final (mean) | learned | effective ω rot / pos (mean) | epochs | best epoch "
             "| val acc | test acc @ best val | params | max rot. eq. err | max transl. eq. err |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in runs:
         cfg, model, fin = r["config"]["config"], r["config"]["model"], r["final"]
         om = fin["omegas"] if fin else (r["history"][-1]["omegas"] if r["history"] else {})
+        eff = _effective(fin if fin else (r["history"][-1] if r["history"] else {}))
+        er, ep = _mean_omega(eff, "rot"), _mean_omega(eff, "pos")
         eq = fin["equivariance_error"] if fin else {}
         best_val = fin["best_val_acc"] if fin else max((h["val_acc"] for h in r["history"]), default=None)
         try:
@@ -69,6 +80,7 @@ def markdown_table(runs: list[dict], root: Path) -> str:
                 f"{_f(model['omega_rot'], '{:.3g}')} → {_f(wr, '{:.3g}')}" if wr is not None else "–",
                 f"{_f(model['omega_pos'], '{:.3g}')} → {_f(wp, '{:.3g}')}" if wp is not None else "–",
                 "yes" if model.get("learn_omega") else "no",
+                f"{_f(er, '{:.3g}')} / {_f(ep, '{:.3g}')}",
                 f"{len(r['history'])}/{cfg['epochs']}",
                 str(fin["best_epoch"]) if fin else "–",
                 _f(best_val), _f(fin["test_acc_at_best_val"]) if fin else "–",
@@ -90,30 +102,30 @@ def _omega_figure(runs: list[dict], plt):
     fig, axes = plt.subplots(len(with_omega), 1, figsize=(7, 3 * len(with_omega)), squeeze=False)
     for ax, r in zip(axes[:, 0], with_omega):
         epochs = [0] + [h["epoch"] for h in r["history"]]
-        layers = list(r["history"][-1]["omegas"])
+        layers = list(_effective(r["history"][-1]))
         model = r["config"]["model"]
         for layer in layers:
             for key, style in (("rot", "-"), ("pos", "--")):
-                ys = [h["omegas"].get(layer, {}).get(key) for h in r["history"]]
-                ys = [model[f"omega_{key}"] if ys[0] is not None else None] + ys
+                ys = [_effective(h).get(layer, {}).get(key) for h in r["history"]]
+                ys = [abs(model[f"omega_{key}"]) if ys[0] is not None else None] + ys
                 if any(y is not None for y in ys):
                     ax.plot(epochs, ys, style, marker=".", label=f"{layer} ω_{key}")
         ax.set_title(r["dir"].name, fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        ax.set_ylabel("ω")
+        ax.set_ylabel("effective ω")
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
 
 
 def _accuracy_points(runs: list[dict]) -> list[tuple]:
-    """(mean final ω_rot, mean final ω_pos, val acc, test acc, variant) of each finished group model."""
+    """(mean final effective ω_rot and ω_pos, val acc, test acc, variant) of each finished group model."""
     pts = []
     for r in runs:
         if not r["final"]:
             continue
-        om, model = r["final"]["omegas"], r["config"]["model"]
+        om, model = _effective(r["final"]), r["config"]["model"]
         if model["group_order"] == 1:
             continue  # T(2) has no rotation axis
         wr, wp = _mean_omega(om, "rot") or 0.0, _mean_omega(om, "pos") or 0.0
@@ -127,11 +139,11 @@ def is_sweep(pts: list[tuple]) -> bool:
 
 
 def _accuracy_figure(runs: list[dict], plt):
-    """Accuracy against the mean final ω, one line per variant; None unless there is a sweep."""
+    """Accuracy against the mean final effective ω, one line per variant; None unless there is a sweep."""
     pts = _accuracy_points(runs)
     if not is_sweep(pts):
         return None
-    panels = [(0, "ω_rot (mean over layers)")] + ([(1, "ω_pos (mean over layers)")] if any(p[1] for p in pts) else [])
+    panels = [(0, "effective ω_rot (mean over layers)")] + ([(1, "effective ω_pos (mean over layers)")] if any(p[1] for p in pts) else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
     for ax, (idx, label) in zip(axes[0], panels):
         for variant in sorted({p[4] for p in pts}):
@@ -177,7 +189,8 @@ def write_report(paths, out) -> list[Path]:
     plots, note = _plots(runs, out)
     text = "# Results\n\n" + markdown_table(runs, root)
     text += ("\nTest accuracy is taken at the epoch of best validation accuracy. ω columns: the initial value of "
-             "the non-stationary layers and the mean over layers at the end. Equivariance errors are relative, per layer, "
+             "the non-stationary layers and the mean over layers at the end; effective ω: what scales each layer's "
+             "non-stationarity (|ω| with fixed unit directions), mean over the non-stationary layers. Equivariance errors are relative, per layer, "
              "of the final model, for 90° rotations (group elements) and integer shifts.\n")
     if plots:
         text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"

@@ -4,11 +4,12 @@ GPU, a checkpoint every epoch, exact resume, DDP under ``torchrun``.
 Run directory (``--out``):
 
     config.json        the resolved configuration, environment (torch, device, git commit), data source
-    metrics.jsonl      one JSON object per epoch (losses, accuracies, lr, every layer's omegas)
+    metrics.jsonl      one JSON object per epoch (losses, accuracies, lr, every layer's omegas, effective
+                       omegas and kernel non-stationarity)
     checkpoint.pt      model, optimizer, scheduler, epoch, history, RNG states (atomic, every epoch)
     best.pt            model weights at the best validation epoch
     final.json         best epoch, validation and test accuracy at it, final omegas, equivariance errors
-    omegas.json        every layer's omegas of the final model
+    omegas.json        the final model's omegas, effective omegas and kernel non-stationarity per layer
     equivariance.json  every layer's relative equivariance error of the final model
 
 Exact resume: each epoch's shuffle and augmentation come from generators seeded by (seed, epoch,
@@ -32,7 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends_used, dispatch, equivariance_penalty, omegas
-from ..equivariance import _relaxed_layers, layer_equivariance_errors
+from ..equivariance import (
+    _relaxed_layers,
+    effective_omegas,
+    kernel_nonstationarity,
+    layer_equivariance_errors,
+    parameter_groups,
+)
 from ..models import build_model, partial_subsets
 from . import data as data_mod
 from .checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, rng_state, set_rng_state
@@ -55,6 +62,9 @@ DEFAULTS = dict(
     omega_pos=None,
     learn_omega=False,
     omega_penalty=1e-3,
+    omega_lr=1e-2,
+    architecture="authors",
+    mc_rotation=False,
     backend="auto",
     auto_policy=None,  # None: RELAXEDCONV_AUTO, else measure on CUDA / static on CPU
     compile="off",  # or a torch.compile mode for the training forward/backward ("reduce-overhead": CUDA graphs)
@@ -230,7 +240,7 @@ class Trainer:
             c["variant"], num_classes=self.num_classes, group_order=c["group_order"], widths=tuple(c["widths"]),
             kernel_size=c["kernel_size"], hidden_channels=c["hidden_channels"], omega_rel=c["omega_rel"],
             omega_rot=c["omega_rot"], omega_pos=c["omega_pos"], learn_omega=c["learn_omega"], backend=c["backend"],
-            in_channels=self.data_info["image_shape"][0],
+            in_channels=self.data_info["image_shape"][0], architecture=c["architecture"], mc_rotation=c["mc_rotation"],
         ).to(self.device)
         self.model_config = model.config
         # The run's config records what the model uses: t2's N = 1, the default omegas of the
@@ -252,8 +262,9 @@ class Trainer:
             # The training step's forward and backward; evaluation runs the eager model, whose
             # relaxed layers reuse their cached kernels under no_grad.
             self.ddp = torch.compile(self.ddp, mode=None if c["compile"] == "default" else c["compile"])
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(params, lr=c["lr"], weight_decay=c["weight_decay"])
+        # The omegas get their own group: their own learning rate, no weight decay (the penalty is their prior).
+        groups = parameter_groups(model, lr=c["lr"], weight_decay=c["weight_decay"], omega_lr=c["omega_lr"])
+        self.opt = torch.optim.Adam(groups)
         world = self.dist.world
         self.local_batch = c["batch_size"] // world
         n_local = len(self.train_x) // world
@@ -414,6 +425,8 @@ class Trainer:
                 if self.dist.main:
                     atomic_torch_save(self.model.state_dict(), self.out / "best.pt")
             m["omegas"] = omegas(self.model)
+            m["effective_omegas"] = effective_omegas(self.model)
+            m["kernel_nonstationarity"] = kernel_nonstationarity(self.model)
             subsets = partial_subsets(self.model)
             if subsets:
                 m["rotation_keep_prob"] = subsets
@@ -449,6 +462,8 @@ class Trainer:
             "train_seconds_total": sum(h["seconds"] for h in history),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "omegas": om,
+            "effective_omegas": effective_omegas(self.model),
+            "kernel_nonstationarity": kernel_nonstationarity(self.model),
             "equivariance_error": eq,
             "backends": self.backends or backends_used(self.model),
         }
@@ -456,7 +471,7 @@ class Trainer:
         if subsets:
             final["rotation_keep_prob"] = subsets
         if self.dist.main:
-            atomic_write_json(self.out / "omegas.json", om)
+            atomic_write_json(self.out / "omegas.json", {k: final[k] for k in ("omegas", "effective_omegas", "kernel_nonstationarity")})
             atomic_write_json(self.out / "equivariance.json", eq)
             atomic_write_json(self.out / "final.json", final)
             ta = final["test_acc_at_best_val"]
