@@ -178,19 +178,42 @@ def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype)
         kernel[grid(fixed)](*args, **consts, **fixed)
 
 
+# Shared memory a config may plan for (sm_90 allows 227 KB per block; the epilogue's layout
+# conversions need some of it too).
+SMEM_BUDGET = 200 * 1024
+# Exact fp32 (input_precision "ieee") multiplies on the FMA units, whose tile lives in registers:
+# beyond this many multiply-adds per K step the sm_90 compiles spill (kernel report, 2026-11-27:
+# up to 12.9 KB at 128x64x64), so larger configs are not offered for it.
+EXACT_FP32_TILE = 64 * 64 * 32
+
+
 def prune_by_size(limits):
-    """An ``early_config_prune`` that drops configs whose block exceeds the problem: ``limits``
-    maps a block name to the kernel argument bounding it (or to a function of the arguments,
-    constexprs included); the bound is its next power of two, at least 16. One config always
-    survives."""
+    """An ``early_config_prune`` that drops configs the problem or the card cannot use:
+
+    - a block larger than the problem: ``limits`` maps a block name to the kernel argument bounding
+      it (or to a function of the arguments, constexprs included); the bound is its next power of
+      two, at least 16;
+    - a GEMM config whose pipelined operand tiles would not fit :data:`SMEM_BUDGET` at the data's
+      element size (fp32 doubles bf16's);
+    - for exact fp32 (FMA units), a tile above :data:`EXACT_FP32_TILE`.
+
+    One config always survives."""
 
     def prune(configs, named_args, **kwargs):
         args = {**kwargs, **named_args}
+        elem = next((a.element_size() for a in named_args.values() if isinstance(a, torch.Tensor)), 2)
+        exact_fp32 = args.get("PRECISION") == "ieee" and not args.get("FP64")
 
         def fits(cfg):
             for block, arg in limits.items():
                 size = arg(args) if callable(arg) else args[arg]
                 if cfg.kwargs.get(block, 0) > max(16, triton.next_power_of_2(int(size))):
+                    return False
+            m, n, k = (cfg.kwargs.get(b) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            if m and n and k:
+                if cfg.num_stages * (m * k + k * (n + TAIL_WIDTH.value)) * elem > SMEM_BUDGET:
+                    return False
+                if exact_fp32 and m * n * k > EXACT_FP32_TILE:
                     return False
             return True
 

@@ -225,6 +225,29 @@ def shipped_configs(kernel: Kernel, dtype: Dtype) -> list[LaunchConfig]:
     return out
 
 
+def autotuner_keeps(kernel: Kernel, dtype: Dtype, config: LaunchConfig, spec_label: str, spec: dict) -> bool | None:
+    """Whether the kernel's autotuner would consider ``config`` for this dtype and case (its
+    ``early_config_prune`` on the case's own arguments): False for a shipped config it drops, such
+    as a tile too large for exact fp32 or for shared memory; None when not applicable (the fixed
+    launch, or no autotuner)."""
+    if config.fixed or not kernel.autotuner:
+        return None
+    import torch
+
+    tuner = resolve(kernel.autotuner)
+    prune = getattr(tuner, "early_config_prune", None)
+    if prune is None:
+        return True
+    ints: dict = {}
+    for label in ["*", *spec_label.split()]:
+        ints.update(kernel.ints.get(label, {}))
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[dtype.pointer]
+    named = {"data_ptr": torch.empty(1, dtype=torch_dtype), **ints}
+    kept = prune(tuner.configs, named, **{**kernel.constexprs, **spec, **dtype_constexprs(dtype)})
+    return any(c.kwargs == config.meta and c.num_warps == config.num_warps and c.num_stages == config.num_stages
+               for c in kept)
+
+
 def specialisations(kernel: Kernel) -> list[tuple[str, dict]]:
     """(label, constexpr values) for every combination of the entry's axes."""
     if not kernel.axes:

@@ -238,7 +238,8 @@ def compile_job(job: Job) -> dict:
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         if config.maxnreg:
             options["maxnreg"] = config.maxnreg
-        row.update(num_warps=config.num_warps, num_stages=config.num_stages, fixed=config.fixed)
+        row.update(num_warps=config.num_warps, num_stages=config.num_stages, fixed=config.fixed,
+                   autotune_reachable=registry.autotuner_keeps(kernel, dtype, config, job.spec, spec))
         log = io.StringIO()
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
@@ -374,8 +375,11 @@ def _cell(v, fmt="{}"):
     return "?" if v is None else fmt.format(v)
 
 
-COLUMNS = ("kernel", "config", "dtype", "spec", "regs", "spill st/ld B", "stack", "smem KB", "occ",
+COLUMNS = ("kernel", "config", "dtype", "spec", "tuned", "regs", "spill st/ld B", "stack", "smem KB", "occ",
            "dots (GPU IR)", "SASS", "wgmma", "cp.async", "compile s")
+# "tuned": whether the autotuner considers the config for that dtype and case (no: pruned; -: the
+# fixed launch of the interpreter, fp64 and RELAXEDCONV_AUTOTUNE=0).
+_TUNED = {True: "yes", False: "no", None: "-"}
 
 
 def table(rows: list[dict]) -> str:
@@ -385,7 +389,7 @@ def table(rows: list[dict]) -> str:
             lines.append((r["kernel"], r["config"], r["dtype"], r["spec"], "FAILED: " + (r.get("error") or "")[:150]))
             continue
         lines.append((
-            r["kernel"], r["config"], r["dtype"], r["spec"], _cell(r.get("regs")),
+            r["kernel"], r["config"], r["dtype"], r["spec"], _TUNED[r.get("autotune_reachable")], _cell(r.get("regs")),
             f"{_cell(r.get('spill_stores'))}/{_cell(r.get('spill_loads'))}", _cell(r.get("stack")),
             _cell(r.get("smem") / 1024 if r.get("smem") is not None else None, "{:.1f}"),
             _cell(r.get("occupancy_warps")), _dots_summary(r.get("dots", [])), _cell(r.get("sass_mma")),
@@ -407,7 +411,9 @@ def findings(rows: list[dict], unregistered: list[str]) -> list[str]:
     dtypes off the tensor cores, shared memory over the per-block limit; then why dots are not
     wgmma (information for tiling choices rather than a defect)."""
     out = []
-    ok = [r for r in rows if r["ok"]]
+    # A config the autotuner drops for that dtype and case never runs there: not a finding.
+    pruned = [r for r in rows if r["ok"] and r.get("autotune_reachable") is False]
+    ok = [r for r in rows if r["ok"] and r.get("autotune_reachable") is not False]
     for r in rows:
         if not r["ok"]:
             out.append(f"COMPILE FAILED {r['kernel']} {r['config']} {r['dtype']} {r['spec']}: {r.get('error')}")
@@ -453,6 +459,9 @@ def findings(rows: list[dict], unregistered: list[str]) -> list[str]:
     for (kernel, config), e in sorted(why.items()):
         out.append(f"no wgmma: {kernel} {config}: dots MxNxK {', '.join(sorted(e['shapes']))} "
                    f"(of {e['dots']} per row) fail Triton's MMAv3 rule: {', '.join(sorted(e['reasons']))}")
+    if pruned:
+        out.append(f"({len(pruned)} rows are shipped configs the autotuner prunes for that dtype and case "
+                   f"(kernels/common.prune_by_size); they never run there and are left out of these findings)")
     return out
 
 

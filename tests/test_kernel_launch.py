@@ -79,6 +79,23 @@ def test_configs_larger_than_the_problem_are_pruned_but_one_always_survives():
     assert len(prune(configs[2:], {"ROWS": 3, "J": 3})) == 1
 
 
+def test_configs_the_card_cannot_hold_or_that_spill_in_exact_fp32_are_pruned():
+    """kernel report 2026-11-27: 256-row configs plan 240-252 KB of shared memory in fp32 (227 KB
+    allowed); exact fp32 (FMA units) spills beyond 64x64x32 tiles."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s)
+               for m, n, k, s in [(256, 64, 64, 3), (128, 64, 64, 3), (64, 64, 32, 4), (64, 32, 64, 4)]]
+    prune = common.prune_by_size({})
+    bf16 = {"x_ptr": torch.empty(1, dtype=torch.bfloat16)}
+    fp32 = {"x_ptr": torch.empty(1, dtype=torch.float32)}
+
+    def kept(named, **kw):
+        return [tuple(c.kwargs.values()) for c in prune(configs, named, **kw)]
+
+    assert kept(bf16, PRECISION=None) == [(256, 64, 64), (128, 64, 64), (64, 64, 32), (64, 32, 64)]
+    assert kept(fp32, PRECISION="tf32") == [(128, 64, 64), (64, 64, 32), (64, 32, 64)]
+    assert kept(fp32, PRECISION="ieee", FP64=False) == [(64, 64, 32), (64, 32, 64)]
+
+
 def test_batch_sizes_in_one_bucket_share_an_autotune_key():
     assert common.bucket(33) == common.bucket(64) == 64
     assert common.bucket(64) != common.bucket(65)

@@ -236,3 +236,22 @@ def test_findings_name_what_to_fix_and_nothing_else():
     assert any(f.startswith("COMPILE FAILED bwd-dz") for f in found)
     assert any("UNREGISTERED kernel relaxed_conv_new:_new_kernel" in f for f in found)
     assert any(f.startswith("no wgmma: fwd M64: dots MxNxK 32x32x64") for f in found)
+
+
+def test_findings_leave_out_configs_the_autotuner_prunes():
+    rows = [_row("fp32-ieee", spec="pruned", regs=255, spill_stores=9000, autotune_reachable=False),
+            _row("fp32-tf32", spec="pruned", smem=300 * 1024, autotune_reachable=False)]
+    found = report.findings(rows, [])
+    assert found == [found[-1]] and "2 rows are shipped configs the autotuner prunes" in found[-1]
+
+
+def test_the_registry_knows_which_shipped_configs_the_autotuner_keeps():
+    u = next(k for k in registry.KERNELS if k.name == "u")
+    spec = dict(registry.specialisations(u))["T1"]
+    configs = {c.label: c for c in registry.shipped_configs(u, registry.DTYPES["fp32-ieee"])}
+    big, small = configs["M128-N64-K64-w4-s3"], configs["M64-N32-K64-w4-s4"]
+    assert registry.autotuner_keeps(u, registry.DTYPES["fp32-ieee"], big, "T1", spec) is False
+    assert registry.autotuner_keeps(u, registry.DTYPES["fp32-ieee"], small, "T1", spec) is True
+    assert registry.autotuner_keeps(u, registry.DTYPES["bf16"], big, "T1", spec) is True
+    fixed = next(c for c in configs.values() if c.fixed)
+    assert registry.autotuner_keeps(u, registry.DTYPES["fp32-ieee"], fixed, "T1", spec) is None
