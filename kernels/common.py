@@ -106,6 +106,14 @@ def mma(a, b, acc, PRECISION: tl.constexpr, FP64: tl.constexpr):
 
 
 @triton.jit
+def channel_rows(start, ROWS, C_IN: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK rows of the gather-GEMMs from ``start``: row r is (image r // C_in, channel r % C_in),
+    the pairs that share one position's Z. (image, channel, valid)."""
+    rows = start + tl.arange(0, BLOCK)
+    return rows // C_IN, rows % C_IN, rows < ROWS
+
+
+@triton.jit
 def im2col_columns(jj, N_IN, KSIZE: tl.constexpr, WP, CN):
     """Window columns ``jj`` ordered (kh, kw, n') with n' fastest (contiguous in the
     channels-last input) -> (offset into the input relative to the window's corner, the row of

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import TAIL_WIDTH, hidden_columns, im2col_columns, mma, tail_columns
+from .common import TAIL_WIDTH, channel_rows, hidden_columns, im2col_columns, mma, tail_columns
 from .relaxed_conv_fwd import hidden_projection, output_weight_matrix
 
 # Bytes of the per-position column buffer V built at a time (a batch chunk of it).
@@ -66,10 +66,7 @@ def _hidden_weight_grad_kernel(
     for p in range(p_start, p_end, p_step):
         x_pos = ((p // W_OUT) * WP + p % W_OUT) * CN
         for r0 in range(0, ROWS, BLOCK_K):
-            rows = r0 + tl.arange(0, BLOCK_K)
-            r_ok = rows < ROWS
-            b = rows // C_IN
-            i = rows % C_IN
+            b, i, r_ok = channel_rows(r0, ROWS, C_IN, BLOCK_K)
             a = tl.load(x_ptr + x_pos + x_col[:, None] + (b * sxb + i * N_IN)[None, :], mask=j_ok[:, None] & r_ok[None, :], other=0.0)
             du_row = b * sub + p * sup + i
             dub = tl.load(du_ptr + du_row[:, None] + du_col[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
@@ -99,10 +96,7 @@ def _window_columns_kernel(
     p = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_j = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < ROWS
-    b = rows // C_IN
-    i = rows % C_IN
+    b, i, row_ok = channel_rows(pid_m * BLOCK_M, ROWS, C_IN, BLOCK_M)
     du_row = b * sub + p * sup + i
     jj = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
     j_ok = jj < J

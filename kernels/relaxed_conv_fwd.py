@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import TAIL_WIDTH, hidden_columns, im2col_columns, mma, tail_columns
+from .common import TAIL_WIDTH, channel_rows, hidden_columns, im2col_columns, mma, tail_columns
 
 
 @triton.jit
@@ -38,10 +38,7 @@ def _hidden_projection_kernel(
     p = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < ROWS
-    b = rows // C_IN
-    i = rows % C_IN
+    b, i, row_ok = channel_rows(pid_m * BLOCK_M, ROWS, C_IN, BLOCK_M)
     x_row = b * sxb + i * N_IN + ((p // W_OUT) * WP + p % W_OUT) * CN
     n, h, col_ok = hidden_columns(pid_n, N_ROT, HMAIN, BLOCK_N)
     z_col = n * szn + p * szp + h

@@ -161,14 +161,7 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            times = []
-            t_end = time.perf_counter() + cfg.min_time_s
-            while len(times) < cfg.max_steps and (len(times) < cfg.min_steps or time.perf_counter() < t_end):
-                t0 = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) * 1e3)
+            times = _timed(step, device, cfg, warmup=0)
             if device.type == "cuda":
                 row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             model.eval()
