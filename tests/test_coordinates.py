@@ -194,7 +194,7 @@ def test_group_kernel_rotates_and_shifts_the_input_rotation():
 def test_factored_kernel_reproduces_full_kernel(trans):
     """Design §2: the full kernel is [W_L | b_L] applied to (Z, 1), with the mask folded into Z."""
     torch.manual_seed(3)
-    layer = rc.GroupConv(2, 3, 5, 4, rotation_nonstationary=True, translation_nonstationary=trans, omega_rot=1.0, omega_pos=1.0, hidden_channels=8).double()
+    layer = rc.GroupConv(2, 3, 5, 4, rotation_nonstationary=True, translation_nonstationary=trans, omega_rot=1.0, omega_pos=1.0 if trans else 0.0, hidden_channels=8).double()
     with torch.no_grad():
         layer.kernel_net.out.bias.normal_()
         full = layer.full_kernel((3, 4))

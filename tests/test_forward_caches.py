@@ -18,7 +18,7 @@ CPU_BACKENDS = ("materialize", "expand_conv", "factored_torch")
 
 def _layer(trans=False, backend="auto", **kw):
     torch.manual_seed(0)
-    return rc.GroupConv(2, 3, 3, 4, hidden_channels=4, translation_nonstationary=trans, omega_pos=1.0,
+    return rc.GroupConv(2, 3, 3, 4, hidden_channels=4, translation_nonstationary=trans, omega_pos=1.0 if trans else 0.0,
                         rotation_nonstationary=True, omega_rot=1.0, backend=backend, **kw)
 
 
