@@ -14,7 +14,6 @@ where each comes from; the Triton GEMM efficiency is an assumption until a GPU r
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
@@ -79,10 +78,6 @@ class Step:
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b) * b
-
-
-def _np2(n: int) -> int:
-    return max(16, 1 << (max(1, n) - 1).bit_length())
 
 
 def _split(s: Shape) -> tuple[int, bool]:
@@ -157,25 +152,20 @@ def _el(s: Shape) -> dict[str, int]:
     }
 
 
-def _fits(s: Shape, kernel: str, cfg: dict) -> bool:
-    """The pruning the kernels' autotuners apply (kernels/common.prune_by_size)."""
-    rows = s.batch * s.in_channels
-    main, _ = _split(s)
-    limits = {
-        "u": {"BLOCK_M": rows, "BLOCK_K": s.window},
-        "dz": {"BLOCK_M": s.window, "BLOCK_K": rows},
-        "v": {"BLOCK_M": rows, "BLOCK_N": s.window, "BLOCK_K": s.out_rotations * main},
-    }[kernel]
-    return all(cfg[k] <= _np2(v) for k, v in limits.items())
-
-
 def _best(s: Shape, kernel: str, card: Card) -> Step:
-    """The step at the shipped config the model predicts fastest (what autotuning should find)."""
+    """The step at the shipped config the model predicts fastest among those the kernel's own
+    autotuner keeps for this shape (what autotuning should find)."""
+    import torch
+
     from . import relaxed_conv_bwd, relaxed_conv_fwd
 
-    configs = relaxed_conv_fwd._configs() if kernel == "u" else relaxed_conv_bwd._gemm_configs()
+    tuner = {"u": relaxed_conv_fwd._hidden_projection_autotuned, "dz": relaxed_conv_bwd._hidden_weight_grad_autotuned,
+             "v": relaxed_conv_bwd._window_columns_autotuned}[kernel]
+    main, _ = _split(s)
+    args = {"data": torch.empty(1, dtype={2: torch.bfloat16, 4: torch.float32}[s.elem]),
+            "ROWS": s.batch * s.in_channels, "J": s.window, "N_ROT": s.out_rotations}
+    kept = tuner.early_config_prune(tuner.configs, args, HMAIN=main, PRECISION=None, FP64=False)
     make = {"u": _u_step, "dz": _dz_step, "v": _v_step}[kernel]
-    kept = [c for c in configs if _fits(s, kernel, c.kwargs)] or [min(configs, key=lambda c: sum(c.kwargs.values()))]
     cands = [make(s, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
     return min(cands, key=lambda st: step_time(st, card))
 

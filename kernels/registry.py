@@ -160,7 +160,18 @@ def _kernels() -> tuple[Kernel, ...]:
     )
 
 
-KERNELS: tuple[Kernel, ...] = _kernels()
+_KERNELS: tuple[Kernel, ...] | None = None
+
+
+def __getattr__(name: str):
+    # KERNELS is built on first use: it runs the host functions once (on meta tensors, with the
+    # launch intercepted), which importing this module should not do.
+    global _KERNELS
+    if name == "KERNELS":
+        if _KERNELS is None:
+            _KERNELS = _kernels()
+        return _KERNELS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- resolving an entry into compile jobs -------------------------------------------------------

@@ -244,11 +244,14 @@ def _input_grad(du, z_al, hid, geometry, x_shape, out_hw, dtype):
     chunk = max(1, min(bsz, COLUMN_BUFFER_BYTES // max(1, per_image)))
     consts = dict(C_IN=g.in_channels, N_IN=g.in_rotations, HMAIN=hmain, KSIZE=g.kernel_size, TAIL=tail, PRECISION=common.dot_precision(dtype),
                   ACC=common.acc_dtype(dtype), FP64=dtype == torch.float64)
+    # One buffer for every chunk: reused rather than reallocated (a chunk that fits in L2 stays there).
+    columns = common.empty_output((chunk, positions, k2, cn), device=du.device, dtype=dtype)
+    common.check_int32_indexing(columns)
     for b0 in range(0, bsz, chunk):
         nb = min(chunk, bsz - b0)
         du_c = du[b0 : b0 + nb]
-        v = common.empty_output((nb, positions, k2, cn), device=du.device, dtype=dtype)
-        common.check_int32_indexing(v, du_c)
+        v = columns[:nb]
+        common.check_int32_indexing(du_c)
         rows = nb * g.in_channels
         args = (
             du_c, z, v,

@@ -1,7 +1,7 @@
 """Kernel report: compile every shipped kernel config for an H100/H200 (sm_90a) on the CPU and say
 what the GPU would run.
 
-    python -m relaxedconv.kernels.report [--quick] [--dtypes bf16,fp32-tf32] [--filter fwd]
+    python -m relaxedconv.kernels.report [--quick] [--dtypes bf16,fp32-tf32] [--filter u]
                                          [--jobs N] [--json PATH]
 
 Per (kernel, config, dtype, specialisation) from ``kernels/registry.py``: registers, spill

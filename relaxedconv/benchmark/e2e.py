@@ -31,6 +31,7 @@ from ..layers import backends_used
 from .deadline import RowTimeout, row_deadline
 from .floor import plain_conv_floor
 from .layer_bench import CONCRETE_BACKENDS, DTYPES, NO_GPU, free_memory, precision, record_failure
+from .timing import timed_call
 
 E2E_VARIANTS = ("t2", "se2", "se2_rot", "se2_rot_trans")
 FLOOR = "conv2d"
@@ -206,13 +207,7 @@ def _timed(fn, device, cfg: E2EConfig, *, warmup: int) -> list[float]:
     times = []
     t_end = time.perf_counter() + cfg.min_time_s
     while len(times) < cfg.max_steps and (len(times) < cfg.min_steps or time.perf_counter() < t_end):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append(timed_call(fn, device) * 1e3)
     return times
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .. import dispatch
 from . import cases as cases_mod
 from .flops import case_macs, tflops
-from .timing import TimingConfig, peak_memory_mib, time_fn
+from .timing import TimingConfig, peak_memory_mib, time_fn, timed_call
 
 # The backend table's backends (the fused one first), auto, and "conv2d": the plain F.conv2d of
 # the same expanded shape.
@@ -252,13 +252,7 @@ def interleaved_ratio(case, layer, dtype_name: str, a: str, b: str, device: torc
             fn, leaves = calls[name]
             for t in leaves:
                 t.grad = None
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
+            return timed_call(fn, device)
 
         for name in (a, b):
             timed(name)  # warm

@@ -142,3 +142,13 @@ def peak_memory_mib(fn, device: torch.device, grad_to_none=None) -> float | None
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed_call(fn, device: torch.device) -> float:
+    """Seconds of one call of ``fn``, the device synchronised before and after (work queued
+    earlier is not counted, the call's own work is)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
