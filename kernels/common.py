@@ -172,10 +172,16 @@ def pinned_config(kernel: str):
     return None
 
 
-def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype):
+def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype, fp32_config=None):
     """Run ``kernel`` with the pinned config if there is one, else autotuned on CUDA, else with
-    the fixed tile ``fixed`` (interpreter, fp64, RELAXEDCONV_AUTOTUNE=0)."""
+    the fixed tile ``fixed`` (interpreter, fp64, RELAXEDCONV_AUTOTUNE=0).
+
+    ``fp32_config`` ``(meta, options)``: the one config fp32 inputs use on CUDA instead of
+    autotuning, for a kernel whose larger fp32 configs are known to fault (see
+    :data:`relaxed_conv_bwd.FP32_WINDOW_COLUMNS_CONFIG`)."""
     pinned = pinned_config(name)
+    if pinned is None and fp32_config is not None and dtype == torch.float32 and use_autotune(device, dtype):
+        pinned = fp32_config
     if pinned is not None:
         meta, opts = pinned
         meta = {**fixed, **meta}

@@ -33,7 +33,7 @@ def _grads(model, x, fn):
     model.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     y = fn(x)
-    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape)).sum().backward()
     return y.detach(), x.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -87,11 +87,12 @@ def test_triton_path_is_an_opaque_operator_with_autograd():
     registration pass torch.library.opcheck."""
     torch.manual_seed(2)
     kw = dict(hidden_channels=4, backend="triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, else the interpreter
     model = torch.nn.Sequential(
         rc.LiftingConv(1, 2, 3, 2, translation_nonstationary=True, omega_pos=1.0, **kw),
         rc.GroupConv(2, 2, 3, 2, **kw),
-    )
-    x = torch.randn(1, 1, 4, 4)
+    ).to(device)
+    x = torch.randn(1, 1, 4, 4, device=device)
     graphs = []
 
     def capture(gm, example_inputs):

@@ -165,7 +165,7 @@ def test_plan_reports_what_export_builds_and_auto_picks_the_smaller_form():
     assert rows["blocks.1.shortcut"]["form"] == "conv"
     # both forms of one layer agree with each other at fp32
     lift = model.lift
-    x = torch.randn(2, 3, SIZE, SIZE)
+    x = torch.randn(2, 3, SIZE, SIZE, device=DEVICE)
     with torch.no_grad():
         a, b = export_layer(lift, SIZE, "bank")(x), export_layer(lift, SIZE, "factored")(x)
     assert rel_err(a, b) < 1e-5
@@ -175,7 +175,7 @@ def test_per_position_layers_refuse_another_input_size():
     model = _model("se2_trans", torch.float32)
     exported = export(model, SIZE)
     with pytest.raises(ValueError, match=r"exported for inputs \[B, 3, 16, 16\].*--input-size"):
-        exported(torch.randn(1, 3, 20, 20))
+        exported(torch.randn(1, 3, 20, 20, device=DEVICE))
     with pytest.raises(ValueError, match="translation non-stationary.*input_size"):
         export(model)
     with pytest.raises(ValueError, match="input_size"):
@@ -184,7 +184,7 @@ def test_per_position_layers_refuse_another_input_size():
         export(model, 5)
     # a translation-stationary model needs no input size and runs at any
     stationary = export(_model("se2_rot", torch.float32))
-    assert stationary(torch.randn(1, 3, 20, 20)).shape == (1, 5)
+    assert stationary(torch.randn(1, 3, 20, 20, device=DEVICE)).shape == (1, 5)
 
 
 def test_export_leaves_the_model_as_it_was():
@@ -240,6 +240,7 @@ def _saved_models(tmp_path):
         model = _model(variant, torch.float32)
         exported = export(model, SIZE, form=form)
         x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+        exported.cpu()  # the file is read on a CPU below (in a process without relaxedconv)
         with torch.no_grad():
             y = exported(x)
         path = tmp_path / f"{variant}-{form}.pt"
@@ -338,7 +339,7 @@ def test_export_refuses_inconsistent_models():
     with pytest.raises(ValueError, match="head.*kernel net makes"):
         check_exportable(swapped)
     no_stats = copy.deepcopy(model)
-    no_stats.lift_norm.bn = nn.BatchNorm2d(4, track_running_stats=False)
+    no_stats.lift_norm.bn = nn.BatchNorm2d(4, track_running_stats=False).to(DEVICE)
     with pytest.raises(ValueError, match="running statistics"):
         export(no_stats, SIZE)
 

@@ -130,3 +130,35 @@ def test_recomputing_u_in_backward_gives_the_same_gradients(per_position, monkey
     assert len(calls) == 1
     for a, b in zip(kept, recomputed):
         assert torch.equal(a, b)
+
+
+class _RecordingKernel:
+    """Stands in for a JIT kernel / autotuner: records how it was launched."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append(kw)
+
+
+@pytest.mark.parametrize("dtype, autotuned", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True)])
+def test_fp32_on_cuda_uses_the_verified_window_columns_config(dtype, autotuned, monkeypatch):
+    """H200, Triton 3.6: v's largest fp32 config faulted; fp32 takes the config that ran cleanly,
+    16-bit inputs keep autotuning, and a pinned config still wins over both."""
+    from relaxedconv.kernels.relaxed_conv_bwd import FP32_WINDOW_COLUMNS_CONFIG
+
+    monkeypatch.setattr(common, "use_autotune", lambda device, dtype: True)
+    kernel, tuner = _RecordingKernel(), _RecordingKernel()
+    common.launch("v", kernel, tuner, lambda meta: (1,), (), {}, {"BLOCK_M": 16}, device=torch.device("cuda"),
+                  dtype=dtype, fp32_config=FP32_WINDOW_COLUMNS_CONFIG)
+    if autotuned:
+        assert tuner.calls == [{}] and kernel.calls == []
+    else:
+        meta, opts = FP32_WINDOW_COLUMNS_CONFIG
+        assert kernel.calls == [{**meta, **opts}] and tuner.calls == []
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "v:BLOCK_M=128,num_stages=3")
+    kernel.calls.clear()
+    common.launch("v", kernel, tuner, lambda meta: (1,), (), {}, {"BLOCK_M": 16}, device=torch.device("cuda"),
+                  dtype=dtype, fp32_config=FP32_WINDOW_COLUMNS_CONFIG)
+    assert kernel.calls == [{"BLOCK_M": 128, "num_stages": 3}]

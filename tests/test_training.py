@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from relaxedconv import dispatch
 from relaxedconv.training import cli
 from relaxedconv.training.data import DatasetError, augment, load_dataset, split_indices
 from relaxedconv.training.trainer import Interrupted, train
@@ -203,7 +204,9 @@ def test_short_train_run_writes_the_run_directory(tmp_path):
     final = json.loads((out / "final.json").read_text())
     assert final["best_epoch"] in (1, 2) and final["test_acc_at_best_val"] is not None
     # which backend each layer ran (issue 10): CPU, static rule, translation-stationary layers
-    assert final["backends"] and set(final["backends"].values()) == {"expand_conv"}
+    assert final["backends"] and set(final["backends"].values()) <= set(dispatch.BACKENDS) - {"auto"}
+    if not torch.cuda.is_available():  # the static rule; on a GPU auto times the backends and may differ
+        assert set(final["backends"].values()) == {"expand_conv"}
     assert set(final["backends"]) == set(final["omegas"])
     eq = json.loads((out / "equivariance.json").read_text())
     assert set(eq) == set(final["omegas"]) and eq["lift"]["rotation_90"] > 1e-4  # non-stationary: not equivariant
