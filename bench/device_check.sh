@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
 # The one GPU check (issues 6, 9, 10, 13). From the repository root:
 #
-#     bash bench/device_check.sh                       # every step, ~9.5 min worst case
+#     bash bench/device_check.sh                       # every step, ~12 min worst case (over one call)
 #     STEPS="tests kernels" bash bench/device_check.sh # only some steps (a command may run 10 min:
 #                                                      # split the check over two calls if needed)
 #
 # Steps, each under its own `timeout` so that one hung step does not lose the others
-# (worst case ~9 min; the benchmark steps also stop starting new measurements at their budget
+# (worst case ~12 min; the benchmark steps also stop starting new measurements at their budget
 # and rewrite their JSON after every measurement, so a killed step keeps what it measured):
 #
 #   0. environment (nvidia-smi, versions) and install (pip -e, no network)          <= 45 s
-#   1. tests:   python -m pytest -q tests, on CUDA (kernels compiled, not interpreted)  150 s
+#   1. tests:   python -m pytest -q tests, on CUDA (kernels compiled, not interpreted),  150 s
+#               in 8 processes when pytest-xdist is there (one process did 77% in 150 s)
 #   2. kernels: every step of the fused path timed beside the cost model (T1, T2, G4)    60 s
+#      split:   host vs device time of kernel net and convolution (T1, T2, G4), default  60 s
+#               kernel net and the fused one (RELAXEDCONV_FUSED_KERNEL_NET=1)
 #   3. layers:  layer benchmark, every case, bf16 then tf32, 6 backends, budget 115 s   150 s
 #   4. e2e:     training step (design.md §7 model), bf16 autocast, budget 50 s,          75 s
-#               every row under its own 25 s limit, with the plain-conv floor row
+#               every row under its own 25 s limit, the plain-conv floor row first
+#      graphs:  the SE(2)-8 step under torch.compile reduce-overhead (CUDA graphs)        75 s
 #   5. auto:    one-off cost of auto's measurement per new shape (G1, G4, T1, T2)        45 s
 #   6. pytest_bench: pytest-benchmark entries (G4, T2), GPU-synchronised                  35 s
 #
+# Through the device tool (at most 8 files come back): OUT=/tmp/r bash bench/device_check.sh;
+# tar czf "$OUT/r.tgz" -C /tmp/r .
 # Output: "$OUT" (bench/results/ when OUT is unset), flat files:
-#   device_summary.txt  tests.log  kernel_steps.log  kernel_steps.json  bench_layers.log
-#   bench_layers.json  bench_e2e.log  bench_e2e.json  auto_cost.log  pytest_bench.log
+#   device_summary.txt  tests.log  kernel_steps.log  kernel_steps.json  time_split{,_fused}.{log,json}
+#   bench_layers.{log,json}  bench_e2e.{log,json}  bench_e2e_graphs.{log,json}  auto_cost.log  pytest_bench.log
+# Worst case of all steps ~12 min: split it over two calls, e.g. STEPS="tests kernels split" then
+# STEPS="layers e2e graphs".
 # Exit status: 0 when every step passed, else 1 (all steps run regardless).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -33,7 +41,7 @@ SUMMARY="$OUT/device_summary.txt"
 FAILED=0
 PY="${PYTHON:-python}"
 
-STEPS="${STEPS:-tests kernels layers e2e auto pytest_bench}"
+STEPS="${STEPS:-tests kernels split layers e2e graphs auto pytest_bench}"
 
 log() { echo "$*" | tee -a "$SUMMARY"; }
 want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -71,11 +79,19 @@ print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO
 EOF
 
 # ---- 1. tests on CUDA ------------------------------------------------------------------------
-want tests && run_step tests 150 "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests
+XDIST=()
+if "$PY" -c "import xdist" > /dev/null 2>&1; then XDIST=(-n 8); fi
+want tests && run_step tests 150 "$PY" -m pytest -q -rf -p no:cacheprovider --durations=15 "${XDIST[@]}" tests
 
 # ---- 2. the fused path step by step, beside the cost model ------------------------------------
 want kernels && run_step kernel_steps 60 "$PY" -m relaxedconv.kernels.step_bench --cases T1,T2,G4 \
   --json "$OUT/kernel_steps.json"
+
+# ---- 2b. host vs device time of each part (kernel net, convolution), PyTorch and fused kernel net
+want split && run_step time_split 30 "$PY" -m relaxedconv.benchmark.time_split --cases T1,T2,G4 --backends triton \
+  --json "$OUT/time_split.json"
+want split && RELAXEDCONV_FUSED_KERNEL_NET=1 run_step time_split_fused 30 "$PY" -m relaxedconv.benchmark.time_split \
+  --cases T1,T2,G4 --backends triton --json "$OUT/time_split_fused.json"
 
 # ---- 3. layer benchmark ------------------------------------------------------------------------
 # Cases in priority order (the issue's targets first); the budget cuts the batch/size variants.
@@ -85,8 +101,11 @@ want layers && run_step bench_layers 150 "$PY" -m relaxedconv.benchmark --suite 
 
 # ---- 4. end-to-end figure ----------------------------------------------------------------------
 want e2e && run_step bench_e2e 75 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
-  --row-time-limit 25 --e2e-variants t2,se2,se2_rot,se2_rot_trans --e2e-backends auto,conv2d,triton,expand_conv,materialize,factored_torch \
+  --row-time-limit 25 --e2e-variants t2,se2,se2_rot,se2_rot_trans --e2e-backends conv2d,expand_conv,auto,triton,factored_torch,materialize \
   --time-budget 50 --json "$OUT/bench_e2e.json"
+want graphs && run_step bench_e2e_graphs 75 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
+  --row-time-limit 60 --e2e-variants se2 --e2e-backends expand_conv,conv2d --e2e-compile reduce-overhead \
+  --time-budget 65 --json "$OUT/bench_e2e_graphs.json"
 
 # ---- 5. one-off cost of auto's measurement (README "backend='auto'") ---------------------------
 want auto && run_step auto_cost 45 "$PY" -m relaxedconv.benchmark.auto_cost --cases G1,G4,T1,T2
@@ -105,7 +124,7 @@ fi
 # ---- summary: targets and e2e from the JSON (even when a step was cut short) -------------------
 log ""
 log "== summary"
-"$PY" - "$OUT/bench_layers.json" "$OUT/bench_e2e.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+"$PY" - "$OUT/bench_layers.json" "$OUT/bench_e2e.json" "$OUT/bench_e2e_graphs.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import json, os, sys
 from relaxedconv.benchmark import report
 for path in sys.argv[1:]:
