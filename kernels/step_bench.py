@@ -1,6 +1,6 @@
 """Time every step of the fused path on the GPU beside the FLOP/byte model's prediction.
 
-    python -m relaxedconv.kernels.step_bench --cases T1,T2,G4 [--card H100] [--json steps.json]
+    python -m relaxedconv.kernels.step_bench --cases T1,T2,G4 [--card auto|H100|H200] [--json steps.json]
 
 For each benchmark case (bf16, random tensors of the case's shapes) it times, with
 ``triton.testing.do_bench`` (median, L2 flushed, compile and autotuning excluded), the whole
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m relaxedconv.kernels.step_bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="T1,T2,G4")
-    ap.add_argument("--card", choices=sorted(cost_model.CARDS), default="H100", help="the model's card parameters")
+    ap.add_argument("--card", choices=["auto", *sorted(cost_model.CARDS)], default="auto",
+                    help="the model's card parameters; auto: the GPU's own (H200 on an H200, else H100)")
     ap.add_argument("--json", default="", help="also write the rows here")
     ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: run every step once on a tiny shape under the interpreter")
     args = ap.parse_args(argv)
@@ -123,6 +124,9 @@ def main(argv=None) -> int:
             ap.error(f"unknown case(s) {unknown}; choose from {sorted(CASES)}")
         shapes = {c: cost_model.shape_of_case(CASES[c]) for c in names}
         device, dtype = torch.device("cuda"), torch.bfloat16
+    if args.card == "auto":
+        gpu = torch.cuda.get_device_name() if device.type == "cuda" else ""
+        args.card = "H200" if "H200" in gpu else "H100"
     card = cost_model.CARDS[args.card]
     rows = []
     print(f"step_bench on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (interpreter: timings meaningless)'}; "
