@@ -239,7 +239,7 @@ def test_compile_option_compiles_the_training_model(tmp_path, monkeypatch):
 def test_resume_after_interruption_gives_identical_weights(tmp_path, variant):
     data = make_folder(tmp_path / "f", n_train=32, n_test=8)
     common = ["--dataset", "folder", "--data-dir", str(data), "--val-size", "8", "--variant", variant,
-              "--epochs", "3", "--omega-penalty", "0.01", *TINY]
+              "--epochs", "3", "--omega-penalty", "0.01", "--deterministic", *TINY]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert cli.train_main([*common, "--out", str(full)]) == 0
     # 3 steps per epoch: stop in the middle of epoch 2 (after its checkpoint of epoch 1)...
@@ -356,3 +356,55 @@ def test_download_checks_md5_and_unpacks(tmp_path, monkeypatch):
     d = load_dataset("cifar10", tmp_path / "dl", download_missing=True, log=lambda *a: None)
     assert d.train_images.shape == (40, 32, 32, 3)
     assert (tmp_path / "dl" / "cifar-10-python.tar.gz").is_file()
+
+
+def test_a_resumed_run_keeps_the_backends_auto_chose_before_the_interruption(tmp_path, capsys):
+    """auto times the backends (as on a GPU); the resumed process would time them differently, but
+    it must continue with the backends the interrupted run computed with."""
+    from relaxedconv import auto_backend
+
+    def timer_preferring(fast):
+        def timer(run, *, backend, device):
+            return 0.001 if backend == fast else 1.0
+        return timer
+
+    data = make_folder(tmp_path / "f", n_train=32, n_test=8)
+    cut = tmp_path / "cut"
+    args = ["--dataset", "folder", "--data-dir", str(data), "--val-size", "8", "--variant", "se2", "--epochs", "2",
+            "--auto-policy", "measure", *TINY, "--out", str(cut)]
+    try:
+        auto_backend.clear()
+        auto_backend.set_timer(timer_preferring("materialize"))
+        assert cli.train_main([*args, "--interrupt-after-steps", "4"]) == 130
+        before = torch.load(cut / "checkpoint.pt", weights_only=False)["backends"]
+        assert set(before.values()) == {"materialize"}
+        auto_backend.clear()
+        auto_backend.set_timer(timer_preferring("expand_conv"))  # a new process would measure anew
+        assert cli.train_main(["--out", str(cut), "--resume", "--progress", "off"]) == 0
+    finally:
+        auto_backend.set_timer(None)
+        auto_backend.clear()
+        dispatch.set_auto_policy(None)
+    assert json.loads((cut / "final.json").read_text())["backends"] == before
+    assert "auto layers keep the backends they ran" in capsys.readouterr().out
+
+
+def test_deterministic_mode_holds_for_the_run_and_is_restored(tmp_path, monkeypatch):
+    from relaxedconv.training import trainer as trainer_mod
+
+    seen = []
+    real_run = trainer_mod.Trainer.run
+
+    def run(self, resume=False):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic))
+        return real_run(self, resume=resume)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "run", run)
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic
+    common = ["--dataset", "folder", "--data-dir", str(data), "--val-size", "4", "--variant", "t2", "--epochs", "1", *TINY]
+    assert cli.train_main([*common, "--out", str(tmp_path / "d"), "--deterministic"]) == 0
+    assert cli.train_main([*common, "--out", str(tmp_path / "n")]) == 0
+    assert seen == [(True, True), before]
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["config"]["deterministic"] is True

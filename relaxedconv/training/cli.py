@@ -122,6 +122,9 @@ def train_parser(prog: str = "relaxedconv train") -> argparse.ArgumentParser:
     g.add_argument("--compile", choices=("off", "default", "reduce-overhead", "max-autotune"), default=d["compile"],
                    help="torch.compile the training forward/backward with this mode; reduce-overhead also captures "
                    "them in CUDA graphs (CUDA only). The first steps compile (minutes)")
+    g.add_argument("--deterministic", action="store_true", default=d["deterministic"],
+                   help="deterministic kernels (cuDNN without autotuning, torch.use_deterministic_algorithms): slower on a "
+                   "GPU, but a run and its resumption give the same bits there too")
     g.add_argument("--progress", choices=("auto", "on", "off"), default=d["progress"], help="progress bar; auto: when stderr is a terminal")
     g.add_argument("--test-every-epoch", action="store_true", help="evaluate the test set every epoch (else at each new best validation epoch)")
     g.add_argument("--interrupt-after-steps", type=int, default=0, help=argparse.SUPPRESS)

@@ -19,6 +19,8 @@ RNG states), so a run resumed after an interruption continues bit for bit as if 
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends_used, dispatch, equivariance_penalty, omegas
+from ..layers import _RelaxedGroupConv
 from ..equivariance import (
     _relaxed_layers,
     effective_omegas,
@@ -68,6 +71,7 @@ DEFAULTS = dict(
     backend="auto",
     auto_policy=None,  # None: RELAXEDCONV_AUTO, else measure on CUDA / static on CPU
     compile="off",  # or a torch.compile mode for the training forward/backward ("reduce-overhead": CUDA graphs)
+    deterministic=False,  # deterministic kernels: a run and its resumption give the same bits on a GPU too
     epochs=300,
     batch_size=64,
     eval_batch_size=256,
@@ -182,7 +186,8 @@ class Trainer:
         self.dist = Dist(self.cfg["device"])
         self.device = self.dist.device
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms
+            # fixed shapes: let cuDNN pick its fastest algorithms (unless every run must give the same bits)
+            torch.backends.cudnn.benchmark = not self.cfg.get("deterministic", False)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         dispatch.set_auto_policy(self.cfg.get("auto_policy"))
@@ -346,6 +351,23 @@ class Trainer:
         return s[0] / s[2], 100 * s[1] / s[2]
 
     # -- checkpoints --
+    def _pin_backends(self, recorded: dict) -> None:
+        """Give every ``auto`` layer the backend it ran before the interruption.
+
+        On a GPU ``auto`` times the backends, and a new process may time them differently; the
+        backends round differently, so the resumed run would not continue the interrupted one.
+        A recorded backend that cannot run here (a GPU run resumed on a CPU) is left to ``auto``."""
+        pinned = {}
+        for name, m in self.model.named_modules():
+            choice = recorded.get(name or type(m).__name__)
+            if not isinstance(m, _RelaxedGroupConv) or m.backend != "auto" or choice not in dispatch.BACKEND_TABLE:
+                continue
+            if self.device.type in dispatch.BACKEND_TABLE[choice].devices:
+                m.backend = choice
+                pinned[name] = choice
+        if pinned:
+            self.log(f"resume: {len(pinned)} auto layers keep the backends they ran: " + ", ".join(f"{k}={v}" for k, v in pinned.items()))
+
     def _checkpoint(self, epoch: int, history: list, best: dict) -> None:
         if self.dist.main:
             atomic_torch_save(
@@ -358,6 +380,8 @@ class Trainer:
                     "best": best,
                     "rng": rng_state(),
                     "config": self.cfg,
+                    # auto's choices: a resumed run computes with the same backends (see _pin_backends)
+                    "backends": self.backends or backends_used(self.model),
                 },
                 self.out / "checkpoint.pt",
             )
@@ -395,6 +419,7 @@ class Trainer:
             self.sched.load_state_dict(ckpt["scheduler"])
             history, best, start = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
             set_rng_state(ckpt["rng"])
+            self._pin_backends(ckpt.get("backends") or {})
             self.log(f"resuming {self.out} after epoch {ckpt['epoch']}")
         env = dict(
             torch=torch.__version__, device=device_name(self.device), world_size=self.dist.world,
@@ -481,11 +506,35 @@ class Trainer:
         return final
 
 
+@contextlib.contextmanager
+def deterministic_kernels(on: bool):
+    """``torch.use_deterministic_algorithms`` (and cuDNN's and cuBLAS's deterministic modes) for the
+    duration of a run, restored afterwards. The fused Triton kernels are deterministic by design;
+    cuDNN's autotuned algorithms and some backward kernels are not, so without this a GPU run and
+    its resumption from a checkpoint agree only to rounding."""
+    if not on:
+        yield
+        return
+    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic form warns, not fails
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+        torch.backends.cudnn.deterministic = old[2]
+        if old[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def train(cfg: dict, resume: bool = False, log=print) -> dict:
     """Run (or resume) one training run; returns what ``final.json`` holds."""
     trainer = Trainer(cfg, log=log)
     try:
-        return trainer.run(resume=resume)
+        with deterministic_kernels(bool(trainer.cfg.get("deterministic"))):
+            return trainer.run(resume=resume)
     finally:
         if trainer.dist.enabled and trainer.dist.dist.is_initialized():
             trainer.dist.dist.destroy_process_group()
