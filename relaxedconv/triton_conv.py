@@ -2,14 +2,16 @@
 
 Two ``torch.library`` custom operators wrap the host functions of the kernels:
 
-- ``relaxedconv::triton_conv_fwd(x, z, w_ext, bias, geometry) -> (y, U)``
-- ``relaxedconv::triton_conv_bwd(dy, x, z, w_ext, U, geometry, needs) -> [dx, dz, dw_ext]`` (a
-  gradient that is not needed comes back as an empty tensor)
+- ``relaxedconv::triton_conv_fwd(x, z, w_ext, bias, geometry) -> (y, U, x_cl, z_al)``
+- ``relaxedconv::triton_conv_bwd(dy, x, z, w_ext, U, x_cl, z_al, geometry, needs) -> [dx, dz, dw_ext]``
+  (a gradient that is not needed comes back as an empty tensor)
 
 U = X_col Z (``[B, N, P, H+1, C_in]``) is what the forward computes before its cuBLAS GEMM; the
 autograd formula keeps it for dW_ext, so the backward does not recompute it. That costs U's memory
-between forward and backward (≈ 33x the output at C_in = C_out = 32, H = 32);
-``RELAXEDCONV_TRITON_RECOMPUTE_U=1`` keeps nothing and recomputes U in the backward instead.
+between forward and backward (≈ 33x the output at C_in = C_out = 32, H = 32). The forward's
+channels-last padded input ``x_cl`` and 16-aligned Z ``z_al`` (about the input's and Z's sizes) are
+kept too, so the backward does not repack them. ``RELAXEDCONV_TRITON_RECOMPUTE_U=1`` keeps none of
+the three and rebuilds them in the backward instead.
 
 Each operator has a fake (meta) implementation that gives the output shapes without running a
 kernel, and the forward has a registered autograd formula, so ``torch.compile`` sees one opaque
@@ -37,11 +39,12 @@ def recompute_u() -> bool:
 
 @torch.library.custom_op("relaxedconv::triton_conv_fwd", mutates_args=())
 def triton_conv_fwd(x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, bias: Optional[torch.Tensor],
-                    geometry: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+                    geometry: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .kernels.relaxed_conv_fwd import relaxed_conv_fwd
 
-    y, u = relaxed_conv_fwd(x, z, w_ext, bias, _geometry(geometry), return_u=True)
-    return y.contiguous(), u
+    y, u, x_cl, z_al = relaxed_conv_fwd(x, z, w_ext, bias, _geometry(geometry), return_u=True, return_packed=True)
+    # An output may not alias an input: z_al is z itself when z is already aligned and contiguous.
+    return y.contiguous(), u, x_cl, z_al if z_al.data_ptr() != z.data_ptr() else z_al.clone()
 
 
 @triton_conv_fwd.register_fake
@@ -49,38 +52,45 @@ def _triton_conv_fwd_fake(x, z, w_ext, bias, geometry):
     g = _geometry(geometry)
     h, w = g.out_size(x.shape[-2], x.shape[-1])
     y = x.new_empty((x.shape[0], g.out_channels * g.out_rotations, h, w))
-    return y, x.new_empty((x.shape[0], g.out_rotations, h * w, z.shape[-1], g.in_channels))
+    u = x.new_empty((x.shape[0], g.out_rotations, h * w, z.shape[-1], g.in_channels))
+    p = g.padding
+    x_cl = x.new_empty((x.shape[0], x.shape[2] + 2 * p, x.shape[3] + 2 * p, x.shape[1]))
+    z_al = z.new_empty((*z.shape[:-1], -(-z.shape[-1] // 16) * 16))
+    return y, u, x_cl, z_al
 
 
 @torch.library.custom_op("relaxedconv::triton_conv_bwd", mutates_args=())
 def triton_conv_bwd(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, u: Optional[torch.Tensor],
+                    x_cl: Optional[torch.Tensor], z_al: Optional[torch.Tensor],
                     geometry: List[int], needs: List[bool]) -> List[torch.Tensor]:
     from .kernels.relaxed_conv_bwd import relaxed_conv_bwd
 
-    grads = relaxed_conv_bwd(dy, x, z, w_ext, _geometry(geometry), needs=tuple(bool(n) for n in needs), u=u)
+    grads = relaxed_conv_bwd(dy, x, z, w_ext, _geometry(geometry), needs=tuple(bool(n) for n in needs), u=u,
+                             x_cl=x_cl, z_al=z_al)
     # Contiguous, as the fake implementation promises the compiler (dw_ext comes back permuted).
     return [g.contiguous() if g is not None else like.new_empty(0) for g, like in zip(grads, (x, z, w_ext))]
 
 
 @triton_conv_bwd.register_fake
-def _triton_conv_bwd_fake(dy, x, z, w_ext, u, geometry, needs):
+def _triton_conv_bwd_fake(dy, x, z, w_ext, u, x_cl, z_al, geometry, needs):
     return [like.new_empty(like.shape if need else (0,)) for like, need in zip((x, z, w_ext), needs)]
 
 
 def _setup_context(ctx, inputs, output):
     x, z, w_ext, bias, geometry = inputs
-    _, u = output
+    _, u, x_cl, z_al = output
+    keep = not recompute_u()
     # U serves dW_ext only: keep it when that gradient is wanted and memory is not to be saved.
-    ctx.keep_u = ctx.needs_input_grad[2] and not recompute_u()
-    ctx.save_for_backward(x, z, w_ext, u if ctx.keep_u else None)
+    ctx.keep_u = ctx.needs_input_grad[2] and keep
+    ctx.save_for_backward(x, z, w_ext, u if ctx.keep_u else None, x_cl if keep else None, z_al if keep else None)
     ctx.geometry = list(geometry)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, dy, _du):
-    x, z, w_ext, u = ctx.saved_tensors
+def _backward(ctx, dy, _du, _dx_cl, _dz_al):
+    x, z, w_ext, u, x_cl, z_al = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    dx, dz, dw = triton_conv_bwd(dy, x, z, w_ext, u, ctx.geometry, [bool(n) for n in needs[:3]])
+    dx, dz, dw = triton_conv_bwd(dy, x, z, w_ext, u, x_cl, z_al, ctx.geometry, [bool(n) for n in needs[:3]])
     dbias = None
     if ctx.bias_dtype is not None and needs[3]:
         g = _geometry(ctx.geometry)
