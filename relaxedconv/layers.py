@@ -27,6 +27,11 @@ from .validation import (
     resolve_padding,
 )
 
+# A translation non-stationary layer recomputes its kernel net in backward (activation
+# checkpointing) when one [N, P, J, H] activation reaches this size: T2-b64-32px (411 MB in fp32)
+# does, T1 (6 MB) and T2 (103 MB) keep their activations and skip the recomputation's operators.
+CHECKPOINT_BYTES = 256 * 2**20
+
 
 class _RelaxedGroupConv(nn.Module):
     """Shared machinery: coordinates -> kernel net -> one of the backends of design.md §3."""
@@ -205,13 +210,21 @@ class _RelaxedGroupConv(nn.Module):
         mask = self._window_mask(device, dtype)
         return torch.ones(self.in_rotations * self.kernel_size**2, device=device, dtype=dtype) if mask is None else mask
 
+    def _hidden_bytes(self, out_hw) -> int:
+        """Bytes of one [N, P, J, H] activation of the kernel net (P = 1 when stationary)."""
+        p = out_hw[0] * out_hw[1] if self.translation_nonstationary else 1
+        w = self.kernel_net.first.weight
+        return self.group_order * p * self.in_rotations * self.kernel_size**2 * self.kernel_net.hidden_channels * w.element_size()
+
     def _hidden_features(self, out_hw) -> torch.Tensor:
         """Hidden features z on the lattice: [N, J, H], or [N, P, J, H] when translation non-stationary."""
         w = self.kernel_net.first.weight
         coords = self._lattice(out_hw, w.device, w.dtype)
-        if self.translation_nonstationary and torch.is_grad_enabled():
+        if self.translation_nonstationary and torch.is_grad_enabled() and self._hidden_bytes(out_hw) >= CHECKPOINT_BYTES:
             # Per-position features are N*P*J*H values; keeping only them (not every SIREN layer's
-            # activations) and recomputing the SIREN in backward costs ~2% of the layer's FLOPs.
+            # activations) and recomputing the SIREN in backward costs ~2% of the layer's FLOPs,
+            # but its ~30 more operators cost host time (~10 us each on a GPU host): only worth it
+            # where the activations are large.
             z = checkpoint(self.kernel_net.hidden, coords, use_reentrant=False)
         else:
             z = self.kernel_net.hidden(coords)
