@@ -189,6 +189,14 @@ def _consts(r, q, w2, mask):
                 HAS_MASK=mask is not None, ACC=common.acc_dtype(r.dtype), FP64=r.dtype == torch.float64)
 
 
+def _check_pinned(name: str) -> None:
+    # The host sizes the grid and the partial buffers by BLOCK_J: a pin may set only the warps.
+    pinned = common.pinned_config(name)
+    if pinned is not None and pinned[0].get("BLOCK_J", BLOCK_J) != BLOCK_J:
+        raise ValueError(f"RELAXEDCONV_KERNEL_CONFIG: {name} runs with BLOCK_J={BLOCK_J} only (it sets the "
+                         f"partial sums); pin num_warps alone, e.g. '{name}:num_warps=8'")
+
+
 def _grid(r, positions):
     n_rot, window = r.shape[0], r.shape[1]
     j_tiles = triton.cdiv(window, BLOCK_J)
@@ -205,6 +213,7 @@ def kernel_net_forward(r, q, w2, b2, mask) -> torch.Tensor:
     shape = (n_rot, window, hidden + 1) if q is None else (n_rot, positions, window, hidden + 1)
     z = common.empty_output(shape, device=r.device, dtype=r.dtype)
     common.check_int32_indexing(r, z)
+    _check_pinned("knet_fwd")
     n_rot, j_tiles, chunks = _grid(r, positions)
     dummy = r  # stands in for an absent operand; the kernel never reads it
     args = (r, dummy if q is None else q, dummy if w2 is None else w2, dummy if b2 is None else b2,
@@ -220,6 +229,7 @@ def kernel_net_backward(r, q, w2, b2, mask, dz):
     Only dz's first H columns reach the parameters (the last is the constant column)."""
     n_rot, window, hidden = r.shape
     positions = 1 if q is None else q.shape[0]
+    _check_pinned("knet_bwd")
     n_rot, j_tiles, chunks = _grid(r, positions)
     acc = torch.float64 if r.dtype == torch.float64 else torch.float32
     programs = n_rot * j_tiles * chunks

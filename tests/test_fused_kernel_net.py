@@ -218,6 +218,16 @@ def test_bad_operands_are_refused():
         hidden_features(r.half(), None, None, None, None)
 
 
+def test_a_pinned_config_may_set_the_warps_but_not_the_tile(monkeypatch):
+    t = dict(dtype=torch.float64, device=DEVICE)
+    r, q = torch.randn(2, 3, 4, **t), torch.randn(5, 4, **t)
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "knet_fwd:num_warps=8")
+    assert hidden_features(r, q, None, None, None).shape == (2, 5, 3, 5)
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "knet_fwd:BLOCK_J=16")
+    with pytest.raises(ValueError, match="BLOCK_J=32 only"):
+        hidden_features(r, q, None, None, None)
+
+
 def test_the_kernels_compile_for_sm90_without_spills_in_fp32(tmp_path):
     """The kernel report's compile of the fused kernel net's shipped configs (the CI's quick report
     covers the bf16/tf32 dtypes, which these kernels never run in): every row compiles and the
