@@ -92,6 +92,7 @@ class Kernel:
     constexprs: dict = field(default_factory=dict)
     pointers: dict[str, PointerDtype] = field(default_factory=dict)
     ints: dict[str, dict[str, int]] = field(default_factory=dict)
+    dtypes: tuple[str, ...] | None = None  # the DTYPES it is launched in; None: every data dtype
 
 
 LAYOUT = Axis("layout", (("stationary", {"PER_POSITION": False}), ("per-position", {"PER_POSITION": True})))
@@ -100,7 +101,10 @@ KSIZE = 7  # the benchmark layers' kernel size (design.md §5)
 # (label, in/out channels, rotations, image size, batch, translation non-stationary): benchmark layers.
 CASES = (("T1", 32, 1, 32, 64, True), ("T2", 32, 8, 16, 16, True), ("G1", 32, 8, 32, 64, False))
 # Constexprs that depend on the dtype come from DTYPES; tile sizes from the configs.
-_NOT_VARIANT = {"PRECISION", "ACC", "FP64", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C"}
+_NOT_VARIANT = {"PRECISION", "ACC", "FP64", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C", "BLOCK_J"}
+# The fused kernel net runs in the parameters' dtype (fp32, exact products; or fp64), whatever the
+# data dtype of the convolution.
+KERNEL_NET_DTYPES = ("fp32-ieee", "fp64")
 
 
 def captured_launches() -> dict[str, dict[str, tuple[dict, dict]]]:
@@ -108,7 +112,7 @@ def captured_launches() -> dict[str, dict[str, tuple[dict, dict]]]:
     launch them (bf16), from runs on meta tensors with ``common.launch`` intercepted."""
     import torch
 
-    from . import common, relaxed_conv_bwd, relaxed_conv_fwd
+    from . import common, kernel_net_fused, relaxed_conv_bwd, relaxed_conv_fwd
     from relaxedconv.reference import ConvGeometry
 
     seen: dict[str, dict[str, tuple[dict, dict]]] = {}
@@ -133,6 +137,12 @@ def captured_launches() -> dict[str, dict[str, tuple[dict, dict]]]:
             w = torch.empty(c, c, 33, dtype=dt, device="meta")
             y, u = relaxed_conv_fwd.relaxed_conv_fwd(x, z, w, None, g, return_u=True)
             relaxed_conv_bwd.relaxed_conv_bwd(torch.empty_like(y), x, z, w, g, u=u)
+            # The same layer's kernel net (depth 3, H 32; the disk mask where N > 1), in fp32.
+            f32 = dict(dtype=torch.float32, device="meta")
+            r, q = torch.empty(n, g.window, 32, **f32), torch.empty(p, 32, **f32) if per_position else None
+            w2, b2, m = torch.empty(32, 32, **f32), torch.empty(32, **f32), torch.empty(g.window, **f32) if n > 1 else None
+            zk = kernel_net_fused.kernel_net_forward(r, q, w2, b2, m)
+            kernel_net_fused.kernel_net_backward(r, q, w2, b2, m, torch.empty_like(zk))
     finally:
         common.launch = real
     return seen
@@ -146,6 +156,7 @@ def _entry(name: str, launch: str, fn: str, autotuner: str, fixed: dict, capture
 
 
 def _kernels() -> tuple[Kernel, ...]:
+    from .kernel_net_fused import FIXED_BACKWARD, FIXED_FORWARD
     from .relaxed_conv_bwd import FIXED_FOLD, FIXED_TILE
 
     cap = captured_launches()
@@ -157,6 +168,11 @@ def _kernels() -> tuple[Kernel, ...]:
         _entry("v", "v", "relaxed_conv_bwd:_window_columns_kernel", "relaxed_conv_bwd:_window_columns_autotuned",
                FIXED_TILE, cap),
         _entry("fold", "fold", "relaxed_conv_bwd:_fold_kernel", "relaxed_conv_bwd:_fold_autotuned", FIXED_FOLD, cap),
+        _entry("knet_fwd", "knet_fwd", "kernel_net_fused:_knet_forward_kernel", "kernel_net_fused:_knet_forward_autotuned",
+               FIXED_FORWARD, cap, dtypes=KERNEL_NET_DTYPES),
+        _entry("knet_bwd", "knet_bwd", "kernel_net_fused:_knet_backward_kernel", "kernel_net_fused:_knet_backward_autotuned",
+               FIXED_BACKWARD, cap, dtypes=KERNEL_NET_DTYPES,  # fp32 (fp64) partial sums, added on the host
+               pointers={"dr_ptr": ACC, "dq_ptr": ACC, "dw2_ptr": ACC, "db2_ptr": ACC}),
     )
 
 

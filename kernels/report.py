@@ -313,6 +313,8 @@ def plan(dtypes: list[str], filters: list[str], quick: bool) -> tuple[list[Job],
     jobs, broken = [], []
     for kernel in registry.KERNELS:
         for dname in dtypes:
+            if kernel.dtypes is not None and dname not in kernel.dtypes:
+                continue  # never launched in this dtype
             dtype = registry.DTYPES[dname]
             try:
                 configs = registry.shipped_configs(kernel, dtype)

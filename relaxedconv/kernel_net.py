@@ -152,18 +152,26 @@ class SirenKernelNet(nn.Module):
             z = torch.sin(layer(z))
         return z
 
-    def first_preactivation(self, coords: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The first sine layer's argument at the broadcast of the coordinate groups; [..., H]."""
-        w = self.first.weight
+    def first_preactivation(self, coords: dict[str, torch.Tensor], *, skip=()) -> torch.Tensor:
+        """The first sine layer's argument at the broadcast of the coordinate groups; [..., H].
+        ``skip``: groups whose terms are left out (the fused kernel net adds abs_pos itself)."""
         pre = self.first.bias
-        for k, g in enumerate(self.relative_groups):
-            c = coords[g].to(w.dtype)
-            # The first layer of a sum of groups is the sum of per-group products (broadcast).
-            pre = pre + self.omega_rel * (c @ w[:, 2 * k : 2 * k + 2].t())
-        for g in self.absolute_groups:
-            omega = getattr(self, f"omega_{FREQUENCY_OF_GROUP[g]}")
-            pre = pre + omega * (coords[g].to(w.dtype) @ getattr(self, f"{g}_direction").to(w.dtype).t())
+        for g in self.relative_groups + self.absolute_groups:
+            if g not in skip:
+                # The first layer of a sum of groups is the sum of per-group products (broadcast).
+                pre = pre + self.group_term(g, coords[g])
         return pre
+
+    def group_term(self, group: str, coords: torch.Tensor) -> torch.Tensor:
+        """One group's term of the first pre-activation: omega * (c @ W_g^T), [..., H]; W_g is a
+        slice of the learned ``first.weight`` for a relative group, the fixed directions else."""
+        w = self.first.weight
+        c = coords.to(w.dtype)
+        if group in self.relative_groups:
+            k = self.relative_groups.index(group)
+            return self.omega_rel * (c @ w[:, 2 * k : 2 * k + 2].t())
+        omega = getattr(self, f"omega_{FREQUENCY_OF_GROUP[group]}")
+        return omega * (c @ getattr(self, f"{group}_direction").to(w.dtype).t())
 
     def forward(self, coords: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full kernel values, shape [..., C_out, C_in]."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import dispatch, functional
+from . import dispatch, functional, fused_kernel_net
 from .groups import coordinate_groups, disk_mask
 from .kernel_net import SirenKernelNet
 from .reference import ConvGeometry
@@ -246,11 +246,15 @@ class _RelaxedGroupConv(nn.Module):
 
     def factored_kernel(self, out_hw, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Z, [W_L | b_L]) of design.md §2: Z has a ones column appended and the mask folded in."""
-        z = self._hidden_features(out_hw)
-        z = F.pad(z, (0, 1), value=1.0)  # the ones column that carries b_L
-        mask = self._window_mask(z.device, z.dtype)
-        if mask is not None:
-            z = z * mask[:, None]
+        # Opt-in (RELAXEDCONV_FUSED_KERNEL_NET=1): the whole of z in one Triton kernel; None here
+        # means the PyTorch path below (flag unset, or the layer/device unsupported).
+        z = fused_kernel_net.layer_factor(self, out_hw)
+        if z is None:
+            z = self._hidden_features(out_hw)
+            z = F.pad(z, (0, 1), value=1.0)  # the ones column that carries b_L
+            mask = self._window_mask(z.device, z.dtype)
+            if mask is not None:
+                z = z * mask[:, None]
         w_ext = self.kernel_net.extended_output_weight()
         if dtype is not None:
             z, w_ext = z.to(dtype), w_ext.to(dtype)

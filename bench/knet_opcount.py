@@ -1,0 +1,59 @@
+"""ATen operators of one layer's kernel net, forward + backward (``layer.factored_kernel`` then
+backward), on the PyTorch path and with the fused kernel net (RELAXEDCONV_FUSED_KERNEL_NET=1).
+
+    python bench/knet_opcount.py [T1 T2 G1 ...]      # benchmark cases (relaxedconv.benchmark.cases)
+
+On CPU the fused path's Triton launches are stubbed out and counted instead of run: the
+interpreter would add tensor copies of its own that a GPU launch does not make (the outputs are
+then uninitialised; only the counts mean anything). On a GPU the kernels run.
+"""
+import collections
+import dataclasses
+import os
+import sys
+
+if __name__ == "__main__":
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from relaxedconv.benchmark import cases as C
+    from relaxedconv.kernels import common
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    launches, real = [], common.launch
+
+    def stub(name, *args, **kwargs):
+        launches.append(name)
+
+    for name in sys.argv[1:] or ["T1", "T2", "G1"]:
+        case = dataclasses.replace(C.CASES[name], batch=2)
+        layer = C.build_layer(case, device)
+        hw = (case.out_size,) * 2
+
+        def knet():
+            z, w = layer.factored_kernel(hw)
+            (z.sum() + w.sum()).backward()
+
+        for flag in ("0", "1"):
+            os.environ["RELAXEDCONV_FUSED_KERNEL_NET"] = flag
+            common.launch = stub if flag == "1" and device.type == "cpu" else real
+            knet()  # builds the layer's caches (lattice, mask)
+            launches.clear()
+            with Count() as c:
+                knet()
+            common.launch = real
+            path = "fused " if flag == "1" else "PyTorch"
+            print(f"{name} {path}: {len(c.ops)} ATen ops, Triton launches {launches or 'none'}; "
+                  f"most frequent {collections.Counter(c.ops).most_common(6)}")

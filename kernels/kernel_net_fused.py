@@ -1,0 +1,251 @@
+"""The kernel net's hidden features Z in one pass forward and one pass backward (issues 9, 13).
+
+The layer's SIREN (relaxedconv/kernel_net.py) is evaluated on the broadcast of its coordinate
+groups [N, P, N_in, K*K]. Its first pre-activation splits exactly into a part that does not
+depend on the output position and a part that depends on nothing else (design.md §4):
+
+    pre[n, p, j, :] = R[n, j, :] + Q[p, :]        R: [N, J, H]   Q: [P, H] (absent: P = 1)
+    h1 = sin(pre);  t = h1 W2^T + b2;  Z_h = sin(t)                (depth 3; depth 2: Z_h = sin(pre))
+    z[n, p, j, :] = [Z_h | 1] * m[j]                                 [N, P, J, H+1]
+
+In PyTorch that is ~30 memory passes over N*P*J*H values (T2) or ~100 small operators (T1); here
+it is one program per (rotation n, window tile of J, chunk of positions) that keeps R's tile, W2
+and b2 in registers and loops over its positions: one launch forward, one backward.
+
+The backward recomputes pre, h1 and t per position and accumulates
+
+    dt = dZ_h m cos(t);  db2 = sum dt;  dW2 = dt^T h1;  dh1 = dt W2;  dpre = dh1 cos(pre)
+    dR[n, j] = sum_p dpre;  dQ[p] = sum_{n, j} dpre
+
+in per-program partial buffers that the host adds in a fixed order: no atomics, so a rerun gives
+the same bits. The products run exact: fp32 ``tl.dot`` with input_precision "ieee" (never tf32:
+the kernel net must stay as accurate as PyTorch's), fp64 by :func:`common.mma`'s FMA form.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import common
+from .common import mma
+
+# Rows of J per program. Fixed (not tuned): it sets the number of partial sums and so the
+# reduction order, which must not depend on timing.
+BLOCK_J = 32
+# Positions are cut into chunks so that a GPU gets about two programs per SM (132 SMs on an
+# H100/H200) even when N * ceil(J / BLOCK_J) is small (T(2): 2 window tiles).
+PROGRAMS_TARGET = 2 * 132
+# Beyond this width W2 and its gradient no longer fit a program's registers.
+MAX_HIDDEN = 64
+
+EXACT = tl.constexpr("ieee")
+
+
+@triton.jit
+def _preactivation(r, q_ptr, p, hh, h_ok, HIDDEN: tl.constexpr, HAS_Q: tl.constexpr, ACC: tl.constexpr):
+    """pre = R + Q[p] (R alone when the layer is translation-stationary)."""
+    if HAS_Q:
+        q = tl.load(q_ptr + p * HIDDEN + hh, mask=h_ok, other=0.0).to(ACC)
+        return r + q[None, :]
+    else:
+        return r
+
+
+@triton.jit
+def _second_preactivation(h1, w2t, b2, BLOCK_J: tl.constexpr, HP: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr):
+    """t = h1 W2^T + b2, the bias added after the product as nn.Linear does."""
+    return mma(h1, w2t, tl.zeros((BLOCK_J, HP), dtype=ACC), EXACT, FP64) + b2[None, :]
+
+
+@triton.jit
+def _tile_operands(r_ptr, w2_ptr, b2_ptr, m_ptr, n, jj, j_ok, hh, h_ok, J,
+                   HIDDEN: tl.constexpr, DEEP: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr):
+    """R's rows of this tile, W2^T, W2, b2 (zero-padded to HP) and the window mask m[j]."""
+    r = tl.load(r_ptr + (n * J + jj)[:, None] * HIDDEN + hh[None, :], mask=j_ok[:, None] & h_ok[None, :], other=0.0).to(ACC)
+    hh_ok = h_ok[:, None] & h_ok[None, :]
+    if DEEP:
+        # W2 is [out, in]: W2^T[i, o] = W2[o, i] multiplies h1 from the right, W2 itself dt.
+        w2t = tl.load(w2_ptr + hh[None, :] * HIDDEN + hh[:, None], mask=hh_ok, other=0.0).to(ACC)
+        w2 = tl.load(w2_ptr + hh[:, None] * HIDDEN + hh[None, :], mask=hh_ok, other=0.0).to(ACC)
+        b2 = tl.load(b2_ptr + hh, mask=h_ok, other=0.0).to(ACC)
+    else:
+        w2t = r
+        w2 = r
+        b2 = hh.to(ACC)
+    if HAS_MASK:
+        m = tl.load(m_ptr + jj, mask=j_ok, other=0.0).to(ACC)
+    else:
+        m = tl.where(j_ok, 1.0, 0.0).to(ACC)
+    return r, w2t, w2, b2, m
+
+
+@triton.jit
+def _knet_forward_kernel(
+    r_ptr, q_ptr, w2_ptr, b2_ptr, m_ptr, z_ptr,
+    J, P, CHUNKS,
+    HIDDEN: tl.constexpr, HP: tl.constexpr, DEEP: tl.constexpr, HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr, FP64: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """z[n, p, j] = [sin(sin(R[n, j] + Q[p]) W2^T + b2) | 1] * m[j]; program: (n, window tile,
+    position chunk c), which writes positions c, c + CHUNKS, ..."""
+    n = tl.program_id(0)
+    jj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = jj < J
+    hh = tl.arange(0, HP)
+    h_ok = hh < HIDDEN
+    r, w2t, w2, b2, m = _tile_operands(r_ptr, w2_ptr, b2_ptr, m_ptr, n, jj, j_ok, hh, h_ok, J, HIDDEN, DEEP, HAS_MASK, ACC)
+    out_ty = z_ptr.dtype.element_ty
+    tile_ok = j_ok[:, None] & h_ok[None, :]
+    for p in range(tl.program_id(2), P, CHUNKS):
+        z = tl.sin(_preactivation(r, q_ptr, p, hh, h_ok, HIDDEN, HAS_Q, ACC))
+        if DEEP:
+            z = tl.sin(_second_preactivation(z, w2t, b2, BLOCK_J, HP, ACC, FP64))
+        row = ((n * P + p) * J + jj) * (HIDDEN + 1)
+        tl.store(z_ptr + row[:, None] + hh[None, :], (z * m[:, None]).to(out_ty), mask=tile_ok)
+        tl.store(z_ptr + row + HIDDEN, m.to(out_ty), mask=j_ok)  # the ones column, masked
+
+
+@triton.jit
+def _knet_backward_kernel(
+    r_ptr, q_ptr, w2_ptr, b2_ptr, m_ptr, dz_ptr, dr_ptr, dq_ptr, dw2_ptr, db2_ptr,
+    N, J, P, CHUNKS,
+    HIDDEN: tl.constexpr, HP: tl.constexpr, DEEP: tl.constexpr, HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr, FP64: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Partial gradients of the program (n, window tile jt, position chunk c), recomputing the
+    forward per position: dR over its positions into dr[c, n, tile], dQ over its rows into
+    dq[(n, jt), p], dW2 and db2 over both into dw2[(n, jt, c)], db2[(n, jt, c)]."""
+    n = tl.program_id(0)
+    jt = tl.program_id(1)
+    c = tl.program_id(2)
+    jj = jt * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = jj < J
+    hh = tl.arange(0, HP)
+    h_ok = hh < HIDDEN
+    tile_ok = j_ok[:, None] & h_ok[None, :]
+    r, w2t, w2, b2, m = _tile_operands(r_ptr, w2_ptr, b2_ptr, m_ptr, n, jj, j_ok, hh, h_ok, J, HIDDEN, DEEP, HAS_MASK, ACC)
+    dr = tl.zeros((BLOCK_J, HP), dtype=ACC)
+    dw2 = tl.zeros((HP, HP), dtype=ACC)
+    db2 = tl.zeros((HP,), dtype=ACC)
+    tile = n * tl.num_programs(1) + jt
+    for p in range(c, P, CHUNKS):
+        pre = _preactivation(r, q_ptr, p, hh, h_ok, HIDDEN, HAS_Q, ACC)
+        row = ((n * P + p) * J + jj) * (HIDDEN + 1)
+        # Rows past J and columns past H load 0, so every term they would add is 0.
+        g = tl.load(dz_ptr + row[:, None] + hh[None, :], mask=tile_ok, other=0.0).to(ACC) * m[:, None]
+        if DEEP:
+            h1 = tl.sin(pre)
+            dt = g * tl.cos(_second_preactivation(h1, w2t, b2, BLOCK_J, HP, ACC, FP64))
+            db2 += tl.sum(dt, axis=0)
+            dw2 = mma(tl.trans(dt), h1, dw2, EXACT, FP64)
+            g = mma(dt, w2, tl.zeros((BLOCK_J, HP), dtype=ACC), EXACT, FP64)
+        dpre = g * tl.cos(pre)
+        dr += dpre
+        if HAS_Q:
+            tl.store(dq_ptr + (tile * P + p) * HIDDEN + hh, tl.sum(dpre, axis=0), mask=h_ok)
+    tl.store(dr_ptr + ((c * N + n) * J + jj)[:, None] * HIDDEN + hh[None, :], dr, mask=tile_ok)
+    if DEEP:
+        part = tile * CHUNKS + c
+        tl.store(dw2_ptr + part * HIDDEN * HIDDEN + hh[:, None] * HIDDEN + hh[None, :], dw2, mask=h_ok[:, None] & h_ok[None, :])
+        tl.store(db2_ptr + part * HIDDEN + hh, db2, mask=h_ok)
+
+
+def _configs(warps):
+    # BLOCK_J is fixed (it sets the partial sums); only the warps are tuned.
+    return [triton.Config({"BLOCK_J": BLOCK_J}, num_warps=w) for w in warps]
+
+
+# Warps: the backward keeps R's tile, W2, W2^T and the dR and dW2 accumulators (5 x 32 x 32 at
+# H = 32) in registers; with fewer than 8 warps it spills (kernel report, sm_90a, Triton 3.9:
+# 4 warps 704 B, 2 warps 8.7 KB; 16 warps cap it at 64 registers and spill too), the forward
+# only with 2.
+_knet_forward_autotuned = triton.autotune(configs=_configs((4, 8)), key=["J", "P", "CHUNKS"])(_knet_forward_kernel)
+_knet_backward_autotuned = triton.autotune(configs=_configs((8,)), key=["N", "J", "P", "CHUNKS"])(_knet_backward_kernel)
+
+FIXED_FORWARD = {"BLOCK_J": BLOCK_J}
+FIXED_BACKWARD = {"BLOCK_J": BLOCK_J, "num_warps": 8}
+
+
+def position_chunks(n_rot: int, j_tiles: int, positions: int, device: torch.device) -> int:
+    """How many chunks the positions are cut into (programs per (n, window tile)).
+
+    A function of the shape alone (never of timing), so the backward's partial sums are added in
+    the same order on every run. On a GPU enough for ~2 programs per SM; off-GPU two, so the
+    interpreter tests exercise the partial sums too."""
+    if device.type == "cuda" and not common.interpreting():
+        return max(1, min(positions, triton.cdiv(PROGRAMS_TARGET, n_rot * j_tiles)))
+    return max(1, min(positions, 2))
+
+
+def padded_hidden(hidden: int) -> int:
+    """H padded to a power of two >= 16 (tl.dot's smallest side); the kernels mask the rest."""
+    return max(16, triton.next_power_of_2(hidden))
+
+
+def _consts(r, q, w2, mask):
+    hidden = r.shape[-1]
+    return dict(HIDDEN=hidden, HP=padded_hidden(hidden), DEEP=w2 is not None, HAS_Q=q is not None,
+                HAS_MASK=mask is not None, ACC=common.acc_dtype(r.dtype), FP64=r.dtype == torch.float64)
+
+
+def _check_pinned(name: str) -> None:
+    # The host sizes the grid and the partial buffers by BLOCK_J: a pin may set only the warps.
+    pinned = common.pinned_config(name)
+    if pinned is not None and pinned[0].get("BLOCK_J", BLOCK_J) != BLOCK_J:
+        raise ValueError(f"RELAXEDCONV_KERNEL_CONFIG: {name} runs with BLOCK_J={BLOCK_J} only (it sets the "
+                         f"partial sums); pin num_warps alone, e.g. '{name}:num_warps=8'")
+
+
+def _grid(r, positions):
+    n_rot, window = r.shape[0], r.shape[1]
+    j_tiles = triton.cdiv(window, BLOCK_J)
+    return n_rot, j_tiles, position_chunks(n_rot, j_tiles, positions, r.device)
+
+
+def kernel_net_forward(r, q, w2, b2, mask) -> torch.Tensor:
+    """z ``[N, P, J, H+1]`` (``[N, J, H+1]`` when ``q`` is None) in ``r``'s dtype from R
+    ``[N, J, H]``, Q ``[P, H]`` or None, W2 ``[H, H]`` and b2 ``[H]`` (None for depth 2) and the
+    window mask ``[J]`` or None; every tensor contiguous, in ``r``'s dtype and on its device
+    (:mod:`relaxedconv.fused_kernel_net` checks and prepares them)."""
+    n_rot, window, hidden = r.shape
+    positions = 1 if q is None else q.shape[0]
+    shape = (n_rot, window, hidden + 1) if q is None else (n_rot, positions, window, hidden + 1)
+    z = common.empty_output(shape, device=r.device, dtype=r.dtype)
+    common.check_int32_indexing(r, z)
+    _check_pinned("knet_fwd")
+    n_rot, j_tiles, chunks = _grid(r, positions)
+    dummy = r  # stands in for an absent operand; the kernel never reads it
+    args = (r, dummy if q is None else q, dummy if w2 is None else w2, dummy if b2 is None else b2,
+            dummy if mask is None else mask, z, window, positions, chunks)
+    common.launch("knet_fwd", _knet_forward_kernel, _knet_forward_autotuned, lambda meta: (n_rot, j_tiles, chunks),
+                  args, _consts(r, q, w2, mask), FIXED_FORWARD, device=r.device, dtype=r.dtype)
+    return z
+
+
+def kernel_net_backward(r, q, w2, b2, mask, dz):
+    """(dR, dQ, dW2, db2) of :func:`kernel_net_forward` for the upstream gradient ``dz`` (z's
+    shape, contiguous, ``r``'s dtype); dQ is None without ``q``, dW2 and db2 without ``w2``.
+    Only dz's first H columns reach the parameters (the last is the constant column)."""
+    n_rot, window, hidden = r.shape
+    positions = 1 if q is None else q.shape[0]
+    _check_pinned("knet_bwd")
+    n_rot, j_tiles, chunks = _grid(r, positions)
+    acc = torch.float64 if r.dtype == torch.float64 else torch.float32
+    programs = n_rot * j_tiles * chunks
+    dr = common.empty_output((chunks, n_rot, window, hidden), device=r.device, dtype=acc)
+    dq = None if q is None else common.empty_output((n_rot * j_tiles, positions, hidden), device=r.device, dtype=acc)
+    dw2 = None if w2 is None else common.empty_output((programs, hidden, hidden), device=r.device, dtype=acc)
+    db2 = None if w2 is None else common.empty_output((programs, hidden), device=r.device, dtype=acc)
+    common.check_int32_indexing(dz, dr, *(t for t in (dq, dw2) if t is not None))
+    dummy = dr
+    args = (r, r if q is None else q, r if w2 is None else w2, r if b2 is None else b2, r if mask is None else mask, dz,
+            dr, dummy if dq is None else dq, dummy if dw2 is None else dw2, dummy if db2 is None else db2,
+            n_rot, window, positions, chunks)
+    common.launch("knet_bwd", _knet_backward_kernel, _knet_backward_autotuned, lambda meta: (n_rot, j_tiles, chunks),
+                  args, _consts(r, q, w2, mask), FIXED_BACKWARD, device=r.device, dtype=r.dtype)
+    # The partials are added in a fixed order (torch's reductions over a leading axis are
+    # deterministic), then rounded once to the parameters' dtype.
+    out = [dr.sum(0) if chunks > 1 else dr[0], None if dq is None else dq.sum(0),
+           None if dw2 is None else dw2.sum(0), None if db2 is None else db2.sum(0)]
+    return tuple(None if t is None else t.to(r.dtype) for t in out)

@@ -1,0 +1,181 @@
+"""The layer's hidden features z by the fused Triton kernel net (kernels/kernel_net_fused.py).
+
+Opt-in: ``RELAXEDCONV_FUSED_KERNEL_NET=1`` makes :meth:`_RelaxedGroupConv.factored_kernel` build z
+here wherever :func:`supported` holds, and the PyTorch path (checkpointed ``kernel_net.hidden``,
+pad, mask) everywhere else. Off by default until a GPU has measured it.
+
+The first pre-activation of the SIREN splits exactly over the coordinate axes [N, P, N_in, K*K]
+(relaxedconv/groups.py): the relative groups, the bias and abs_rot do not depend on the output
+position p, abs_pos depends on p alone. So
+
+    R = kernel_net.first_preactivation(coords without abs_pos)    [N, J, H]   (J = N_in*K*K)
+    Q = omega_pos * (abs_pos @ abs_pos_direction^T)                [P, H]      (per-position layers)
+
+are built by ordinary PyTorch operators (a few small ones, independent of P x J), and
+:class:`FusedHiddenFeatures` computes ``z = [sin(sin(R + Q) W2^T + b2) | 1] * m`` from them in one
+kernel, and dR, dQ, dW2, db2 in one more. R and Q keep their autograd graphs, so the gradients
+reach the first layer and the omegas through PyTorch.
+
+Computed in the parameters' dtype (fp32 or fp64), also under ``torch.autocast``: the kernel net
+is a few percent of a layer's arithmetic and its products run exact (no tf32); the backends cast
+z to their compute dtype as they cast the PyTorch path's z.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLAG = "RELAXEDCONV_FUSED_KERNEL_NET"
+DTYPES = (torch.float32, torch.float64)
+
+
+def enabled() -> bool:
+    """Whether ``RELAXEDCONV_FUSED_KERNEL_NET`` asks for the fused kernel net."""
+    return os.environ.get(FLAG, "0") not in ("", "0")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unsupported_reason(kernel_net, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the fused kernel net cannot compute ``kernel_net``'s features on ``device`` in
+    ``dtype`` (a sentence that says what to do), or None when it can."""
+    depth = len(kernel_net.hidden_layers) + 2
+    if depth not in (2, 3):
+        return f"the fused kernel net supports kernel depth 2 or 3 (at most one hidden layer), got depth {depth}"
+    if not _triton_imports():
+        return "the fused kernel net needs Triton, which does not import here"
+    from .kernels.kernel_net_fused import MAX_HIDDEN
+
+    if kernel_net.hidden_channels > MAX_HIDDEN:
+        return f"the fused kernel net supports hidden_channels <= {MAX_HIDDEN}, got {kernel_net.hidden_channels}"
+    if dtype not in DTYPES:
+        return f"the fused kernel net runs in float32 or float64 parameters, got {dtype}"
+    device = torch.device(device)
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        return f"the fused kernel net runs on CUDA (on CPU only under TRITON_INTERPRET=1), got device {device.type!r}"
+    return None
+
+
+def supported(kernel_net, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`fused_hidden_features` can compute ``kernel_net``'s features on ``device``
+    in ``dtype``: depth 2 or 3, H <= 64, fp32/fp64 parameters, CUDA (or CPU under the interpreter)."""
+    return unsupported_reason(kernel_net, device, dtype) is None
+
+
+class FusedHiddenFeatures(torch.autograd.Function):
+    """z = [sin(sin(R + Q) W2^T + b2) | 1] * m (depth 3; W2 = b2 = None: [sin(R + Q) | 1] * m).
+
+    R ``[N, J, H]``, Q ``[P, H]`` or None (then z is ``[N, J, H+1]``, else ``[N, P, J, H+1]``),
+    W2 ``[H, H]``, b2 ``[H]``, mask ``[J]`` or None (a constant: no gradient)."""
+
+    @staticmethod
+    def forward(ctx, r, q, w2, b2, mask):
+        from .kernels.kernel_net_fused import kernel_net_forward
+
+        ctx.save_for_backward(r, q, w2, b2, mask)
+        return kernel_net_forward(r, q, w2, b2, mask)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dz):
+        from .kernels.kernel_net_fused import kernel_net_backward
+
+        r, q, w2, b2, mask = ctx.saved_tensors
+        dr, dq, dw2, db2 = kernel_net_backward(r, q, w2, b2, mask, dz.to(r.dtype).contiguous())
+        needs = ctx.needs_input_grad
+        return (dr if needs[0] else None, dq if needs[1] else None, dw2 if needs[2] else None,
+                db2 if needs[3] else None, None)
+
+
+def _check_operands(r, q, w2, b2, mask) -> None:
+    if r.dim() != 3:
+        raise ValueError(f"R must be [N, J, H], got shape {tuple(r.shape)}")
+    n_rot, window, hidden = r.shape
+    expected = {"Q": (q, (None, hidden)), "W2": (w2, (hidden, hidden)), "b2": (b2, (hidden,)), "mask": (mask, (window,))}
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            want = ", ".join("P" if s is None else str(s) for s in shape)
+            raise ValueError(f"{name} must be [{want}] for R of shape {tuple(r.shape)}, got shape {tuple(t.shape)}")
+        if t.device != r.device:
+            raise ValueError(f"{name} is on {t.device} but R on {r.device}; move them to one device")
+    if (w2 is None) != (b2 is None):
+        raise ValueError("pass both W2 and b2 (depth 3) or neither (depth 2)")
+    if r.dtype not in DTYPES:
+        raise ValueError(f"the fused kernel net runs in float32 or float64, got R in {r.dtype}")
+
+
+def hidden_features(r, q, w2, b2, mask) -> torch.Tensor:
+    """:class:`FusedHiddenFeatures` after checking the operands; every operand is cast to R's
+    dtype and made contiguous (the casts and copies are differentiable)."""
+    _check_operands(r, q, w2, b2, mask)
+    prep = [None if t is None else t.to(r.dtype).contiguous() for t in (q, w2, b2, mask)]
+    return FusedHiddenFeatures.apply(r.contiguous(), *prep)
+
+
+def position_split(kernel_net, coords: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(R ``[N, J, H]``, Q ``[P, H]`` or None) of ``kernel_net`` on ``coords`` (the dict of
+    :func:`relaxedconv.groups.coordinate_groups`): pre[n, p, j] = R[n, j] + Q[p]."""
+    missing = [g for g in kernel_net.groups if g not in coords]
+    if missing:
+        raise ValueError(f"coordinates lack the groups {missing} that the kernel net sees (it sees {list(kernel_net.groups)})")
+    bad = {g: tuple(c.shape) for g, c in coords.items() if c.dim() != 5 or c.shape[-1] != 2}
+    if bad:
+        raise ValueError(f"coordinate groups must be broadcastable to [N, P, N_in, K*K, 2] (5 axes); got shapes {bad}")
+    if ("abs_pos" in coords and coords["abs_pos"].shape[0] != 1) or any(
+            c.shape[1] != 1 for g, c in coords.items() if g != "abs_pos"):
+        raise ValueError("only abs_pos may vary over the position axis P (axis 1) and it must not vary over N, "
+                         "as relaxedconv.groups.coordinate_groups builds them")
+    n_rot, positions, n_in, k2 = torch.broadcast_shapes(*(coords[g].shape[:-1] for g in kernel_net.groups))
+    hidden = kernel_net.hidden_channels
+    r = kernel_net.first_preactivation(coords, skip=("abs_pos",))
+    r = r.expand(n_rot, 1, n_in, k2, hidden).reshape(n_rot, n_in * k2, hidden)
+    if "abs_pos" not in kernel_net.groups:
+        return r, None
+    # The abs_pos term of the first pre-activation, once per position.
+    q = kernel_net.group_term("abs_pos", coords["abs_pos"].reshape(positions, 2))
+    return r, q
+
+
+def fused_hidden_features(layer_or_kernel_net, coords: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    """The layer's factor z = [Z_h | 1] * m, as :meth:`factored_kernel` builds it on the PyTorch
+    path: ``[N, P, J, H+1]`` when the kernel net sees abs_pos, else ``[N, J, H+1]``, in the
+    parameters' dtype. ``coords``: the coordinate groups (``layer._lattice(...)``); ``mask``: the
+    window mask ``[J]`` or None (all ones). Raises ValueError where :func:`supported` fails."""
+    kn = getattr(layer_or_kernel_net, "kernel_net", layer_or_kernel_net)
+    w = kn.first.weight
+    reason = unsupported_reason(kn, w.device, w.dtype)
+    if reason is not None:
+        raise ValueError(reason + "; use the PyTorch path (layer.factored_kernel without " + FLAG + "=1)")
+    # Exact products in the parameters' dtype, also under autocast (see the module docstring).
+    with torch.autocast(w.device.type, enabled=False):
+        r, q = position_split(kn, coords)
+    w2 = b2 = None
+    if kn.hidden_layers:
+        w2, b2 = kn.hidden_layers[0].weight, kn.hidden_layers[0].bias
+    return hidden_features(r, q, w2, b2, mask)
+
+
+def layer_factor(layer, out_hw) -> torch.Tensor | None:
+    """z for ``layer.factored_kernel`` by the fused kernel net, or None where the PyTorch path
+    runs: the flag unset, an unsupported layer or device, or inside ``torch.compile`` (which would
+    have to trace the launch)."""
+    if not enabled() or torch.compiler.is_compiling():
+        return None
+    w = layer.kernel_net.first.weight
+    if not supported(layer.kernel_net, w.device, w.dtype):
+        return None
+    coords = layer._lattice(out_hw, w.device, w.dtype)
+    return fused_hidden_features(layer.kernel_net, coords, layer._window_mask(w.device, w.dtype))

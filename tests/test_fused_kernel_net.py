@@ -1,0 +1,249 @@
+"""The fused Triton kernel net (kernels/kernel_net_fused.py, relaxedconv/fused_kernel_net.py)
+against the PyTorch path of ``layer.factored_kernel``: z, every parameter gradient, determinism,
+gradcheck, a whole layer with RELAXEDCONV_FUSED_KERNEL_NET=1, the fallback and the refusals."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import relaxedconv as rc
+from relaxedconv import fused_kernel_net
+from relaxedconv.fused_kernel_net import FLAG, fused_hidden_features, hidden_features, supported
+from _triton_cases import DEVICE, rel_err, run_with_grads
+
+# (layer, N, K, rotation_nonstat, translation_nonstat, depth, hidden, mask, out (H, W))
+CASES = [
+    ("lift", 1, 3, False, True, 3, 8, False, (5, 3)),  # T(2)-like: N = 1, no mask
+    ("lift", 4, 3, False, True, 3, 6, True, (5, 3)),  # H = 6: not a power of two
+    ("lift", 3, 5, True, False, 2, 4, True, (4, 4)),
+    ("group", 4, 3, False, False, 3, 8, True, (3, 3)),  # J = 36: two window tiles
+    ("group", 3, 3, True, False, 2, 8, False, (3, 3)),
+    ("group", 2, 5, False, True, 2, 8, True, (5, 3)),  # J = 50
+    ("group", 4, 3, True, True, 3, 4, True, (5, 3)),
+    ("group", 1, 5, False, True, 3, 32, False, (3, 2)),  # the default width
+    ("point", 4, 1, True, True, 3, 6, False, (5, 3)),
+    ("group", 8, 3, False, False, 3, 6, True, (1, 1)),  # J = 72: three window tiles
+]
+
+
+def case_id(c):
+    layer, n, k, rot, trans, depth, hid, mask, hw = c
+    ns = ("rot" if rot else "") + ("trans" if trans else "") or "stat"
+    return f"{layer}-N{n}-K{k}-{ns}-d{depth}-H{hid}-{'mask' if mask else 'nomask'}-{hw[0]}x{hw[1]}"
+
+
+def make_layer(case, dtype=torch.float64):
+    layer, n, k, rot, trans, depth, hid, mask, hw = case
+    kw = dict(rotation_nonstationary=rot, omega_rot=0.8 if rot else 0.0, translation_nonstationary=trans,
+              omega_pos=1.3 if trans else 0.0, hidden_channels=hid, kernel_depth=depth, mask=mask,
+              learn_omega_rel=True, omega_rel=3.0)
+    if layer == "lift":
+        m = rc.LiftingConv(2, 3, k, n, **kw)
+    elif layer == "group":
+        m = rc.GroupConv(2, 3, k, n, **kw)
+    else:
+        m = rc.PointwiseGroupConv(2, 3, n, **{a: b for a, b in kw.items() if a != "mask"})
+    if rot and trans:
+        m.angle_offset = 0.37  # the Monte-Carlo rotation grid's offset turns rel_pos and abs_rot
+    return m.to(device=DEVICE, dtype=dtype), hw
+
+
+def factor(layer, hw, fused: bool, monkeypatch):
+    if fused:
+        monkeypatch.setenv(FLAG, "1")
+    else:
+        monkeypatch.delenv(FLAG, raising=False)
+    z, w_ext = layer.factored_kernel(hw)
+    monkeypatch.delenv(FLAG, raising=False)
+    return z, w_ext
+
+
+def is_fused(z) -> bool:
+    return type(z.grad_fn).__name__.startswith("FusedHiddenFeatures")
+
+
+def kernel_net_grads(layer, z, g):
+    """Gradients of <z, g> for every trained kernel-net parameter z depends on (not W_L, b_L)."""
+    params = {n: p for n, p in layer.kernel_net.named_parameters() if p.requires_grad and not n.startswith("out.")}
+    return dict(zip(params, torch.autograd.grad((z * g).sum(), list(params.values()))))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_z_matches_the_pytorch_path(case, dtype, tol, monkeypatch, poisoned_outputs):
+    torch.manual_seed(0)
+    layer, hw = make_layer(case, dtype)
+    z_ref, w_ref = factor(layer, hw, False, monkeypatch)
+    z, w_ext = factor(layer, hw, True, monkeypatch)
+    assert is_fused(z) and not is_fused(z_ref)
+    assert z.shape == z_ref.shape and z.dtype == z_ref.dtype == dtype
+    assert not torch.isnan(z).any(), "an element of z was not written"
+    assert rel_err(z.detach(), z_ref.detach()) < tol
+    assert torch.equal(w_ext, w_ref)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_every_parameter_gradient_matches_fp64(case, monkeypatch, poisoned_outputs):
+    torch.manual_seed(1)
+    layer, hw = make_layer(case)
+    z_ref, _ = factor(layer, hw, False, monkeypatch)
+    z, _ = factor(layer, hw, True, monkeypatch)
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
+    ref = kernel_net_grads(layer, z_ref, g)
+    got = kernel_net_grads(layer, z, g)
+    _, _, _, rot, trans, depth, *_ = case
+    expected = {"first.weight", "first.bias", "omega_rel"} | ({"hidden_layers.0.weight", "hidden_layers.0.bias"}
+                if depth == 3 else set()) | ({"omega_rot"} if rot else set()) | ({"omega_pos"} if trans else set())
+    assert set(ref) == set(got) == expected
+    for name in expected:
+        assert not torch.isnan(got[name]).any(), f"{name}: a partial sum was not written"
+        assert rel_err(got[name], ref[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("per_position", [False, True], ids=["stationary", "per-position"])
+def test_gradcheck_fp64(depth, per_position):
+    torch.manual_seed(2)
+    n, j, h, p = 2, 3, 4, 3
+    opts = dict(dtype=torch.float64, device=DEVICE, requires_grad=True)
+    r = torch.randn(n, j, h, **opts)
+    q = torch.randn(p, h, **opts) if per_position else None
+    w2, b2 = (torch.randn(h, h, **opts), torch.randn(h, **opts)) if depth == 3 else (None, None)
+    mask = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64, device=DEVICE)
+    inputs = tuple(t for t in (r, q, w2, b2) if t is not None)
+
+    def fn(*args):
+        it = iter(args)
+        return hidden_features(next(it), next(it) if per_position else None,
+                               *((next(it), next(it)) if depth == 3 else (None, None)), mask)
+
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def test_backward_is_deterministic(monkeypatch):
+    torch.manual_seed(3)
+    layer, hw = make_layer(CASES[6], torch.float32)  # several window tiles and position chunks
+    z, _ = factor(layer, hw, True, monkeypatch)
+    g = torch.randn_like(z)
+    first = kernel_net_grads(layer, z, g)
+    z, _ = factor(layer, hw, True, monkeypatch)
+    second = kernel_net_grads(layer, z, g)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs between two runs"
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]], ids=case_id)
+def test_layer_forward_backward_with_the_flag_equals_the_default(case, monkeypatch):
+    """A whole layer (backend factored_torch): output, input gradient and every parameter gradient
+    (W_L, b_L and the bias too); and the cached no-grad path."""
+    torch.manual_seed(4)
+    layer, hw = make_layer(case)
+    x = torch.randn(2, 2 * layer.in_rotations, *hw, dtype=torch.float64, device=DEVICE)
+    calls = []
+    from relaxedconv.kernels import kernel_net_fused
+
+    real = kernel_net_fused.kernel_net_forward
+    monkeypatch.setattr(kernel_net_fused, "kernel_net_forward", lambda *a: calls.append(1) or real(*a))
+    y_ref, grads_ref, g = run_with_grads(layer, x, "factored_torch")
+    assert not calls
+    monkeypatch.setenv(FLAG, "1")
+    y, grads, _ = run_with_grads(layer, x, "factored_torch", g)
+    assert calls, "the flag did not route the layer through the fused kernel net"
+    assert rel_err(y, y_ref) < 1e-12
+    assert set(grads) == set(grads_ref)
+    for name, ref in grads_ref.items():
+        assert rel_err(grads[name], ref) < 1e-10, name
+    with torch.no_grad():
+        cached = copy.deepcopy(layer)(x, backend="factored_torch")
+    assert rel_err(cached, y_ref) < 1e-12
+
+
+def test_layer_under_autocast_runs_the_kernel_net_in_the_parameters_dtype(monkeypatch):
+    torch.manual_seed(5)
+    layer, hw = make_layer(CASES[1], torch.float32)
+    x = torch.randn(2, 2, *hw, device=DEVICE)
+    y_ref = layer(x, backend="factored_torch")
+    monkeypatch.setenv(FLAG, "1")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        z, _ = layer.factored_kernel(hw)
+        y = layer(x, backend="factored_torch")
+    assert is_fused(z) and z.dtype == torch.float32
+    y.float().sum().backward()
+    assert rel_err(y.detach(), y_ref.detach()) < 2e-2 and layer.kernel_net.omega_pos.grad is not None
+
+
+def test_unsupported_depth_falls_back_in_the_layer_and_is_refused_directly(monkeypatch):
+    torch.manual_seed(6)
+    layer = rc.GroupConv(2, 3, 3, 4, translation_nonstationary=True, omega_pos=1.0, hidden_channels=4,
+                         kernel_depth=4).to(DEVICE, torch.float64)
+    assert not supported(layer.kernel_net, layer.kernel_net.first.weight.device, torch.float64)
+    z_ref, _ = factor(layer, (3, 2), False, monkeypatch)
+    z, _ = factor(layer, (3, 2), True, monkeypatch)
+    assert not is_fused(z) and torch.equal(z, z_ref)
+    w = layer.kernel_net.first.weight
+    coords = layer._lattice((3, 2), w.device, w.dtype)
+    with pytest.raises(ValueError, match="depth 2 or 3"):
+        fused_hidden_features(layer, coords, None)
+
+
+def test_supported_says_why_not(monkeypatch):
+    kn = rc.GroupConv(2, 3, 3, 4, hidden_channels=8).kernel_net
+    reason = fused_kernel_net.unsupported_reason
+    assert supported(kn, torch.device(DEVICE), torch.float32) and supported(kn, torch.device(DEVICE), torch.float64)
+    assert "float32 or float64" in reason(kn, torch.device(DEVICE), torch.bfloat16)
+    assert "hidden_channels <= 64" in reason(rc.GroupConv(2, 3, 3, 4, hidden_channels=128).kernel_net,
+                                             torch.device(DEVICE), torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in reason(kn, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        fused_hidden_features(kn, rc.GroupConv(2, 3, 3, 4, hidden_channels=8)._lattice(None, "cpu", torch.float32), None)
+
+
+def test_bad_operands_are_refused():
+    t = dict(dtype=torch.float64, device=DEVICE)
+    r, q, w2, b2 = torch.zeros(2, 3, 4, **t), torch.zeros(5, 4, **t), torch.zeros(4, 4, **t), torch.zeros(4, **t)
+    with pytest.raises(ValueError, match=r"R must be \[N, J, H\]"):
+        hidden_features(r[0], q, w2, b2, None)
+    with pytest.raises(ValueError, match=r"Q must be \[P, 4\]"):
+        hidden_features(r, torch.zeros(5, 3, **t), w2, b2, None)
+    with pytest.raises(ValueError, match=r"mask must be \[3\]"):
+        hidden_features(r, q, w2, b2, torch.ones(4, **t))
+    with pytest.raises(ValueError, match="both W2 and b2"):
+        hidden_features(r, q, w2, None, None)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        hidden_features(r.half(), None, None, None, None)
+
+
+def test_a_pinned_config_may_set_the_warps_but_not_the_tile(monkeypatch):
+    t = dict(dtype=torch.float64, device=DEVICE)
+    r, q = torch.randn(2, 3, 4, **t), torch.randn(5, 4, **t)
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "knet_fwd:num_warps=8")
+    assert hidden_features(r, q, None, None, None).shape == (2, 5, 3, 5)
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "knet_fwd:BLOCK_J=16")
+    with pytest.raises(ValueError, match="BLOCK_J=32 only"):
+        hidden_features(r, q, None, None, None)
+
+
+def test_the_kernels_compile_for_sm90_without_spills_in_fp32(tmp_path):
+    """The kernel report's compile of the fused kernel net's shipped configs (the CI's quick report
+    covers the bf16/tf32 dtypes, which these kernels never run in): every row compiles and the
+    exact-fp32 rows do not spill."""
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "relaxedconv.kernels.report", "--quick", "--dtypes", "fp32-ieee",
+           "--filter", "knet", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    from relaxedconv.kernels import report
+
+    if r.returncode == report.SKIP:
+        pytest.skip(r.stdout.strip())
+    assert out.exists(), f"no JSON written (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["kernel"] for row in rows} == {"knet_fwd", "knet_bwd"}
+    for row in rows:
+        assert row["ok"], row.get("error")
+        assert not row["spill_stores"] and not row["spill_loads"], row
