@@ -43,8 +43,13 @@ def triton_conv_fwd(x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, bias:
     from .kernels.relaxed_conv_fwd import relaxed_conv_fwd
 
     y, u, x_cl, z_al = relaxed_conv_fwd(x, z, w_ext, bias, _geometry(geometry), return_u=True, return_packed=True)
-    # An output may not alias an input: z_al is z itself when z is already aligned and contiguous.
-    return y.contiguous(), u, x_cl, z_al if z_al.data_ptr() != z.data_ptr() else z_al.clone()
+    # An output may not alias an input: the repacks return their input itself when it is already in
+    # shape (z already aligned; x with one channel and no padding).
+    return y.contiguous(), u, _not_aliasing(x_cl, x), _not_aliasing(z_al, z)
+
+
+def _not_aliasing(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    return out.clone() if out.untyped_storage().data_ptr() == inp.untyped_storage().data_ptr() else out
 
 
 @triton_conv_fwd.register_fake
