@@ -170,8 +170,25 @@ def _best(s: Shape, kernel: str, card: Card) -> Step:
     return min(cands, key=lambda st: step_time(st, card))
 
 
-def steps(s: Shape, card: Card) -> dict[str, list[Step]]:
-    """The steps of the forward and of the backward pass with their counts."""
+def _bank_backward_steps(s: Shape) -> list[Step]:
+    """A stationary layer's backward through its conv2d bank (``relaxed_conv_bwd.bank_backward``):
+    the bank K = W Z, cuDNN's data and weight gradients at the direct convolution's FLOPs, and the
+    two GEMMs that turn dK into dZ and dW."""
+    e, el, hp = s.elem, _el(s), s.hidden + 1
+    bank = s.out_channels * s.out_rotations * s.in_channels * s.window
+    direct = s.batch * s.positions * bank
+    small = s.out_channels * s.in_channels * s.out_rotations * s.window * hp
+    return [
+        Step("bank K = W Z (cuBLAS)", small, e * (bank + el["z"]), 0, "cublas"),
+        Step("dX = conv2d data gradient (cuDNN)", direct, e * (el["y"] + bank + el["x"]), 0, "cublas"),
+        Step("dK = conv2d weight gradient (cuDNN)", direct, e * (el["y"] + el["xp"] + bank), 0, "cublas"),
+        Step("dZ, dW from dK (cuBLAS)", 2 * small, e * (2 * bank + el["z"]), 0, "cublas"),
+    ]
+
+
+def steps(s: Shape, card: Card, stationary_backward: str = "bank") -> dict[str, list[Step]]:
+    """The steps of the forward and of the backward pass with their counts; a stationary layer's
+    backward takes ``stationary_backward``'s route ("bank", the default, or "fused")."""
     e = s.elem
     el = _el(s)
     gemm_macs = s.batch * s.out_rotations * s.positions * (s.hidden + 1) * s.in_channels * s.out_channels
@@ -185,6 +202,8 @@ def steps(s: Shape, card: Card) -> dict[str, list[Step]]:
     fold = Step("fold: dX = col2im(V)", 0, e * (el["v"] + el["x"]), 0, "copy")
     # The packed input and aligned Z come from the forward (kept by the autograd formula).
     bwd = [dy_t, dw, du, _best(s, "dz", card), _best(s, "v", card), fold]
+    if not s.per_position and stationary_backward == "bank":
+        bwd = _bank_backward_steps(s)
     return {"fwd": fwd, "bwd": bwd}
 
 
@@ -207,9 +226,9 @@ def bound(st: Step, card: Card) -> str:
     return max(times, key=times.get)
 
 
-def predict(s: Shape, card: Card) -> dict[str, float]:
+def predict(s: Shape, card: Card, stationary_backward: str = "bank") -> dict[str, float]:
     """Predicted fwd, bwd and fwd+bwd milliseconds, and the peak of what the op allocates (MiB)."""
-    st = steps(s, card)
+    st = steps(s, card, stationary_backward)
     fwd = sum(step_time(x, card) for x in st["fwd"]) * 1e3
     bwd = sum(step_time(x, card) for x in st["bwd"]) * 1e3
     e = s.elem
@@ -219,6 +238,10 @@ def predict(s: Shape, card: Card) -> dict[str, float]:
     dz_bytes = 4 * n * (p if s.per_position else 1) * s.window * (s.hidden + 1)
     # backward: U (saved), dU, one V chunk, dZ (fp32), dX, the packed input
     peak = u_bytes * 2 + v_bytes + dz_bytes + 2 * e * b * c * s.in_rotations * (s.size + s.kernel_size) ** 2
+    if not s.per_position and stationary_backward == "bank":
+        # U exists during the forward only; the backward holds the bank, dK and dX
+        bank = e * s.out_channels * n * c * s.window
+        peak = max(u_bytes, 2 * bank + e * _el(s)["x"] + e * _el(s)["y"])
     return {"fwd_ms": fwd, "bwd_ms": bwd, "fwdbwd_ms": fwd + bwd, "peak_mib": peak / 2**20}
 
 

@@ -15,8 +15,17 @@ With U = X_col Z from the forward (``[B, N, P, H+1, C_in]``, recomputed when not
   built for as many images at a time as fit a fixed budget.
 
 Reruns give the same bits.
+
+Translation-stationary layers take another route by default (:func:`bank_backward`): their
+kernel is one conv2d weight, the bank K = W_ext Z, so dX and dK are the convolution's data and
+weight gradients (cuDNN on a GPU) and dZ, dW_ext follow from dK by two small GEMMs. On an H200
+(bench/results/h200-2026-11-27-705c378/) this backward is what ``expand_conv``'s costs (G4 5.6 ms)
+while the gather-GEMM route above took 12.0 ms; the factored forward stays (G4 3.3 ms against
+expand_conv's 4.3). ``RELAXEDCONV_TRITON_STATIONARY_BACKWARD=fused`` keeps the Triton route.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -283,12 +292,60 @@ def _input_grad(du, z_al, hid, geometry, x_shape, out_hw, dtype):
     return dx
 
 
+STATIONARY_BACKWARD_ENV = "RELAXEDCONV_TRITON_STATIONARY_BACKWARD"
+
+
+def stationary_backward() -> str:
+    """How a translation-stationary layer's backward runs: ``"bank"`` (default: through the conv2d
+    bank, :func:`bank_backward`) or ``"fused"`` (the Triton gather-GEMMs, like per-position layers)."""
+    mode = os.environ.get(STATIONARY_BACKWARD_ENV, "bank").strip() or "bank"
+    if mode not in ("bank", "fused"):
+        raise ValueError(f"{STATIONARY_BACKWARD_ENV} must be 'bank' or 'fused', got {mode!r}")
+    return mode
+
+
+def uses_bank_backward(z: torch.Tensor) -> bool:
+    """Whether :func:`relaxed_conv_bwd` runs :func:`bank_backward` for hidden features ``z``."""
+    return z.dim() == 3 and stationary_backward() == "bank"
+
+
+def bank_backward(dy, x, z, w_ext, geometry, needs=(True, True, True)):
+    """Gradients (dx, dz, dw_ext) of a translation-stationary layer through its conv2d bank.
+
+    K[(o, n), (i, n'), kh, kw] = sum_h W[o, i, h] Z[n, (n', kh, kw), h] (``reference.bank_from_factors``);
+    ``aten.convolution_backward`` gives dX and dK (cuDNN's dgrad and wgrad on a GPU), and with
+    M = W_r Z_r^T the bank's matrix: dW_r = dM Z_r, dZ_r = dM^T W_r.
+    """
+    from relaxedconv.reference import bank_from_factors
+
+    g = geometry
+    need_dk = bool(needs[1] or needs[2])
+    bank = bank_from_factors(z, w_ext, g)
+    dx, dk, _ = torch.ops.aten.convolution_backward(
+        dy.contiguous(), x, bank, None, [1, 1], [g.padding, g.padding], [1, 1], False, [0, 0], 1,
+        [bool(needs[0]), need_dk, False])
+    dz = dw = None
+    if need_dk:
+        hp = z.shape[-1]
+        # dK [C_out*N, C_in*N_in, K, K] -> dM [C_out*C_in, N*J] in the bank's (o, i) x (n, j) order
+        dm = dk.view(g.out_channels, g.out_rotations, g.in_channels, -1).transpose(1, 2).reshape(
+            g.out_channels * g.in_channels, -1)
+        if needs[1]:
+            dz = (dm.t() @ w_ext.reshape(-1, hp)).view(z.shape)
+        if needs[2]:
+            dw = (dm @ z.reshape(-1, hp)).view(w_ext.shape)
+    return (dx if needs[0] else None), dz, dw
+
+
 def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), u=None, x_cl=None, z_al=None):
     """Gradients (dx, dz, dw_ext) of :func:`relaxed_conv_fwd`; entries not in ``needs`` are None.
 
     ``u``, ``x_cl``, ``z_al``: what the forward returned (``return_u``, ``return_packed``); each is
-    rebuilt when None.
+    rebuilt when None. Translation-stationary ``z`` ([N, J, H+1]) goes through
+    :func:`bank_backward` unless ``RELAXEDCONV_TRITON_STATIONARY_BACKWARD=fused``.
     """
+    if uses_bank_backward(z):
+        return bank_backward(dy, x, z, w_ext, geometry, needs)
     g = geometry
     bsz, _, height, width = x.shape
     out_hw = g.out_size(height, width)

@@ -11,7 +11,8 @@ autograd formula keeps it for dW_ext, so the backward does not recompute it. Tha
 between forward and backward (≈ 33x the output at C_in = C_out = 32, H = 32). The forward's
 channels-last padded input ``x_cl`` and 16-aligned Z ``z_al`` (about the input's and Z's sizes) are
 kept too, so the backward does not repack them. ``RELAXEDCONV_TRITON_RECOMPUTE_U=1`` keeps none of
-the three and rebuilds them in the backward instead.
+the three and rebuilds them in the backward instead. A translation-stationary layer's backward
+runs through its conv2d bank (``kernels/relaxed_conv_bwd.bank_backward``) and needs none of them.
 
 Each operator has a fake (meta) implementation that gives the output shapes without running a
 kernel, and the forward has a registered autograd formula, so ``torch.compile`` sees one opaque
@@ -84,7 +85,9 @@ def _triton_conv_bwd_fake(dy, x, z, w_ext, u, x_cl, z_al, geometry, needs):
 def _setup_context(ctx, inputs, output):
     x, z, w_ext, bias, geometry = inputs
     _, u, x_cl, z_al = output
-    keep = not recompute_u()
+    from .kernels.relaxed_conv_bwd import uses_bank_backward
+
+    keep = not recompute_u() and not uses_bank_backward(z)
     # U serves dW_ext only: keep it when that gradient is wanted and memory is not to be saved.
     ctx.keep_u = ctx.needs_input_grad[2] and keep
     ctx.save_for_backward(x, z, w_ext, u if ctx.keep_u else None, x_cl if keep else None, z_al if keep else None)

@@ -58,3 +58,21 @@ def test_step_bench_runs_every_step_and_compares_with_the_model(tmp_path, capsys
     steps = {r["step"] for r in rows}
     assert {"u", "dz", "v + fold", "forward (whole)", "backward (whole, U given)"} <= steps
     assert all(r["measured_us"] > 0 and r["predicted_us"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name", ["G1", "G4"])
+def test_stationary_backward_through_the_bank_costs_the_direct_convolutions_gradients(name):
+    """The default stationary backward (relaxed_conv_bwd.bank_backward) is cuDNN's data and weight
+    gradient at the direct operation count, plus GEMMs of the bank's size; per-position layers keep
+    the Triton steps."""
+    case = CASES[name]
+    s = cost_model.shape_of_case(case)
+    card = cost_model.CARDS["H100"]
+    bank = {x.name: x for x in cost_model.steps(s, card)["bwd"]}
+    fused = cost_model.steps(s, card, stationary_backward="fused")["bwd"]
+    direct = flops.case_macs(case)["direct"]
+    assert bank["dX = conv2d data gradient (cuDNN)"].macs == bank["dK = conv2d weight gradient (cuDNN)"].macs == direct
+    assert all(x.engine != "triton" for x in bank.values())
+    assert any(x.engine == "triton" for x in fused)
+    t2 = cost_model.shape_of_case(CASES["T2"])
+    assert cost_model.steps(t2, card)["bwd"] == cost_model.steps(t2, card, stationary_backward="fused")["bwd"]

@@ -11,6 +11,13 @@ from relaxedconv.triton_conv import relaxed_conv_triton
 from _triton_cases import DEVICE, rel_err
 
 
+@pytest.fixture(autouse=True)
+def _triton_backward_route(monkeypatch):
+    """These tests are about the Triton backward's host side (column buffer, U, repacks): run
+    stationary layers through it too, not through the conv2d bank."""
+    monkeypatch.setenv(bwd.STATIONARY_BACKWARD_ENV, "fused")
+
+
 def _op_inputs(per_position, *, batch=3, hidden=17, dtype=torch.float64):
     g = ConvGeometry(in_channels=2, out_channels=3, in_rotations=2, out_rotations=2, kernel_size=3, padding=1)
     h, w = 3, 4

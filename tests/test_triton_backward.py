@@ -4,11 +4,17 @@ import torch
 
 from relaxedconv.reference import ConvGeometry
 from relaxedconv.triton_conv import relaxed_conv_triton
+from relaxedconv.kernels.relaxed_conv_bwd import STATIONARY_BACKWARD_ENV
 from _triton_cases import CASES, DEVICE, case_id, make_layer, rel_err, run_with_grads
 
+# Stationary layers run both backward routes (through the conv2d bank by default, and the Triton
+# gather-GEMMs); per-position layers have only the latter.
+ROUTES = [(c, r) for c in CASES for r in (("bank",) if c[6] else ("bank", "fused"))]
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_every_gradient_matches_materialize_fp64(case, poisoned_outputs):
+
+@pytest.mark.parametrize("case, route", ROUTES, ids=[case_id(c) + ("-fused-stationary" if r == "fused" else "") for c, r in ROUTES])
+def test_every_gradient_matches_materialize_fp64(case, route, poisoned_outputs, monkeypatch):
+    monkeypatch.setenv(STATIONARY_BACKWARD_ENV, route)
     torch.manual_seed(0)
     layer, x = make_layer(case, dtype=torch.float64)
     y, grads, g = run_with_grads(layer, x, "triton")
@@ -43,8 +49,10 @@ def test_backward_is_deterministic(case):
         assert torch.equal(first[name], second[name]), f"{name} differs between two runs"
 
 
-@pytest.mark.parametrize("per_position", [False, True], ids=["stationary", "per-position"])
-def test_gradcheck_fp64(per_position):
+@pytest.mark.parametrize("per_position, route", [(False, "bank"), (False, "fused"), (True, "bank")],
+                         ids=["stationary", "stationary-fused", "per-position"])
+def test_gradcheck_fp64(per_position, route, monkeypatch):
+    monkeypatch.setenv(STATIONARY_BACKWARD_ENV, route)
     torch.manual_seed(3)
     g = ConvGeometry(in_channels=2, out_channels=2, in_rotations=2, out_rotations=2, kernel_size=3, padding=1)
     h, w = (2, 3) if per_position else (3, 4)
@@ -85,3 +93,32 @@ def test_autotuned_kernels_match_materialize_cuda(case, monkeypatch):
     assert rel_err(y, y_ref) < 1e-5
     for name, ref in grads_ref.items():
         assert rel_err(grads[name], ref) < 1e-4, name
+
+
+def test_stationary_backward_route_keeps_no_u_and_refuses_unknown_routes(monkeypatch):
+    """Through the bank the backward needs neither U nor the packed input: the forward keeps none
+    of them (U alone is ~33x the output); the Triton route keeps all three."""
+    from relaxedconv import triton_conv
+
+    g = ConvGeometry(in_channels=2, out_channels=3, in_rotations=2, out_rotations=2, kernel_size=3, padding=1)
+    x = torch.randn(2, 4, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    z = torch.randn(2, g.window, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w_ext = torch.randn(3, 2, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    kept = {}
+    real = triton_conv._backward
+
+    def spy(ctx, *grads):
+        kept["saved"] = [t is not None for t in ctx.saved_tensors[3:]]  # U, x_cl, z_al
+        return real(ctx, *grads)
+
+    triton_conv.triton_conv_fwd.register_autograd(spy, setup_context=triton_conv._setup_context)
+    try:
+        for route, expected in (("bank", [False, False, False]), ("fused", [True, True, True])):
+            monkeypatch.setenv(STATIONARY_BACKWARD_ENV, route)
+            relaxed_conv_triton(x, z, w_ext, None, g).sum().backward()
+            assert kept["saved"] == expected, route
+        monkeypatch.setenv(STATIONARY_BACKWARD_ENV, "cudnn")
+        with pytest.raises(ValueError, match="'bank' or 'fused'"):
+            relaxed_conv_triton(x, z, w_ext, None, g).sum().backward()
+    finally:
+        triton_conv.triton_conv_fwd.register_autograd(real, setup_context=triton_conv._setup_context)
