@@ -105,20 +105,17 @@ def test_stationary_backward_route_keeps_no_u_and_refuses_unknown_routes(monkeyp
     z = torch.randn(2, g.window, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w_ext = torch.randn(3, 2, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     kept = {}
-    real = triton_conv._backward
+    real = triton_conv._gradients
 
-    def spy(ctx, *grads):
+    def spy(ctx, dy, backward):
         kept["saved"] = [t is not None for t in ctx.saved_tensors[3:]]  # U, x_cl, z_al
-        return real(ctx, *grads)
+        return real(ctx, dy, backward)
 
-    triton_conv.triton_conv_fwd.register_autograd(spy, setup_context=triton_conv._setup_context)
-    try:
-        for route, expected in (("bank", [False, False, False]), ("fused", [True, True, True])):
-            monkeypatch.setenv(STATIONARY_BACKWARD_ENV, route)
-            relaxed_conv_triton(x, z, w_ext, None, g).sum().backward()
-            assert kept["saved"] == expected, route
-        monkeypatch.setenv(STATIONARY_BACKWARD_ENV, "cudnn")
-        with pytest.raises(ValueError, match="'bank' or 'fused'"):
-            relaxed_conv_triton(x, z, w_ext, None, g).sum().backward()
-    finally:
-        triton_conv.triton_conv_fwd.register_autograd(real, setup_context=triton_conv._setup_context)
+    monkeypatch.setattr(triton_conv, "_gradients", spy)
+    for route, expected in (("bank", [False, False, False]), ("fused", [True, True, True])):
+        monkeypatch.setenv(STATIONARY_BACKWARD_ENV, route)
+        relaxed_conv_triton(x, z, w_ext, None, g).sum().backward()
+        assert kept["saved"] == expected, route
+    monkeypatch.setenv(STATIONARY_BACKWARD_ENV, "cudnn")
+    with pytest.raises(ValueError, match="'bank' or 'fused'"):
+        relaxed_conv_triton(x, z, w_ext, None, g).sum().backward()
