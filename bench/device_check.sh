@@ -79,9 +79,12 @@ print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO
 EOF
 
 # ---- 1. tests on CUDA ------------------------------------------------------------------------
+# -v: every test's outcome is in tests.log as it finishes, so a step cut by its timeout still names
+# its failures (a -q run cut before its summary did not, 2026-11-27); --timeout fails a hung test alone.
 XDIST=()
 if "$PY" -c "import xdist" > /dev/null 2>&1; then XDIST=(-n 8); fi
-want tests && run_step tests 150 "$PY" -m pytest -q -rf -p no:cacheprovider --durations=15 "${XDIST[@]}" tests
+if "$PY" -c "import pytest_timeout" > /dev/null 2>&1; then XDIST+=(--timeout 100); fi
+want tests && run_step tests 150 "$PY" -m pytest -v -rf -p no:cacheprovider --durations=15 "${XDIST[@]}" tests
 
 # ---- 2. the fused path step by step, beside the cost model ------------------------------------
 want kernels && run_step kernel_steps 60 "$PY" -m relaxedconv.kernels.step_bench --cases T1,T2,G4 \
