@@ -85,6 +85,7 @@ XDIST=()
 if "$PY" -c "import xdist" > /dev/null 2>&1; then XDIST=(-n 8); fi
 if "$PY" -c "import pytest_timeout" > /dev/null 2>&1; then XDIST+=(--timeout 100); fi
 want tests && run_step tests 150 "$PY" -m pytest -v -rf -p no:cacheprovider --durations=15 "${XDIST[@]}" tests
+want tests && { grep -E "(FAILED|ERROR) " "$OUT/tests.log" | sort -u | head -40 | sed 's/^/   | /' | tee -a "$SUMMARY"; }
 
 # ---- 2. the fused path step by step, beside the cost model ------------------------------------
 want kernels && run_step kernel_steps 60 "$PY" -m relaxedconv.kernels.step_bench --cases T1,T2,G4 \
