@@ -172,16 +172,10 @@ def pinned_config(kernel: str):
     return None
 
 
-def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype, fp32_config=None):
+def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype):
     """Run ``kernel`` with the pinned config if there is one, else autotuned on CUDA, else with
-    the fixed tile ``fixed`` (interpreter, fp64, RELAXEDCONV_AUTOTUNE=0).
-
-    ``fp32_config`` ``(meta, options)``: the one config fp32 inputs use on CUDA instead of
-    autotuning, for a kernel whose larger fp32 configs are known to fault (see
-    :data:`relaxed_conv_bwd.FP32_WINDOW_COLUMNS_CONFIG`)."""
+    the fixed tile ``fixed`` (interpreter, fp64, RELAXEDCONV_AUTOTUNE=0)."""
     pinned = pinned_config(name)
-    if pinned is None and fp32_config is not None and dtype == torch.float32 and use_autotune(device, dtype):
-        pinned = fp32_config
     if pinned is not None:
         meta, opts = pinned
         meta = {**fixed, **meta}
@@ -201,8 +195,15 @@ SMEM_BUDGET = 200 * 1024
 EXACT_FP32_TILE = 64 * 64 * 32
 
 
-def prune_by_size(limits):
+def _config_key(cfg) -> tuple:
+    return tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages
+
+
+def prune_by_size(limits, fp32_only=()):
     """An ``early_config_prune`` that drops configs the problem or the card cannot use:
+
+    - ``fp32_only``: configs reserved for fp32 data, which then runs them alone (a kernel whose
+      other fp32 configs are known to fault); 16-bit data never runs them;
 
     - a block larger than the problem: ``limits`` maps a block name to the kernel argument bounding
       it (or to a function of the arguments, constexprs included); the bound is its next power of
@@ -213,10 +214,15 @@ def prune_by_size(limits):
 
     One config always survives."""
 
+    reserved = {_config_key(c) for c in fp32_only}
+
     def prune(configs, named_args, **kwargs):
         args = {**kwargs, **named_args}
         elem = next((a.element_size() for a in named_args.values() if isinstance(a, torch.Tensor)), 2)
         exact_fp32 = args.get("PRECISION") == "ieee" and not args.get("FP64")
+        if reserved:
+            fp32 = elem == 4 and not args.get("FP64")
+            configs = [c for c in configs if (_config_key(c) in reserved) == fp32]
 
         def fits(cfg):
             for block, arg in limits.items():

@@ -179,11 +179,18 @@ _hidden_weight_grad_autotuned = triton.autotune(
     key=["ROWS_KEY", "J", "N_ROT", "CN", "SPLITS"],
     prune_configs_by={"early_config_prune": common.prune_by_size({"BLOCK_M": "J", "BLOCK_K": "ROWS"})},
 )(_hidden_weight_grad_kernel)
+# fp32 (tf32) ``v`` on sm_90 with Triton 3.6: the first autotuned config of T1 (BLOCK 128x64x32,
+# 4 warps, 3 stages) raised "an illegal memory access" on an H200 (2026-11-27,
+# bench/results/h200-2026-11-27-705c378/crash_tf32.log, every launch synchronised), while this
+# config ran the same layer cleanly (crash_tf32_pinned.log); bf16 runs every config. fp32 is the
+# checking precision, not the fast path, so its autotuner keeps this one config only.
+FP32_WINDOW_COLUMNS_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2)
 _window_columns_autotuned = triton.autotune(
-    configs=_gemm_configs(),
+    configs=_gemm_configs() + [FP32_WINDOW_COLUMNS_CONFIG],
     key=["ROWS_KEY", "J", "N_ROT", "CN"],
     prune_configs_by={"early_config_prune": common.prune_by_size(
-        {"BLOCK_M": "ROWS", "BLOCK_N": "J", "BLOCK_K": lambda a: a["N_ROT"] * a["HMAIN"]})},
+        {"BLOCK_M": "ROWS", "BLOCK_N": "J", "BLOCK_K": lambda a: a["N_ROT"] * a["HMAIN"]},
+        fp32_only=[FP32_WINDOW_COLUMNS_CONFIG])},
 )(_window_columns_kernel)
 _fold_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_Q": q, "BLOCK_C": c}, num_warps=w) for q, c, w in
@@ -193,12 +200,6 @@ _fold_autotuned = triton.autotune(
 )(_fold_kernel)
 
 FIXED_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
-# fp32 (tf32) ``v`` on sm_90 with Triton 3.6: the first autotuned config of T1 (BLOCK 128x64x32,
-# 4 warps, 3 stages) raised "an illegal memory access" on an H200 (2026-11-27,
-# bench/results/h200-2026-11-27-705c378/crash_tf32.log, every launch synchronised), while this
-# config ran the same layer cleanly (crash_tf32_pinned.log); bf16 runs every config. fp32 is the
-# checking precision, not the fast path, so it takes this one config rather than the autotuner's.
-FP32_WINDOW_COLUMNS_CONFIG = ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, {"num_warps": 4, "num_stages": 2})
 FIXED_FOLD = {"BLOCK_Q": 16, "BLOCK_C": 16}
 
 
@@ -279,7 +280,7 @@ def _input_grad(du, z_al, hid, geometry, x_shape, out_hw, dtype):
             return (positions, triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(g.window, meta["BLOCK_N"]))
 
         common.launch("v", _window_columns_kernel, _window_columns_autotuned, grid, args, consts, FIXED_TILE,
-                      device=du.device, dtype=dtype, fp32_config=FP32_WINDOW_COLUMNS_CONFIG)
+                      device=du.device, dtype=dtype)
         dx_c = dx[b0 : b0 + nb]
         q = height * width
         fold_args = (v, dx_c, cn, q, width, out_hw[0], out_hw[1], g.padding, positions, dx_c.stride(0), dx_c.stride(1))
