@@ -23,14 +23,10 @@ DTYPES = {"bf16": (torch.bfloat16, False), "tf32": (torch.float32, True), "fp32"
           "fp64": (torch.float64, False)}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def trace(case, dtype_name: str, device, log=print) -> bool:
     """Run ``case``'s layer (backend triton) with every launch traced; True when it ran."""
     from relaxedconv.benchmark import cases as cases_mod
+    from relaxedconv.benchmark.timing import synchronize as _sync
 
     dtype, tf32 = DTYPES[dtype_name]
     real_bench, real_launch = autotuner.Autotuner._bench, common.launch

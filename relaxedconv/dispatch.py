@@ -148,7 +148,8 @@ def triton_available() -> bool:
     return _TRITON_IMPORTS
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``: kernels on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -176,7 +177,7 @@ def unsupported(name: str, *, device_type: str, dtype: torch.dtype, per_position
     if b.needs_triton and not triton_available():
         return ValueError, (f"backend={name!r} needs Triton, which cannot be imported here; use "
                             f"{_alternatives(lambda c: not c.needs_triton)}")
-    on_device = device_type in b.devices or (b.interpreter_on_cpu and device_type == "cpu" and _interpreting())
+    on_device = device_type in b.devices or (b.interpreter_on_cpu and device_type == "cpu" and interpreting())
     if not on_device:
         hint = " (or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter for testing)" \
             if b.interpreter_on_cpu else ""

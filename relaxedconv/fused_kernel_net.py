@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from . import dispatch
+
 FLAG = "RELAXEDCONV_FUSED_KERNEL_NET"
 DTYPES = (torch.float32, torch.float64)
 
@@ -35,25 +37,13 @@ def enabled() -> bool:
     return os.environ.get(FLAG, "0") not in ("", "0")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _triton_imports() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def unsupported_reason(kernel_net, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the fused kernel net cannot compute ``kernel_net``'s features on ``device`` in
     ``dtype`` (a sentence that says what to do), or None when it can."""
     depth = len(kernel_net.hidden_layers) + 2
     if depth not in (2, 3):
         return f"the fused kernel net supports kernel depth 2 or 3 (at most one hidden layer), got depth {depth}"
-    if not _triton_imports():
+    if not dispatch.triton_available():
         return "the fused kernel net needs Triton, which does not import here"
     from .kernels.kernel_net_fused import MAX_HIDDEN
 
@@ -62,7 +52,7 @@ def unsupported_reason(kernel_net, device: torch.device, dtype: torch.dtype) -> 
     if dtype not in DTYPES:
         return f"the fused kernel net runs in float32 or float64 parameters, got {dtype}"
     device = torch.device(device)
-    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+    if device.type != "cuda" and not (device.type == "cpu" and dispatch.interpreting()):
         return f"the fused kernel net runs on CUDA (on CPU only under TRITON_INTERPRET=1), got device {device.type!r}"
     return None
 

@@ -46,12 +46,25 @@ def recompute_u() -> bool:
 @torch.library.custom_op("relaxedconv::triton_conv_fwd", mutates_args=())
 def triton_conv_fwd(x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, bias: Optional[torch.Tensor],
                     geometry: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .kernels.relaxed_conv_fwd import relaxed_conv_fwd
-
-    y, u, x_cl, z_al = relaxed_conv_fwd(x, z, w_ext, bias, _geometry(geometry), return_u=True, return_packed=True)
+    y, u, x_cl, z_al = _forward(x, z, w_ext, bias, geometry)
     # An output may not alias an input: the repacks return their input itself when it is already in
     # shape (z already aligned; x with one channel and no padding).
     return y.contiguous(), u, _not_aliasing(x_cl, x), _not_aliasing(z_al, z)
+
+
+def _forward(x, z, w_ext, bias, geometry):
+    """(y, U, channels-last input, aligned Z): the kernels' forward, shared by both operator forms."""
+    from .kernels.relaxed_conv_fwd import relaxed_conv_fwd
+
+    return relaxed_conv_fwd(x, z, w_ext, bias, _geometry(geometry), return_u=True, return_packed=True)
+
+
+def _backward_grads(dy, x, z, w_ext, u, x_cl, z_al, geometry, needs):
+    """(dx, dz, dw_ext): the kernels' backward, shared by both operator forms."""
+    from .kernels.relaxed_conv_bwd import relaxed_conv_bwd
+
+    return relaxed_conv_bwd(dy, x, z, w_ext, _geometry(geometry), needs=tuple(bool(n) for n in needs), u=u,
+                            x_cl=x_cl, z_al=z_al)
 
 
 def _not_aliasing(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
@@ -74,10 +87,7 @@ def _triton_conv_fwd_fake(x, z, w_ext, bias, geometry):
 def triton_conv_bwd(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, u: Optional[torch.Tensor],
                     x_cl: Optional[torch.Tensor], z_al: Optional[torch.Tensor],
                     geometry: List[int], needs: List[bool]) -> List[torch.Tensor]:
-    from .kernels.relaxed_conv_bwd import relaxed_conv_bwd
-
-    grads = relaxed_conv_bwd(dy, x, z, w_ext, _geometry(geometry), needs=tuple(bool(n) for n in needs), u=u,
-                             x_cl=x_cl, z_al=z_al)
+    grads = _backward_grads(dy, x, z, w_ext, u, x_cl, z_al, geometry, needs)
     # Contiguous, as the fake implementation promises the compiler (dw_ext comes back permuted).
     return [g.contiguous() if g is not None else like.new_empty(0) for g, like in zip(grads, (x, z, w_ext))]
 
@@ -123,26 +133,18 @@ def _backward(ctx, dy, _du, _dx_cl, _dz_al):
 triton_conv_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _eager_backward(dy, x, z, w_ext, u, x_cl, z_al, geometry, needs):
-    from .kernels.relaxed_conv_bwd import relaxed_conv_bwd
-
-    return relaxed_conv_bwd(dy, x, z, w_ext, _geometry(geometry), needs=tuple(needs), u=u, x_cl=x_cl, z_al=z_al)
-
-
 class _EagerTritonConv(torch.autograd.Function):
     """The operator pair above without the custom-operator dispatch, for eager mode."""
 
     @staticmethod
     def forward(ctx, x, z, w_ext, bias, geometry):
-        from .kernels.relaxed_conv_fwd import relaxed_conv_fwd
-
-        y, u, x_cl, z_al = relaxed_conv_fwd(x, z, w_ext, bias, _geometry(geometry), return_u=True, return_packed=True)
+        y, u, x_cl, z_al = _forward(x, z, w_ext, bias, geometry)
         _save(ctx, x, z, w_ext, bias, geometry, u, x_cl, z_al)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return _gradients(ctx, dy.contiguous(), _eager_backward)
+        return _gradients(ctx, dy.contiguous(), _backward_grads)
 
 
 def check_triton_inputs(x: torch.Tensor, z: torch.Tensor | None = None) -> None:

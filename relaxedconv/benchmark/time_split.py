@@ -26,11 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from .. import functional
 from . import cases as cases_mod
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from .timing import synchronize as _sync
 
 
 def small_op_host_us(device, n: int = 2000) -> float:
