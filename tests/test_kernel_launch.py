@@ -169,6 +169,32 @@ def test_fp32_on_cuda_uses_the_verified_window_columns_config(dtype, monkeypatch
     assert kernel.calls == [{"BLOCK_M": 128, "num_stages": 3}] and autotuned.calls == []
 
 
+@pytest.mark.parametrize("per_position", [False, True], ids=["stationary", "per-position"])
+def test_the_backward_reuses_the_forwards_packed_input_and_aligned_z(per_position, monkeypatch):
+    """The channels-last repack and the Z alignment run once per forward+backward (the repack of
+    G4's input took 265 us on an H200); RELAXEDCONV_TRITON_RECOMPUTE_U=1 keeps nothing and rebuilds."""
+    calls = {"pack": 0, "align": 0}
+    pack, align = common.channels_last_padded, common.aligned_hidden
+
+    def counting(name, fn):
+        def wrapped(*a):
+            calls[name] += 1
+            return fn(*a)
+        return wrapped
+
+    monkeypatch.setattr(common, "channels_last_padded", counting("pack", pack))
+    monkeypatch.setattr(common, "aligned_hidden", counting("align", align))
+    torch.manual_seed(3)
+    g, inputs = _op_inputs(per_position)
+    kept = _grads(g, inputs)
+    assert calls == {"pack": 1, "align": 1}
+    monkeypatch.setenv("RELAXEDCONV_TRITON_RECOMPUTE_U", "1")
+    rebuilt = _grads(g, inputs)
+    assert calls == {"pack": 3, "align": 3}
+    for a, b in zip(kept, rebuilt):
+        assert torch.equal(a, b)
+
+
 def test_eager_calls_skip_the_custom_operator_dispatch(monkeypatch):
     """Eager mode runs the host functions behind a plain autograd.Function (the custom operator's
     dispatch cost ~200 us of host time per step); torch.compile keeps the opaque custom operator
