@@ -287,7 +287,11 @@ class _RelaxedGroupConv(nn.Module):
         """(backend, operands) for a call that needs no gradient to the parameters: the factors and
         what the backend builds from them are kept until a parameter changes."""
         cache = self._cache("_inference_cache")
-        state = (self._parameter_state(), torch.is_inference_mode_enabled())
+        # Under autocast the kernel net runs in the autocast dtype: factors made inside an autocast
+        # region are not the ones a call outside it computes (nor the dtype its operators accept).
+        dev = x.device.type
+        autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        state = (self._parameter_state(), torch.is_inference_mode_enabled(), autocast)
         if cache.get("state") != state:
             cache.clear()
             cache["state"] = state

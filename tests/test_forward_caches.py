@@ -165,6 +165,26 @@ def test_inference_mode_then_no_grad_then_training():
     assert torch.equal(a, b) and torch.equal(b, c.detach())
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_kernel_cached_under_autocast_is_not_reused_outside_it(backend):
+    """A validation pass under bf16 autocast, then a full-precision pass (the trainer's final
+    equivariance probe): the second must not run the first's bf16 factors (on an H200 it raised
+    "expected mat1 and mat2 to have the same dtype", 2026-11-27)."""
+    layer = _layer(trans=backend != "expand_conv", backend=backend).eval()
+    x = torch.randn(2, 8, 5, 6)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = layer(x)
+        full = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low_again = layer(x)
+    fresh = copy.deepcopy(layer).train()
+    with torch.no_grad():
+        want = fresh(x)
+    assert full.dtype == torch.float32 and torch.allclose(full, want, rtol=1e-5, atol=1e-6)
+    assert low.dtype == low_again.dtype == torch.bfloat16 and torch.equal(low, low_again)
+
+
 # ---- one training step -------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_training_step_never_synchronises_with_the_host(backend):
