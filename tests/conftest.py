@@ -22,6 +22,34 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+_GLOBAL_FLAGS = (
+    (torch.backends.cuda.matmul, "allow_tf32"),
+    (torch.backends.cudnn, "allow_tf32"),
+    (torch.backends.cudnn, "benchmark"),
+    (torch.backends.cudnn, "deterministic"),
+)
+
+
+@pytest.fixture(autouse=True)
+def _process_flags_restored():
+    # Tests share a process (pytest-xdist workers too): one that leaves TF32 or cuDNN autotuning on
+    # would change the precision or the bits of every test after it in that process.
+    old = [getattr(obj, name) for obj, name in _GLOBAL_FLAGS]
+    yield
+    for (obj, name), value in zip(_GLOBAL_FLAGS, old):
+        setattr(obj, name, value)
+
+
+@pytest.fixture
+def exact_fp32(_process_flags_restored):
+    """fp32 without TF32 in matmuls and in cuDNN (whose default is TF32): the stationary triton
+    backward runs its convolutions through cuDNN, which then rounds like the kernels' own exact dots.
+    (Plain assignments: these flags are properties of module objects; _process_flags_restored
+    puts them back.)"""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
     """Every kernel output buffer starts as NaN, so a tile a kernel forgets to write fails the test."""

@@ -408,3 +408,22 @@ def test_deterministic_mode_holds_for_the_run_and_is_restored(tmp_path, monkeypa
     assert seen == [(True, True), before]
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before
     assert json.loads((tmp_path / "d" / "config.json").read_text())["config"]["deterministic"] is True
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_speed_flags_hold_for_the_run_and_are_restored(deterministic):
+    """TF32 and cuDNN autotuning for a GPU run only: the caller's process settings come back (a
+    training test once left TF32 on for every later test in its process)."""
+    from relaxedconv.training.trainer import cuda_speed_flags
+
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
+    with cuda_speed_flags(torch.device("cuda"), deterministic=deterministic):  # only flags: no GPU needed
+        assert flags() == (True, True, not deterministic)
+    assert flags() == (False, False, False)
+    with pytest.raises(RuntimeError):
+        with cuda_speed_flags(torch.device("cuda"), deterministic=False):
+            raise RuntimeError("a run that fails")
+    assert flags() == (False, False, False)
+    with cuda_speed_flags(torch.device("cpu"), deterministic=False):
+        assert flags() == (False, False, False)

@@ -185,11 +185,6 @@ class Trainer:
         check_out_dir(self.cfg["out"])
         self.dist = Dist(self.cfg["device"])
         self.device = self.dist.device
-        if self.device.type == "cuda":
-            # fixed shapes: let cuDNN pick its fastest algorithms (unless every run must give the same bits)
-            torch.backends.cudnn.benchmark = not self.cfg.get("deterministic", False)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         dispatch.set_auto_policy(self.cfg.get("auto_policy"))
         self._log = log
         self.out = Path(self.cfg["out"])
@@ -393,6 +388,10 @@ class Trainer:
 
     # -- main --
     def run(self, resume: bool = False) -> dict:
+        with cuda_speed_flags(self.device, deterministic=bool(self.cfg.get("deterministic"))):
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict:
         c = self.cfg
         for w in self._warnings:
             self.warn(w)
@@ -504,6 +503,26 @@ class Trainer:
                      f"test acc there {ta if ta is None else f'{ta:.2f}'}; results in {self.out}")
         self.dist.barrier()
         return final
+
+
+@contextlib.contextmanager
+def cuda_speed_flags(device: torch.device, deterministic: bool):
+    """TF32 matmuls and cuDNN's autotuned algorithms (fixed shapes) for the duration of a GPU run,
+    the process's own settings restored afterwards: a run started from a notebook or a test must
+    not leave every later fp32 matmul in that process at TF32 precision (on an H200 it turned 23
+    exact-fp32 kernel tests that ran after a training test into 1e-3 errors, 2026-11-27)."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = (torch.backends.cudnn, "benchmark"), (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")
+    old = [getattr(obj, name) for obj, name in flags]
+    torch.backends.cudnn.benchmark = not deterministic  # unless every run must give the same bits
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        for (obj, name), value in zip(flags, old):
+            setattr(obj, name, value)
 
 
 @contextlib.contextmanager
