@@ -27,11 +27,15 @@ def test_time_split_reports_each_part(tmp_path, monkeypatch, capsys):
     assert "kernel_net" in capsys.readouterr().out
 
 
+# Compiled kernels on a GPU (fp32: Triton's fp64 dots run only in the interpreter), else the interpreter.
+DEVICE, DTYPE = (torch.device("cuda"), "fp32") if torch.cuda.is_available() else (torch.device("cpu"), "fp64")
+
+
 def test_launch_trace_names_each_kernel_and_reports_a_fault(monkeypatch):
     lines = []
-    assert launch_trace.trace(TINY, "fp64", torch.device("cpu"), log=lines.append)
+    assert launch_trace.trace(TINY, DTYPE, DEVICE, log=lines.append), lines
     launched = [s.split()[1] for s in lines if s.startswith("launch ")]
-    assert {"u", "dz", "v", "fold"} <= set(launched) and lines[-1] == "PASS T2 fp64"
+    assert {"u", "dz", "v", "fold"} <= set(launched) and lines[-1] == f"PASS T2 {DTYPE}"
 
     class Faulting:  # a kernel whose launch raises, as a faulting one does at its synchronisation
         def __getitem__(self, grid):
@@ -46,7 +50,7 @@ def test_launch_trace_names_each_kernel_and_reports_a_fault(monkeypatch):
 
     monkeypatch.setattr(relaxed_conv_bwd, "_window_columns_kernel", fault)
     lines.clear()
-    assert not launch_trace.trace(TINY, "fp64", torch.device("cpu"), log=lines.append)
-    assert lines[-1] == "FAIL T2 fp64"
+    assert not launch_trace.trace(TINY, DTYPE, DEVICE, log=lines.append)
+    assert lines[-1] == f"FAIL T2 {DTYPE}"
     assert [s for s in lines if s.startswith("launch ")][-1] == "launch v"  # the faulting kernel is the last launched
     assert "illegal memory access" in lines[-2]

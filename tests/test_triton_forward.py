@@ -21,7 +21,7 @@ def tf32_matmul(on: bool):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_forward_matches_materialize_fp32(case, poisoned_outputs):
+def test_forward_matches_materialize_fp32(case, poisoned_outputs, exact_fp32):
     torch.manual_seed(0)
     layer, x = make_layer(case, dtype=torch.float32)
     with torch.no_grad():
