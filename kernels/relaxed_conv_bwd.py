@@ -321,7 +321,9 @@ def bank_backward(dy, x, z, w_ext, geometry, needs=(True, True, True)):
 
     g = geometry
     need_dk = bool(needs[1] or needs[2])
-    bank = bank_from_factors(z, w_ext, g)
+    # The factors may be in their own (fp32) dtype beside a half-precision x: the bank is built
+    # from them and rounded to x's dtype, and dZ, dW are reduced from dK in the factors' dtype.
+    bank = bank_from_factors(z, w_ext.to(z.dtype), g).to(x.dtype)
     dx, dk, _ = torch.ops.aten.convolution_backward(
         dy.contiguous(), x, bank, None, [1, 1], [g.padding, g.padding], [1, 1], False, [0, 0], 1,
         [bool(needs[0]), need_dk, False])
@@ -330,11 +332,11 @@ def bank_backward(dy, x, z, w_ext, geometry, needs=(True, True, True)):
         hp = z.shape[-1]
         # dK [C_out*N, C_in*N_in, K, K] -> dM [C_out*C_in, N*J] in the bank's (o, i) x (n, j) order
         dm = dk.view(g.out_channels, g.out_rotations, g.in_channels, -1).transpose(1, 2).reshape(
-            g.out_channels * g.in_channels, -1)
+            g.out_channels * g.in_channels, -1).to(z.dtype)
         if needs[1]:
-            dz = (dm.t() @ w_ext.reshape(-1, hp)).view(z.shape)
+            dz = (dm.t() @ w_ext.to(z.dtype).reshape(-1, hp)).view(z.shape)
         if needs[2]:
-            dw = (dm @ z.reshape(-1, hp)).view(w_ext.shape)
+            dw = (dm @ z.reshape(-1, hp)).view(w_ext.shape).to(w_ext.dtype)
     return (dx if needs[0] else None), dz, dw
 
 
@@ -355,7 +357,7 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), u=N
     dy3 = dy.contiguous().view(bsz, g.out_channels, rows)
     w_mat = output_weight_matrix(w_ext).to(dy.dtype)
     if z_al is None and (needs[0] or (needs[2] and u is None)):
-        z_al = common.aligned_hidden(z)
+        z_al = common.aligned_hidden(z, dy.dtype)
     if needs[2] and u is None:
         if x_cl is None:
             x_cl = common.channels_last_padded(x, g.padding)

@@ -133,7 +133,7 @@ def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, return_u: bool = False, ret
     out_hw = g.out_size(height, width)
     positions = out_hw[0] * out_hw[1]
     x_cl = common.channels_last_padded(x, g.padding)
-    z_al = common.aligned_hidden(z)
+    z_al = common.aligned_hidden(z, x.dtype)  # Z may stay in its own (fp32) dtype: cast here, in the same copy
     u = hidden_projection(x_cl, z_al, z.shape[-1], g, out_hw, bsz)
     # Y_b[o, (n, p)] = W[o, (h, i)] @ U_b[(n, p), (h, i)]^T: a batched GEMM whose result is already
     # the [B, C_out*N, H, W] layout of the output.

@@ -6,9 +6,9 @@ Every backend computes the same relaxed group convolution from the same tensors,
 types, dtypes) and holds its two functions:
 
 - ``prepare(z, w_ext, bias, geometry, dtype) -> operands``: what the backend builds from the
-  factors (materialize: the full kernel; expand_conv: the conv2d weight bank; factored_torch and
-  triton: the factors in the compute dtype). Independent of the batch: a layer in inference mode
-  caches it.
+  factors (materialize: the full kernel; expand_conv: the conv2d weight bank; factored_torch: the
+  factors in the compute dtype; triton: the factors as they are, cast by its kernels' packing
+  copy). Independent of the batch: a layer in inference mode caches it.
 - ``apply(x, operands, geometry) -> y``.
 
 ``auto``, the CLI's ``--backend`` choices, the benchmark's ``n/a`` rows and the error messages all
@@ -76,6 +76,12 @@ def _prepare_factors(z, w_ext, bias, g, dtype):
     return z.to(dtype), w_ext.to(dtype), bias
 
 
+def _prepare_triton(z, w_ext, bias, g, dtype):
+    # The factors stay in their own dtype: the kernels' Z packing copy casts them (one pass instead
+    # of a cast and a pad), and dZ comes back in the factors' dtype without a round trip via bf16.
+    return z, w_ext, bias
+
+
 def _apply_factored(x, operands, g):
     z, w_ext, bias = operands
     return reference.conv_factored(x, z, w_ext, bias, g)
@@ -115,7 +121,7 @@ BACKEND_TABLE: dict[str, Backend] = {
         Backend("factored_torch", "the factorisation of design.md §2 in plain PyTorch (R3)",
                 True, ("cpu", "cuda"), FLOAT_DTYPES, _prepare_factors, _apply_factored),
         Backend("triton", "fused Triton kernels, forward and backward",
-                True, ("cuda",), FLOAT_DTYPES, _prepare_factors, _apply_triton,
+                True, ("cuda",), FLOAT_DTYPES, _prepare_triton, _apply_triton,
                 needs_triton=True, interpreter_on_cpu=True),
     )
 }

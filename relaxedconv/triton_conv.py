@@ -79,7 +79,7 @@ def _triton_conv_fwd_fake(x, z, w_ext, bias, geometry):
     u = x.new_empty((x.shape[0], g.out_rotations, h * w, z.shape[-1], g.in_channels))
     p = g.padding
     x_cl = x.new_empty((x.shape[0], x.shape[2] + 2 * p, x.shape[3] + 2 * p, x.shape[1]))
-    z_al = z.new_empty((*z.shape[:-1], -(-z.shape[-1] // 16) * 16))
+    z_al = x.new_empty((*z.shape[:-1], -(-z.shape[-1] // 16) * 16))  # in x's (the compute) dtype
     return y, u, x_cl, z_al
 
 
@@ -160,8 +160,9 @@ def relaxed_conv_triton(x, z, w_ext, bias, geometry: ConvGeometry) -> torch.Tens
     check_triton_inputs(x, z)
     if torch.is_autocast_enabled(x.device.type):
         # A custom operator is not autocast-aware: run it in the autocast dtype, as conv2d would.
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, z, w_ext = x.to(dt), z.to(dt), w_ext.to(dt)
+        # Only x is cast here: the kernels read Z and W_ext in x's dtype through their own packing
+        # copy, and return dZ, dW_ext in the factors' dtype (no rounding of dZ to bf16 and back).
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     geom = list(dataclasses.astuple(geometry))
     if torch.compiler.is_compiling():
         return triton_conv_fwd(x, z, w_ext, bias, geom)[0]

@@ -8,6 +8,7 @@ from relaxedconv.kernels import common
 from relaxedconv.kernels import relaxed_conv_bwd as bwd
 from relaxedconv.reference import ConvGeometry
 from relaxedconv.triton_conv import relaxed_conv_triton
+from relaxedconv.benchmark.opcount import OpCounter
 from _triton_cases import DEVICE, rel_err
 
 
@@ -114,11 +115,17 @@ def test_hidden_split(hidden, expected):
     assert common.hidden_split(hidden) == expected
 
 
-def test_aligned_hidden_pads_rows_to_sixteen_and_keeps_values():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_aligned_hidden_casts_and_pads_rows_to_sixteen_in_one_copy(dtype):
     z = torch.randn(2, 5, 33)
-    za = common.aligned_hidden(z)
-    assert za.shape == (2, 5, 48) and za.stride(-2) % 16 == 0
-    assert torch.equal(za[..., :33], z) and not za[..., 33:].any()
+    with OpCounter() as ops:
+        za = common.aligned_hidden(z, dtype)
+    assert za.shape == (2, 5, 48) and za.stride(-2) % 16 == 0 and za.dtype == dtype
+    assert torch.equal(za[..., :33], z.to(dtype))
+    assert ops.counts["copy_"] == 1 and ops.total - ops.counts["empty"] - ops.counts["slice"] == 1
+    # already aligned and in the dtype asked for: no copy at all
+    z32 = torch.randn(2, 5, 32)
+    assert common.aligned_hidden(z32, torch.float32) is z32
 
 
 @pytest.mark.parametrize("per_position", [False, True], ids=["stationary", "per-position"])
@@ -210,3 +217,30 @@ def test_eager_calls_skip_the_custom_operator_dispatch(monkeypatch):
     g, inputs = _op_inputs(True)
     grads = _grads(g, inputs)
     assert all(t is not None and torch.isfinite(t).all() for t in grads)
+
+
+@pytest.mark.parametrize("per_position", [False, True], ids=["stationary", "per-position"])
+def test_factors_keep_their_dtype_beside_a_lower_precision_input(per_position, exact_fp32, poisoned_outputs):
+    """The triton backend takes the factors as they are (the layer's fp32 parameters beside a bf16
+    input): the kernels read them in x's dtype through their packing copy, and dZ, dW_ext come back
+    in the factors' dtype, not rounded to x's. Here fp64 factors beside an fp32 input."""
+    from relaxedconv import reference
+
+    torch.manual_seed(7)
+    g = ConvGeometry(in_channels=2, out_channels=3, in_rotations=2, out_rotations=2, kernel_size=3, padding=1)
+    h, w = 4, 5
+    x = torch.randn(2, 4, h, w, device=DEVICE, requires_grad=True)
+    zshape = (2, h * w, g.window, 5) if per_position else (2, g.window, 5)
+    z = torch.randn(zshape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w_ext = torch.randn(3, 2, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    dy = torch.randn(2, 6, h, w, device=DEVICE)
+    y = relaxed_conv_triton(x, z, w_ext, None, g)
+    y.backward(dy)
+    assert y.dtype == x.grad.dtype == torch.float32 and z.grad.dtype == w_ext.grad.dtype == torch.float64
+    # the reference in fp64 from the factors as the kernels saw them (rounded to fp32)
+    xr, zr, wr = (t.detach().to(torch.float32).double().requires_grad_() for t in (x, z, w_ext))
+    yr = reference.conv_factored(xr, zr, wr, None, g)
+    yr.backward(dy.double())
+    assert rel_err(y.detach(), yr.detach()) < 1e-5
+    for got, ref in ((x.grad, xr.grad), (z.grad, zr.grad), (w_ext.grad, wr.grad)):
+        assert rel_err(got, ref) < 1e-5
