@@ -33,6 +33,42 @@ from .validation import (
 CHECKPOINT_BYTES = 256 * 2**20
 
 
+class _OnesColumn(torch.autograd.Function):
+    """``[z * m | m]``: the hidden features with the window mask folded in and the constant feature
+    that carries b_L appended (``m`` = 1 without a mask), written once into the [..., H+1] result.
+
+    As ``F.pad`` then a multiply it took two passes over the [N, (P,) J, H+1] tensor forward (T2:
+    26.5 M values) and two backward (the multiply's, then the pad's slice copy); here one forward,
+    and backward one (the mask) or none (a view of the incoming gradient)."""
+
+    @staticmethod
+    def forward(ctx, z, mask):
+        out = z.new_empty((*z.shape[:-1], z.shape[-1] + 1))
+        if mask is None:
+            out[..., :-1].copy_(z)
+            out[..., -1].fill_(1.0)
+        else:
+            torch.mul(z, mask[:, None], out=out[..., :-1])
+            out[..., -1].copy_(mask)
+        ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        dz = grad[..., :-1]
+        return (dz if mask is None else dz * mask[:, None]), None
+
+
+def ones_column(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[z * mask | mask]`` over the last axis (``mask`` over the window axis, -2; 1 when None)."""
+    if torch.compiler.is_compiling():
+        # Inductor fuses these into one kernel itself (and traces plain operators best).
+        z = F.pad(z, (0, 1), value=1.0)
+        return z if mask is None else z * mask[:, None]
+    return _OnesColumn.apply(z, mask)
+
+
 class _RelaxedGroupConv(nn.Module):
     """Shared machinery: coordinates -> kernel net -> one of the backends of design.md §3."""
 
@@ -251,10 +287,7 @@ class _RelaxedGroupConv(nn.Module):
         z = fused_kernel_net.layer_factor(self, out_hw)
         if z is None:
             z = self._hidden_features(out_hw)
-            z = F.pad(z, (0, 1), value=1.0)  # the ones column that carries b_L
-            mask = self._window_mask(z.device, z.dtype)
-            if mask is not None:
-                z = z * mask[:, None]
+            z = ones_column(z, self._window_mask(z.device, z.dtype))
         w_ext = self.kernel_net.extended_output_weight()
         if dtype is not None:
             z, w_ext = z.to(dtype), w_ext.to(dtype)

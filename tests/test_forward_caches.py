@@ -228,3 +228,26 @@ def test_kernel_net_checkpointing_only_for_large_activations(monkeypatch):
     recomputed = grads()
     assert len(calls) == 1
     assert all(torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(kept, recomputed))
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_ones_column_is_pad_and_mask_in_one_pass_each_way(masked):
+    """The constant feature and the window mask: the values and gradient of F.pad then a multiply,
+    with one full-size operator forward and at most one backward (there were two each way)."""
+    z = torch.randn(3, 4, 9, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(9, dtype=torch.float64) if masked else None
+    want = F.pad(z, (0, 1), value=1.0)
+    want = want * mask[:, None] if masked else want
+    grad = torch.randn_like(want)
+    box = {}
+    fwd = count(lambda: box.update(got=layers_mod.ones_column(z, mask)))
+    got = box["got"]
+    assert torch.equal(got, want)
+    (dz_want,) = torch.autograd.grad(want, z, grad)
+    bwd = count(lambda: box.update(dz=torch.autograd.grad(got, z, grad)[0]))
+    dz = box["dz"]
+    assert torch.equal(dz, dz_want)
+    # forward: one pass over z (a multiply into the result, or a copy) and a write of the last column
+    assert fwd.counts["mul"] + fwd.counts["copy_"] + fwd.counts["fill_"] == 2 and not fwd.counts["constant_pad_nd"]
+    assert bwd.counts["mul"] == (1 if masked else 0) and not bwd.counts["constant_pad_nd"] and not bwd.counts["copy_"]
+    assert torch.autograd.gradcheck(lambda t: layers_mod.ones_column(t, mask), (z,))
