@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The one GPU check (issues 6, 9, 10, 13). From the repository root:
 #
-#     bash bench/device_check.sh                       # every step, ~12 min worst case (over one call)
+#     bash bench/device_check.sh                       # every step, ~16 min worst case (over one call)
 #     STEPS="tests kernels" bash bench/device_check.sh # only some steps (a command may run 10 min:
 #                                                      # split the check over two calls if needed)
 #
 # Steps, each under its own `timeout` so that one hung step does not lose the others
-# (worst case ~12 min; the benchmark steps also stop starting new measurements at their budget
+# (worst case ~16 min; the benchmark steps also stop starting new measurements at their budget
 # and rewrite their JSON after every measurement, so a killed step keeps what it measured):
 #
 #   0. environment (nvidia-smi, versions) and install (pip -e, no network)          <= 45 s
@@ -16,6 +16,10 @@
 #      split:   host vs device time of kernel net and convolution (T1, T2, G4), default  60 s
 #               kernel net and the fused one (RELAXEDCONV_FUSED_KERNEL_NET=1)
 #   3. layers:  layer benchmark, every case, bf16 then tf32, 6 backends, budget 115 s   150 s
+#      compiled: T1, T2 (bf16) under torch.compile: Inductor (triton, conv2d,              240 s
+#               factored_torch; budget 100 s), then CUDA graphs (reduce-overhead:
+#               triton, conv2d; budget 60 s): what the layer costs once the kernel
+#               net is fused and the host's per-operator cost is gone
 #   4. e2e:     training step (design.md §7 model), bf16 autocast, budget 50 s,          75 s
 #               every row under its own 25 s limit, the plain-conv floor row first
 #      graphs:  the SE(2)-8 step under torch.compile reduce-overhead (CUDA graphs)        75 s
@@ -26,9 +30,9 @@
 # tar czf "$OUT/r.tgz" -C /tmp/r .
 # Output: "$OUT" (bench/results/ when OUT is unset), flat files:
 #   device_summary.txt  tests.log  kernel_steps.log  kernel_steps.json  time_split{,_fused}.{log,json}
-#   bench_layers.{log,json}  bench_e2e.{log,json}  bench_e2e_graphs.{log,json}  auto_cost.log  pytest_bench.log
-# Worst case of all steps ~12 min: split it over two calls, e.g. STEPS="tests kernels split" then
-# STEPS="layers e2e graphs".
+#   bench_layers{,_compiled,_graphs}.{log,json}  bench_e2e.{log,json}  bench_e2e_graphs.{log,json}  auto_cost.log  pytest_bench.log
+# Worst case of all steps ~16 min: split it over calls, e.g. STEPS="tests kernels split layers" then
+# STEPS="compiled e2e graphs".
 # Exit status: 0 when every step passed, else 1 (all steps run regardless).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -41,7 +45,7 @@ SUMMARY="$OUT/device_summary.txt"
 FAILED=0
 PY="${PYTHON:-python}"
 
-STEPS="${STEPS:-tests kernels split layers e2e graphs auto pytest_bench}"
+STEPS="${STEPS:-tests kernels split layers compiled e2e graphs auto pytest_bench}"
 
 log() { echo "$*" | tee -a "$SUMMARY"; }
 want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -103,6 +107,14 @@ want layers && run_step bench_layers 150 "$PY" -m relaxedconv.benchmark --suite 
   --cases T1,T2,G3,G4,G1,G2,T2-b64-32px,G1-b1,G1-b256,G1-64px,T1-b1,T1-b256,T1-64px \
   --dtypes bf16,tf32 --warmup-ms 10 --rep-ms 50 --time-budget 115 --json "$OUT/bench_layers.json"
 
+# ---- 3b. the translation-relaxed layers compiled: Inductor, then CUDA graphs -------------------
+want compiled && run_step bench_layers_compiled 140 "$PY" -m relaxedconv.benchmark --suite layers \
+  --cases T1,T2 --dtypes bf16 --backends triton,conv2d,factored_torch --layer-compile default \
+  --warmup-ms 10 --rep-ms 50 --time-budget 100 --json "$OUT/bench_layers_compiled.json"
+want compiled && run_step bench_layers_graphs 100 "$PY" -m relaxedconv.benchmark --suite layers \
+  --cases T1,T2 --dtypes bf16 --backends triton,conv2d --layer-compile reduce-overhead \
+  --warmup-ms 10 --rep-ms 50 --time-budget 60 --json "$OUT/bench_layers_graphs.json"
+
 # ---- 4. end-to-end figure ----------------------------------------------------------------------
 want e2e && run_step bench_e2e 75 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
   --row-time-limit 25 --e2e-variants t2,se2,se2_rot,se2_rot_trans --e2e-backends conv2d,expand_conv,auto,triton,factored_torch,materialize \
@@ -128,7 +140,8 @@ fi
 # ---- summary: targets and e2e from the JSON (even when a step was cut short) -------------------
 log ""
 log "== summary"
-"$PY" - "$OUT/bench_layers.json" "$OUT/bench_e2e.json" "$OUT/bench_e2e_graphs.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+"$PY" - "$OUT/bench_layers.json" "$OUT/bench_layers_compiled.json" "$OUT/bench_layers_graphs.json" \
+  "$OUT/bench_e2e.json" "$OUT/bench_e2e_graphs.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import json, os, sys
 from relaxedconv.benchmark import report
 for path in sys.argv[1:]:

@@ -257,3 +257,34 @@ def test_an_e2e_row_past_its_time_limit_is_recorded_and_the_run_goes_on():
     assert row["status"] == "timeout" and "time limit" in row["reason"]
     cfg.row_time_limit_s = None
     assert e2e.measure_step("t2", "expand_conv", torch.device("cpu"), cfg)["status"] == "ok"
+
+
+def test_layer_rows_under_torch_compile(tmp_path, monkeypatch, capsys):
+    """--layer-compile: every row's callable goes through torch.compile with the mode asked for (here
+    Dynamo + AOTAutograd without code generation: Inductor's C++ compile takes minutes on 2 cores),
+    its compilation outside the timed calls, and the row and table say it was compiled."""
+    from relaxedconv.benchmark import layer_bench
+
+    _tiny_cases(monkeypatch)
+    monkeypatch.setattr(dispatch, "_policy_override", None)
+    monkeypatch.setattr(layer_bench, "COMPILE_BACKEND", "aot_eager")
+    modes = []
+    real_compile = torch.compile
+
+    def spy(fn, mode=None, backend="inductor", **kw):
+        modes.append((mode, backend))
+        return real_compile(fn, mode=mode, backend=backend, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    out = tmp_path / "c.json"
+    argv = ["--suite", "layers", "--device", "cpu", "--scale", "full", "--cases", "T1", "--dtypes", "fp32",
+            "--backends", "factored_torch,materialize,conv2d", "--layer-compile", "default", "--json", str(out)]
+    assert runner.main(argv) == 0
+    rows = json.loads(out.read_text())["layers"]
+    assert [r["backend"] for r in rows] == ["factored_torch", "materialize", "conv2d"]
+    for r in rows:
+        assert r["status"] == "ok" and r["compile"] == "default" and r["fwdbwd_ms"] > 0, r
+    assert modes == [(None, "aot_eager")] * 3
+    assert "compiled (default)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        layer_bench.compiled(lambda: None, "fast")

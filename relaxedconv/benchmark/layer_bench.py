@@ -15,6 +15,11 @@ says the backend cannot compute this layer, e.g. expand_conv on a translation no
 layer, or a kernel refused the shape); ``not timed`` (a CUDA-only backend without a GPU);
 ``oom``; ``skipped`` (the time budget ran out); ``error`` (anything else, with the message).
 
+``compile`` (``--layer-compile``): every row's callable (the layer's forward, or conv2d) wrapped in
+``torch.compile`` with that mode, so the kernel net's elementwise passes are fused by Inductor and,
+with ``reduce-overhead``, the host's per-operator cost goes into CUDA graphs; the row records the
+mode. The first calls (compilation) are not timed.
+
 ``auto`` rows record what auto ran (``auto_choice``: the layer's backend after the first call,
 measured or static per ``auto_policy``). :func:`interleaved_ratio` times auto against the best
 concrete backend in alternation, so a drift of the machine hits both (issue 12, item 10).
@@ -48,6 +53,29 @@ DTYPES = {
     "fp16": (torch.float16, True),
 }
 NO_GPU = "fused kernel not timed: no GPU"
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# Inductor for measurements; the tests swap in "aot_eager" (Dynamo and AOTAutograd without code
+# generation: a 2-core CPU would spend minutes compiling C++).
+COMPILE_BACKEND = "inductor"
+
+
+def compiled(fn, mode: str):
+    """``fn`` under ``torch.compile(mode=...)``, or ``fn`` itself for ``off``. CUDA-graph modes
+    start a new graph step per call, so a timed loop may drop the previous call's outputs."""
+    if mode == "off":
+        return fn
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; expected one of {', '.join(COMPILE_MODES)}")
+    torch._dynamo.reset()  # one callable per row: without it the rows would share one cache and its size limit
+    run = torch.compile(fn, mode=None if mode == "default" else mode, backend=COMPILE_BACKEND)
+    if mode == "default":
+        return run
+
+    def step(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return run(*args)
+
+    return step
 
 
 def resolve_dtypes(names, device: torch.device) -> tuple[list[str], list[str]]:
@@ -104,11 +132,12 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def base_row(case, dtype_name: str, backend: str) -> dict:
+def base_row(case, dtype_name: str, backend: str, compile_mode: str = "off") -> dict:
     return {
         "case": case.name,
         "dtype": dtype_name,
         "backend": backend,
+        "compile": compile_mode,
         "status": None,
         "reason": None,
         "auto_choice": None,
@@ -124,13 +153,13 @@ def base_row(case, dtype_name: str, backend: str) -> dict:
     }
 
 
-def skipped_row(case, dtype_name: str, backend: str, reason: str) -> dict:
-    row = base_row(case, dtype_name, backend)
+def skipped_row(case, dtype_name: str, backend: str, reason: str, compile_mode: str = "off") -> dict:
+    row = base_row(case, dtype_name, backend, compile_mode)
     row.update(status="skipped", reason=reason)
     return row
 
 
-def _closures(case, layer, backend: str, x: torch.Tensor, dy: torch.Tensor):
+def _closures(case, layer, backend: str, x: torch.Tensor, dy: torch.Tensor, compile_mode: str = "off"):
     """(fwd, fwdbwd, tensors whose .grad is cleared between calls)."""
     if backend == "conv2d":
         g = torch.Generator(device="cpu").manual_seed(1)
@@ -138,15 +167,17 @@ def _closures(case, layer, backend: str, x: torch.Tensor, dy: torch.Tensor):
         w = torch.randn(cases_mod.expanded_weight_shape(case), generator=g) / fan_in**0.5
         w = w.to(device=x.device, dtype=x.dtype).requires_grad_(True)
         pad = case.padding
+        conv = compiled(lambda t, weight: F.conv2d(t, weight, padding=pad), compile_mode)
 
         def fwd():
-            return F.conv2d(x, w, padding=pad)
+            return conv(x, w)
 
         leaves = [x, w]
     else:
+        run = compiled(lambda t: layer(t, backend=backend), compile_mode)
 
         def fwd():
-            return layer(x, backend=backend)
+            return run(x)
 
         leaves = [x, *layer.parameters()]
 
@@ -171,9 +202,10 @@ def table_refusal(case, dtype_name: str, backend: str, device: torch.device):
     return None
 
 
-def measure(case, layer, dtype_name: str, backend: str, device: torch.device, cfg: TimingConfig) -> dict:
+def measure(case, layer, dtype_name: str, backend: str, device: torch.device, cfg: TimingConfig,
+            compile_mode: str = "off") -> dict:
     """One row (see the module docstring). ``layer`` is the case's fp32 module on ``device``."""
-    row = base_row(case, dtype_name, backend)
+    row = base_row(case, dtype_name, backend, compile_mode)
     refusal = table_refusal(case, dtype_name, backend, device)
     if refusal is not None:
         row.update(status=refusal[0], reason=refusal[1])
@@ -187,11 +219,12 @@ def measure(case, layer, dtype_name: str, backend: str, device: torch.device, cf
             x = cases_mod.make_input(case, device, dtype)
             out_hw = (case.out_size, case.out_size)
             dy = torch.randn(case.batch, case.out_channels * case.group_order, *out_hw, device=device, dtype=dtype)
-            fwd, fwdbwd, leaves = _closures(case, layer, backend, x, dy)
+            fwd, fwdbwd, leaves = _closures(case, layer, backend, x, dy, compile_mode)
             # First calls: auto's measured choice, Triton compilation/autotuning, cuDNN's algorithm
-            # search; never timed.
-            fwdbwd()
-            fwd()
+            # search, torch.compile (and CUDA-graph recording: its third call); never timed.
+            for _ in range(1 if compile_mode == "off" else 3):
+                fwdbwd()
+                fwd()
             if backend == "auto":
                 row["auto_choice"] = layer.last_backend
             row["peak_mib"] = peak_memory_mib(fwdbwd, device, leaves)
@@ -230,7 +263,8 @@ def measure(case, layer, dtype_name: str, backend: str, device: torch.device, cf
     return row
 
 
-def interleaved_ratio(case, layer, dtype_name: str, a: str, b: str, device: torch.device, cfg: TimingConfig) -> dict:
+def interleaved_ratio(case, layer, dtype_name: str, a: str, b: str, device: torch.device, cfg: TimingConfig,
+                      compile_mode: str = "off") -> dict:
     """fwd+bwd of backend ``a`` over backend ``b``, timed in alternation (a b, b a, a b, ...) so that
     a drift of the machine (another process, clocks) hits both; each call synchronised on CUDA.
 
@@ -245,7 +279,7 @@ def interleaved_ratio(case, layer, dtype_name: str, a: str, b: str, device: torc
                          device=device, dtype=dtype)
         calls = {}
         for name in (a, b):
-            _, fwdbwd, leaves = _closures(case, layer, name, x, dy)
+            _, fwdbwd, leaves = _closures(case, layer, name, x, dy, compile_mode)
             calls[name] = (fwdbwd, leaves)
 
         def timed(name):
@@ -254,8 +288,9 @@ def interleaved_ratio(case, layer, dtype_name: str, a: str, b: str, device: torc
                 t.grad = None
             return timed_call(fn, device)
 
-        for name in (a, b):
-            timed(name)  # warm
+        for _ in range(1 if compile_mode == "off" else 3):
+            for name in (a, b):
+                timed(name)  # warm (and compile, and record CUDA graphs)
         ta, tb = [], []
         min_rounds, max_rounds = (5, 50) if device.type == "cuda" else (cfg.cpu_min_reps + 2, 2 * cfg.cpu_max_reps)
         budget_s = 2 * (cfg.rep_ms / 1e3 if device.type == "cuda" else cfg.cpu_target_s)

@@ -47,7 +47,9 @@ def _table(header, rows) -> str:
 
 def _note(row) -> str:
     if row["status"] == "ok":
-        return f"-> {row['auto_choice']}" if row.get("auto_choice") else ""
+        mode = row.get("compile") or "off"
+        notes = ([f"-> {row['auto_choice']}"] if row.get("auto_choice") else []) + ([f"compiled ({mode})"] if mode != "off" else [])
+        return ", ".join(notes)
     reason = row.get("reason") or ""
     if row["status"] == "not timed" and reason:
         return reason

@@ -27,7 +27,8 @@ from . import e2e as e2e_mod
 from . import environment, report
 from .flops import case_macs
 from .. import dispatch
-from .layer_bench import BENCH_BACKENDS, CONCRETE_BACKENDS, DTYPES, NO_GPU, interleaved_ratio, measure, resolve_dtypes, skipped_row
+from .layer_bench import (BENCH_BACKENDS, COMPILE_MODES, CONCRETE_BACKENDS, DTYPES, NO_GPU, interleaved_ratio, measure,
+                          resolve_dtypes, skipped_row)
 from .timing import FULL, QUICK
 
 DEFAULT_JSON = "relaxedconv_bench.json"
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--time-budget", type=float, default=None, metavar="S",
                     help="stop starting new measurements after S seconds; the rest are recorded as skipped "
                     f"(default: none; --quick: {QUICK_BUDGET_S:.0f})")
+    ap.add_argument("--layer-compile", choices=COMPILE_MODES, default="off",
+                    help="time every layer row under torch.compile with this mode (Inductor fuses the kernel net; "
+                    "reduce-overhead: CUDA graphs); the first calls (compilation) are not timed; default off")
     ap.add_argument("--e2e-variants", type=_csv, default=list(e2e_mod.E2E_VARIANTS))
     ap.add_argument("--e2e-backends", type=_csv, default=None,
                     help=f"default: {','.join(e2e_mod.E2E_BACKENDS)} (--quick: auto,{e2e_mod.FLOOR},triton); "
@@ -246,17 +250,17 @@ def main(argv=None) -> int:
             rows = {}
             for backend in args.backends:
                 if budget.spent(layer_share):
-                    row = skipped_row(case, dt, backend, budget.reason())
+                    row = skipped_row(case, dt, backend, budget.reason(), args.layer_compile)
                 else:
                     if case.name not in layers:
                         torch.manual_seed(args.seed)
                         layers[case.name] = cases_mod.build_layer(case, device)
-                    row = measure(case, layers[case.name], dt, backend, device, cfg)
+                    row = measure(case, layers[case.name], dt, backend, device, cfg, args.layer_compile)
                     _progress(row, budget)
                 rows[backend] = row
                 payload["layers"].append(row)
                 save()
-            _compare_auto(rows, case, layers.get(case.name), dt, device, cfg, budget, layer_share)
+            _compare_auto(rows, case, layers.get(case.name), dt, device, cfg, budget, layer_share, args.layer_compile)
             save()
         del layers
         payload["layers"] = _sorted_rows(payload["layers"], [c.name for c in cases], dtypes, args.backends, "case")
@@ -310,7 +314,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _compare_auto(rows: dict, case, layer, dt: str, device, cfg, budget: Budget, share: float) -> None:
+def _compare_auto(rows: dict, case, layer, dt: str, device, cfg, budget: Budget, share: float,
+                  compile_mode: str = "off") -> None:
     """Time auto against the fastest concrete backend interleaved (issue 12, item 10); the result
     goes into the auto row and the auto / best target reads it."""
     auto = rows.get("auto")
@@ -319,7 +324,7 @@ def _compare_auto(rows: dict, case, layer, dt: str, device, cfg, budget: Budget,
         return
     best = min(ok, key=lambda r: r["fwdbwd_ms"])["backend"]
     try:
-        auto["auto_vs_best"] = interleaved_ratio(case, layer, dt, "auto", best, device, cfg)
+        auto["auto_vs_best"] = interleaved_ratio(case, layer, dt, "auto", best, device, cfg, compile_mode)
     except Exception as e:  # noqa: BLE001 - a comparison that fails leaves the separate medians
         auto["auto_vs_best"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         return
