@@ -193,7 +193,8 @@ def steps(s: Shape, card: Card, stationary_backward: str = "bank") -> dict[str, 
     el = _el(s)
     gemm_macs = s.batch * s.out_rotations * s.positions * (s.hidden + 1) * s.in_channels * s.out_channels
     pack = Step("pack x (channels-last, padded)", 0, e * (el["x"] + el["xp"]), 0, "copy")
-    z_align = Step("pad Z hidden stride to 16", 0, e * 2 * el["z"], 0, "copy")
+    # Z arrives in the layer's fp32 and is read once, written in the compute dtype 16-aligned.
+    z_align = Step("cast and align Z (one copy)", 0, (4 + e) * el["z"], 0, "copy")
     y = Step("Y = W U^T (cuBLAS)", gemm_macs, e * (el["u"] + el["y"]), 0, "cublas")
     fwd = [pack, z_align, _best(s, "u", card), y]
     dy_t = Step("dY transposed for dW", 0, e * 2 * el["y"], 0, "copy")

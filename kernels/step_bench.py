@@ -52,29 +52,30 @@ def measure(s: cost_model.Shape, device, dtype=torch.bfloat16) -> dict[str, floa
     g = _geometry(s)
     gen = torch.Generator(device="cpu").manual_seed(0)
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dt)
 
     p = s.positions
     hp = s.hidden + 1
     x = rnd(s.batch, s.in_channels * s.in_rotations, s.size, s.size)
-    z = rnd(*((s.out_rotations, p, s.window, hp) if s.per_position else (s.out_rotations, s.window, hp)))
-    w = rnd(s.out_channels, s.in_channels, hp) * 0.1
+    # the factors as a layer passes them: in its fp32 (the kernels' packing copy casts Z)
+    z = rnd(*((s.out_rotations, p, s.window, hp) if s.per_position else (s.out_rotations, s.window, hp)), dt=torch.float32)
+    w = rnd(s.out_channels, s.in_channels, hp, dt=torch.float32) * 0.1
     bench = _timer(device)
     y, u = relaxed_conv_fwd(x, z, w, None, g, return_u=True)
     dy = torch.randn_like(y)
     x_cl = common.channels_last_padded(x, g.padding)
-    z_al = common.aligned_hidden(z)
+    z_al = common.aligned_hidden(z, dtype)
     out_hw = (s.size, s.size)
     rows = s.out_rotations * p
     dy3 = dy.view(s.batch, s.out_channels, rows)
-    w_mat = output_weight_matrix(w)
+    w_mat = output_weight_matrix(w).to(dtype)
     du = torch.matmul(dy3.transpose(1, 2), w_mat).view(s.batch, s.out_rotations, p, hp, s.in_channels)
     res = {
         "forward (whole)": bench(lambda: relaxed_conv_fwd(x, z, w, None, g, return_u=True)),
         "backward (whole, U given)": bench(lambda: relaxed_conv_bwd(dy, x, z, w, g, u=u, x_cl=x_cl, z_al=z_al)),
         "pack x (channels-last, padded)": bench(lambda: common.channels_last_padded(x, g.padding)),
-        "pad Z hidden stride to 16": bench(lambda: common.aligned_hidden(z)),
+        "cast and align Z (one copy)": bench(lambda: common.aligned_hidden(z, dtype)),
         "u": bench(lambda: hidden_projection(x_cl, z_al, hp, g, out_hw, s.batch)),
         "Y = W U^T (cuBLAS)": bench(lambda: torch.matmul(w_mat, u.view(s.batch, rows, -1).transpose(1, 2))),
         "dY transposed for dW": bench(lambda: dy3.transpose(0, 1).reshape(s.out_channels, -1)),
