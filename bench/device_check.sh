@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The one GPU check (issues 6, 9, 10, 13). From the repository root:
 #
-#     bash bench/device_check.sh                       # every step, ~16 min worst case (over one call)
+#     bash bench/device_check.sh                       # every step, ~17 min worst case (over one call)
 #     STEPS="tests kernels" bash bench/device_check.sh # only some steps (a command may run 10 min:
 #                                                      # split the check over two calls if needed)
 #
 # Steps, each under its own `timeout` so that one hung step does not lose the others
-# (worst case ~16 min; the benchmark steps also stop starting new measurements at their budget
+# (worst case ~17 min; the benchmark steps also stop starting new measurements at their budget
 # and rewrite their JSON after every measurement, so a killed step keeps what it measured):
 #
 #   0. environment (nvidia-smi, versions) and install (pip -e, no network)          <= 45 s
@@ -15,7 +15,8 @@
 #   2. kernels: every step of the fused path timed beside the cost model (T1, T2, G4)    60 s
 #      split:   host vs device time of kernel net and convolution (T1, T2, G4), default  60 s
 #               kernel net and the fused one (RELAXEDCONV_FUSED_KERNEL_NET=1)
-#   3. layers:  layer benchmark, every case, bf16 then tf32, 6 backends, budget 115 s   150 s
+#   3. layers:  layer benchmark, every case in bf16, 6 backends, budget 115 s;          210 s
+#               then T1, T2, G4 in tf32, budget 45 s
 #      compiled: T1, T2 (bf16) under torch.compile: Inductor (triton, conv2d,              240 s
 #               factored_torch; budget 100 s), then CUDA graphs (reduce-overhead:
 #               triton, conv2d; budget 60 s): what the layer costs once the kernel
@@ -30,8 +31,8 @@
 # tar czf "$OUT/r.tgz" -C /tmp/r .
 # Output: "$OUT" (bench/results/ when OUT is unset), flat files:
 #   device_summary.txt  tests.log  kernel_steps.log  kernel_steps.json  time_split{,_fused}.{log,json}
-#   bench_layers{,_compiled,_graphs}.{log,json}  bench_e2e.{log,json}  bench_e2e_graphs.{log,json}  auto_cost.log  pytest_bench.log
-# Worst case of all steps ~16 min: split it over calls, e.g. STEPS="tests kernels split layers" then
+#   bench_layers{,_tf32,_compiled,_graphs}.{log,json}  bench_e2e.{log,json}  bench_e2e_graphs.{log,json}  auto_cost.log  pytest_bench.log
+# Worst case of all steps ~17 min: split it over calls of <= 10 min, e.g. STEPS="tests kernels split layers" (~9 min) then
 # STEPS="compiled e2e graphs".
 # Exit status: 0 when every step passed, else 1 (all steps run regardless).
 set -u -o pipefail
@@ -103,9 +104,13 @@ want split && RELAXEDCONV_FUSED_KERNEL_NET=1 run_step time_split_fused 30 "$PY" 
 
 # ---- 3. layer benchmark ------------------------------------------------------------------------
 # Cases in priority order (the issue's targets first); the budget cuts the batch/size variants.
+# bf16 first, every case (the issue's table, then T2-b64-32px and the batch/size variants), tf32 apart:
+# with both dtypes in one run the tf32 rows of G3 took the budget before T2-b64-32px (2026-11-27).
 want layers && run_step bench_layers 150 "$PY" -m relaxedconv.benchmark --suite layers \
   --cases T1,T2,G3,G4,G1,G2,T2-b64-32px,G1-b1,G1-b256,G1-64px,T1-b1,T1-b256,T1-64px \
-  --dtypes bf16,tf32 --warmup-ms 10 --rep-ms 50 --time-budget 115 --json "$OUT/bench_layers.json"
+  --dtypes bf16 --warmup-ms 10 --rep-ms 50 --time-budget 115 --json "$OUT/bench_layers.json"
+want layers && run_step bench_layers_tf32 60 "$PY" -m relaxedconv.benchmark --suite layers \
+  --cases T1,T2,G4 --dtypes tf32 --warmup-ms 10 --rep-ms 50 --time-budget 45 --json "$OUT/bench_layers_tf32.json"
 
 # ---- 3b. the translation-relaxed layers compiled: Inductor, then CUDA graphs -------------------
 want compiled && run_step bench_layers_compiled 140 "$PY" -m relaxedconv.benchmark --suite layers \
@@ -140,7 +145,7 @@ fi
 # ---- summary: targets and e2e from the JSON (even when a step was cut short) -------------------
 log ""
 log "== summary"
-"$PY" - "$OUT/bench_layers.json" "$OUT/bench_layers_compiled.json" "$OUT/bench_layers_graphs.json" \
+"$PY" - "$OUT/bench_layers.json" "$OUT/bench_layers_tf32.json" "$OUT/bench_layers_compiled.json" "$OUT/bench_layers_graphs.json" \
   "$OUT/bench_e2e.json" "$OUT/bench_e2e_graphs.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import json, os, sys
 from relaxedconv.benchmark import report
