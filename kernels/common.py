@@ -75,16 +75,56 @@ def hidden_split(hidden_plus_one: int) -> tuple[int, bool]:
     return hidden_plus_one, False
 
 
+# One tile of the repack: 32 output columns x 32 channels (loads coalesce along W, stores along C).
+PACK_TILE = dict(BLOCK_W=32, BLOCK_C=32)
+
+
+@triton.jit
+def _channels_last_padded_kernel(x_ptr, out_ptr, C, H, W, HP, WP, PAD, sxb, sxc, sxh, sxw,
+                                 BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[b, hp, wo, c] = x[b, c, hp - PAD, wo - PAD], zero outside x (program: (b, hp), W tile,
+    C tile). Every output element is written, the zero border included."""
+    row = tl.program_id(0)
+    b = row // HP
+    h = row % HP - PAD
+    wo = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    w = wo - PAD
+    hv = h + tl.zeros_like(w)  # the row as a vector: the interpreter's masks are vectors
+    inside = (w >= 0) & (w < W) & (hv >= 0) & (hv < H)
+    c_ok = c < C
+    # offsets of masked-out elements are clamped to 0: never formed from a negative index
+    src = b.to(tl.int64) * sxb + tl.where(inside, hv * sxh + w * sxw, 0)[None, :] + (c * sxc)[:, None]
+    tile = tl.load(x_ptr + src, mask=c_ok[:, None] & inside[None, :], other=0.0)
+    dst = (row.to(tl.int64) * WP + wo)[None, :] * C + c[:, None]
+    tl.store(out_ptr + dst, tile, mask=c_ok[:, None] & (wo < WP)[None, :])
+
+
 def channels_last_padded(x: torch.Tensor, padding: int) -> torch.Tensor:
     """``[B, C*N_in, H, W]`` -> zero-padded ``[B, H+2p, W+2p, C*N_in]``, made once per call.
 
     Rows of the kernels' GEMMs are (batch, input channel) pairs at one position; in this layout
     the channels of a pixel are contiguous, so the im2col gather reads runs of C*N_in elements
     instead of one element per row, and no bounds test is needed per element.
+
+    On CUDA (and in the interpreter) one Triton kernel pads and transposes in a single pass: as
+    ``F.pad`` then ``permute().contiguous()`` it took 265 µs for G4's 33 MB input on an H200, 10x its
+    byte count (bench/results/h200-2026-11-27-705c378/).
     """
-    if padding:
-        x = F.pad(x, (padding,) * 4)
-    return x.permute(0, 2, 3, 1).contiguous()
+    if x.device.type == "cpu" and not interpreting():
+        if padding:
+            x = F.pad(x, (padding,) * 4)
+        return x.permute(0, 2, 3, 1).contiguous()
+    bsz, c, h, w = x.shape
+    hp, wp = h + 2 * padding, w + 2 * padding
+    out = empty_output((bsz, hp, wp, c), device=x.device, dtype=x.dtype)
+
+    def grid(meta):
+        return (bsz * hp, triton.cdiv(wp, meta["BLOCK_W"]), triton.cdiv(c, meta["BLOCK_C"]))
+
+    launch("pack", _channels_last_padded_kernel, None, grid, (x, out, c, h, w, hp, wp, padding, *x.stride()), {},
+           PACK_TILE, device=x.device, dtype=x.dtype)
+    return out
 
 
 def aligned_hidden(z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -184,13 +224,14 @@ def pinned_config(kernel: str):
 
 def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype):
     """Run ``kernel`` with the pinned config if there is one, else autotuned on CUDA, else with
-    the fixed tile ``fixed`` (interpreter, fp64, RELAXEDCONV_AUTOTUNE=0)."""
+    the fixed tile ``fixed`` (interpreter, fp64, RELAXEDCONV_AUTOTUNE=0; and always for a kernel
+    without an autotuner, ``autotuned=None``)."""
     pinned = pinned_config(name)
     if pinned is not None:
         meta, opts = pinned
         meta = {**fixed, **meta}
         kernel[grid(meta)](*args, **consts, **meta, **opts)
-    elif use_autotune(device, dtype):
+    elif autotuned is not None and use_autotune(device, dtype):
         autotuned[grid](*args, **consts)
     else:
         kernel[grid(fixed)](*args, **consts, **fixed)

@@ -157,6 +157,7 @@ def _entry(name: str, launch: str, fn: str, autotuner: str, fixed: dict, capture
 
 def _kernels() -> tuple[Kernel, ...]:
     from .kernel_net_fused import FIXED_BACKWARD, FIXED_FORWARD
+    from .common import PACK_TILE
     from .relaxed_conv_bwd import FIXED_FOLD, FIXED_TILE
 
     cap = captured_launches()
@@ -168,6 +169,7 @@ def _kernels() -> tuple[Kernel, ...]:
         _entry("v", "v", "relaxed_conv_bwd:_window_columns_kernel", "relaxed_conv_bwd:_window_columns_autotuned",
                FIXED_TILE, cap),
         _entry("fold", "fold", "relaxed_conv_bwd:_fold_kernel", "relaxed_conv_bwd:_fold_autotuned", FIXED_FOLD, cap),
+        _entry("pack", "pack", "common:_channels_last_padded_kernel", None, PACK_TILE, cap),  # a copy: one tile
         _entry("knet_fwd", "knet_fwd", "kernel_net_fused:_knet_forward_kernel", "kernel_net_fused:_knet_forward_autotuned",
                FIXED_FORWARD, cap, dtypes=KERNEL_NET_DTYPES),
         _entry("knet_bwd", "knet_bwd", "kernel_net_fused:_knet_backward_kernel", "kernel_net_fused:_knet_backward_autotuned",

@@ -244,3 +244,20 @@ def test_factors_keep_their_dtype_beside_a_lower_precision_input(per_position, e
     assert rel_err(y.detach(), yr.detach()) < 1e-5
     for got, ref in ((x.grad, xr.grad), (z.grad, zr.grad), (w_ext.grad, wr.grad)):
         assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("shape, padding", [((2, 5, 4, 6), 1), ((1, 40, 3, 35), 3), ((3, 1, 5, 5), 0), ((2, 33, 7, 2), 2)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_channels_last_padded_is_pad_then_permute_in_one_kernel(shape, padding, layout, poisoned_outputs):
+    """The Triton repack writes every element (outputs start as NaN), the zero border included,
+    from any input strides, with more than one tile along W and C."""
+    torch.manual_seed(8)
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = torch.randn(*shape[:2], shape[3], shape[2], dtype=torch.float64, device=DEVICE).transpose(2, 3)
+    want = torch.nn.functional.pad(x, (padding,) * 4).permute(0, 2, 3, 1).contiguous()
+    got = common.channels_last_padded(x, padding)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert torch.equal(got, want)
