@@ -231,11 +231,15 @@ def test_kernel_net_checkpointing_only_for_large_activations(monkeypatch):
 
 
 @pytest.mark.parametrize("masked", [True, False])
-def test_ones_column_is_pad_and_mask_in_one_pass_each_way(masked):
+def test_ones_column_is_pad_and_mask_in_one_pass_each_way(masked, monkeypatch):
     """The constant feature and the window mask: the values and gradient of F.pad then a multiply,
-    with one full-size operator forward and at most one backward (there were two each way)."""
+    with one full-size operator forward and at most one backward (there were two each way) for a
+    large z (here: any z), and the plain operators for a small one."""
     z = torch.randn(3, 4, 9, 5, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(9, dtype=torch.float64) if masked else None
+    small = count(lambda: layers_mod.ones_column(z, mask))
+    assert small.counts["constant_pad_nd"] == 1 and not small.counts["new_empty"]
+    monkeypatch.setattr(layers_mod, "ONES_COLUMN_FUSED_MIN", 0)
     want = F.pad(z, (0, 1), value=1.0)
     want = want * mask[:, None] if masked else want
     grad = torch.randn_like(want)
