@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The one GPU check (issues 6, 9, 10, 13). From the repository root:
 #
-#     bash bench/device_check.sh                       # every step, ~17 min worst case (over one call)
+#     bash bench/device_check.sh                       # every step, ~18 min worst case (over one call)
 #     STEPS="tests kernels" bash bench/device_check.sh # only some steps (a command may run 10 min:
 #                                                      # split the check over two calls if needed)
 #
 # Steps, each under its own `timeout` so that one hung step does not lose the others
-# (worst case ~17 min; the benchmark steps also stop starting new measurements at their budget
+# (worst case ~18 min; the benchmark steps also stop starting new measurements at their budget
 # and rewrite their JSON after every measurement, so a killed step keeps what it measured):
 #
 #   0. environment (nvidia-smi, versions) and install (pip -e, no network)          <= 45 s
@@ -23,7 +23,8 @@
 #               net is fused and the host's per-operator cost is gone
 #   4. e2e:     training step (design.md §7 model), bf16 autocast, budget 50 s,          75 s
 #               every row under its own 25 s limit, the plain-conv floor row first
-#      graphs:  the SE(2)-8 step under torch.compile reduce-overhead (CUDA graphs)        75 s
+#      graphs:  the strict and rotation-relaxed SE(2)-8 steps under torch.compile        150 s
+#               reduce-overhead (CUDA graphs), each beside its plain-conv floor
 #   5. auto:    one-off cost of auto's measurement per new shape (G1, G4, T1, T2)        45 s
 #   6. pytest_bench: pytest-benchmark entries (G4, T2), GPU-synchronised                  35 s
 #
@@ -32,7 +33,7 @@
 # Output: "$OUT" (bench/results/ when OUT is unset), flat files:
 #   device_summary.txt  tests.log  kernel_steps.log  kernel_steps.json  time_split{,_fused}.{log,json}
 #   bench_layers{,_tf32,_compiled,_graphs}.{log,json}  bench_e2e.{log,json}  bench_e2e_graphs.{log,json}  auto_cost.log  pytest_bench.log
-# Worst case of all steps ~17 min: split it over calls of <= 10 min, e.g. STEPS="tests kernels split layers" (~9 min) then
+# Worst case of all steps ~18 min: split it over calls of <= 10 min, e.g. STEPS="tests kernels split layers" (~9 min) then
 # STEPS="compiled e2e graphs".
 # Exit status: 0 when every step passed, else 1 (all steps run regardless).
 set -u -o pipefail
@@ -124,9 +125,9 @@ want compiled && run_step bench_layers_graphs 100 "$PY" -m relaxedconv.benchmark
 want e2e && run_step bench_e2e 75 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
   --row-time-limit 25 --e2e-variants t2,se2,se2_rot,se2_rot_trans --e2e-backends conv2d,expand_conv,auto,triton,factored_torch,materialize \
   --time-budget 50 --json "$OUT/bench_e2e.json"
-want graphs && run_step bench_e2e_graphs 75 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
-  --row-time-limit 60 --e2e-variants se2 --e2e-backends expand_conv,conv2d --e2e-compile reduce-overhead \
-  --time-budget 65 --json "$OUT/bench_e2e_graphs.json"
+want graphs && run_step bench_e2e_graphs 150 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
+  --row-time-limit 60 --e2e-variants se2,se2_rot --e2e-backends expand_conv,conv2d --e2e-compile reduce-overhead \
+  --time-budget 130 --json "$OUT/bench_e2e_graphs.json"
 
 # ---- 5. one-off cost of auto's measurement (README "backend='auto'") ---------------------------
 want auto && run_step auto_cost 45 "$PY" -m relaxedconv.benchmark.auto_cost --cases G1,G4,T1,T2
