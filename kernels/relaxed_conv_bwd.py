@@ -334,7 +334,8 @@ def bank_backward(dy, x, z, w_ext, geometry, needs=(True, True, True)):
         dm = dk.view(g.out_channels, g.out_rotations, g.in_channels, -1).transpose(1, 2).reshape(
             g.out_channels * g.in_channels, -1).to(z.dtype)
         if needs[1]:
-            dz = (dm.t() @ w_ext.to(z.dtype).reshape(-1, hp)).view(z.shape)
+            # .to: a backward run under autocast would otherwise hand back a bf16 product
+            dz = (dm.t() @ w_ext.to(z.dtype).reshape(-1, hp)).view(z.shape).to(z.dtype)
         if needs[2]:
             dw = (dm @ z.reshape(-1, hp)).view(w_ext.shape).to(w_ext.dtype)
     return (dx if needs[0] else None), dz, dw

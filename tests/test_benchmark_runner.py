@@ -288,3 +288,19 @@ def test_layer_rows_under_torch_compile(tmp_path, monkeypatch, capsys):
     assert "compiled (default)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown compile mode"):
         layer_bench.compiled(lambda: None, "fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", ["conv2d", "triton"])
+def test_layer_rows_under_cuda_graphs_cuda(backend):
+    """reduce-overhead rows run: the warm-up replays must not add into gradients that an earlier
+    replay overwrote ("accessing tensor output of CUDAGraphs that has been overwritten")."""
+    from relaxedconv.benchmark import layer_bench
+    from relaxedconv.benchmark.timing import TimingConfig
+
+    case = cases_mod.Case("tiny", 1, 4, 4, 8, 2, kernel_size=3, hidden=4, translation_nonstationary=True)
+    device = torch.device("cuda")
+    layer = cases_mod.build_layer(case, device)
+    row = layer_bench.measure(case, layer, "bf16", backend, device, TimingConfig(warmup_ms=5, rep_ms=10),
+                              "reduce-overhead")
+    assert row["status"] == "ok" and row["compile"] == "reduce-overhead", row

@@ -223,10 +223,13 @@ def measure(case, layer, dtype_name: str, backend: str, device: torch.device, cf
             # First calls: auto's measured choice, Triton compilation/autotuning, cuDNN's algorithm
             # search, torch.compile (and CUDA-graph recording: its third call); never timed.
             for _ in range(1 if compile_mode == "off" else 3):
+                for t in leaves:  # a CUDA-graph replay must not add into gradients a replay overwrote
+                    t.grad = None
                 fwdbwd()
                 fwd()
             if backend == "auto":
-                row["auto_choice"] = layer.last_backend
+                # a compiled layer does not report what it ran (no Python runs per call)
+                row["auto_choice"] = layer.last_backend if compile_mode == "off" else None
             row["peak_mib"] = peak_memory_mib(fwdbwd, device, leaves)
             t_fwd = time_fn(fwd, device, cfg, leaves)
             t_fb = time_fn(fwdbwd, device, cfg, leaves)
