@@ -401,7 +401,11 @@ class Trainer:
         self.dist.barrier()
         ckpt = None
         if resume and ckpt_path.is_file():
-            ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)
+            # On the CPU: load_state_dict moves the weights and the optimiser's moments to their
+            # parameters' device itself and leaves Adam's step counts on the CPU, as a fresh run
+            # keeps them (loaded onto the GPU they stayed there: a host sync per read, and a resumed
+            # run's state no longer matched an uninterrupted one's; H200, 2026-11-27).
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         elif not resume and ckpt_path.is_file():
             raise FileExistsError(f"{self.out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
         final_path = self.out / "final.json"
