@@ -104,9 +104,11 @@ def _save(ctx, x, z, w_ext, bias, geometry, u, x_cl, z_al, eager: bool = False) 
     keep = not recompute_u() and not uses_bank_backward(z)
     # U serves dW_ext only: keep it when that gradient is wanted and memory is not to be saved.
     keep_u = ctx.needs_input_grad[2] and keep
-    if eager and keep:
-        # With the aligned copy kept, the backward reads only Z's shape, dtype and device: a
-        # one-element stand-in instead of the layer's fp32 Z (T2: 106 MB; T2-b64-32px: 424 MB).
+    if eager and keep and z.dim() == 4:
+        # With the aligned copy kept, the backward of a per-position Z reads only its shape, dtype
+        # and device: a one-element stand-in instead of the layer's fp32 Z (T2: 106 MB;
+        # T2-b64-32px: 424 MB). A stationary Z is small, and stays whole: its backward route is
+        # read again when the backward runs.
         z = z.new_empty(()).expand(z.shape)
     ctx.save_for_backward(x, z, w_ext, u if keep_u else None, x_cl if keep else None, z_al if keep else None)
     ctx.geometry = list(geometry)

@@ -134,9 +134,14 @@ def test_stationary_backward_route_keeps_no_u_and_refuses_unknown_routes(monkeyp
         z.grad = None
         relaxed_conv_triton(x, z, w_ext, None, g).sum().backward()
         assert kept["saved"] == expected, route
-        # the bank route needs Z's values; with the aligned copy kept, only its shape: a stand-in
-        assert kept["z_storage"] == (z.untyped_storage().nbytes() if route == "bank" else z.element_size()), route
+        # a stationary Z is kept whole on both routes (small; the route is read again in the backward)
+        assert kept["z_storage"] == z.untyped_storage().nbytes(), route
         assert z.grad is not None and z.grad.shape == z.shape and z.grad.dtype == z.dtype
+    # a per-position Z, whose aligned copy the backward has: only a one-element stand-in is kept
+    zp = torch.randn(2, 12, g.window, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    relaxed_conv_triton(x, zp, w_ext, None, g).sum().backward()
+    assert kept["saved"] == [True, True, True] and kept["z_storage"] == zp.element_size()
+    assert zp.grad is not None and zp.grad.shape == zp.shape and zp.grad.dtype == zp.dtype
     monkeypatch.setenv(STATIONARY_BACKWARD_ENV, "cudnn")
     with pytest.raises(ValueError, match="'bank' or 'fused'"):
         relaxed_conv_triton(x, z, w_ext, None, g).sum().backward()
