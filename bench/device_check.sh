@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The one GPU check (issues 6, 9, 10, 13). From the repository root:
 #
-#     bash bench/device_check.sh                       # every step, ~18 min worst case (over one call)
+#     bash bench/device_check.sh                       # every step, ~20 min worst case (over one call)
 #     STEPS="tests kernels" bash bench/device_check.sh # only some steps (a command may run 10 min:
 #                                                      # split the check over two calls if needed)
 #
 # Steps, each under its own `timeout` so that one hung step does not lose the others
-# (worst case ~18 min; the benchmark steps also stop starting new measurements at their budget
+# (worst case ~20 min; the benchmark steps also stop starting new measurements at their budget
 # and rewrite their JSON after every measurement, so a killed step keeps what it measured):
 #
 #   0. environment (nvidia-smi, versions) and install (pip -e, no network)          <= 45 s
@@ -25,6 +25,7 @@
 #               every row under its own 25 s limit, the plain-conv floor row first
 #      graphs:  the strict and rotation-relaxed SE(2)-8 steps under torch.compile        150 s
 #               reduce-overhead (CUDA graphs), each beside its plain-conv floor
+#      graphs_trans: the rotation+translation-relaxed SE(2)-8 step (triton) the same way  130 s
 #   5. auto:    one-off cost of auto's measurement per new shape (G1, G4, T1, T2)        45 s
 #   6. pytest_bench: pytest-benchmark entries (G4, T2), GPU-synchronised                  35 s
 #
@@ -32,9 +33,10 @@
 # tar czf "$OUT/r.tgz" -C /tmp/r .
 # Output: "$OUT" (bench/results/ when OUT is unset), flat files:
 #   device_summary.txt  tests.log  kernel_steps.log  kernel_steps.json  time_split{,_fused}.{log,json}
-#   bench_layers{,_tf32,_compiled,_graphs}.{log,json}  bench_e2e.{log,json}  bench_e2e_graphs.{log,json}  auto_cost.log  pytest_bench.log
-# Worst case of all steps ~18 min: split it over calls of <= 10 min, e.g. STEPS="tests kernels split layers" (~9 min) then
-# STEPS="compiled e2e graphs".
+#   bench_layers{,_tf32,_compiled,_graphs}.{log,json}  bench_e2e{,_graphs,_graphs_trans}.{log,json}  auto_cost.log  pytest_bench.log
+# Worst case of all steps ~20 min, more than a session's 15 device minutes: choose. Calls of <= 10 min,
+# e.g. STEPS="tests kernels split layers" (~9.5 min), STEPS="compiled e2e graphs" (~8.5 min),
+# STEPS="graphs_trans auto pytest_bench".
 # Exit status: 0 when every step passed, else 1 (all steps run regardless).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -47,7 +49,7 @@ SUMMARY="$OUT/device_summary.txt"
 FAILED=0
 PY="${PYTHON:-python}"
 
-STEPS="${STEPS:-tests kernels split layers compiled e2e graphs auto pytest_bench}"
+STEPS="${STEPS:-tests kernels split layers compiled e2e graphs graphs_trans auto pytest_bench}"
 
 log() { echo "$*" | tee -a "$SUMMARY"; }
 want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -130,6 +132,12 @@ want graphs && run_step bench_e2e_graphs 150 "$PY" -m relaxedconv.benchmark --su
   --row-time-limit 60 --e2e-variants se2,se2_rot --e2e-backends expand_conv,conv2d --e2e-compile reduce-overhead \
   --time-budget 130 --json "$OUT/bench_e2e_graphs.json"
 
+# The rotation- and translation-relaxed SE(2)-8 model (the layers nothing but triton runs) under
+# CUDA graphs, beside its floor: eager, its step did not finish one measurement in 80 s at ec67431.
+want graphs_trans && run_step bench_e2e_graphs_trans 130 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
+  --row-time-limit 90 --e2e-variants se2_rot_trans --e2e-backends triton,conv2d --e2e-compile reduce-overhead \
+  --time-budget 110 --json "$OUT/bench_e2e_graphs_trans.json"
+
 # ---- 5. one-off cost of auto's measurement (README "backend='auto'") ---------------------------
 want auto && run_step auto_cost 45 "$PY" -m relaxedconv.benchmark.auto_cost --cases G1,G4,T1,T2
 
@@ -148,7 +156,7 @@ fi
 log ""
 log "== summary"
 "$PY" - "$OUT/bench_layers.json" "$OUT/bench_layers_tf32.json" "$OUT/bench_layers_compiled.json" "$OUT/bench_layers_graphs.json" \
-  "$OUT/bench_e2e.json" "$OUT/bench_e2e_graphs.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+  "$OUT/bench_e2e.json" "$OUT/bench_e2e_graphs.json" "$OUT/bench_e2e_graphs_trans.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import json, os, sys
 from relaxedconv.benchmark import report
 for path in sys.argv[1:]:
