@@ -513,7 +513,7 @@ class Trainer:
 def cuda_speed_flags(device: torch.device, deterministic: bool):
     """TF32 matmuls and cuDNN's autotuned algorithms (fixed shapes) for the duration of a GPU run,
     the process's own settings restored afterwards: a run started from a notebook or a test must
-    not leave every later fp32 matmul in that process at TF32 precision (on an H200 it turned 23
+    not leave every later fp32 matmul in that process at TF32 precision (on an H200 it turned 20
     exact-fp32 kernel tests that ran after a training test into 1e-3 errors, 2026-11-27)."""
     if device.type != "cuda":
         yield
