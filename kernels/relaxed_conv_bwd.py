@@ -356,7 +356,7 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), u=N
     rows = g.out_rotations * out_hw[0] * out_hw[1]
     hid = z.shape[-1]
     dy3 = dy.contiguous().view(bsz, g.out_channels, rows)
-    w_mat = output_weight_matrix(w_ext).to(dy.dtype)
+    w_mat = output_weight_matrix(w_ext, dy.dtype)
     if z_al is None and (needs[0] or (needs[2] and u is None)):
         z_al = common.aligned_hidden(z, dy.dtype)
     if needs[2] and u is None:

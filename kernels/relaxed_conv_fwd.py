@@ -116,9 +116,13 @@ def hidden_projection(x_cl, z_al, hidden: int, geometry, out_hw, batch: int) -> 
     return u
 
 
-def output_weight_matrix(w_ext: torch.Tensor) -> torch.Tensor:
-    """[W_L | b_L] ``[C_out, C_in, H+1]`` as the ``[C_out, (H+1)*C_in]`` matrix that multiplies U."""
-    return w_ext.transpose(1, 2).reshape(w_ext.shape[0], -1)
+def output_weight_matrix(w_ext: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[W_L | b_L] ``[C_out, C_in, H+1]`` as the ``[C_out, (H+1)*C_in]`` matrix that multiplies U,
+    in ``dtype`` (w_ext's by default): one copy does the transpose and the cast (small layers are
+    bound by the host's per-operator cost, and a transpose then a cast were two)."""
+    c_out, c_in, hp = w_ext.shape
+    out = w_ext.new_empty((c_out, hp, c_in), dtype=w_ext.dtype if dtype is None else dtype)
+    return out.copy_(w_ext.transpose(1, 2)).view(c_out, -1)
 
 
 def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, return_u: bool = False, return_packed: bool = False):
@@ -138,7 +142,7 @@ def relaxed_conv_fwd(x, z, w_ext, bias, geometry, *, return_u: bool = False, ret
     # Y_b[o, (n, p)] = W[o, (h, i)] @ U_b[(n, p), (h, i)]^T: a batched GEMM whose result is already
     # the [B, C_out*N, H, W] layout of the output.
     u_mat = u.view(bsz, g.out_rotations * positions, -1)
-    y = torch.matmul(output_weight_matrix(w_ext).to(x.dtype), u_mat.transpose(1, 2))
+    y = torch.matmul(output_weight_matrix(w_ext, x.dtype), u_mat.transpose(1, 2))
     if bias is not None:
         y = y.view(bsz, g.out_channels, -1).add_(bias.to(y.dtype)[None, :, None])
     y = y.view(bsz, g.out_channels * g.out_rotations, *out_hw)
