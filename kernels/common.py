@@ -93,8 +93,10 @@ def _channels_last_padded_kernel(x_ptr, out_ptr, C, H, W, HP, WP, PAD, sxb, sxc,
     hv = h + tl.zeros_like(w)  # the row as a vector: the interpreter's masks are vectors
     inside = (w >= 0) & (w < W) & (hv >= 0) & (hv < H)
     c_ok = c < C
-    # offsets of masked-out elements are clamped to 0: never formed from a negative index
-    src = b.to(tl.int64) * sxb + tl.where(inside, hv * sxh + w * sxw, 0)[None, :] + (c * sxc)[:, None]
+    # Plain offsets (negative on the border, where the mask keeps them from being read): Triton can
+    # then prove the run along W and give the loads their own coalesced layout (with a tl.where
+    # here, Triton 3.6 loaded in the stores' layout, half of each 32-byte sector unused).
+    src = b.to(tl.int64) * sxb + (hv * sxh + w * sxw)[None, :] + (c * sxc)[:, None]
     tile = tl.load(x_ptr + src, mask=c_ok[:, None] & inside[None, :], other=0.0)
     dst = (row.to(tl.int64) * WP + wo)[None, :] * C + c[:, None]
     tl.store(out_ptr + dst, tile, mask=c_ok[:, None] & (wo < WP)[None, :])
