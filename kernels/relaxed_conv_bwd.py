@@ -55,8 +55,8 @@ def _hidden_weight_grad_kernel(
     pid_j = tl.program_id(1)
     pid_n = tl.program_id(2)
     jj = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
-    j_ok = jj < J
-    x_col, z_row, _, _ = im2col_columns(jj, N_IN, KSIZE, WP, CN)
+    x_col, z_row, kk, _ = im2col_columns(jj, N_IN, KSIZE, WP, CN)
+    j_ok = kk < KSIZE * KSIZE  # jj < J, constant over runs of N_in: vector loads (see the v kernel)
     n, h, col_ok = hidden_columns(pid_n, N_ROT, HMAIN, BLOCK_N)
     du_col = n * sun + h * suh
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -108,8 +108,11 @@ def _window_columns_kernel(
     b, i, row_ok = channel_rows(pid_m * BLOCK_M, ROWS, C_IN, BLOCK_M)
     du_row = b * sub + p * sup + i
     jj = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
-    j_ok = jj < J
     _, z_row, kk, nprime = im2col_columns(jj, N_IN, KSIZE, 1, 1)
+    # jj < J (J = N_in * K^2) as a test of kk: constant over each run of N_in columns, which lets
+    # Triton store those runs of V as vectors (with jj < J it stored every element alone:
+    # J = 392 at T2 carries no divisibility it can see)
+    j_ok = kk < K2
     z_base = z_ptr + p * szp + z_row * szj
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for c0 in range(0, N_ROT * HMAIN, BLOCK_K):

@@ -49,8 +49,11 @@ def _hidden_projection_kernel(
         acc_t = tl.zeros((BLOCK_M, TAIL_WIDTH), dtype=ACC)
     for k0 in range(0, J, BLOCK_K):
         jj = k0 + tl.arange(0, BLOCK_K)
-        k_ok = jj < J
-        x_col, z_row, _, _ = im2col_columns(jj, N_IN, KSIZE, WP, CN)
+        x_col, z_row, kk, _ = im2col_columns(jj, N_IN, KSIZE, WP, CN)
+        # jj < J (J = N_in * K^2) tested on kk, which is constant over each run of N_in window
+        # columns: Triton can then load those runs of the channels-last input as vectors (with
+        # jj < J, J = 392 at T2 carries no divisibility it can see: every element alone)
+        k_ok = kk < KSIZE * KSIZE
         a = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         zb = tl.load(z_ptr + (z_row * szj)[:, None] + z_col[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mma(a, zb, acc, PRECISION, FP64)

@@ -298,6 +298,7 @@ def measure(compiled, ptxas_log: str, num_warps: int) -> dict:
     out["ptx_wgmma"] = "wgmma.mma_async" in ptx
     out["ptx_mma_sync"] = re.search(r"\bmma\.sync\.", ptx) is not None
     out["cp_async"] = "cp.async" in ptx
+    out["scalar_16bit"] = scalar_16bit_accesses(ptx)
     out["dots"] = ttgir_dots(asm["ttgir"])
     source = ttir_dots(asm["ttir"])
     out["source_dots"] = [dict(d, wgmma_blockers=wgmma_blockers(d, num_warps)) for d in source]
@@ -378,7 +379,24 @@ def _cell(v, fmt="{}"):
 
 
 COLUMNS = ("kernel", "config", "dtype", "spec", "tuned", "regs", "spill st/ld B", "stack", "smem KB", "occ",
-           "dots (GPU IR)", "SASS", "wgmma", "cp.async", "compile s")
+           "dots (GPU IR)", "SASS", "wgmma", "cp.async", "2B ld/st", "compile s")
+# More scalar 2-byte global loads and stores than this per thread is a gather or a store that was
+# not vectorised: the tail column's tiles (one hidden column per rotation) account for 8.
+SCALAR_16BIT_LIMIT = 16
+_SCALAR_16BIT = re.compile(r"\b(ld|st)\.global(?:\.[\w:]+)*?\.(?:b16|u16|s16|f16|bf16)\b")
+
+
+def scalar_16bit_accesses(ptx: str) -> dict:
+    """Scalar (not .v2/.v4) 2-byte global loads and stores in the PTX: each moves one bf16/fp16
+    element per thread. A warp's 32 of them touch up to 32 sectors where one 16-byte vector
+    instruction per thread would touch 4 (2026-11-27: the gathers of u and dz and the V store of v
+    were all scalar for N_in > 1 until their masks became provably constant over runs of N_in)."""
+    out = {"ld": 0, "st": 0}
+    for line in ptx.splitlines():
+        m = _SCALAR_16BIT.search(line)
+        if m and ".v2" not in line and ".v4" not in line:
+            out[m.group(1)] += 1
+    return out
 # "tuned": whether the autotuner considers the config for that dtype and case (no: pruned; -: the
 # fixed launch of the interpreter, fp64 and RELAXEDCONV_AUTOTUNE=0).
 _TUNED = {True: "yes", False: "no", None: "-"}
@@ -395,7 +413,8 @@ def table(rows: list[dict]) -> str:
             f"{_cell(r.get('spill_stores'))}/{_cell(r.get('spill_loads'))}", _cell(r.get("stack")),
             _cell(r.get("smem") / 1024 if r.get("smem") is not None else None, "{:.1f}"),
             _cell(r.get("occupancy_warps")), _dots_summary(r.get("dots", [])), _cell(r.get("sass_mma")),
-            "yes" if r.get("ptx_wgmma") else "no", "yes" if r.get("cp_async") else "no", _cell(r.get("compile_s")),
+            "yes" if r.get("ptx_wgmma") else "no", "yes" if r.get("cp_async") else "no",
+            "/".join(str(r.get("scalar_16bit", {}).get(k, "?")) for k in ("ld", "st")), _cell(r.get("compile_s")),
         ))
     full = [ln for ln in lines if len(ln) == len(COLUMNS)]
     widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *full)]
@@ -441,6 +460,11 @@ def findings(rows: list[dict], unregistered: list[str]) -> list[str]:
             if off or r.get("sass_mma") not in ("HGMMA", "HMMA", "HGMMA+HMMA"):
                 out.append(f"NO TENSOR CORES {r['kernel']} {r['config']} {r['dtype']} {r['spec']}: "
                            f"dots {_dots_summary(r.get('dots', []))}, SASS {r.get('sass_mma')}")
+    for r in ok:
+        scalar = r.get("scalar_16bit") or {}
+        if r.get("source_dots") and sum(scalar.values()) > SCALAR_16BIT_LIMIT:
+            out.append(f"SCALAR 2-BYTE ACCESSES {r['kernel']} {r['config']} {r['dtype']} {r['spec']}: "
+                       f"{scalar.get('ld', 0)} loads / {scalar.get('st', 0)} stores per thread not vectorised")
     for r in ok:
         if r.get("smem", 0) > SM90_SMEM_PER_BLOCK:
             out.append(f"SHARED MEMORY {r['kernel']} {r['config']} {r['dtype']} {r['spec']}: "
