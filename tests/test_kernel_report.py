@@ -92,6 +92,29 @@ def test_every_bf16_gemm_of_the_quick_subset_issues_wgmma(quick_report):
     assert not off, "\n".join(off)
 
 
+def test_no_bf16_gemm_of_the_quick_subset_gathers_element_by_element(quick_report):
+    """Every bf16 gather-GEMM moves its data as vectors: at most the tail column's 8 scalar 2-byte
+    accesses per thread (with the window masks as jj < J, T2's u gathered 64 scalars per thread
+    and v stored 64)."""
+    _, data = quick_report
+    scalar = [f"{_name(row)}: {row['scalar_16bit']}" for row in _rows(data, "bf16")
+              if row["source_dots"] and sum(row["scalar_16bit"].values()) > report.SCALAR_16BIT_LIMIT]
+    assert not scalar, "\n".join(scalar)
+
+
+def test_scalar_16bit_accesses_are_counted_apart_from_vectors():
+    ptx = """
+    @%p1 ld.global.b16 { %rs1 }, [ %rd1 + 0 ];
+    ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd2 + 0 ];
+    @%p2 st.global.b16 [ %rd3 + 0 ], { %rs2 };
+    st.global.v4.b32 [ %rd4 + 0 ], { %r5, %r6, %r7, %r8 };
+    ld.global.nc.L1::evict_last.b16 %rs3, [%rd5];
+    cp.async.cg.shared.global [ %r9 + 0 ], [ %rd6 + 0 ], 0x10, %r10;
+    ld.shared.b16 %rs4, [%r11];
+    """
+    assert report.scalar_16bit_accesses(ptx) == {"ld": 2, "st": 1}
+
+
 # --- the parsers, on fixed compiler output -------------------------------------------------------
 
 PTXAS_LOG = """ptxas info    : 0 bytes gmem
