@@ -16,27 +16,15 @@ import os
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-SKIP = ("view", "slice", "as_strided", "t.default", "transpose", "unsqueeze", "permute", "_unsafe_view",
-        "expand", "detach", "alias", "select", "squeeze", "unflatten", "reshape", "empty", "new_empty")
+# views and allocations: dispatched, but no pass over memory and no kernel launch
+SKIP = {"view", "slice", "as_strided", "t", "transpose", "unsqueeze", "permute", "_unsafe_view", "expand", "detach",
+        "alias", "select", "squeeze", "unflatten", "reshape", "empty", "new_empty"}
 
 
 def count_layer(case_name: str, dtype: torch.dtype, batch: int = 2):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from relaxedconv.benchmark import cases as C
+    from relaxedconv.benchmark.opcount import OpSizes
     from relaxedconv.kernels import common
-
-    class Seq(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            sizes = [t.numel() for t in (*args, *outs) if isinstance(t, torch.Tensor)]
-            self.ops.append((str(func), max(sizes, default=0)))
-            return out
 
     case = dataclasses.replace(C.CASES[case_name], batch=batch)
     layer = C.build_layer(case, torch.device("cpu"))
@@ -44,24 +32,21 @@ def count_layer(case_name: str, dtype: torch.dtype, batch: int = 2):
     real_launch = common.launch
     common.launch = lambda *a, **k: None
     try:
-        def step(mode=None):
+        def step():
             y = layer(x, backend="triton")
-            if mode is not None:
-                mode.ops.append(("-- backward", 0))
             y.backward(torch.ones_like(y))
             layer.zero_grad(set_to_none=True)
             x.grad = None
 
         step()
-        seq = Seq()
-        with seq:
-            step(seq)
+        with OpSizes() as seq:
+            step()
     finally:
         common.launch = real_launch
     hw = (case.out_size,) * 2
     with torch.no_grad():
         z_numel = layer.factored_kernel(hw)[0].numel()
-    ops = [(name, n) for name, n in seq.ops if not any(k in name for k in SKIP)]
+    ops = [(name, n) for name, n in seq.ops if name not in SKIP]
     passes = [(name, n) for name, n in ops if n >= z_numel // 2]
     return len(seq.ops), len(ops), passes, z_numel
 

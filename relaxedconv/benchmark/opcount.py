@@ -45,6 +45,26 @@ class OpCounter(TorchDispatchMode):
         return sum(self.counts[name] for name in SYNC_OPS)
 
 
+class OpSizes(TorchDispatchMode):
+    """Every ATen operator that runs while active, in order, as (overload packet name, elements of
+    the largest tensor it reads or writes): which operators pass over a large tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        sizes = [t.numel() for t in (*args, *outs) if isinstance(t, torch.Tensor)]
+        self.ops.append((str(func.overloadpacket.__name__), max(sizes, default=0)))
+        return out
+
+    def at_least(self, numel: int) -> list[str]:
+        """Names of the operators that touched a tensor of at least ``numel`` elements."""
+        return [name for name, n in self.ops if n >= numel]
+
+
 def count(fn) -> OpCounter:
     with OpCounter() as c:
         fn()
