@@ -326,7 +326,8 @@ def bank_backward(dy, x, z, w_ext, geometry, needs=(True, True, True)):
     need_dk = bool(needs[1] or needs[2])
     # The factors may be in their own (fp32) dtype beside a half-precision x: the bank is built
     # from them and rounded to x's dtype, and dZ, dW are reduced from dK in the factors' dtype.
-    bank = bank_from_factors(z, w_ext.to(z.dtype), g).to(x.dtype)
+    w = w_ext.to(z.dtype)
+    bank = bank_from_factors(z, w, g).to(x.dtype)
     dx, dk, _ = torch.ops.aten.convolution_backward(
         dy.contiguous(), x, bank, None, [1, 1], [g.padding, g.padding], [1, 1], False, [0, 0], 1,
         [bool(needs[0]), need_dk, False])
@@ -338,7 +339,7 @@ def bank_backward(dy, x, z, w_ext, geometry, needs=(True, True, True)):
             g.out_channels * g.in_channels, -1).to(z.dtype)
         if needs[1]:
             # .to: a backward run under autocast would otherwise hand back a bf16 product
-            dz = (dm.t() @ w_ext.to(z.dtype).reshape(-1, hp)).view(z.shape).to(z.dtype)
+            dz = (dm.t() @ w.reshape(-1, hp)).view(z.shape).to(z.dtype)
         if needs[2]:
             dw = (dm @ z.reshape(-1, hp)).view(w_ext.shape).to(w_ext.dtype)
     return (dx if needs[0] else None), dz, dw
