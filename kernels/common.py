@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -109,14 +108,10 @@ def channels_last_padded(x: torch.Tensor, padding: int) -> torch.Tensor:
     the channels of a pixel are contiguous, so the im2col gather reads runs of C*N_in elements
     instead of one element per row, and no bounds test is needed per element.
 
-    On CUDA (and in the interpreter) one Triton kernel pads and transposes in a single pass: as
-    ``F.pad`` then ``permute().contiguous()`` it took 265 µs for G4's 33 MB input on an H200, 10x its
-    byte count (bench/results/h200-2026-11-27-705c378/).
+    One Triton kernel pads and transposes in a single pass (its callers run the kernels, on CUDA or
+    in the interpreter): as ``F.pad`` then ``permute().contiguous()`` it took 265 µs for G4's 33 MB
+    input on an H200, 10x its byte count (bench/results/h200-2026-11-27-705c378/).
     """
-    if x.device.type == "cpu" and not interpreting():
-        if padding:
-            x = F.pad(x, (padding,) * 4)
-        return x.permute(0, 2, 3, 1).contiguous()
     bsz, c, h, w = x.shape
     hp, wp = h + 2 * padding, w + 2 * padding
     out = empty_output((bsz, hp, wp, c), device=x.device, dtype=x.dtype)
