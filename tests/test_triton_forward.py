@@ -1,5 +1,4 @@
 """The fused forward kernel against materialize (R1), under the interpreter on CPU or on CUDA."""
-import contextlib
 import copy
 
 import pytest
@@ -7,17 +6,6 @@ import torch
 
 import relaxedconv as rc
 from _triton_cases import CASES, DEVICE, case_id, make_layer, rel_err
-
-
-@contextlib.contextmanager
-def tf32_matmul(on: bool):
-    # torch.backends.cuda.matmul is a module object with properties: monkeypatch cannot undo it.
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -57,7 +45,8 @@ def test_forward_half_precision_cuda(case, dtype):
 def test_forward_tf32_cuda():
     torch.manual_seed(3)
     layer, x = make_layer(CASES[0], dtype=torch.float32)
-    with torch.no_grad(), tf32_matmul(True):
+    torch.backends.cuda.matmul.allow_tf32 = True  # conftest's _process_flags_restored puts it back
+    with torch.no_grad():
         assert rel_err(layer(x, backend="triton"), layer(x.double(), backend="materialize")) < 3e-3
 
 
