@@ -27,6 +27,21 @@ def test_time_split_reports_each_part(tmp_path, monkeypatch, capsys):
     assert "kernel_net" in capsys.readouterr().out
 
 
+def test_device_time_counts_each_kernel_once():
+    # Kineto's averaged events as a CUDA profile lists them: the launching operator carries its
+    # kernel's time as self device time, and the kernel is an event of its own.
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    events = [E(key="aten::mm", device_type=DeviceType.CPU, self_device_time_total=40.0, is_user_annotation=False),
+              E(key="nvjet_gemm", device_type=DeviceType.CUDA, self_device_time_total=40.0, is_user_annotation=False),
+              E(key="MyFunction", device_type=DeviceType.CPU, self_device_time_total=7.0, is_user_annotation=False),
+              E(key="_triton_kernel", device_type=DeviceType.CUDA, self_device_time_total=7.0, is_user_annotation=False),
+              E(key="## step ##", device_type=DeviceType.CUDA, self_device_time_total=47.0, is_user_annotation=True)]
+    assert time_split.device_time_us(events) == 47.0
+
+
 # Compiled kernels on a GPU (fp32: Triton's fp64 dots run only in the interpreter), else the interpreter.
 DEVICE, DTYPE = (torch.device("cuda"), "fp32") if torch.cuda.is_available() else (torch.device("cpu"), "fp64")
 

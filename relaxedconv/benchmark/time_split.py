@@ -22,6 +22,7 @@ import json
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from .. import functional
@@ -42,6 +43,17 @@ def small_op_host_us(device, n: int = 2000) -> float:
     return (time.perf_counter() - t) / n * 1e6
 
 
+def device_time_us(events) -> float:
+    """Device time of a profile's averaged events, each kernel counted once.
+
+    Kineto lists every kernel twice: as a device event, and inside the ``self_device_time_total``
+    of the CPU operator that launched it. Summing over all events (as this tool did until
+    2026-11-27) doubled the device time; the profiler's own table total counts the device events
+    alone, as here."""
+    return sum(e.self_device_time_total for e in events
+               if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))
+
+
 def measure(fn, device, reps: int = 20, profiled: int = 5):
     """(wall ms per call, device-kernel ms per call, aten operators per call, profiler averages)."""
     for _ in range(3):
@@ -58,7 +70,7 @@ def measure(fn, device, reps: int = 20, profiled: int = 5):
             fn()
         _sync(device)
     ev = prof.key_averages()
-    device_ms = sum(getattr(e, "self_device_time_total", 0) for e in ev) / profiled / 1e3
+    device_ms = device_time_us(ev) / profiled / 1e3
     ops = sum(e.count for e in ev if e.key.startswith("aten::")) / profiled
     return wall, device_ms, ops, ev
 
