@@ -226,7 +226,10 @@ def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype)
     pinned = pinned_config(name)
     if pinned is not None:
         meta, opts = pinned
-        meta = {**fixed, **meta}
+        # What the pin leaves out comes from the fixed launch (its warps and stages too).
+        launch_opts = ("num_warps", "num_stages")
+        meta = {**{k: v for k, v in fixed.items() if k not in launch_opts}, **meta}
+        opts = {**{k: v for k, v in fixed.items() if k in launch_opts}, **opts}
         kernel[grid(meta)](*args, **consts, **meta, **opts)
     elif autotuned is not None and use_autotune(device, dtype):
         autotuned[grid](*args, **consts)

@@ -9,17 +9,28 @@ depend on the output position and a part that depends on nothing else (design.md
     z[n, p, j, :] = [Z_h | 1] * m[j]                                 [N, P, J, H+1]
 
 In PyTorch that is ~30 memory passes over N*P*J*H values (T2) or ~100 small operators (T1); here
-it is one program per (rotation n, window tile of J, chunk of positions) that keeps R's tile, W2
-and b2 in registers and loops over its positions: one launch forward, one backward.
+it is one launch forward and one backward.
 
-The backward recomputes pre, h1 and t per position and accumulates
+Forward: the rows (p, j) of one rotation n are z's rows in memory order; a program takes tiles of
+BLOCK_M consecutive rows (any number of positions), gathers their rows of R and Q (a few hundred KB,
+L2-resident), and writes the tile once.
+
+Backward: one program per (rotation n, window tile of BLOCK_J rows, chunk of positions) keeps R's
+tile in registers, loops over its positions recomputing pre, h1 and t, and accumulates
 
     dt = dZ_h m cos(t);  db2 = sum dt;  dW2 = dt^T h1;  dh1 = dt W2;  dpre = dh1 cos(pre)
     dR[n, j] = sum_p dpre;  dQ[p] = sum_{n, j} dpre
 
 in per-program partial buffers that the host adds in a fixed order: no atomics, so a rerun gives
-the same bits. The products run exact: fp32 ``tl.dot`` with input_precision "ieee" (never tf32:
-the kernel net must stay as accurate as PyTorch's), fp64 by :func:`common.mma`'s FMA form.
+the same bits. BLOCK_J and the number of chunks are functions of the shape alone, for the same
+reason.
+
+The H x H products run on tensor cores as three TF32 products ("tf32x3": the operands split into
+a TF32 high part and a TF32 remainder, the remainders' product dropped), whose error, ~1e-6 of
+the result, is that of fp32 arithmetic; the first kernels used exact fp32 FMA products
+(input_precision "ieee"), and on an H200 their backward took 1.12 ms at T2, issue-bound on ~400
+instructions per value of Z (bench/README.md). fp64 (gradcheck) multiplies and sums on the FMA
+units (:func:`common.mma`).
 """
 from __future__ import annotations
 
@@ -30,16 +41,18 @@ import triton.language as tl
 from . import common
 from .common import mma
 
-# Rows of J per program. Fixed (not tuned): it sets the number of partial sums and so the
-# reduction order, which must not depend on timing.
-BLOCK_J = 32
-# Positions are cut into chunks so that a GPU gets about two programs per SM (132 SMs on an
-# H100/H200) even when N * ceil(J / BLOCK_J) is small (T(2): 2 window tiles).
-PROGRAMS_TARGET = 2 * 132
+# Backward rows of J per program: the smallest tl.dot side. Each thread then holds 4 values of every
+# [BLOCK_J, H] operand at H = 32 and four warps compile to 128 registers; 32 rows take 253 and 64
+# rows spill even at eight warps (sm_90a, Triton 3.9: a TF32x3 product's operands are split in
+# two, and the products' layouts change through shared memory). Fixed: it sets the partial sums.
+BLOCK_J = 16
+# Backward programs: about four per SM (132 SMs on an H100/H200), so the four warps of each have
+# company to hide their latency; the positions are cut into that many chunks per window tile.
+PROGRAMS_TARGET = 4 * 132
 # Beyond this width W2 and its gradient no longer fit a program's registers.
 MAX_HIDDEN = 64
-
-EXACT = tl.constexpr("ieee")
+# The fp32 products: TF32 x 3 on tensor cores (fp32 accuracy; see the module docstring).
+FP32_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -53,57 +66,67 @@ def _preactivation(r, q_ptr, p, hh, h_ok, HIDDEN: tl.constexpr, HAS_Q: tl.conste
 
 
 @triton.jit
-def _second_preactivation(h1, w2t, b2, BLOCK_J: tl.constexpr, HP: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr):
+def _second_preactivation(h1, w2t, b2, ROWS: tl.constexpr, HP: tl.constexpr, ACC: tl.constexpr,
+                          PRECISION: tl.constexpr, FP64: tl.constexpr):
     """t = h1 W2^T + b2, the bias added after the product as nn.Linear does."""
-    return mma(h1, w2t, tl.zeros((BLOCK_J, HP), dtype=ACC), EXACT, FP64) + b2[None, :]
+    return mma(h1, w2t, tl.zeros((ROWS, HP), dtype=ACC), PRECISION, FP64) + b2[None, :]
 
 
 @triton.jit
-def _tile_operands(r_ptr, w2_ptr, b2_ptr, m_ptr, n, jj, j_ok, hh, h_ok, J,
-                   HIDDEN: tl.constexpr, DEEP: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr):
-    """R's rows of this tile, W2^T, W2, b2 (zero-padded to HP) and the window mask m[j]."""
-    r = tl.load(r_ptr + (n * J + jj)[:, None] * HIDDEN + hh[None, :], mask=j_ok[:, None] & h_ok[None, :], other=0.0).to(ACC)
+def _hidden_weights(w2_ptr, b2_ptr, hh, h_ok, HIDDEN: tl.constexpr, ACC: tl.constexpr):
+    """W2^T, W2 and b2, zero-padded to HP (W2 is [out, in]: W2^T multiplies h1 from the right, W2
+    itself dt)."""
     hh_ok = h_ok[:, None] & h_ok[None, :]
-    if DEEP:
-        # W2 is [out, in]: W2^T[i, o] = W2[o, i] multiplies h1 from the right, W2 itself dt.
-        w2t = tl.load(w2_ptr + hh[None, :] * HIDDEN + hh[:, None], mask=hh_ok, other=0.0).to(ACC)
-        w2 = tl.load(w2_ptr + hh[:, None] * HIDDEN + hh[None, :], mask=hh_ok, other=0.0).to(ACC)
-        b2 = tl.load(b2_ptr + hh, mask=h_ok, other=0.0).to(ACC)
-    else:
-        w2t = r
-        w2 = r
-        b2 = hh.to(ACC)
+    w2t = tl.load(w2_ptr + hh[None, :] * HIDDEN + hh[:, None], mask=hh_ok, other=0.0).to(ACC)
+    w2 = tl.load(w2_ptr + hh[:, None] * HIDDEN + hh[None, :], mask=hh_ok, other=0.0).to(ACC)
+    b2 = tl.load(b2_ptr + hh, mask=h_ok, other=0.0).to(ACC)
+    return w2t, w2, b2
+
+
+@triton.jit
+def _window_mask(m_ptr, jj, j_ok, HAS_MASK: tl.constexpr, ACC: tl.constexpr):
     if HAS_MASK:
-        m = tl.load(m_ptr + jj, mask=j_ok, other=0.0).to(ACC)
+        return tl.load(m_ptr + jj, mask=j_ok, other=0.0).to(ACC)
     else:
-        m = tl.where(j_ok, 1.0, 0.0).to(ACC)
-    return r, w2t, w2, b2, m
+        return tl.where(j_ok, 1.0, 0.0).to(ACC)
 
 
 @triton.jit
 def _knet_forward_kernel(
     r_ptr, q_ptr, w2_ptr, b2_ptr, m_ptr, z_ptr,
-    J, P, CHUNKS,
+    J, P,
     HIDDEN: tl.constexpr, HP: tl.constexpr, DEEP: tl.constexpr, HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr,
-    ACC: tl.constexpr, FP64: tl.constexpr, BLOCK_J: tl.constexpr,
+    ACC: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """z[n, p, j] = [sin(sin(R[n, j] + Q[p]) W2^T + b2) | 1] * m[j]; program: (n, window tile,
-    position chunk c), which writes positions c, c + CHUNKS, ..."""
+    """z[n, p, j] = [sin(sin(R[n, j] + Q[p]) W2^T + b2) | 1] * m[j]; program (n, s) writes the row
+    tiles s, s + S, ... of rotation n (S = the grid's second side), rows in z's order p * J + j."""
     n = tl.program_id(0)
-    jj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_ok = jj < J
     hh = tl.arange(0, HP)
     h_ok = hh < HIDDEN
-    r, w2t, w2, b2, m = _tile_operands(r_ptr, w2_ptr, b2_ptr, m_ptr, n, jj, j_ok, hh, h_ok, J, HIDDEN, DEEP, HAS_MASK, ACC)
+    if DEEP:
+        w2t, w2, b2 = _hidden_weights(w2_ptr, b2_ptr, hh, h_ok, HIDDEN, ACC)
+    else:
+        w2t = tl.zeros((HP, HP), dtype=ACC)  # unused at depth 2
+        w2 = w2t
+        b2 = tl.zeros((HP,), dtype=ACC)
     out_ty = z_ptr.dtype.element_ty
-    tile_ok = j_ok[:, None] & h_ok[None, :]
-    for p in range(tl.program_id(2), P, CHUNKS):
-        z = tl.sin(_preactivation(r, q_ptr, p, hh, h_ok, HIDDEN, HAS_Q, ACC))
+    rows_total = P * J
+    for tile in range(tl.program_id(1), tl.cdiv(rows_total, BLOCK_M), tl.num_programs(1)):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = rows < rows_total
+        jj = rows % J
+        tile_ok = ok[:, None] & h_ok[None, :]
+        z = tl.load(r_ptr + (n * J + jj)[:, None] * HIDDEN + hh[None, :], mask=tile_ok, other=0.0).to(ACC)
+        if HAS_Q:
+            pp = rows // J
+            z += tl.load(q_ptr + pp[:, None] * HIDDEN + hh[None, :], mask=tile_ok, other=0.0).to(ACC)
+        z = tl.sin(z)
         if DEEP:
-            z = tl.sin(_second_preactivation(z, w2t, b2, BLOCK_J, HP, ACC, FP64))
-        row = ((n * P + p) * J + jj) * (HIDDEN + 1)
-        tl.store(z_ptr + row[:, None] + hh[None, :], (z * m[:, None]).to(out_ty), mask=tile_ok)
-        tl.store(z_ptr + row + HIDDEN, m.to(out_ty), mask=j_ok)  # the ones column, masked
+            z = tl.sin(_second_preactivation(z, w2t, b2, BLOCK_M, HP, ACC, PRECISION, FP64))
+        m = _window_mask(m_ptr, jj, ok, HAS_MASK, ACC)
+        out = (n * rows_total + rows) * (HIDDEN + 1)
+        tl.store(z_ptr + out[:, None] + hh[None, :], (z * m[:, None]).to(out_ty), mask=tile_ok)
+        tl.store(z_ptr + out + HIDDEN, m.to(out_ty), mask=ok)  # the ones column, masked
 
 
 @triton.jit
@@ -111,7 +134,7 @@ def _knet_backward_kernel(
     r_ptr, q_ptr, w2_ptr, b2_ptr, m_ptr, dz_ptr, dr_ptr, dq_ptr, dw2_ptr, db2_ptr,
     N, J, P, CHUNKS,
     HIDDEN: tl.constexpr, HP: tl.constexpr, DEEP: tl.constexpr, HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr,
-    ACC: tl.constexpr, FP64: tl.constexpr, BLOCK_J: tl.constexpr,
+    ACC: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """Partial gradients of the program (n, window tile jt, position chunk c), recomputing the
     forward per position: dR over its positions into dr[c, n, tile], dQ over its rows into
@@ -124,7 +147,14 @@ def _knet_backward_kernel(
     hh = tl.arange(0, HP)
     h_ok = hh < HIDDEN
     tile_ok = j_ok[:, None] & h_ok[None, :]
-    r, w2t, w2, b2, m = _tile_operands(r_ptr, w2_ptr, b2_ptr, m_ptr, n, jj, j_ok, hh, h_ok, J, HIDDEN, DEEP, HAS_MASK, ACC)
+    r = tl.load(r_ptr + (n * J + jj)[:, None] * HIDDEN + hh[None, :], mask=tile_ok, other=0.0).to(ACC)
+    if DEEP:
+        w2t, w2, b2 = _hidden_weights(w2_ptr, b2_ptr, hh, h_ok, HIDDEN, ACC)
+    else:
+        w2t = tl.zeros((HP, HP), dtype=ACC)  # unused at depth 2
+        w2 = w2t
+        b2 = tl.zeros((HP,), dtype=ACC)
+    m = _window_mask(m_ptr, jj, j_ok, HAS_MASK, ACC)
     dr = tl.zeros((BLOCK_J, HP), dtype=ACC)
     dw2 = tl.zeros((HP, HP), dtype=ACC)
     db2 = tl.zeros((HP,), dtype=ACC)
@@ -136,10 +166,10 @@ def _knet_backward_kernel(
         g = tl.load(dz_ptr + row[:, None] + hh[None, :], mask=tile_ok, other=0.0).to(ACC) * m[:, None]
         if DEEP:
             h1 = tl.sin(pre)
-            dt = g * tl.cos(_second_preactivation(h1, w2t, b2, BLOCK_J, HP, ACC, FP64))
+            dt = g * tl.cos(_second_preactivation(h1, w2t, b2, BLOCK_J, HP, ACC, PRECISION, FP64))
             db2 += tl.sum(dt, axis=0)
-            dw2 = mma(tl.trans(dt), h1, dw2, EXACT, FP64)
-            g = mma(dt, w2, tl.zeros((BLOCK_J, HP), dtype=ACC), EXACT, FP64)
+            dw2 = mma(tl.trans(dt), h1, dw2, PRECISION, FP64)
+            g = mma(dt, w2, tl.zeros((BLOCK_J, HP), dtype=ACC), PRECISION, FP64)
         dpre = g * tl.cos(pre)
         dr += dpre
         if HAS_Q:
@@ -151,27 +181,22 @@ def _knet_backward_kernel(
         tl.store(db2_ptr + part * HIDDEN + hh, db2, mask=h_ok)
 
 
-def _configs(warps):
-    # BLOCK_J is fixed (it sets the partial sums); only the warps are tuned.
-    return [triton.Config({"BLOCK_J": BLOCK_J}, num_warps=w) for w in warps]
+# Forward: rows per tile and warps are tuned (each row is computed alone, so the choice changes no
+# sum). Backward: one config, so that no timing can change how its partial sums are formed.
+_FORWARD_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (64, 128) for w in (4, 8)]
+_knet_forward_autotuned = triton.autotune(configs=_FORWARD_CONFIGS, key=["J", "P"])(_knet_forward_kernel)
 
-
-# Warps: the backward keeps R's tile, W2, W2^T and the dR and dW2 accumulators (5 x 32 x 32 at
-# H = 32) in registers; with fewer than 8 warps it spills (kernel report, sm_90a, Triton 3.9:
-# 4 warps 704 B, 2 warps 8.7 KB; 16 warps cap it at 64 registers and spill too), the forward
-# only with 2.
-_knet_forward_autotuned = triton.autotune(configs=_configs((4, 8)), key=["J", "P", "CHUNKS"])(_knet_forward_kernel)
-_knet_backward_autotuned = triton.autotune(configs=_configs((8,)), key=["N", "J", "P", "CHUNKS"])(_knet_backward_kernel)
-
-FIXED_FORWARD = {"BLOCK_J": BLOCK_J}
-FIXED_BACKWARD = {"BLOCK_J": BLOCK_J, "num_warps": 8}
+FIXED_FORWARD = {"BLOCK_M": 64, "num_warps": 4}
+FIXED_BACKWARD = {"num_warps": 4}
+# Forward programs: enough for ~8 resident per SM; each loops over its rotation's row tiles.
+FORWARD_PROGRAMS_TARGET = 8 * 132
 
 
 def position_chunks(n_rot: int, j_tiles: int, positions: int, device: torch.device) -> int:
     """How many chunks the positions are cut into (programs per (n, window tile)).
 
     A function of the shape alone (never of timing), so the backward's partial sums are added in
-    the same order on every run. On a GPU enough for ~2 programs per SM; off-GPU two, so the
+    the same order on every run. On a GPU enough for ~4 programs per SM; off-GPU two, so the
     interpreter tests exercise the partial sums too."""
     if device.type == "cuda" and not common.interpreting():
         return max(1, min(positions, triton.cdiv(PROGRAMS_TARGET, n_rot * j_tiles)))
@@ -185,22 +210,33 @@ def padded_hidden(hidden: int) -> int:
 
 def _consts(r, q, w2, mask):
     hidden = r.shape[-1]
+    fp64 = r.dtype == torch.float64
     return dict(HIDDEN=hidden, HP=padded_hidden(hidden), DEEP=w2 is not None, HAS_Q=q is not None,
-                HAS_MASK=mask is not None, ACC=common.acc_dtype(r.dtype), FP64=r.dtype == torch.float64)
+                HAS_MASK=mask is not None, ACC=common.acc_dtype(r.dtype), FP64=fp64,
+                PRECISION="ieee" if fp64 else FP32_PRECISION)
 
 
-def _check_pinned(name: str) -> None:
-    # The host sizes the grid and the partial buffers by BLOCK_J: a pin may set only the warps.
-    pinned = common.pinned_config(name)
-    if pinned is not None and pinned[0].get("BLOCK_J", BLOCK_J) != BLOCK_J:
-        raise ValueError(f"RELAXEDCONV_KERNEL_CONFIG: {name} runs with BLOCK_J={BLOCK_J} only (it sets the "
-                         f"partial sums); pin num_warps alone, e.g. '{name}:num_warps=8'")
+def _check_pinned() -> None:
+    # The host sizes the backward's grid and partial buffers by BLOCK_J: a pin may set the warps only.
+    pinned = common.pinned_config("knet_bwd")
+    if pinned is not None and pinned[0]:
+        raise ValueError(f"RELAXEDCONV_KERNEL_CONFIG: knet_bwd runs with BLOCK_J={BLOCK_J} only (it sets the "
+                         f"partial sums), so {sorted(pinned[0])} cannot be pinned; pin num_warps alone, e.g. "
+                         "'knet_bwd:num_warps=8'")
 
 
-def _grid(r, positions):
+def _backward_grid(r, positions):
     n_rot, window = r.shape[0], r.shape[1]
     j_tiles = triton.cdiv(window, BLOCK_J)
     return n_rot, j_tiles, position_chunks(n_rot, j_tiles, positions, r.device)
+
+
+def _forward_programs(n_rot: int, rows: int, block_m: int, device: torch.device) -> int:
+    """Programs per rotation of the forward: at most one per row tile."""
+    tiles = triton.cdiv(rows, block_m)
+    if device.type == "cuda" and not common.interpreting():
+        return max(1, min(tiles, triton.cdiv(FORWARD_PROGRAMS_TARGET, n_rot)))
+    return max(1, min(tiles, 2))  # the interpreter: two programs, so the tile loop runs too
 
 
 def kernel_net_forward(r, q, w2, b2, mask) -> torch.Tensor:
@@ -213,12 +249,12 @@ def kernel_net_forward(r, q, w2, b2, mask) -> torch.Tensor:
     shape = (n_rot, window, hidden + 1) if q is None else (n_rot, positions, window, hidden + 1)
     z = common.empty_output(shape, device=r.device, dtype=r.dtype)
     common.check_int32_indexing(r, z)
-    _check_pinned("knet_fwd")
-    n_rot, j_tiles, chunks = _grid(r, positions)
     dummy = r  # stands in for an absent operand; the kernel never reads it
     args = (r, dummy if q is None else q, dummy if w2 is None else w2, dummy if b2 is None else b2,
-            dummy if mask is None else mask, z, window, positions, chunks)
-    common.launch("knet_fwd", _knet_forward_kernel, _knet_forward_autotuned, lambda meta: (n_rot, j_tiles, chunks),
+            dummy if mask is None else mask, z, window, positions)
+    rows = positions * window
+    common.launch("knet_fwd", _knet_forward_kernel, _knet_forward_autotuned,
+                  lambda meta: (n_rot, _forward_programs(n_rot, rows, meta["BLOCK_M"], r.device)),
                   args, _consts(r, q, w2, mask), FIXED_FORWARD, device=r.device, dtype=r.dtype)
     return z
 
@@ -229,8 +265,9 @@ def kernel_net_backward(r, q, w2, b2, mask, dz):
     Only dz's first H columns reach the parameters (the last is the constant column)."""
     n_rot, window, hidden = r.shape
     positions = 1 if q is None else q.shape[0]
-    _check_pinned("knet_bwd")
-    n_rot, j_tiles, chunks = _grid(r, positions)
+    _check_pinned()
+    grid = _backward_grid(r, positions)
+    _, j_tiles, chunks = grid
     acc = torch.float64 if r.dtype == torch.float64 else torch.float32
     programs = n_rot * j_tiles * chunks
     dr = common.empty_output((chunks, n_rot, window, hidden), device=r.device, dtype=acc)
@@ -242,8 +279,8 @@ def kernel_net_backward(r, q, w2, b2, mask, dz):
     args = (r, r if q is None else q, r if w2 is None else w2, r if b2 is None else b2, r if mask is None else mask, dz,
             dr, dummy if dq is None else dq, dummy if dw2 is None else dw2, dummy if db2 is None else db2,
             n_rot, window, positions, chunks)
-    common.launch("knet_bwd", _knet_backward_kernel, _knet_backward_autotuned, lambda meta: (n_rot, j_tiles, chunks),
-                  args, _consts(r, q, w2, mask), FIXED_BACKWARD, device=r.device, dtype=r.dtype)
+    common.launch("knet_bwd", _knet_backward_kernel, None, lambda meta: grid,
+                  args, {**_consts(r, q, w2, mask), "BLOCK_J": BLOCK_J}, FIXED_BACKWARD, device=r.device, dtype=r.dtype)
     # The partials are added in a fixed order (torch's reductions over a leading axis are
     # deterministic), then rounded once to the parameters' dtype.
     out = [dr.sum(0) if chunks > 1 else dr[0], None if dq is None else dq.sum(0),

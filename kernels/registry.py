@@ -62,10 +62,12 @@ DTYPES = {
         Dtype("fp16", "fp16", None, "fp32", True, True),
         Dtype("fp32-tf32", "fp32", "tf32", "fp32", True, True),
         Dtype("fp32-ieee", "fp32", "ieee", "fp32", True, False),
+        # fp32 products as three TF32 ones (fp32's accuracy on tensor cores): the fused kernel net.
+        Dtype("fp32-tf32x3", "fp32", "tf32x3", "fp32", True, True),
         Dtype("fp64", "fp64", "ieee", "fp64", False, False),
     )
 }
-DEFAULT_DTYPES = ("bf16", "fp32-tf32", "fp32-ieee", "fp64")
+DEFAULT_DTYPES = ("bf16", "fp32-tf32", "fp32-ieee", "fp32-tf32x3", "fp64")
 
 # Pointer dtype tokens an entry may use besides a Triton type name: the data dtype, or the
 # accumulator dtype (partial sums are fp32, fp64 for fp64 data).
@@ -101,10 +103,12 @@ KSIZE = 7  # the benchmark layers' kernel size (design.md §5)
 # (label, in/out channels, rotations, image size, batch, translation non-stationary): benchmark layers.
 CASES = (("T1", 32, 1, 32, 64, True), ("T2", 32, 8, 16, 16, True), ("G1", 32, 8, 32, 64, False))
 # Constexprs that depend on the dtype come from DTYPES; tile sizes from the configs.
-_NOT_VARIANT = {"PRECISION", "ACC", "FP64", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C", "BLOCK_J"}
-# The fused kernel net runs in the parameters' dtype (fp32, exact products; or fp64), whatever the
-# data dtype of the convolution.
-KERNEL_NET_DTYPES = ("fp32-ieee", "fp64")
+# (The fused kernel net's backward takes BLOCK_J from the window, so there it is a variant.)
+_NOT_VARIANT = {"PRECISION", "ACC", "FP64", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C"}
+# The fused kernel net runs in the parameters' dtype (fp32 with TF32x3 products; or fp64), whatever
+# the data dtype of the convolution; the convolution kernels in every data dtype but that.
+KERNEL_NET_DTYPES = ("fp32-tf32x3", "fp64")
+CONV_DTYPES = ("bf16", "fp16", "fp32-tf32", "fp32-ieee", "fp64")
 
 
 def captured_launches() -> dict[str, dict[str, tuple[dict, dict]]]:
@@ -163,16 +167,19 @@ def _kernels() -> tuple[Kernel, ...]:
     cap = captured_launches()
     return (
         _entry("u", "u", "relaxed_conv_fwd:_hidden_projection_kernel", "relaxed_conv_fwd:_hidden_projection_autotuned",
-               FIXED_TILE, cap),
+               FIXED_TILE, cap, dtypes=CONV_DTYPES),
         _entry("dz", "dz", "relaxed_conv_bwd:_hidden_weight_grad_kernel", "relaxed_conv_bwd:_hidden_weight_grad_autotuned",
-               FIXED_TILE, cap, pointers={"out_ptr": ACC}),  # fp32 (fp64) partials/dZ, cast on the host
+               FIXED_TILE, cap, dtypes=CONV_DTYPES, pointers={"out_ptr": ACC}),  # fp32 (fp64) partials/dZ, cast on the host
         _entry("v", "v", "relaxed_conv_bwd:_window_columns_kernel", "relaxed_conv_bwd:_window_columns_autotuned",
-               FIXED_TILE, cap),
-        _entry("fold", "fold", "relaxed_conv_bwd:_fold_kernel", "relaxed_conv_bwd:_fold_autotuned", FIXED_FOLD, cap),
-        _entry("pack", "pack", "common:_channels_last_padded_kernel", None, PACK_TILE, cap),  # a copy: one tile
+               FIXED_TILE, cap, dtypes=CONV_DTYPES),
+        _entry("fold", "fold", "relaxed_conv_bwd:_fold_kernel", "relaxed_conv_bwd:_fold_autotuned", FIXED_FOLD, cap,
+               dtypes=CONV_DTYPES),
+        _entry("pack", "pack", "common:_channels_last_padded_kernel", None, PACK_TILE, cap,  # a copy: one tile
+               dtypes=CONV_DTYPES),
         _entry("knet_fwd", "knet_fwd", "kernel_net_fused:_knet_forward_kernel", "kernel_net_fused:_knet_forward_autotuned",
                FIXED_FORWARD, cap, dtypes=KERNEL_NET_DTYPES),
-        _entry("knet_bwd", "knet_bwd", "kernel_net_fused:_knet_backward_kernel", "kernel_net_fused:_knet_backward_autotuned",
+        # One config (no autotuner): its partial sums must not depend on timing.
+        _entry("knet_bwd", "knet_bwd", "kernel_net_fused:_knet_backward_kernel", None,
                FIXED_BACKWARD, cap, dtypes=KERNEL_NET_DTYPES,  # fp32 (fp64) partial sums, added on the host
                pointers={"dr_ptr": ACC, "dq_ptr": ACC, "dw2_ptr": ACC, "db2_ptr": ACC}),
     )

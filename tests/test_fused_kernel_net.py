@@ -220,21 +220,27 @@ def test_bad_operands_are_refused():
 
 def test_a_pinned_config_may_set_the_warps_but_not_the_tile(monkeypatch):
     t = dict(dtype=torch.float64, device=DEVICE)
-    r, q = torch.randn(2, 3, 4, **t), torch.randn(5, 4, **t)
-    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "knet_fwd:num_warps=8")
-    assert hidden_features(r, q, None, None, None).shape == (2, 5, 3, 5)
-    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "knet_fwd:BLOCK_J=16")
-    with pytest.raises(ValueError, match="BLOCK_J=32 only"):
-        hidden_features(r, q, None, None, None)
+    r, q = torch.randn(2, 3, 4, **t, requires_grad=True), torch.randn(5, 4, **t)
+    # The forward's tile may be pinned (each row is computed alone) ...
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "knet_fwd:BLOCK_M=16,num_warps=2;knet_bwd:num_warps=8")
+    z = hidden_features(r, q, None, None, None)
+    assert z.shape == (2, 5, 3, 5)
+    z.sum().backward()
+    # ... the backward's not: BLOCK_J sets its partial sums.
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "knet_bwd:BLOCK_J=16")
+    z = hidden_features(r, q, None, None, None)
+    with pytest.raises(ValueError, match="knet_bwd runs with BLOCK_J=16 only"):
+        z.sum().backward()
 
 
-def test_the_kernels_compile_for_sm90_without_spills_in_fp32(tmp_path):
-    """The kernel report's compile of the fused kernel net's shipped configs (the CI's quick report
-    covers the bf16/tf32 dtypes, which these kernels never run in): every row compiles and the
-    exact-fp32 rows do not spill."""
+def test_the_kernels_compile_for_sm90_on_tensor_cores_without_spills(tmp_path):
+    """The kernel report's compile of the fused kernel net's shipped fp32 configs (the CI's quick
+    report covers the convolution's dtypes): every row compiles, does not spill, and its H x H
+    products run on tensor cores (the exact FMA products of the first version were what made its
+    backward issue-bound)."""
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "relaxedconv.kernels.report", "--quick", "--dtypes", "fp32-ieee",
+    cmd = [sys.executable, "-m", "relaxedconv.kernels.report", "--dtypes", "fp32-tf32x3",
            "--filter", "knet", "--json", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     from relaxedconv.kernels import report
@@ -247,3 +253,5 @@ def test_the_kernels_compile_for_sm90_without_spills_in_fp32(tmp_path):
     for row in rows:
         assert row["ok"], row.get("error")
         assert not row["spill_stores"] and not row["spill_loads"], row
+        assert row["sass_mma"] in ("HGMMA", "HMMA", "HGMMA+HMMA"), row
+        assert all(d["kind"] != "fma" for d in row["dots"]), row["dots"]
