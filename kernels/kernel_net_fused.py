@@ -55,6 +55,43 @@ MAX_HIDDEN = 64
 FP32_PRECISION = "tf32x3"
 
 
+# Cody-Waite split of 2*pi: the high part has 8 significant bits, so k * TWO_PI_HI is exact in
+# fp32 for |k| < 2^16 (|x| < 4e5) and the reduction's error is that of k * TWO_PI_LO, ~1e-7 * |k|.
+TWO_PI_HI = tl.constexpr(6.28125)
+TWO_PI_LO = tl.constexpr(0.0019353071795864769)
+INV_TWO_PI = tl.constexpr(0.15915494309189535)
+
+
+@triton.jit
+def _reduced_angle(x):
+    """x - 2*pi*round(x / (2*pi)): the same angle in [-pi, pi], where sin.approx is accurate."""
+    k = tl.floor(x * INV_TWO_PI + 0.5)
+    return tl.fma(k, -TWO_PI_LO, tl.fma(k, -TWO_PI_HI, x))
+
+
+@triton.jit
+def _sin(x, FAST_TRIG: tl.constexpr):
+    """sin(x). FAST_TRIG (fp32 on a GPU): the SFU's sin.approx after the reduction to [-pi, pi],
+    absolute error <= 2^-21.4 there (CUDA C Programming Guide, __sinf), a few fp32 ulps of the
+    values of Z; ~6 instructions where libdevice's sinf takes ~30 plus a slow path for huge
+    arguments. Else libdevice's (fp64, and the interpreter, which cannot run inline assembly)."""
+    if FAST_TRIG:
+        return tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [_reduced_angle(x)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.sin(x)
+
+
+@triton.jit
+def _cos(x, FAST_TRIG: tl.constexpr):
+    """cos(x), as :func:`_sin` (cos.approx: the same bound, __cosf)."""
+    if FAST_TRIG:
+        return tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [_reduced_angle(x)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.cos(x)
+
+
 @triton.jit
 def _preactivation(r, q_ptr, p, hh, h_ok, HIDDEN: tl.constexpr, HAS_Q: tl.constexpr, ACC: tl.constexpr):
     """pre = R + Q[p] (R alone when the layer is translation-stationary)."""
@@ -96,7 +133,7 @@ def _knet_forward_kernel(
     r_ptr, q_ptr, w2_ptr, b2_ptr, m_ptr, z_ptr,
     J, P,
     HIDDEN: tl.constexpr, HP: tl.constexpr, DEEP: tl.constexpr, HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr,
-    ACC: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """z[n, p, j] = [sin(sin(R[n, j] + Q[p]) W2^T + b2) | 1] * m[j]; program (n, s) writes the row
     tiles s, s + S, ... of rotation n (S = the grid's second side), rows in z's order p * J + j."""
@@ -120,9 +157,9 @@ def _knet_forward_kernel(
         if HAS_Q:
             pp = rows // J
             z += tl.load(q_ptr + pp[:, None] * HIDDEN + hh[None, :], mask=tile_ok, other=0.0).to(ACC)
-        z = tl.sin(z)
+        z = _sin(z, FAST_TRIG)
         if DEEP:
-            z = tl.sin(_second_preactivation(z, w2t, b2, BLOCK_M, HP, ACC, PRECISION, FP64))
+            z = _sin(_second_preactivation(z, w2t, b2, BLOCK_M, HP, ACC, PRECISION, FP64), FAST_TRIG)
         m = _window_mask(m_ptr, jj, ok, HAS_MASK, ACC)
         out = (n * rows_total + rows) * (HIDDEN + 1)
         tl.store(z_ptr + out[:, None] + hh[None, :], (z * m[:, None]).to(out_ty), mask=tile_ok)
@@ -134,7 +171,7 @@ def _knet_backward_kernel(
     r_ptr, q_ptr, w2_ptr, b2_ptr, m_ptr, dz_ptr, dr_ptr, dq_ptr, dw2_ptr, db2_ptr,
     N, J, P, CHUNKS,
     HIDDEN: tl.constexpr, HP: tl.constexpr, DEEP: tl.constexpr, HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr,
-    ACC: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_J: tl.constexpr,
+    ACC: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """Partial gradients of the program (n, window tile jt, position chunk c), recomputing the
     forward per position: dR over its positions into dr[c, n, tile], dQ over its rows into
@@ -165,12 +202,12 @@ def _knet_backward_kernel(
         # Rows past J and columns past H load 0, so every term they would add is 0.
         g = tl.load(dz_ptr + row[:, None] + hh[None, :], mask=tile_ok, other=0.0).to(ACC) * m[:, None]
         if DEEP:
-            h1 = tl.sin(pre)
-            dt = g * tl.cos(_second_preactivation(h1, w2t, b2, BLOCK_J, HP, ACC, PRECISION, FP64))
+            h1 = _sin(pre, FAST_TRIG)
+            dt = g * _cos(_second_preactivation(h1, w2t, b2, BLOCK_J, HP, ACC, PRECISION, FP64), FAST_TRIG)
             db2 += tl.sum(dt, axis=0)
             dw2 = mma(tl.trans(dt), h1, dw2, PRECISION, FP64)
             g = mma(dt, w2, tl.zeros((BLOCK_J, HP), dtype=ACC), PRECISION, FP64)
-        dpre = g * tl.cos(pre)
+        dpre = g * _cos(pre, FAST_TRIG)
         dr += dpre
         if HAS_Q:
             tl.store(dq_ptr + (tile * P + p) * HIDDEN + hh, tl.sum(dpre, axis=0), mask=h_ok)
@@ -208,12 +245,18 @@ def padded_hidden(hidden: int) -> int:
     return max(16, triton.next_power_of_2(hidden))
 
 
+def fast_trig(r: torch.Tensor) -> bool:
+    """Whether the kernels take sin/cos from the SFU (:func:`_sin`): fp32 on a GPU. Not fp64 (a
+    checking mode), not under the interpreter (no inline assembly there)."""
+    return r.dtype == torch.float32 and r.device.type == "cuda" and not common.interpreting()
+
+
 def _consts(r, q, w2, mask):
     hidden = r.shape[-1]
     fp64 = r.dtype == torch.float64
     return dict(HIDDEN=hidden, HP=padded_hidden(hidden), DEEP=w2 is not None, HAS_Q=q is not None,
                 HAS_MASK=mask is not None, ACC=common.acc_dtype(r.dtype), FP64=fp64,
-                PRECISION="ieee" if fp64 else FP32_PRECISION)
+                PRECISION="ieee" if fp64 else FP32_PRECISION, FAST_TRIG=fast_trig(r))
 
 
 def _check_pinned() -> None:

@@ -104,7 +104,7 @@ KSIZE = 7  # the benchmark layers' kernel size (design.md §5)
 CASES = (("T1", 32, 1, 32, 64, True), ("T2", 32, 8, 16, 16, True), ("G1", 32, 8, 32, 64, False))
 # Constexprs that depend on the dtype come from DTYPES; tile sizes from the configs.
 # (The fused kernel net's backward takes BLOCK_J from the window, so there it is a variant.)
-_NOT_VARIANT = {"PRECISION", "ACC", "FP64", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C"}
+_NOT_VARIANT = {"PRECISION", "ACC", "FP64", "FAST_TRIG", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C"}
 # The fused kernel net runs in the parameters' dtype (fp32 with TF32x3 products; or fp64), whatever
 # the data dtype of the convolution; the convolution kernels in every data dtype but that.
 KERNEL_NET_DTYPES = ("fp32-tf32x3", "fp64")
@@ -309,8 +309,10 @@ def _pointer_type(token: str, dtype: Dtype) -> str:
 def dtype_constexprs(dtype: Dtype) -> dict:
     import triton.language as tl
 
+    # FAST_TRIG: the fused kernel net's SFU sine/cosine, which fp32 data runs on a GPU
+    # (kernel_net_fused.fast_trig; the meta-tensor capture cannot see a GPU).
     return {"PRECISION": dtype.precision, "ACC": getattr(tl, {"fp32": "float32", "fp64": "float64"}[dtype.acc]),
-            "FP64": dtype.acc == "fp64"}
+            "FP64": dtype.acc == "fp64", "FAST_TRIG": dtype.pointer == "fp32"}
 
 
 def specialise_int(value: int) -> tuple[str, list]:

@@ -139,8 +139,9 @@ def wgmma_blockers(dot: dict, num_warps: int) -> list[str]:
     """Why Triton would not lower this dot to wgmma on sm_90 (empty: eligible). Triton's rule,
     ``supportMMA(dotOp, 3)`` in lib/Analysis/Utility.cpp, called by getMMAVersionSafe in
     lib/Dialect/TritonGPU/Transforms/AccelerateMatmul.cpp: numWarps % 4 == 0, M % 64 == 0,
-    N % 8 == 0, K >= 256 / bitwidth, operands f16/bf16/fp8/i8, or f32 only as tf32; otherwise it
-    falls back to MMAv2 (mma.sync)."""
+    N % 8 == 0, K >= 256 / bitwidth, operands f16/bf16/fp8/i8, or f32 only as tf32 (tf32x3 is
+    three tf32 dots, Triton's F32DotTC pass, each judged by the same rule); otherwise it falls back
+    to MMAv2 (mma.sync)."""
     out = []
     elem, bits = dot["elem"], _BITS.get(dot["elem"], 0)
     if num_warps % 4:
@@ -151,7 +152,7 @@ def wgmma_blockers(dot: dict, num_warps: int) -> list[str]:
         out.append(f"N={dot['n']} not a multiple of 8")
     if bits and dot["k"] < 256 // bits:
         out.append(f"K={dot['k']} < {256 // bits}")
-    if elem == "f64" or (elem == "f32" and dot.get("precision") not in (None, "tf32")):
+    if elem == "f64" or (elem == "f32" and dot.get("precision") not in (None, "tf32", "tf32x3")):
         out.append(f"{elem} {dot.get('precision') or ''} has no tensor-core form".replace("  ", " "))
     return out
 

@@ -172,6 +172,7 @@ def test_wgmma_blockers_follow_tritons_mmav3_rule():
     assert report.wgmma_blockers(dict(dot, m=32), 4) == ["M=32 not a multiple of 64"]
     assert report.wgmma_blockers(dict(dot, k=8), 8) == ["K=8 < 16"]
     assert report.wgmma_blockers(dict(dot, elem="f32", k=8, precision="tf32"), 4) == []
+    assert report.wgmma_blockers(dict(dot, elem="f32", k=8, precision="tf32x3"), 4) == []  # three tf32 dots
     assert report.wgmma_blockers(dict(dot, elem="f32", precision="ieee"), 4) == ["f32 ieee has no tensor-core form"]
 
 
