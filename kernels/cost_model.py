@@ -27,6 +27,13 @@ class Card:
     cublas_efficiency: float  # fraction cuBLAS reaches on these skinny GEMMs (assumption)
     launch_us: float = 4.0
     source: str = ""
+    # Instruction issue, for kernels bound by neither FLOPs nor bytes (the fused kernel net): SMs,
+    # a sustained clock (boost is 1.98 GHz on both cards; an assumption) and the fraction of the
+    # issue rate (4 warp-instructions per SM per clock) such a kernel sustains, calibrated on the
+    # first fused kernel net: 0.26 forward, 0.20 backward on the H200 (KERNEL_NET_INSTRUCTIONS).
+    sms: int = 132
+    clock_ghz: float = 1.75
+    simt_efficiency: float = 0.22
 
 
 CARDS = {
@@ -73,7 +80,8 @@ class Step:
     macs: float
     dram_bytes: float
     l2_bytes: float
-    engine: str  # "triton", "cublas" or "copy"
+    engine: str  # "triton", "cublas", "copy" or "simt" (issue-bound: ``instructions``)
+    instructions: float = 0.0  # warp-instructions executed (engine "simt")
 
 
 def _ceil(a: int, b: int) -> int:
@@ -208,23 +216,43 @@ def steps(s: Shape, card: Card, stationary_backward: str = "bank") -> dict[str, 
     return {"fwd": fwd, "bwd": bwd}
 
 
-def step_time(st: Step, card: Card) -> float:
-    """Predicted seconds for one step on ``card``."""
-    eff = {"triton": card.triton_efficiency, "cublas": card.cublas_efficiency, "copy": 1.0}[st.engine]
-    t_mac = 2 * st.macs / (eff * card.matmul_tflops * 1e12) if st.macs else 0.0
-    t_dram = st.dram_bytes / (card.dram_tbps * 1e12)
-    t_l2 = st.l2_bytes / (card.l2_tbps * 1e12)
-    return max(t_mac, t_dram, t_l2) + card.launch_us * 1e-6
-
-
-def bound(st: Step, card: Card) -> str:
-    eff = {"triton": card.triton_efficiency, "cublas": card.cublas_efficiency, "copy": 1.0}[st.engine]
-    times = {
+def _times(st: Step, card: Card) -> dict[str, float]:
+    eff = {"triton": card.triton_efficiency, "cublas": card.cublas_efficiency, "copy": 1.0, "simt": 1.0}[st.engine]
+    issue_rate = card.sms * 4 * card.clock_ghz * 1e9 * card.simt_efficiency
+    return {
         "FLOPs": 2 * st.macs / (eff * card.matmul_tflops * 1e12) if st.macs else 0.0,
         "DRAM": st.dram_bytes / (card.dram_tbps * 1e12),
         "L2": st.l2_bytes / (card.l2_tbps * 1e12),
+        "issue": st.instructions / issue_rate,
     }
+
+
+def step_time(st: Step, card: Card) -> float:
+    """Predicted seconds for one step on ``card``."""
+    return max(_times(st, card).values()) + card.launch_us * 1e-6
+
+
+def bound(st: Step, card: Card) -> str:
+    times = _times(st, card)
     return max(times, key=times.get)
+
+
+# SASS instructions per value of Z (N*P*J*H values), per thread, of the fused kernel net's loops at
+# H = 32 (sm_90a, Triton 3.9, T2's launch; counted on the kernel report's compile,
+# bench/README.md "The fused kernel net on tensor cores"). "first": exact-fp32 FMA products and
+# libdevice sin/cos (the loop without them, plus ~28 per sine for libdevice's fast path);
+# "tensor cores": TF32x3 products and the SFU's sin/cos, straight-line loops counted as they are.
+KERNEL_NET_INSTRUCTIONS = {"first": (117.0, 258.0), "tensor cores": (45.0, 103.0)}
+
+
+def kernel_net_steps(s: Shape, version: str = "tensor cores") -> dict[str, list[Step]]:
+    """The fused kernel net's forward and backward (kernels/kernel_net_fused.py) at the layer's
+    shape: issue-bound per value of Z; DRAM: z written (fp32, H+1 wide) and dZ read back."""
+    fwd_i, bwd_i = KERNEL_NET_INSTRUCTIONS[version]
+    values = s.out_rotations * (s.positions if s.per_position else 1) * s.window * s.hidden
+    z_bytes = 4 * _el(s)["z"]
+    return {"fwd": [Step(f"kernel net forward (fused, {version})", 0, z_bytes, 0, "simt", values * fwd_i / 32)],
+            "bwd": [Step(f"kernel net backward (fused, {version})", 0, z_bytes, 0, "simt", values * bwd_i / 32)]}
 
 
 def predict(s: Shape, card: Card, stationary_backward: str = "bank") -> dict[str, float]:
@@ -261,6 +289,10 @@ def table(shapes: dict[str, Shape], card: Card) -> str:
                     f"| {name} | {pas} | {st.name} | {2 * st.macs / 1e9:.2f} | {st.dram_bytes / 1e6:.0f} | "
                     f"{st.l2_bytes / 1e6:.0f} | {bound(st, card)} | {step_time(st, card) * 1e6:.0f} |"
                 )
+        for pas, sts in kernel_net_steps(s).items():
+            for st in sts:
+                lines.append(f"| {name} | {pas} | {st.name} (not in the total) | - | {st.dram_bytes / 1e6:.0f} | - | "
+                             f"{bound(st, card)} | {step_time(st, card) * 1e6:.0f} |")
         pr = predict(s, card)
         lines.append(
             f"| {name} | **total** | fwd {pr['fwd_ms']:.3f} ms, bwd {pr['bwd_ms']:.3f} ms (bwd/fwd "
@@ -298,8 +330,10 @@ def main(argv=None) -> int:
         print(f"{card.name}: predicted ms (bf16) — {card.source}")
         for name, s in shapes.items():
             pr = predict(s, card)
+            kn = {p: sum(step_time(x, card) for x in v) * 1e3 for p, v in kernel_net_steps(s).items()}
             print(f"{name:12s} fwd {pr['fwd_ms']:7.3f}  bwd {pr['bwd_ms']:7.3f}  f+b {pr['fwdbwd_ms']:7.3f}  "
-                  f"bwd/fwd {pr['bwd_ms'] / pr['fwd_ms']:.2f}  peak {pr['peak_mib']:.0f} MiB")
+                  f"bwd/fwd {pr['bwd_ms'] / pr['fwd_ms']:.2f}  peak {pr['peak_mib']:.0f} MiB  "
+                  f"(+ fused kernel net fwd {kn['fwd']:.3f} bwd {kn['bwd']:.3f})")
     else:
         print(table(shapes, card))
     return 0

@@ -7,7 +7,9 @@ For each benchmark case (bf16, random tensors of the case's shapes) it times, wi
 forward and backward of ``relaxed_conv_fwd``/``relaxed_conv_bwd`` and each step on its own — the
 input repack, the Z alignment, the ``u`` gather-GEMM, the W GEMMs, ``dz``, ``v`` and ``fold`` — and
 prints measured µs, predicted µs (:mod:`relaxedconv.kernels.cost_model`) and their ratio, so a
-redesign is checked step by step against the argument that motivated it. Off-GPU it runs under
+redesign is checked step by step against the argument that motivated it. The layer's kernel net
+is timed beside them (fp32, the parameters' dtype): the fused Triton forward and backward
+(kernels/kernel_net_fused.py) and the same SIREN in PyTorch operators, forward + backward. Off-GPU it runs under
 ``TRITON_INTERPRET=1`` on a tiny shape with ``--cpu-smoke`` (the timings then mean nothing; it
 checks that every step runs).
 """
@@ -21,6 +23,7 @@ import torch
 
 from . import common, cost_model
 from .relaxed_conv_bwd import _hidden_grad, _input_grad, relaxed_conv_bwd
+from .kernel_net_fused import kernel_net_backward, kernel_net_forward
 from .relaxed_conv_fwd import hidden_projection, output_weight_matrix, relaxed_conv_fwd
 
 
@@ -84,7 +87,38 @@ def measure(s: cost_model.Shape, device, dtype=torch.bfloat16) -> dict[str, floa
         "dz": bench(lambda: _hidden_grad(x_cl, du, z, g, out_hw, s.batch)),
         "v + fold": bench(lambda: _input_grad(du, z_al, hp, g, x.shape, out_hw, dtype)),
     }
+    res.update(measure_kernel_net(s, device, bench))
     return res
+
+
+def measure_kernel_net(s: cost_model.Shape, device, bench) -> dict[str, float]:
+    """The depth-3 kernel net's z = [sin(sin(R + Q) W2^T + b2) | 1] * m at the layer's shape, in
+    fp32: the fused kernels' forward and backward, and the PyTorch operators' forward + backward."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    n, j, h, p = s.out_rotations, s.window, s.hidden, s.positions if s.per_position else None
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    r, w2, b2 = rnd(n, j, h, scale=3.0), rnd(h, h, scale=(6.0 / h) ** 0.5 / 3 ** 0.5), rnd(h, scale=0.1)
+    q = None if p is None else rnd(p, h)
+    mask = (torch.rand(j, generator=gen) > 0.1).float().to(device)
+    z = kernel_net_forward(r, q, w2, b2, mask)
+    dz = torch.randn(z.shape, generator=gen).to(device)
+    leaves = [t.detach().requires_grad_() for t in (r, w2, b2) + (() if q is None else (q,))]
+
+    def torch_fwd_bwd():
+        rr, ww, bb = leaves[:3]
+        pre = rr if q is None else rr[:, None] + leaves[3][None, :, None]
+        zh = torch.sin(torch.nn.functional.linear(torch.sin(pre), ww, bb))
+        zz = torch.cat([zh, torch.ones_like(zh[..., :1])], -1) * mask[:, None]
+        torch.autograd.grad(zz, leaves, dz)
+
+    return {
+        "kernel net forward (fused, tensor cores)": bench(lambda: kernel_net_forward(r, q, w2, b2, mask)),
+        "kernel net backward (fused, tensor cores)": bench(lambda: kernel_net_backward(r, q, w2, b2, mask, dz)),
+        "kernel net fwd+bwd (PyTorch operators)": bench(torch_fwd_bwd),
+    }
 
 
 def _predicted(s: cost_model.Shape, card) -> dict[str, float]:
@@ -94,6 +128,8 @@ def _predicted(s: cost_model.Shape, card) -> dict[str, float]:
         for item in items:
             out.setdefault(item.name.split(":")[0].split(" [")[0], cost_model.step_time(item, card) * 1e6)
     out["v + fold"] = out.pop("v") + out.pop("fold")
+    for items in cost_model.kernel_net_steps(s).values():
+        out[items[0].name] = cost_model.step_time(items[0], card) * 1e6
     pr = cost_model.predict(s, card)
     out["forward (whole)"] = pr["fwd_ms"] * 1e3
     out["backward (whole, U given)"] = pr["bwd_ms"] * 1e3
