@@ -17,12 +17,20 @@ kernel, and dR, dQ, dW2, db2 in one more. R and Q keep their autograd graphs, so
 reach the first layer and the omegas through PyTorch.
 
 Computed in the parameters' dtype (fp32 or fp64), also under ``torch.autocast``: the kernel net
-is a few percent of a layer's arithmetic and its products run exact (no tf32); the backends cast
-z to their compute dtype as they cast the PyTorch path's z.
+is a few percent of a layer's arithmetic and its products keep fp32's accuracy (TF32x3 on tensor
+cores, never plain tf32); the backends cast z to their compute dtype as they cast the PyTorch
+path's z.
+
+Under ``torch.compile`` the same kernels run as two ``torch.library`` operators,
+``relaxedconv::kernel_net_fwd`` and ``relaxedconv::kernel_net_bwd``, with fake implementations and
+an autograd formula, so a compiled (and CUDA-graph captured) layer keeps the fused kernel net as
+one opaque call each way; in eager mode :class:`FusedHiddenFeatures` calls them without the
+operator dispatch (as relaxedconv/triton_conv.py does for the convolution).
 """
 from __future__ import annotations
 
 import os
+from typing import List, Optional
 
 import torch
 
@@ -63,26 +71,73 @@ def supported(kernel_net, device: torch.device, dtype: torch.dtype) -> bool:
     return unsupported_reason(kernel_net, device, dtype) is None
 
 
+def _forward(r, q, w2, b2, mask):
+    from .kernels.kernel_net_fused import kernel_net_forward
+
+    return kernel_net_forward(r, q, w2, b2, mask)
+
+
+def _backward(r, q, w2, b2, mask, dz):
+    from .kernels.kernel_net_fused import kernel_net_backward
+
+    return kernel_net_backward(r, q, w2, b2, mask, dz.to(r.dtype).contiguous())
+
+
+@torch.library.custom_op("relaxedconv::kernel_net_fwd", mutates_args=())
+def kernel_net_fwd(r: torch.Tensor, q: Optional[torch.Tensor], w2: Optional[torch.Tensor],
+                   b2: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return _forward(r, q, w2, b2, mask)
+
+
+@kernel_net_fwd.register_fake
+def _kernel_net_fwd_fake(r, q, w2, b2, mask):
+    n_rot, window, hidden = r.shape
+    return r.new_empty((n_rot, window, hidden + 1) if q is None else (n_rot, q.shape[0], window, hidden + 1))
+
+
+@torch.library.custom_op("relaxedconv::kernel_net_bwd", mutates_args=())
+def kernel_net_bwd(r: torch.Tensor, q: Optional[torch.Tensor], w2: Optional[torch.Tensor],
+                   b2: Optional[torch.Tensor], mask: Optional[torch.Tensor], dz: torch.Tensor) -> List[torch.Tensor]:
+    # An absent operand's gradient comes back as an empty tensor (an operator returns no None).
+    return [r.new_empty((0,)) if g is None else g for g in _backward(r, q, w2, b2, mask, dz)]
+
+
+@kernel_net_bwd.register_fake
+def _kernel_net_bwd_fake(r, q, w2, b2, mask, dz):
+    return [r.new_empty((0,)) if t is None else t.new_empty(t.shape) for t in (r, q, w2, b2)]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _operator_backward(ctx, dz):
+    grads = kernel_net_bwd(*ctx.saved_tensors, dz)
+    needs = ctx.needs_input_grad
+    return tuple(g if needs[i] and t is not None else None
+                 for i, (g, t) in enumerate(zip(grads, ctx.saved_tensors[:4]))) + (None,)
+
+
+kernel_net_fwd.register_autograd(_operator_backward, setup_context=_setup_context)
+
+
 class FusedHiddenFeatures(torch.autograd.Function):
     """z = [sin(sin(R + Q) W2^T + b2) | 1] * m (depth 3; W2 = b2 = None: [sin(R + Q) | 1] * m).
 
     R ``[N, J, H]``, Q ``[P, H]`` or None (then z is ``[N, J, H+1]``, else ``[N, P, J, H+1]``),
-    W2 ``[H, H]``, b2 ``[H]``, mask ``[J]`` or None (a constant: no gradient)."""
+    W2 ``[H, H]``, b2 ``[H]``, mask ``[J]`` or None (a constant: no gradient). The operators above
+    without their dispatch, for eager mode."""
 
     @staticmethod
     def forward(ctx, r, q, w2, b2, mask):
-        from .kernels.kernel_net_fused import kernel_net_forward
-
         ctx.save_for_backward(r, q, w2, b2, mask)
-        return kernel_net_forward(r, q, w2, b2, mask)
+        return _forward(r, q, w2, b2, mask)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dz):
-        from .kernels.kernel_net_fused import kernel_net_backward
-
         r, q, w2, b2, mask = ctx.saved_tensors
-        dr, dq, dw2, db2 = kernel_net_backward(r, q, w2, b2, mask, dz.to(r.dtype).contiguous())
+        dr, dq, dw2, db2 = _backward(r, q, w2, b2, mask, dz)
         needs = ctx.needs_input_grad
         return (dr if needs[0] else None, dq if needs[1] else None, dw2 if needs[2] else None,
                 db2 if needs[3] else None, None)
@@ -112,6 +167,8 @@ def hidden_features(r, q, w2, b2, mask) -> torch.Tensor:
     dtype and made contiguous (the casts and copies are differentiable)."""
     _check_operands(r, q, w2, b2, mask)
     prep = [None if t is None else t.to(r.dtype).contiguous() for t in (q, w2, b2, mask)]
+    if torch.compiler.is_compiling():
+        return kernel_net_fwd(r.contiguous(), *prep)
     return FusedHiddenFeatures.apply(r.contiguous(), *prep)
 
 
@@ -160,9 +217,9 @@ def fused_hidden_features(layer_or_kernel_net, coords: dict[str, torch.Tensor], 
 
 def layer_factor(layer, out_hw) -> torch.Tensor | None:
     """z for ``layer.factored_kernel`` by the fused kernel net, or None where the PyTorch path
-    runs: the flag unset, an unsupported layer or device, or inside ``torch.compile`` (which would
-    have to trace the launch)."""
-    if not enabled() or torch.compiler.is_compiling():
+    runs: the flag unset, or an unsupported layer or device. Inside ``torch.compile`` the kernels
+    are the opaque operators ``relaxedconv::kernel_net_fwd``/``_bwd``."""
+    if not enabled():
         return None
     w = layer.kernel_net.first.weight
     if not supported(layer.kernel_net, w.device, w.dtype):

@@ -284,3 +284,45 @@ def test_the_kernels_compile_for_sm90_on_tensor_cores_without_spills(tmp_path):
         assert not row["spill_stores"] and not row["spill_loads"], row
         assert row["sass_mma"] in ("HGMMA", "HMMA", "HGMMA+HMMA"), row
         assert all(d["kind"] != "fma" for d in row["dots"]), row["dots"]
+
+
+@pytest.mark.compile
+def test_compiled_layer_runs_the_fused_kernel_net_as_an_opaque_operator(monkeypatch):
+    """Under torch.compile(fullgraph=True) the fused kernel net is one relaxedconv::kernel_net_fwd
+    call per layer, with the eager path's output and gradients; its schema, fake implementation
+    and autograd registration pass torch.library.opcheck."""
+    torch._dynamo.reset()
+    monkeypatch.setenv(FLAG, "1")
+    layer, hw = make_layer(CASES[6], torch.float32)  # per-position, depth 3, masked
+    x = torch.randn(1, 2 * 4, 5, 3, device=DEVICE)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def grads(fn):
+        layer.zero_grad(set_to_none=True)
+        y = fn(x)
+        y.pow(2).sum().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+    y0, g0 = grads(layer)
+    y1, g1 = grads(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    assert torch.allclose(y1, y0, rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys() and {"kernel_net.first.weight", "kernel_net.omega_pos"} <= g0.keys()
+    for name in g0:
+        assert torch.allclose(g1[name], g0[name], rtol=1e-5, atol=1e-6), name
+    torch._dynamo.reset()
+    torch.compile(layer, fullgraph=True, backend=capture)(x)
+    assert graphs[0].code.count("relaxedconv.kernel_net_fwd") == 1, graphs[0].code
+    torch._dynamo.reset()
+
+    t = dict(dtype=torch.float64, device=DEVICE)
+    r = torch.randn(2, 3, 4, **t, requires_grad=True)
+    q, w2, b2 = (torch.randn(*s, **t, requires_grad=True) for s in ((5, 4), (4, 4), (4,)))
+    mask = torch.tensor([1.0, 0.0, 0.5], **t)
+    torch.library.opcheck(fused_kernel_net.kernel_net_fwd, (r, q, w2, b2, mask),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(fused_kernel_net.kernel_net_fwd, (r, None, None, None, None),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
