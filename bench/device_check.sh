@@ -21,6 +21,9 @@
 #               factored_torch; budget 100 s), then CUDA graphs (reduce-overhead:
 #               triton, conv2d; budget 80 s): what the layer costs once the kernel
 #               net is fused and the host's per-operator cost is gone
+#      fused_knet: T1, T2 (bf16, triton) with the fused Triton kernel net                 100 s
+#               (RELAXEDCONV_FUSED_KERNEL_NET=1), eager (budget 25 s) and under CUDA
+#               graphs (its custom operators; budget 45 s)
 #   4. e2e:     training step (design.md §7 model), bf16 autocast, budget 50 s,          75 s
 #               every row under its own 25 s limit, the plain-conv floor row first
 #      graphs:  the strict and rotation-relaxed SE(2)-8 steps under torch.compile        150 s
@@ -33,7 +36,7 @@
 # tar czf "$OUT/r.tgz" -C /tmp/r .
 # Output: "$OUT" (bench/results/ when OUT is unset), flat files:
 #   device_summary.txt  tests.log  kernel_steps.log  kernel_steps.json  time_split{,_fused}.{log,json}
-#   bench_layers{,_tf32,_compiled,_graphs}.{log,json}  bench_e2e{,_graphs,_graphs_trans}.{log,json}  auto_cost.log  pytest_bench.log
+#   bench_layers{,_tf32,_compiled,_graphs,_fused_knet,_fused_knet_graphs}.{log,json}  bench_e2e{,_graphs,_graphs_trans}.{log,json}  auto_cost.log  pytest_bench.log
 # Worst case of all steps ~20 min, more than a session's 15 device minutes: choose. Calls of <= 10 min,
 # e.g. STEPS="tests kernels split layers" (~9.5 min), STEPS="compiled e2e graphs" (~8.5 min),
 # STEPS="graphs_trans auto pytest_bench".
@@ -49,7 +52,7 @@ SUMMARY="$OUT/device_summary.txt"
 FAILED=0
 PY="${PYTHON:-python}"
 
-STEPS="${STEPS:-tests kernels split layers compiled e2e graphs graphs_trans auto pytest_bench}"
+STEPS="${STEPS:-tests kernels split layers compiled fused_knet e2e graphs graphs_trans auto pytest_bench}"
 
 log() { echo "$*" | tee -a "$SUMMARY"; }
 want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -124,6 +127,14 @@ want compiled && run_step bench_layers_graphs 110 "$PY" -m relaxedconv.benchmark
   --cases T1,T2 --dtypes bf16 --backends triton,conv2d --layer-compile reduce-overhead \
   --warmup-ms 10 --rep-ms 50 --time-budget 80 --json "$OUT/bench_layers_graphs.json"
 
+# ---- 3c. the fused Triton kernel net (opt-in until measured): eager, then under CUDA graphs --------
+want fused_knet && RELAXEDCONV_FUSED_KERNEL_NET=1 run_step bench_layers_fused_knet 40 "$PY" -m relaxedconv.benchmark \
+  --suite layers --cases T1,T2 --dtypes bf16 --backends triton --warmup-ms 10 --rep-ms 50 --time-budget 25 \
+  --json "$OUT/bench_layers_fused_knet.json"
+want fused_knet && RELAXEDCONV_FUSED_KERNEL_NET=1 run_step bench_layers_fused_knet_graphs 60 "$PY" -m relaxedconv.benchmark \
+  --suite layers --cases T2,T1 --dtypes bf16 --backends triton --layer-compile reduce-overhead \
+  --warmup-ms 10 --rep-ms 50 --time-budget 45 --json "$OUT/bench_layers_fused_knet_graphs.json"
+
 # ---- 4. end-to-end figure ----------------------------------------------------------------------
 want e2e && run_step bench_e2e 75 "$PY" -m relaxedconv.benchmark --suite e2e --e2e-dtype bf16 \
   --row-time-limit 25 --e2e-variants t2,se2,se2_rot,se2_rot_trans --e2e-backends conv2d,expand_conv,auto,triton,factored_torch,materialize \
@@ -156,6 +167,7 @@ fi
 log ""
 log "== summary"
 "$PY" - "$OUT/bench_layers.json" "$OUT/bench_layers_tf32.json" "$OUT/bench_layers_compiled.json" "$OUT/bench_layers_graphs.json" \
+  "$OUT/bench_layers_fused_knet.json" "$OUT/bench_layers_fused_knet_graphs.json" \
   "$OUT/bench_e2e.json" "$OUT/bench_e2e_graphs.json" "$OUT/bench_e2e_graphs_trans.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import json, os, sys
 from relaxedconv.benchmark import report

@@ -304,3 +304,17 @@ def test_layer_rows_under_cuda_graphs_cuda(backend):
     row = layer_bench.measure(case, layer, "bf16", backend, device, TimingConfig(warmup_ms=5, rep_ms=10),
                               "reduce-overhead")
     assert row["status"] == "ok" and row["compile"] == "reduce-overhead", row
+
+
+def test_metadata_records_the_switches_that_change_what_is_measured(monkeypatch):
+    from relaxedconv.benchmark import environment
+
+    monkeypatch.setenv("RELAXEDCONV_FUSED_KERNEL_NET", "1")
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "u:num_warps=4")
+    monkeypatch.setenv("RELAXEDCONV_COMMIT", "abc123")
+    meta = environment.collect(torch.device("cpu"))
+    assert meta["env"]["RELAXEDCONV_FUSED_KERNEL_NET"] == "1"
+    assert meta["env"]["RELAXEDCONV_KERNEL_CONFIG"] == "u:num_warps=4"
+    assert "RELAXEDCONV_COMMIT" not in meta["env"] and meta["commit"] == "abc123"
+    monkeypatch.delenv("RELAXEDCONV_FUSED_KERNEL_NET")
+    assert "RELAXEDCONV_FUSED_KERNEL_NET" not in environment.collect(torch.device("cpu"))["env"]

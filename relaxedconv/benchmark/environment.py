@@ -84,6 +84,8 @@ def collect(device: torch.device, commit_override: str | None = None) -> dict:
         "commit_dirty": None if status is None else bool(status),
         "source_hash": source_hash(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        # The switches that change what a row measures: which kernel net, pinned or recomputed kernels.
+        "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith("RELAXEDCONV_") and k != "RELAXEDCONV_COMMIT"},
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
