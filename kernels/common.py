@@ -214,7 +214,7 @@ def pinned_config(kernel: str):
                     f"RELAXEDCONV_KERNEL_CONFIG: {item!r} in the entry for {kernel!r} is not KEY=INTEGER "
                     f"(example: 'u:BLOCK_M=128,BLOCK_N=64,BLOCK_K=64,num_warps=8,num_stages=3')"
                 )
-            (opts if key.strip() in ("num_warps", "num_stages") else meta)[key.strip()] = int(value)
+            (opts if key.strip() in ("num_warps", "num_stages", "maxnreg") else meta)[key.strip()] = int(value)
         return meta, opts
     return None
 
@@ -227,7 +227,7 @@ def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype)
     if pinned is not None:
         meta, opts = pinned
         # What the pin leaves out comes from the fixed launch (its warps and stages too).
-        launch_opts = ("num_warps", "num_stages")
+        launch_opts = ("num_warps", "num_stages", "maxnreg")
         meta = {**{k: v for k, v in fixed.items() if k not in launch_opts}, **meta}
         opts = {**{k: v for k, v in fixed.items() if k in launch_opts}, **opts}
         kernel[grid(meta)](*args, **consts, **meta, **opts)

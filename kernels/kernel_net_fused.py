@@ -224,7 +224,9 @@ _FORWARD_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (64, 128
 _knet_forward_autotuned = triton.autotune(configs=_FORWARD_CONFIGS, key=["J", "P"])(_knet_forward_kernel)
 
 FIXED_FORWARD = {"BLOCK_M": 64, "num_warps": 4}
-FIXED_BACKWARD = {"num_warps": 4}
+# 128 registers (the compile wants 150; capped, it spills 8 bytes outside the loop): four programs
+# of four warps per SM instead of three, for a loop that waits on its shared-memory layout changes.
+FIXED_BACKWARD = {"num_warps": 4, "maxnreg": 128}
 # Forward programs: enough for ~8 resident per SM; each loops over its rotation's row tiles.
 FORWARD_PROGRAMS_TARGET = 8 * 132
 

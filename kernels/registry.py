@@ -246,6 +246,7 @@ def shipped_configs(kernel: Kernel, dtype: Dtype) -> list[LaunchConfig]:
     fixed = dict(kernel.fixed)
     warps = fixed.pop("num_warps", TRITON_DEFAULT_WARPS)
     stages = fixed.pop("num_stages", TRITON_DEFAULT_STAGES)
+    maxnreg = fixed.pop("maxnreg", None)
     out = []
     if dtype.autotuned and kernel.autotuner:
         tuner = resolve(kernel.autotuner)
@@ -255,9 +256,9 @@ def shipped_configs(kernel: Kernel, dtype: Dtype) -> list[LaunchConfig]:
         for c in configs:
             out.append(LaunchConfig(_config_label(c.kwargs, c.num_warps, c.num_stages), dict(c.kwargs),
                                     c.num_warps, c.num_stages, getattr(c, "maxnreg", None)))
-    label = _config_label(fixed, warps, stages)
+    label = _config_label(fixed, warps, stages) + (f"-r{maxnreg}" if maxnreg else "")
     if not any(c.label == label for c in out):
-        out.append(LaunchConfig("fixed:" + label, fixed, warps, stages, fixed=True))
+        out.append(LaunchConfig("fixed:" + label, fixed, warps, stages, maxnreg, fixed=True))
     return out
 
 

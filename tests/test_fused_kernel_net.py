@@ -264,7 +264,7 @@ def test_a_pinned_config_may_set_the_warps_but_not_the_tile(monkeypatch):
 
 def test_the_kernels_compile_for_sm90_on_tensor_cores_without_spills(tmp_path):
     """The kernel report's compile of the fused kernel net's shipped fp32 configs (the CI's quick
-    report covers the convolution's dtypes): every row compiles, does not spill, and its H x H
+    report covers the convolution's dtypes): every row compiles, spills at most a few bytes, and its H x H
     products run on tensor cores (the exact FMA products of the first version were what made its
     backward issue-bound)."""
     out = tmp_path / "report.json"
@@ -281,7 +281,8 @@ def test_the_kernels_compile_for_sm90_on_tensor_cores_without_spills(tmp_path):
     assert {row["kernel"] for row in rows} == {"knet_fwd", "knet_bwd"}
     for row in rows:
         assert row["ok"], row.get("error")
-        assert not row["spill_stores"] and not row["spill_loads"], row
+        # The backward is capped at 128 registers: ptxas keeps 8 bytes in local memory, outside its loop.
+        assert row["spill_stores"] <= 16 and row["spill_loads"] <= 16, row
         assert row["sass_mma"] in ("HGMMA", "HMMA", "HGMMA+HMMA"), row
         assert all(d["kind"] != "fma" for d in row["dots"]), row["dots"]
 
