@@ -76,6 +76,28 @@ def sass_opcodes(sass: str) -> Counter:
     return Counter(m.group(1) for m in _SASS_INSTR.finditer(sass))
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_BRANCH_TARGET = re.compile(r"\bBRA\b\s+(?:`\(\.L_x_\d+\)\s+)?0x([0-9a-f]+)")
+
+
+def main_loop_instructions(sass: str) -> int | None:
+    """SASS instructions in the kernel's widest loop (the backward branch spanning the most code),
+    inner loops included; None without a loop. For the kernels whose time is instruction issue
+    (the fused kernel net) this per-iteration count, over the values a thread holds, is the cost
+    model's input; a code path that runs rarely (libdevice's slow sine) still counts."""
+    spans = []
+    for m in _SASS_LINE.finditer(sass):
+        addr = int(m.group(1), 16)
+        if m.group(2).startswith("BRA"):
+            target = _BRANCH_TARGET.search(m.group(0))
+            if target and int(target.group(1), 16) < addr:
+                spans.append((int(target.group(1), 16), addr))
+    if not spans:
+        return None
+    start, end = max(spans, key=lambda sp: sp[1] - sp[0])
+    return sum(1 for m in _SASS_LINE.finditer(sass) if start <= int(m.group(1), 16) <= end)
+
+
 def sass_mma(counts: Counter) -> str:
     """HGMMA (wgmma) and/or HMMA (mma.sync), else FMA when the listing has no MMA instruction."""
     found = [op for op in TENSOR_CORE_SASS if counts.get(op)]
@@ -279,7 +301,9 @@ def measure(compiled, ptxas_log: str, num_warps: int) -> dict:
         usage = counts = None
         if cuobjdump:
             usage = parse_resource_usage(_run([cuobjdump, "--dump-resource-usage", str(cubin)]))
-            counts = sass_opcodes(_run([cuobjdump, "-sass", str(cubin)]))
+            sass = _run([cuobjdump, "-sass", str(cubin)])
+            counts = sass_opcodes(sass)
+            out["loop_sass"] = main_loop_instructions(sass)
     if ptxas:
         out.update(ptxas)
     if usage:
@@ -380,7 +404,7 @@ def _cell(v, fmt="{}"):
 
 
 COLUMNS = ("kernel", "config", "dtype", "spec", "tuned", "regs", "spill st/ld B", "stack", "smem KB", "occ",
-           "dots (GPU IR)", "SASS", "wgmma", "cp.async", "2B ld/st", "compile s")
+           "dots (GPU IR)", "SASS", "wgmma", "cp.async", "2B ld/st", "loop", "compile s")
 # More scalar 2-byte global loads and stores than this per thread is a gather or a store that was
 # not vectorised: the tail column's tiles (one hidden column per rotation) account for 8.
 SCALAR_16BIT_LIMIT = 16
@@ -415,7 +439,8 @@ def table(rows: list[dict]) -> str:
             _cell(r.get("smem") / 1024 if r.get("smem") is not None else None, "{:.1f}"),
             _cell(r.get("occupancy_warps")), _dots_summary(r.get("dots", [])), _cell(r.get("sass_mma")),
             "yes" if r.get("ptx_wgmma") else "no", "yes" if r.get("cp_async") else "no",
-            "/".join(str(r.get("scalar_16bit", {}).get(k, "?")) for k in ("ld", "st")), _cell(r.get("compile_s")),
+            "/".join(str(r.get("scalar_16bit", {}).get(k, "?")) for k in ("ld", "st")), _cell(r.get("loop_sass")),
+            _cell(r.get("compile_s")),
         ))
     full = [ln for ln in lines if len(ln) == len(COLUMNS)]
     widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *full)]
@@ -564,7 +589,7 @@ def main(argv=None) -> int:
     header = (f"# {command}\n# {datetime.date.today().isoformat()}, triton {env['triton']}, "
               f"{env['ptxas_version'] or 'ptxas ?'}, target {env['target']}; {len(rows)} rows in {wall:.0f} s\n"
               "# regs/spills: ptxas -v and the cubin; smem: Triton's shared-memory allocation per block; "
-              "occ: theoretical resident warps per SM (of 64)")
+              "occ: theoretical resident warps per SM (of 64); loop: SASS instructions in the widest loop")
     print(header)
     print(table(rows))
     print("\nFindings:" if found else "\nFindings: none")

@@ -148,6 +148,26 @@ def test_sass_opcodes_and_mma_kind():
     assert report.sass_mma(Counter({"FFMA": 3})) == "FMA"
 
 
+def test_main_loop_instructions_counts_the_widest_loop_with_its_inner_loops():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   FFMA R3, R2, R2, R3 ;
+        /*0030*/                   MUFU.SIN R5, R3 ;
+        /*0040*/              @!P0 BRA 0x20 ;
+        /*0050*/                   FADD R3, R3, 1 ;
+        /*0060*/               @P1 BRA `(.L_x_3) 0x10 ;
+        /*0070*/                   STG.E desc[UR4][R6.64], R3 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+    """
+    # the loop 0x10..0x60 (6 instructions, the inner one 0x20..0x40 inside it); the BRA to itself
+    # at 0x90 is the end-of-kernel trap, not a loop
+    assert report.main_loop_instructions(sass) == 6
+    assert report.main_loop_instructions(sass.replace("@P1 BRA `(.L_x_3) 0x10", "@P1 BRA 0x80")) == 3
+    assert report.main_loop_instructions("        /*0000*/   EXIT ;") is None
+
+
 TTGIR = """#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 32, 16]}>
 #mma1 = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 8]}>
     %u = ttng.warp_group_dot %a, %b, %c {inputPrecision = 0 : i32, isAsync = true} : !ttg.memdesc<64x32xbf16, #shared, #smem> * !ttg.memdesc<32x16xbf16, #shared, #smem> -> tensor<64x16xf32, #mma> loc(#loc1)
