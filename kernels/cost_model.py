@@ -238,21 +238,26 @@ def bound(st: Step, card: Card) -> str:
 
 
 # SASS instructions per value of Z (N*P*J*H values), per thread, of the fused kernel net's loops at
-# H = 32 (sm_90a, Triton 3.9, T2's launch; counted on the kernel report's compile,
-# bench/README.md "The fused kernel net on tensor cores"). "first": exact-fp32 FMA products and
-# libdevice sin/cos (the loop without them, plus ~28 per sine for libdevice's fast path);
-# "tensor cores": TF32x3 products and the SFU's sin/cos, straight-line loops counted as they are.
-KERNEL_NET_INSTRUCTIONS = {"first": (117.0, 258.0), "tensor cores": (45.0, 103.0)}
+# H = 32 (sm_90a, Triton 3.9, T2's launch: the kernel report's `loop` column over the values a
+# thread holds per iteration; forward at its fixed config, 64 rows and 4 warps, 16 values; backward
+# 16 rows, 4 warps, 4 values). "first": exact-fp32 FMA products and libdevice sin/cos (its loops
+# without the sines, plus ~28 per sine for libdevice's fast path); then the tensor-core kernels with
+# TF32x3 products (fp32's accuracy) and with one TF32 pass (a bf16 convolution), SFU sin/cos.
+KERNEL_NET_INSTRUCTIONS = {"first": (117.0, 258.0), "tf32x3": (715 / 16, 415 / 4), "tf32": (580 / 16, 227 / 4)}
 
 
-def kernel_net_steps(s: Shape, version: str = "tensor cores") -> dict[str, list[Step]]:
+def kernel_net_steps(s: Shape, version: str | None = None) -> dict[str, list[Step]]:
     """The fused kernel net's forward and backward (kernels/kernel_net_fused.py) at the layer's
-    shape: issue-bound per value of Z; DRAM: z written (fp32, H+1 wide) and dZ read back."""
+    shape: issue-bound per value of Z; DRAM: z written (fp32, H+1 wide) and dZ read back.
+    ``version``: a key of :data:`KERNEL_NET_INSTRUCTIONS`; None: what the layer runs, one TF32
+    pass for a bf16 shape (``elem`` 2), TF32x3 otherwise."""
+    version = version or ("tf32" if s.elem == 2 else "tf32x3")
     fwd_i, bwd_i = KERNEL_NET_INSTRUCTIONS[version]
     values = s.out_rotations * (s.positions if s.per_position else 1) * s.window * s.hidden
     z_bytes = 4 * _el(s)["z"]
-    return {"fwd": [Step(f"kernel net forward (fused, {version})", 0, z_bytes, 0, "simt", values * fwd_i / 32)],
-            "bwd": [Step(f"kernel net backward (fused, {version})", 0, z_bytes, 0, "simt", values * bwd_i / 32)]}
+    name = "first" if version == "first" else f"{version} products"
+    return {"fwd": [Step(f"kernel net forward (fused, {name})", 0, z_bytes, 0, "simt", values * fwd_i / 32)],
+            "bwd": [Step(f"kernel net backward (fused, {name})", 0, z_bytes, 0, "simt", values * bwd_i / 32)]}
 
 
 def predict(s: Shape, card: Card, stationary_backward: str = "bank") -> dict[str, float]:

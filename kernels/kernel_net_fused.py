@@ -29,8 +29,10 @@ The H x H products run on tensor cores as three TF32 products ("tf32x3": the ope
 a TF32 high part and a TF32 remainder, the remainders' product dropped), whose error, ~1e-6 of
 the result, is that of fp32 arithmetic; the first kernels used exact fp32 FMA products
 (input_precision "ieee"), and on an H200 their backward took 1.12 ms at T2, issue-bound on ~400
-instructions per value of Z (bench/README.md). fp64 (gradcheck) multiplies and sums on the FMA
-units (:func:`common.mma`).
+instructions per value of Z (bench/README.md). ``products="tf32"`` takes one TF32 product
+instead (error ~1e-3 of t, below the rounding of Z to bf16 that follows it; the TF32x3 split and
+its extra layout changes are ~45% of the backward's loop). fp64 (gradcheck) multiplies and sums
+on the FMA units (:func:`common.mma`).
 """
 from __future__ import annotations
 
@@ -51,8 +53,9 @@ BLOCK_J = 16
 PROGRAMS_TARGET = 4 * 132
 # Beyond this width W2 and its gradient no longer fit a program's registers.
 MAX_HIDDEN = 64
-# The fp32 products: TF32 x 3 on tensor cores (fp32 accuracy; see the module docstring).
-FP32_PRECISION = "tf32x3"
+# The fp32 products' tl.dot input_precision: TF32 x 3 (fp32's accuracy; the default), or one TF32
+# pass where the caller's result is rounded to bf16 anyway (relaxedconv.fused_kernel_net decides).
+PRODUCTS = ("tf32x3", "tf32")
 
 
 # Cody-Waite split of 2*pi: the high part has 8 significant bits, so k * TWO_PI_HI is exact in
@@ -253,12 +256,14 @@ def fast_trig(r: torch.Tensor) -> bool:
     return r.dtype == torch.float32 and r.device.type == "cuda" and not common.interpreting()
 
 
-def _consts(r, q, w2, mask):
+def _consts(r, q, w2, mask, products):
+    if products not in PRODUCTS:
+        raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
     hidden = r.shape[-1]
     fp64 = r.dtype == torch.float64
     return dict(HIDDEN=hidden, HP=padded_hidden(hidden), DEEP=w2 is not None, HAS_Q=q is not None,
                 HAS_MASK=mask is not None, ACC=common.acc_dtype(r.dtype), FP64=fp64,
-                PRECISION="ieee" if fp64 else FP32_PRECISION, FAST_TRIG=fast_trig(r))
+                PRECISION="ieee" if fp64 else products, FAST_TRIG=fast_trig(r))
 
 
 def _check_pinned() -> None:
@@ -284,11 +289,12 @@ def _forward_programs(n_rot: int, rows: int, block_m: int, device: torch.device)
     return max(1, min(tiles, 2))  # the interpreter: two programs, so the tile loop runs too
 
 
-def kernel_net_forward(r, q, w2, b2, mask) -> torch.Tensor:
+def kernel_net_forward(r, q, w2, b2, mask, products: str = "tf32x3") -> torch.Tensor:
     """z ``[N, P, J, H+1]`` (``[N, J, H+1]`` when ``q`` is None) in ``r``'s dtype from R
     ``[N, J, H]``, Q ``[P, H]`` or None, W2 ``[H, H]`` and b2 ``[H]`` (None for depth 2) and the
     window mask ``[J]`` or None; every tensor contiguous, in ``r``'s dtype and on its device
-    (:mod:`relaxedconv.fused_kernel_net` checks and prepares them)."""
+    (:mod:`relaxedconv.fused_kernel_net` checks and prepares them). ``products``: the fp32 products'
+    precision, "tf32x3" or "tf32" (fp64 ignores it)."""
     n_rot, window, hidden = r.shape
     positions = 1 if q is None else q.shape[0]
     shape = (n_rot, window, hidden + 1) if q is None else (n_rot, positions, window, hidden + 1)
@@ -300,11 +306,11 @@ def kernel_net_forward(r, q, w2, b2, mask) -> torch.Tensor:
     rows = positions * window
     common.launch("knet_fwd", _knet_forward_kernel, _knet_forward_autotuned,
                   lambda meta: (n_rot, _forward_programs(n_rot, rows, meta["BLOCK_M"], r.device)),
-                  args, _consts(r, q, w2, mask), FIXED_FORWARD, device=r.device, dtype=r.dtype)
+                  args, _consts(r, q, w2, mask, products), FIXED_FORWARD, device=r.device, dtype=r.dtype)
     return z
 
 
-def kernel_net_backward(r, q, w2, b2, mask, dz):
+def kernel_net_backward(r, q, w2, b2, mask, dz, products: str = "tf32x3"):
     """(dR, dQ, dW2, db2) of :func:`kernel_net_forward` for the upstream gradient ``dz`` (z's
     shape, contiguous, ``r``'s dtype); dQ is None without ``q``, dW2 and db2 without ``w2``.
     Only dz's first H columns reach the parameters (the last is the constant column)."""
@@ -325,7 +331,8 @@ def kernel_net_backward(r, q, w2, b2, mask, dz):
             dr, dummy if dq is None else dq, dummy if dw2 is None else dw2, dummy if db2 is None else db2,
             n_rot, window, positions, chunks)
     common.launch("knet_bwd", _knet_backward_kernel, None, lambda meta: grid,
-                  args, {**_consts(r, q, w2, mask), "BLOCK_J": BLOCK_J}, FIXED_BACKWARD, device=r.device, dtype=r.dtype)
+                  args, {**_consts(r, q, w2, mask, products), "BLOCK_J": BLOCK_J}, FIXED_BACKWARD,
+                  device=r.device, dtype=r.dtype)
     # The partials are added in a fixed order (torch's reductions over a leading axis are
     # deterministic), then rounded once to the parameters' dtype.
     out = [dr.sum(0) if chunks > 1 else dr[0], None if dq is None else dq.sum(0),

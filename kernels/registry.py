@@ -105,9 +105,9 @@ CASES = (("T1", 32, 1, 32, 64, True), ("T2", 32, 8, 16, 16, True), ("G1", 32, 8,
 # Constexprs that depend on the dtype come from DTYPES; tile sizes from the configs.
 # (The fused kernel net's backward takes BLOCK_J from the window, so there it is a variant.)
 _NOT_VARIANT = {"PRECISION", "ACC", "FP64", "FAST_TRIG", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C"}
-# The fused kernel net runs in the parameters' dtype (fp32 with TF32x3 products; or fp64), whatever
+# The fused kernel net runs in the parameters' dtype (fp32 with TF32x3 or TF32 products; or fp64), whatever
 # the data dtype of the convolution; the convolution kernels in every data dtype but that.
-KERNEL_NET_DTYPES = ("fp32-tf32x3", "fp64")
+KERNEL_NET_DTYPES = ("fp32-tf32x3", "fp32-tf32", "fp64")
 CONV_DTYPES = ("bf16", "fp16", "fp32-tf32", "fp32-ieee", "fp64")
 
 

@@ -114,11 +114,14 @@ def measure_kernel_net(s: cost_model.Shape, device, bench) -> dict[str, float]:
         zz = torch.cat([zh, torch.ones_like(zh[..., :1])], -1) * mask[:, None]
         torch.autograd.grad(zz, leaves, dz)
 
-    return {
-        "kernel net forward (fused, tensor cores)": bench(lambda: kernel_net_forward(r, q, w2, b2, mask)),
-        "kernel net backward (fused, tensor cores)": bench(lambda: kernel_net_backward(r, q, w2, b2, mask, dz)),
-        "kernel net fwd+bwd (PyTorch operators)": bench(torch_fwd_bwd),
-    }
+    out = {}
+    for products in ("tf32", "tf32x3"):  # a bf16 convolution's, and fp32's accuracy
+        out[f"kernel net forward (fused, {products} products)"] = bench(
+            lambda: kernel_net_forward(r, q, w2, b2, mask, products))
+        out[f"kernel net backward (fused, {products} products)"] = bench(
+            lambda: kernel_net_backward(r, q, w2, b2, mask, dz, products))
+    out["kernel net fwd+bwd (PyTorch operators)"] = bench(torch_fwd_bwd)
+    return out
 
 
 def _predicted(s: cost_model.Shape, card) -> dict[str, float]:
@@ -128,8 +131,9 @@ def _predicted(s: cost_model.Shape, card) -> dict[str, float]:
         for item in items:
             out.setdefault(item.name.split(":")[0].split(" [")[0], cost_model.step_time(item, card) * 1e6)
     out["v + fold"] = out.pop("v") + out.pop("fold")
-    for items in cost_model.kernel_net_steps(s).values():
-        out[items[0].name] = cost_model.step_time(items[0], card) * 1e6
+    for version in ("tf32", "tf32x3"):
+        for items in cost_model.kernel_net_steps(s, version).values():
+            out[items[0].name] = cost_model.step_time(items[0], card) * 1e6
     pr = cost_model.predict(s, card)
     out["forward (whole)"] = pr["fwd_ms"] * 1e3
     out["backward (whole, U given)"] = pr["bwd_ms"] * 1e3

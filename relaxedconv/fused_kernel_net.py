@@ -16,10 +16,11 @@ are built by ordinary PyTorch operators (a few small ones, independent of P x J)
 kernel, and dR, dQ, dW2, db2 in one more. R and Q keep their autograd graphs, so the gradients
 reach the first layer and the omegas through PyTorch.
 
-Computed in the parameters' dtype (fp32 or fp64), also under ``torch.autocast``: the kernel net
-is a few percent of a layer's arithmetic and its products keep fp32's accuracy (TF32x3 on tensor
-cores, never plain tf32); the backends cast z to their compute dtype as they cast the PyTorch
-path's z.
+Computed in the parameters' dtype (fp32 or fp64), also under ``torch.autocast``; the backends cast
+z to their compute dtype as they cast the PyTorch path's z. The hidden layer's fp32 products run
+on tensor cores with fp32's accuracy (TF32x3), or as one TF32 pass where that is below what the
+layer keeps of z anyway: a bf16 convolution, or torch's own TF32 matmuls allowed
+(:func:`products_for`).
 
 Under ``torch.compile`` the same kernels run as two ``torch.library`` operators,
 ``relaxedconv::kernel_net_fwd`` and ``relaxedconv::kernel_net_bwd``, with fake implementations and
@@ -71,51 +72,67 @@ def supported(kernel_net, device: torch.device, dtype: torch.dtype) -> bool:
     return unsupported_reason(kernel_net, device, dtype) is None
 
 
-def _forward(r, q, w2, b2, mask):
+PRODUCTS = ("tf32x3", "tf32")
+
+
+def products_for(compute_dtype: torch.dtype | None) -> str:
+    """The precision of the fused kernel net's fp32 products for a layer that convolves in
+    ``compute_dtype``: one TF32 pass ("tf32") where torch itself allows TF32 matmuls, or where the
+    convolution runs in bf16, which rounds Z to 8 bits of mantissa right after (TF32's error in t,
+    ~1e-3, is below that rounding; the PyTorch path under bf16 autocast multiplies in bf16 itself);
+    TF32x3 (fp32's accuracy) otherwise, fp16 included (its 11 bits would show TF32's error)."""
+    if compute_dtype == torch.bfloat16 or torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "tf32x3"
+
+
+def _forward(r, q, w2, b2, mask, products):
     from .kernels.kernel_net_fused import kernel_net_forward
 
-    return kernel_net_forward(r, q, w2, b2, mask)
+    return kernel_net_forward(r, q, w2, b2, mask, products)
 
 
-def _backward(r, q, w2, b2, mask, dz):
+def _backward(r, q, w2, b2, mask, dz, products):
     from .kernels.kernel_net_fused import kernel_net_backward
 
-    return kernel_net_backward(r, q, w2, b2, mask, dz.to(r.dtype).contiguous())
+    return kernel_net_backward(r, q, w2, b2, mask, dz.to(r.dtype).contiguous(), products)
 
 
 @torch.library.custom_op("relaxedconv::kernel_net_fwd", mutates_args=())
 def kernel_net_fwd(r: torch.Tensor, q: Optional[torch.Tensor], w2: Optional[torch.Tensor],
-                   b2: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
-    return _forward(r, q, w2, b2, mask)
+                   b2: Optional[torch.Tensor], mask: Optional[torch.Tensor], products: str) -> torch.Tensor:
+    return _forward(r, q, w2, b2, mask, products)
 
 
 @kernel_net_fwd.register_fake
-def _kernel_net_fwd_fake(r, q, w2, b2, mask):
+def _kernel_net_fwd_fake(r, q, w2, b2, mask, products):
     n_rot, window, hidden = r.shape
     return r.new_empty((n_rot, window, hidden + 1) if q is None else (n_rot, q.shape[0], window, hidden + 1))
 
 
 @torch.library.custom_op("relaxedconv::kernel_net_bwd", mutates_args=())
 def kernel_net_bwd(r: torch.Tensor, q: Optional[torch.Tensor], w2: Optional[torch.Tensor],
-                   b2: Optional[torch.Tensor], mask: Optional[torch.Tensor], dz: torch.Tensor) -> List[torch.Tensor]:
+                   b2: Optional[torch.Tensor], mask: Optional[torch.Tensor], dz: torch.Tensor,
+                   products: str) -> List[torch.Tensor]:
     # An absent operand's gradient comes back as an empty tensor (an operator returns no None).
-    return [r.new_empty((0,)) if g is None else g for g in _backward(r, q, w2, b2, mask, dz)]
+    return [r.new_empty((0,)) if g is None else g for g in _backward(r, q, w2, b2, mask, dz, products)]
 
 
 @kernel_net_bwd.register_fake
-def _kernel_net_bwd_fake(r, q, w2, b2, mask, dz):
+def _kernel_net_bwd_fake(r, q, w2, b2, mask, dz, products):
     return [r.new_empty((0,)) if t is None else t.new_empty(t.shape) for t in (r, q, w2, b2)]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:5])
+    ctx.products = inputs[5]
 
 
 def _operator_backward(ctx, dz):
-    grads = kernel_net_bwd(*ctx.saved_tensors, dz)
+    grads = kernel_net_bwd(*ctx.saved_tensors, dz, ctx.products)
     needs = ctx.needs_input_grad
     return tuple(g if needs[i] and t is not None else None
-                 for i, (g, t) in enumerate(zip(grads, ctx.saved_tensors[:4]))) + (None,)
+                 for i, (g, t) in enumerate(zip(grads, ctx.saved_tensors[:4]))) + (None, None)
 
 
 kernel_net_fwd.register_autograd(_operator_backward, setup_context=_setup_context)
@@ -129,18 +146,19 @@ class FusedHiddenFeatures(torch.autograd.Function):
     without their dispatch, for eager mode."""
 
     @staticmethod
-    def forward(ctx, r, q, w2, b2, mask):
+    def forward(ctx, r, q, w2, b2, mask, products):
         ctx.save_for_backward(r, q, w2, b2, mask)
-        return _forward(r, q, w2, b2, mask)
+        ctx.products = products
+        return _forward(r, q, w2, b2, mask, products)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dz):
         r, q, w2, b2, mask = ctx.saved_tensors
-        dr, dq, dw2, db2 = _backward(r, q, w2, b2, mask, dz)
+        dr, dq, dw2, db2 = _backward(r, q, w2, b2, mask, dz, ctx.products)
         needs = ctx.needs_input_grad
         return (dr if needs[0] else None, dq if needs[1] else None, dw2 if needs[2] else None,
-                db2 if needs[3] else None, None)
+                db2 if needs[3] else None, None, None)
 
 
 def _check_operands(r, q, w2, b2, mask) -> None:
@@ -162,14 +180,17 @@ def _check_operands(r, q, w2, b2, mask) -> None:
         raise ValueError(f"the fused kernel net runs in float32 or float64, got R in {r.dtype}")
 
 
-def hidden_features(r, q, w2, b2, mask) -> torch.Tensor:
+def hidden_features(r, q, w2, b2, mask, products: str = "tf32x3") -> torch.Tensor:
     """:class:`FusedHiddenFeatures` after checking the operands; every operand is cast to R's
-    dtype and made contiguous (the casts and copies are differentiable)."""
+    dtype and made contiguous (the casts and copies are differentiable). ``products``: the fp32
+    products' precision (:func:`products_for`)."""
     _check_operands(r, q, w2, b2, mask)
+    if products not in PRODUCTS:
+        raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
     prep = [None if t is None else t.to(r.dtype).contiguous() for t in (q, w2, b2, mask)]
     if torch.compiler.is_compiling():
-        return kernel_net_fwd(r.contiguous(), *prep)
-    return FusedHiddenFeatures.apply(r.contiguous(), *prep)
+        return kernel_net_fwd(r.contiguous(), *prep, products)
+    return FusedHiddenFeatures.apply(r.contiguous(), *prep, products)
 
 
 def position_split(kernel_net, coords: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -196,33 +217,37 @@ def position_split(kernel_net, coords: dict[str, torch.Tensor]) -> tuple[torch.T
     return r, q
 
 
-def fused_hidden_features(layer_or_kernel_net, coords: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+def fused_hidden_features(layer_or_kernel_net, coords: dict[str, torch.Tensor], mask: torch.Tensor | None,
+                          compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The layer's factor z = [Z_h | 1] * m, as :meth:`factored_kernel` builds it on the PyTorch
     path: ``[N, P, J, H+1]`` when the kernel net sees abs_pos, else ``[N, J, H+1]``, in the
     parameters' dtype. ``coords``: the coordinate groups (``layer._lattice(...)``); ``mask``: the
-    window mask ``[J]`` or None (all ones). Raises ValueError where :func:`supported` fails."""
+    window mask ``[J]`` or None (all ones); ``compute_dtype``: the dtype the convolution will run
+    in, which sets the products' precision (:func:`products_for`; None: fp32's accuracy). Raises
+    ValueError where :func:`supported` fails."""
     kn = getattr(layer_or_kernel_net, "kernel_net", layer_or_kernel_net)
     w = kn.first.weight
     reason = unsupported_reason(kn, w.device, w.dtype)
     if reason is not None:
         raise ValueError(reason + "; use the PyTorch path (layer.factored_kernel without " + FLAG + "=1)")
-    # Exact products in the parameters' dtype, also under autocast (see the module docstring).
+    # In the parameters' dtype, also under autocast (see the module docstring).
     with torch.autocast(w.device.type, enabled=False):
         r, q = position_split(kn, coords)
     w2 = b2 = None
     if kn.hidden_layers:
         w2, b2 = kn.hidden_layers[0].weight, kn.hidden_layers[0].bias
-    return hidden_features(r, q, w2, b2, mask)
+    return hidden_features(r, q, w2, b2, mask, products_for(compute_dtype))
 
 
-def layer_factor(layer, out_hw) -> torch.Tensor | None:
+def layer_factor(layer, out_hw, compute_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """z for ``layer.factored_kernel`` by the fused kernel net, or None where the PyTorch path
     runs: the flag unset, or an unsupported layer or device. Inside ``torch.compile`` the kernels
-    are the opaque operators ``relaxedconv::kernel_net_fwd``/``_bwd``."""
+    are the opaque operators ``relaxedconv::kernel_net_fwd``/``_bwd``. ``compute_dtype``: as in
+    :func:`fused_hidden_features`."""
     if not enabled():
         return None
     w = layer.kernel_net.first.weight
     if not supported(layer.kernel_net, w.device, w.dtype):
         return None
     coords = layer._lattice(out_hw, w.device, w.dtype)
-    return fused_hidden_features(layer.kernel_net, coords, layer._window_mask(w.device, w.dtype))
+    return fused_hidden_features(layer.kernel_net, coords, layer._window_mask(w.device, w.dtype), compute_dtype)

@@ -286,11 +286,13 @@ class _RelaxedGroupConv(nn.Module):
         k = k * self._mask_over_window(k.dtype)[:, None, None]
         return k if dtype is None else k.to(dtype)
 
-    def factored_kernel(self, out_hw, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Z, [W_L | b_L]) of design.md §2: Z has a ones column appended and the mask folded in."""
+    def factored_kernel(self, out_hw, dtype=None, compute_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Z, [W_L | b_L]) of design.md §2: Z has a ones column appended and the mask folded in.
+        ``compute_dtype``: the dtype the convolution will run in (sets the fused kernel net's
+        product precision; None: fp32's)."""
         # Opt-in (RELAXEDCONV_FUSED_KERNEL_NET=1): the whole of z in one Triton kernel; None here
         # means the PyTorch path below (flag unset, or the layer/device unsupported).
-        z = fused_kernel_net.layer_factor(self, out_hw)
+        z = fused_kernel_net.layer_factor(self, out_hw, compute_dtype)
         if z is None:
             z = self._hidden_features(out_hw)
             z = ones_column(z, self._window_mask(z.device, z.dtype))
@@ -368,9 +370,10 @@ class _RelaxedGroupConv(nn.Module):
         else:
             if self.__dict__.get("_inference_cache"):
                 self.clear_kernel_cache()  # training again: do not hold a stale kernel
-            z, w_ext = self.factored_kernel(out_hw)
+            compute = dispatch.compute_dtype(x)
+            z, w_ext = self.factored_kernel(out_hw, compute_dtype=compute)
             name = dispatch.resolve(name, x, z, w_ext, self.bias, g, where=type(self).__name__)
-            operands = functional.prepare_backend(name, z, w_ext, self.bias, g, dispatch.compute_dtype(x))
+            operands = functional.prepare_backend(name, z, w_ext, self.bias, g, compute)
         self._note_backend(name)
         return functional.apply_backend(name, x, operands, g)
 

@@ -323,7 +323,52 @@ def test_compiled_layer_runs_the_fused_kernel_net_as_an_opaque_operator(monkeypa
     r = torch.randn(2, 3, 4, **t, requires_grad=True)
     q, w2, b2 = (torch.randn(*s, **t, requires_grad=True) for s in ((5, 4), (4, 4), (4,)))
     mask = torch.tensor([1.0, 0.0, 0.5], **t)
-    torch.library.opcheck(fused_kernel_net.kernel_net_fwd, (r, q, w2, b2, mask),
+    torch.library.opcheck(fused_kernel_net.kernel_net_fwd, (r, q, w2, b2, mask, "tf32x3"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    torch.library.opcheck(fused_kernel_net.kernel_net_fwd, (r, None, None, None, None),
+    torch.library.opcheck(fused_kernel_net.kernel_net_fwd, (r, None, None, None, None, "tf32"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_product_precision_follows_what_the_layer_keeps_of_z():
+    from relaxedconv.fused_kernel_net import products_for
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # conftest restores the flag
+    assert products_for(torch.bfloat16) == "tf32"  # z is rounded to bf16 next
+    for dt in (torch.float32, torch.float16, None):
+        assert products_for(dt) == "tf32x3"
+    torch.backends.cuda.matmul.allow_tf32 = True  # torch's own matmuls are TF32 then
+    assert products_for(torch.float32) == "tf32"
+    with pytest.raises(ValueError, match="products must be one of"):
+        hidden_features(torch.randn(1, 2, 4, device=DEVICE), None, None, None, None, products="ieee")
+
+
+@pytest.mark.parametrize("x_dtype,expected", [(torch.bfloat16, "tf32"), (torch.float32, "tf32x3")])
+def test_a_layer_asks_for_the_products_its_compute_dtype_needs_forward_and_backward(x_dtype, expected, monkeypatch):
+    from relaxedconv.kernels import kernel_net_fused
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    seen = []
+    for name in ("kernel_net_forward", "kernel_net_backward"):
+        real = getattr(kernel_net_fused, name)
+        monkeypatch.setattr(kernel_net_fused, name,
+                            lambda *a, _real=real, _name=name: seen.append((_name, a[-1])) or _real(*a))
+    monkeypatch.setenv(FLAG, "1")
+    layer, hw = make_layer(CASES[6], torch.float32)
+    x = torch.randn(1, 2 * 4, *hw, device=DEVICE, dtype=x_dtype)
+    layer(x, backend="factored_torch").float().sum().backward()
+    assert seen == [("kernel_net_forward", expected), ("kernel_net_backward", expected)]
+
+
+@pytest.mark.parametrize("products,tol", [("tf32x3", 1e-5), ("tf32", 3e-3)])
+def test_z_of_each_product_precision_against_fp64(products, tol, monkeypatch):
+    """On a GPU: TF32x3 at fp32's accuracy, one TF32 pass below bf16's rounding of z (2^-9); in the
+    interpreter both are fp32 products."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # conftest restores the flag
+    torch.manual_seed(6)
+    layer, hw = make_layer(CASES[7], torch.float64)  # H = 32, per-position, depth 3
+    z_ref, _ = factor(layer, hw, False, monkeypatch)
+    layer32 = copy.deepcopy(layer).float()
+    coords = layer32._lattice(hw, z_ref.device, torch.float32)
+    z = fused_hidden_features(layer32, coords, layer32._window_mask(z_ref.device, torch.float32),
+                              torch.bfloat16 if products == "tf32" else torch.float32)
+    assert rel_err(z.detach().double(), z_ref.detach()) < tol
