@@ -243,7 +243,7 @@ def bound(st: Step, card: Card) -> str:
 # 16 rows, 4 warps, 4 values). "first": exact-fp32 FMA products and libdevice sin/cos (its loops
 # without the sines, plus ~28 per sine for libdevice's fast path); then the tensor-core kernels with
 # TF32x3 products (fp32's accuracy) and with one TF32 pass (a bf16 convolution), SFU sin/cos.
-KERNEL_NET_INSTRUCTIONS = {"first": (117.0, 258.0), "tf32x3": (715 / 16, 415 / 4), "tf32": (580 / 16, 227 / 4)}
+KERNEL_NET_INSTRUCTIONS = {"first": (117.0, 258.0), "tf32x3": (715 / 16, 411 / 4), "tf32": (580 / 16, 227 / 4)}
 
 
 def kernel_net_steps(s: Shape, version: str | None = None) -> dict[str, list[Step]]:

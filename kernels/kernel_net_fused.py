@@ -27,7 +27,7 @@ reason.
 
 The H x H products run on tensor cores as three TF32 products ("tf32x3": the operands split into
 a TF32 high part and a TF32 remainder, the remainders' product dropped), whose error, ~1e-6 of
-the result, is that of fp32 arithmetic; the first kernels used exact fp32 FMA products
+the result, is near that of fp32 arithmetic; the first kernels used exact fp32 FMA products
 (input_precision "ieee"), and on an H200 their backward took 1.12 ms at T2, issue-bound on ~400
 instructions per value of Z (bench/README.md). ``products="tf32"`` takes one TF32 product
 instead (error ~1e-3 of t, below the rounding of Z to bf16 that follows it; the TF32x3 split and
@@ -44,17 +44,23 @@ from . import common
 from .common import mma
 
 # Backward rows of J per program: the smallest tl.dot side. Each thread then holds 4 values of every
-# [BLOCK_J, H] operand at H = 32 and four warps compile to 128 registers; 32 rows take 253 and 64
-# rows spill even at eight warps (sm_90a, Triton 3.9: a TF32x3 product's operands are split in
-# two, and the products' layouts change through shared memory). Fixed: it sets the partial sums.
+# [BLOCK_J, H] operand at H = 32 and four warps compile to 110-150 registers (TF32 / TF32x3); 32
+# rows take 253 and 64 rows spill even at eight warps (sm_90a, Triton 3.9: a TF32x3 product's
+# operands are split in two, and the products' layouts change through shared memory). Fixed: it
+# sets the partial sums.
 BLOCK_J = 16
-# Backward programs: about four per SM (132 SMs on an H100/H200), so the four warps of each have
-# company to hide their latency; the positions are cut into that many chunks per window tile.
-PROGRAMS_TARGET = 4 * 132
+# Backward programs: about four waves of the three or four that fit an SM at once (132 SMs on an
+# H100/H200), so the last, partial wave is a small part of the time (one wave of 600 programs for
+# 528 places left a tail of 72 at T2); the positions are cut into that many chunks per window
+# tile, each of at least MIN_POSITIONS_PER_PROGRAM positions (the per-program set-up and partial
+# sums are paid once per chunk).
+PROGRAMS_TARGET = 16 * 132
+MIN_POSITIONS_PER_PROGRAM = 4
 # Beyond this width W2 and its gradient no longer fit a program's registers.
 MAX_HIDDEN = 64
-# The fp32 products' tl.dot input_precision: TF32 x 3 (fp32's accuracy; the default), or one TF32
-# pass where the caller's result is rounded to bf16 anyway (relaxedconv.fused_kernel_net decides).
+# The fp32 products' tl.dot input_precision: TF32 x 3 (near fp32's accuracy, ~1e-6; the default),
+# or one TF32 pass where the caller's result is rounded to bf16 anyway (relaxedconv.fused_kernel_net
+# decides).
 PRODUCTS = ("tf32x3", "tf32")
 
 
@@ -75,8 +81,8 @@ def _reduced_angle(x):
 @triton.jit
 def _sin(x, FAST_TRIG: tl.constexpr):
     """sin(x). FAST_TRIG (fp32 on a GPU): the SFU's sin.approx after the reduction to [-pi, pi],
-    absolute error <= 2^-21.4 there (CUDA C Programming Guide, __sinf), a few fp32 ulps of the
-    values of Z; ~6 instructions where libdevice's sinf takes ~30 plus a slow path for huge
+    absolute error <= 2^-21.41 there (CUDA C Programming Guide, __sinf), ~4e-7 on values of Z
+    up to 1 in magnitude; ~6 instructions where libdevice's sinf takes ~30 plus a slow path for huge
     arguments. Else libdevice's (fp64, and the interpreter, which cannot run inline assembly)."""
     if FAST_TRIG:
         return tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [_reduced_angle(x)],
@@ -87,7 +93,7 @@ def _sin(x, FAST_TRIG: tl.constexpr):
 
 @triton.jit
 def _cos(x, FAST_TRIG: tl.constexpr):
-    """cos(x), as :func:`_sin` (cos.approx: the same bound, __cosf)."""
+    """cos(x), as :func:`_sin` (cos.approx: absolute error <= 2^-21.19 on [-pi, pi], __cosf)."""
     if FAST_TRIG:
         return tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [_reduced_angle(x)],
                                          dtype=tl.float32, is_pure=True, pack=1)
@@ -227,10 +233,10 @@ _FORWARD_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (64, 128
 _knet_forward_autotuned = triton.autotune(configs=_FORWARD_CONFIGS, key=["J", "P"])(_knet_forward_kernel)
 
 FIXED_FORWARD = {"BLOCK_M": 64, "num_warps": 4}
-# 128 registers (the compile wants 150; capped, it spills 8 bytes outside the loop): four programs
-# of four warps per SM instead of three, for a loop that waits on its shared-memory layout changes.
-FIXED_BACKWARD = {"num_warps": 4, "maxnreg": 128}
-# Forward programs: enough for ~8 resident per SM; each loops over its rotation's row tiles.
+# No register cap: capped at 128, TF32x3 at H = 32 spilled 8 bytes and H = 64 or fp64 hundreds
+# (review, 2026-11-27); one TF32 pass needs no more than 122 anyway.
+FIXED_BACKWARD = {"num_warps": 4}
+# Forward programs: a multiple of the 2 or 4 that fit an SM; each loops over its rotation's row tiles.
 FORWARD_PROGRAMS_TARGET = 8 * 132
 
 
@@ -238,10 +244,12 @@ def position_chunks(n_rot: int, j_tiles: int, positions: int, device: torch.devi
     """How many chunks the positions are cut into (programs per (n, window tile)).
 
     A function of the shape alone (never of timing), so the backward's partial sums are added in
-    the same order on every run. On a GPU enough for ~4 programs per SM; off-GPU two, so the
-    interpreter tests exercise the partial sums too."""
+    the same order on every run. On a GPU about PROGRAMS_TARGET programs in all, at least
+    MIN_POSITIONS_PER_PROGRAM positions each; off-GPU two, so the interpreter tests exercise the
+    partial sums too."""
     if device.type == "cuda" and not common.interpreting():
-        return max(1, min(positions, triton.cdiv(PROGRAMS_TARGET, n_rot * j_tiles)))
+        most = triton.cdiv(positions, MIN_POSITIONS_PER_PROGRAM)
+        return max(1, min(most, triton.cdiv(PROGRAMS_TARGET, n_rot * j_tiles)))
     return max(1, min(positions, 2))
 
 

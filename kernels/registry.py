@@ -103,7 +103,7 @@ KSIZE = 7  # the benchmark layers' kernel size (design.md §5)
 # (label, in/out channels, rotations, image size, batch, translation non-stationary): benchmark layers.
 CASES = (("T1", 32, 1, 32, 64, True), ("T2", 32, 8, 16, 16, True), ("G1", 32, 8, 32, 64, False))
 # Constexprs that depend on the dtype come from DTYPES; tile sizes from the configs.
-# (The fused kernel net's backward takes BLOCK_J from the window, so there it is a variant.)
+# (The fused kernel net's backward gets BLOCK_J from its host function, so there it is a variant.)
 _NOT_VARIANT = {"PRECISION", "ACC", "FP64", "FAST_TRIG", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C"}
 # The fused kernel net runs in the parameters' dtype (fp32 with TF32x3 or TF32 products; or fp64), whatever
 # the data dtype of the convolution; the convolution kernels in every data dtype but that.

@@ -133,6 +133,30 @@ def test_every_parameter_gradient_matches_fp64(case, monkeypatch, poisoned_outpu
         assert rel_err(got[name], ref[name]) < 1e-10, name
 
 
+@pytest.mark.parametrize("products,tol", [("tf32x3", 1e-4), ("tf32", 1e-2)])
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[7], CASES[9]], ids=case_id)
+def test_fp32_gradients_of_each_product_precision_match_fp64(case, products, tol, monkeypatch):
+    """The fp32 backward (on a GPU: TF32x3 or TF32 products, SFU sines, the capped registers; in the
+    interpreter: fp32 products) against the fp64 PyTorch path, every kernel-net gradient."""
+    from relaxedconv.kernels import kernel_net_fused
+
+    torch.manual_seed(1)
+    layer64, hw = make_layer(case)
+    layer32 = make_layer(case, torch.float32)[0]
+    layer32.load_state_dict(layer64.state_dict())
+    for name in ("kernel_net_forward", "kernel_net_backward"):  # force the precision under test
+        real = getattr(kernel_net_fused, name)
+        monkeypatch.setattr(kernel_net_fused, name, lambda *a, _real=real: _real(*a[:-1], products))
+    z_ref, _ = factor(layer64, hw, False, monkeypatch)
+    z, _ = factor(layer32, hw, True, monkeypatch)
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
+    ref = kernel_net_grads(layer64, z_ref, g)
+    got = kernel_net_grads(layer32, z, g.float())
+    assert set(got) == set(ref)
+    for name in ref:
+        assert rel_err(got[name].double(), ref[name]) < tol, name
+
+
 @pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("per_position", [False, True], ids=["stationary", "per-position"])
 def test_gradcheck_fp64(depth, per_position):
@@ -264,12 +288,12 @@ def test_a_pinned_config_may_set_the_warps_but_not_the_tile(monkeypatch):
 
 def test_the_kernels_compile_for_sm90_on_tensor_cores_without_spills(tmp_path):
     """The kernel report's compile of the fused kernel net's shipped fp32 configs (the CI's quick
-    report covers the convolution's dtypes): every row compiles, spills at most a few bytes, and its H x H
+    report covers the convolution's dtypes): every row compiles, does not spill, and its H x H
     products run on tensor cores (the exact FMA products of the first version were what made its
     backward issue-bound)."""
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "relaxedconv.kernels.report", "--dtypes", "fp32-tf32x3",
+    cmd = [sys.executable, "-m", "relaxedconv.kernels.report", "--dtypes", "fp32-tf32x3,fp32-tf32",
            "--filter", "knet", "--json", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     from relaxedconv.kernels import report
@@ -281,8 +305,7 @@ def test_the_kernels_compile_for_sm90_on_tensor_cores_without_spills(tmp_path):
     assert {row["kernel"] for row in rows} == {"knet_fwd", "knet_bwd"}
     for row in rows:
         assert row["ok"], row.get("error")
-        # The backward is capped at 128 registers: ptxas keeps 8 bytes in local memory, outside its loop.
-        assert row["spill_stores"] <= 16 and row["spill_loads"] <= 16, row
+        assert not row["spill_stores"] and not row["spill_loads"], row
         assert row["sass_mma"] in ("HGMMA", "HMMA", "HGMMA+HMMA"), row
         assert all(d["kind"] != "fma" for d in row["dots"]), row["dots"]
 
