@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The one GPU check (issues 6, 9, 10, 13). From the repository root:
 #
-#     bash bench/device_check.sh                       # every step, ~20 min worst case (over one call)
+#     bash bench/device_check.sh                       # every step, ~24 min worst case (over one call)
 #     STEPS="tests kernels" bash bench/device_check.sh # only some steps (a command may run 10 min:
 #                                                      # split the check over two calls if needed)
 #
 # Steps, each under its own `timeout` so that one hung step does not lose the others
-# (worst case ~20 min; the benchmark steps also stop starting new measurements at their budget
+# (worst case ~24 min; the benchmark steps also stop starting new measurements at their budget
 # and rewrite their JSON after every measurement, so a killed step keeps what it measured):
 #
 #   0. environment (nvidia-smi, versions) and install (pip -e, no network)          <= 45 s
@@ -24,6 +24,8 @@
 #      fused_knet: T1, T2 (bf16, triton) with the fused Triton kernel net                 100 s
 #               (RELAXEDCONV_FUSED_KERNEL_NET=1), eager (budget 25 s) and under CUDA
 #               graphs (its custom operators; budget 45 s)
+#      fused_knet_e2e: the rotation+translation-relaxed SE(2)-8 step (triton) with it,    130 s
+#               under CUDA graphs (beside graphs_trans's row without it)
 #   4. e2e:     training step (design.md §7 model), bf16 autocast, budget 50 s,          75 s
 #               every row under its own 25 s limit, the plain-conv floor row first
 #      graphs:  the strict and rotation-relaxed SE(2)-8 steps under torch.compile        150 s
@@ -36,10 +38,12 @@
 # tar czf "$OUT/r.tgz" -C /tmp/r .
 # Output: "$OUT" (bench/results/ when OUT is unset), flat files:
 #   device_summary.txt  tests.log  kernel_steps.log  kernel_steps.json  time_split{,_fused}.{log,json}
-#   bench_layers{,_tf32,_compiled,_graphs,_fused_knet,_fused_knet_graphs}.{log,json}  bench_e2e{,_graphs,_graphs_trans}.{log,json}  auto_cost.log  pytest_bench.log
-# Worst case of all steps ~20 min, more than a session's 15 device minutes: choose. Calls of <= 10 min,
-# e.g. STEPS="tests kernels split layers" (~9.5 min), STEPS="compiled e2e graphs" (~8.5 min),
-# STEPS="graphs_trans auto pytest_bench".
+#   bench_layers{,_tf32,_compiled,_graphs,_fused_knet,_fused_knet_graphs}.{log,json}
+#   bench_e2e{,_graphs,_graphs_trans,_graphs_trans_fused_knet}.{log,json}  auto_cost.log  pytest_bench.log
+# Worst case of all steps ~24 min, more than a session's 15 device minutes: choose. Calls of <= 10 min,
+# e.g. STEPS="tests kernels split fused_knet" (~6.5 min: the GPU tests of new kernels first),
+# STEPS="layers compiled" (~7.7 min), STEPS="e2e graphs graphs_trans fused_knet_e2e" (~8 min),
+# STEPS="auto pytest_bench".
 # Exit status: 0 when every step passed, else 1 (all steps run regardless).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -52,7 +56,7 @@ SUMMARY="$OUT/device_summary.txt"
 FAILED=0
 PY="${PYTHON:-python}"
 
-STEPS="${STEPS:-tests kernels split layers compiled fused_knet e2e graphs graphs_trans auto pytest_bench}"
+STEPS="${STEPS:-tests kernels split layers compiled fused_knet e2e graphs graphs_trans fused_knet_e2e auto pytest_bench}"
 
 log() { echo "$*" | tee -a "$SUMMARY"; }
 want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -149,6 +153,10 @@ want graphs_trans && run_step bench_e2e_graphs_trans 130 "$PY" -m relaxedconv.be
   --row-time-limit 90 --e2e-variants se2_rot_trans --e2e-backends triton,conv2d --e2e-compile reduce-overhead \
   --time-budget 110 --json "$OUT/bench_e2e_graphs_trans.json"
 
+want fused_knet_e2e && RELAXEDCONV_FUSED_KERNEL_NET=1 run_step bench_e2e_graphs_trans_fused_knet 130 "$PY" -m relaxedconv.benchmark \
+  --suite e2e --e2e-dtype bf16 --row-time-limit 90 --e2e-variants se2_rot_trans --e2e-backends triton \
+  --e2e-compile reduce-overhead --time-budget 110 --json "$OUT/bench_e2e_graphs_trans_fused_knet.json"
+
 # ---- 5. one-off cost of auto's measurement (README "backend='auto'") ---------------------------
 want auto && run_step auto_cost 45 "$PY" -m relaxedconv.benchmark.auto_cost --cases G1,G4,T1,T2
 
@@ -168,7 +176,8 @@ log ""
 log "== summary"
 "$PY" - "$OUT/bench_layers.json" "$OUT/bench_layers_tf32.json" "$OUT/bench_layers_compiled.json" "$OUT/bench_layers_graphs.json" \
   "$OUT/bench_layers_fused_knet.json" "$OUT/bench_layers_fused_knet_graphs.json" \
-  "$OUT/bench_e2e.json" "$OUT/bench_e2e_graphs.json" "$OUT/bench_e2e_graphs_trans.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+  "$OUT/bench_e2e.json" "$OUT/bench_e2e_graphs.json" "$OUT/bench_e2e_graphs_trans.json" \
+  "$OUT/bench_e2e_graphs_trans_fused_knet.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import json, os, sys
 from relaxedconv.benchmark import report
 for path in sys.argv[1:]:
