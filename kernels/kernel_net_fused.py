@@ -79,24 +79,29 @@ def _reduced_angle(x):
 
 
 @triton.jit
+def _sfu(x, INSTRUCTION: tl.constexpr):
+    """The SFU's ``INSTRUCTION`` (sin.approx or cos.approx) of x, after the reduction to [-pi, pi]."""
+    return tl.inline_asm_elementwise(INSTRUCTION + " $0, $1;", "=r,r", [_reduced_angle(x)],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _sin(x, FAST_TRIG: tl.constexpr):
-    """sin(x). FAST_TRIG (fp32 on a GPU): the SFU's sin.approx after the reduction to [-pi, pi],
-    absolute error <= 2^-21.41 there (CUDA C Programming Guide, __sinf), ~4e-7 on values of Z
-    up to 1 in magnitude; ~6 instructions where libdevice's sinf takes ~30 plus a slow path for huge
-    arguments. Else libdevice's (fp64, and the interpreter, which cannot run inline assembly)."""
+    """sin(x). FAST_TRIG (fp32 on a GPU): the SFU's, absolute error <= 2^-21.41 on [-pi, pi]
+    (CUDA C Programming Guide, __sinf), ~4e-7 on values of Z up to 1 in magnitude; ~6 instructions
+    where libdevice's sinf takes ~30 plus a slow path for huge arguments. Else libdevice's (fp64,
+    and the interpreter, which cannot run inline assembly)."""
     if FAST_TRIG:
-        return tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [_reduced_angle(x)],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        return _sfu(x, "sin.approx.f32")
     else:
         return tl.sin(x)
 
 
 @triton.jit
 def _cos(x, FAST_TRIG: tl.constexpr):
-    """cos(x), as :func:`_sin` (cos.approx: absolute error <= 2^-21.19 on [-pi, pi], __cosf)."""
+    """cos(x), as :func:`_sin` (the SFU's: absolute error <= 2^-21.19 on [-pi, pi], __cosf)."""
     if FAST_TRIG:
-        return tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [_reduced_angle(x)],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        return _sfu(x, "cos.approx.f32")
     else:
         return tl.cos(x)
 
@@ -119,14 +124,19 @@ def _second_preactivation(h1, w2t, b2, ROWS: tl.constexpr, HP: tl.constexpr, ACC
 
 
 @triton.jit
-def _hidden_weights(w2_ptr, b2_ptr, hh, h_ok, HIDDEN: tl.constexpr, ACC: tl.constexpr):
+def _hidden_weights(w2_ptr, b2_ptr, hh, h_ok, HIDDEN: tl.constexpr, HP: tl.constexpr, DEEP: tl.constexpr,
+                    ACC: tl.constexpr):
     """W2^T, W2 and b2, zero-padded to HP (W2 is [out, in]: W2^T multiplies h1 from the right, W2
-    itself dt)."""
-    hh_ok = h_ok[:, None] & h_ok[None, :]
-    w2t = tl.load(w2_ptr + hh[None, :] * HIDDEN + hh[:, None], mask=hh_ok, other=0.0).to(ACC)
-    w2 = tl.load(w2_ptr + hh[:, None] * HIDDEN + hh[None, :], mask=hh_ok, other=0.0).to(ACC)
-    b2 = tl.load(b2_ptr + hh, mask=h_ok, other=0.0).to(ACC)
-    return w2t, w2, b2
+    itself dt); zeros at depth 2, where nothing reads them."""
+    if DEEP:
+        hh_ok = h_ok[:, None] & h_ok[None, :]
+        w2t = tl.load(w2_ptr + hh[None, :] * HIDDEN + hh[:, None], mask=hh_ok, other=0.0).to(ACC)
+        w2 = tl.load(w2_ptr + hh[:, None] * HIDDEN + hh[None, :], mask=hh_ok, other=0.0).to(ACC)
+        b2 = tl.load(b2_ptr + hh, mask=h_ok, other=0.0).to(ACC)
+        return w2t, w2, b2
+    else:
+        zero = tl.zeros((HP, HP), dtype=ACC)
+        return zero, zero, tl.zeros((HP,), dtype=ACC)
 
 
 @triton.jit
@@ -149,12 +159,7 @@ def _knet_forward_kernel(
     n = tl.program_id(0)
     hh = tl.arange(0, HP)
     h_ok = hh < HIDDEN
-    if DEEP:
-        w2t, w2, b2 = _hidden_weights(w2_ptr, b2_ptr, hh, h_ok, HIDDEN, ACC)
-    else:
-        w2t = tl.zeros((HP, HP), dtype=ACC)  # unused at depth 2
-        w2 = w2t
-        b2 = tl.zeros((HP,), dtype=ACC)
+    w2t, w2, b2 = _hidden_weights(w2_ptr, b2_ptr, hh, h_ok, HIDDEN, HP, DEEP, ACC)
     out_ty = z_ptr.dtype.element_ty
     rows_total = P * J
     for tile in range(tl.program_id(1), tl.cdiv(rows_total, BLOCK_M), tl.num_programs(1)):
@@ -194,12 +199,7 @@ def _knet_backward_kernel(
     h_ok = hh < HIDDEN
     tile_ok = j_ok[:, None] & h_ok[None, :]
     r = tl.load(r_ptr + (n * J + jj)[:, None] * HIDDEN + hh[None, :], mask=tile_ok, other=0.0).to(ACC)
-    if DEEP:
-        w2t, w2, b2 = _hidden_weights(w2_ptr, b2_ptr, hh, h_ok, HIDDEN, ACC)
-    else:
-        w2t = tl.zeros((HP, HP), dtype=ACC)  # unused at depth 2
-        w2 = w2t
-        b2 = tl.zeros((HP,), dtype=ACC)
+    w2t, w2, b2 = _hidden_weights(w2_ptr, b2_ptr, hh, h_ok, HIDDEN, HP, DEEP, ACC)
     m = _window_mask(m_ptr, jj, j_ok, HAS_MASK, ACC)
     dr = tl.zeros((BLOCK_J, HP), dtype=ACC)
     dw2 = tl.zeros((HP, HP), dtype=ACC)
