@@ -200,7 +200,8 @@ def bucket(n: int) -> int:
 def pinned_config(kernel: str):
     """A config forced by ``RELAXEDCONV_KERNEL_CONFIG``, e.g.
     ``u:BLOCK_M=128,BLOCK_N=64,BLOCK_K=64,num_warps=8,num_stages=3;fold:BLOCK_Q=64`` — for
-    reproducing a measurement or working around a bad tuning result. None when not pinned."""
+    reproducing a measurement or working around a bad tuning result (``maxnreg=N`` caps the
+    registers). (meta, launch options), None when not pinned."""
     spec = os.environ.get("RELAXEDCONV_KERNEL_CONFIG", "")
     for part in filter(None, (s.strip() for s in spec.split(";"))):
         name, _, body = part.partition(":")

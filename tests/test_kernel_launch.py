@@ -72,6 +72,21 @@ def test_a_pinned_config_is_used_and_gives_the_same_result(monkeypatch):
     assert seen["dz"] is None  # not pinned: the usual launch
 
 
+def test_a_pin_takes_what_it_leaves_out_from_the_fixed_launch(monkeypatch):
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append((grid, kw))
+
+    fixed = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "u:BLOCK_M=128,maxnreg=96")
+    assert common.pinned_config("u") == ({"BLOCK_M": 128}, {"maxnreg": 96})
+    common.launch("u", Kernel(), None, lambda meta: (meta["BLOCK_M"],), (1,), {"C": 3}, fixed,
+                  device=torch.device("cpu"), dtype=torch.float32)
+    assert launched == [((128,), {"C": 3, "BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "maxnreg": 96})]
+
+
 @pytest.mark.parametrize("spec", ["u:BLOCK_M", "u:BLOCK_M=big", "u:BLOCK_M=16,num_warps"])
 def test_a_malformed_pinned_config_says_what_is_expected(spec, monkeypatch):
     monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", spec)
