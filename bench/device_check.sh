@@ -41,7 +41,7 @@
 #   bench_layers{,_tf32,_compiled,_graphs,_fused_knet,_fused_knet_graphs}.{log,json}
 #   bench_e2e{,_graphs,_graphs_trans,_graphs_trans_fused_knet}.{log,json}  auto_cost.log  pytest_bench.log
 # Worst case of all steps ~24 min, more than a session's 15 device minutes: choose. Calls of <= 10 min,
-# e.g. STEPS="tests kernels split fused_knet" (~6.5 min: the GPU tests of new kernels first),
+# e.g. STEPS="tests kernels split fused_knet" (~7 min with the install: the GPU tests of new kernels first),
 # STEPS="layers compiled" (~7.7 min), STEPS="e2e graphs graphs_trans fused_knet_e2e" (~8 min),
 # STEPS="auto pytest_bench".
 # Exit status: 0 when every step passed, else 1 (all steps run regardless).

@@ -49,7 +49,9 @@ def dot_precision(dtype: torch.dtype):
     Half-precision operands take the default (the argument only concerns fp32 operands).
     """
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreting() else "ieee"
+        from relaxedconv.dispatch import tf32_matmuls_allowed
+
+        return "tf32" if tf32_matmuls_allowed() and not interpreting() else "ieee"
     if dtype == torch.float64:
         return "ieee"
     return None

@@ -30,7 +30,8 @@ a TF32 high part and a TF32 remainder, the remainders' product dropped), whose e
 the result, is near that of fp32 arithmetic; the first kernels used exact fp32 FMA products
 (input_precision "ieee"), and on an H200 their backward took 1.12 ms at T2, issue-bound on ~400
 instructions per value of Z (bench/README.md). ``products="tf32"`` takes one TF32 product
-instead (error ~1e-3 of t, below the rounding of Z to bf16 that follows it; the TF32x3 split and
+instead (the hardware truncates the operands to TF32: z's RMS error 4e-4, below bf16's rounding of
+z that follows it, 9e-4; :func:`relaxedconv.fused_kernel_net.products_for`; the TF32x3 split and
 its extra layout changes are ~45% of the backward's loop). fp64 (gradcheck) multiplies and sums
 on the FMA units (:func:`common.mma`).
 """

@@ -129,7 +129,7 @@ def device_name(device: torch.device) -> str:
 
 def dtype_name(device: torch.device, dtype: torch.dtype) -> str:
     name = str(dtype).replace("torch.", "")
-    if device.type == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if device.type == "cuda" and dtype == torch.float32 and dispatch.tf32_matmuls_allowed():
         name += "+tf32"
     return name
 

@@ -219,6 +219,20 @@ def runnable(*, device_type: str, dtype: torch.dtype, per_position: bool, for_au
 
 
 # ---- dtype and the static rule ----------------------------------------------------------------------
+@torch.compiler.assume_constant_result
+def tf32_matmuls_allowed() -> bool:
+    """Whether torch lets its own fp32 CUDA matmuls use TF32: ``allow_tf32 = True`` or the newer
+    ``fp32_precision = "tf32"`` (of ``torch.backends.cuda.matmul`` or ``torch.backends``). Read
+    from ``fp32_precision`` where it exists, which reflects both: once the newer setting is used,
+    reading ``allow_tf32`` raises. Dynamo cannot trace that getter: a compiled graph takes the
+    value it had when it was traced."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the convolution runs in: the autocast dtype under autocast, else the input's."""
     dt = x.dtype

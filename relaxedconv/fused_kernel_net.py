@@ -78,10 +78,15 @@ PRODUCTS = ("tf32x3", "tf32")
 def products_for(compute_dtype: torch.dtype | None) -> str:
     """The precision of the fused kernel net's fp32 products for a layer that convolves in
     ``compute_dtype``: one TF32 pass ("tf32") where torch itself allows TF32 matmuls, or where the
-    convolution runs in bf16, which rounds Z to 8 bits of mantissa right after (TF32's error in t,
-    ~1e-3, is below that rounding; the PyTorch path under bf16 autocast multiplies in bf16 itself);
-    TF32x3 (fp32's accuracy) otherwise, fp16 included (its 11 bits would show TF32's error)."""
-    if compute_dtype == torch.bfloat16 or torch.backends.cuda.matmul.allow_tf32:
+    convolution runs in bf16, which rounds z to 8 bits of mantissa right after; TF32x3 (near fp32's
+    accuracy) otherwise, fp16 included (its 11 bits would show TF32's error).
+
+    The hardware truncates tl.dot's fp32 operands to TF32 (no rounding), so one pass errs by up to
+    ~3.5e-3 in t, biased low by ~6e-4 relative; in z (SIREN init, H = 32, 6.4 M samples; review of
+    2026-11-27) its RMS error is 4.0e-4 against bf16's own rounding of z, 9.0e-4, and rounding z to
+    bf16 after it gives 9.8e-4 RMS: the layer keeps almost nothing more of TF32's error. The PyTorch
+    path under bf16 autocast, multiplying in bf16, errs 1.8e-3 RMS."""
+    if compute_dtype == torch.bfloat16 or dispatch.tf32_matmuls_allowed():
         return "tf32"
     return "tf32x3"
 
@@ -223,8 +228,8 @@ def fused_hidden_features(layer_or_kernel_net, coords: dict[str, torch.Tensor], 
     path: ``[N, P, J, H+1]`` when the kernel net sees abs_pos, else ``[N, J, H+1]``, in the
     parameters' dtype. ``coords``: the coordinate groups (``layer._lattice(...)``); ``mask``: the
     window mask ``[J]`` or None (all ones); ``compute_dtype``: the dtype the convolution will run
-    in, which sets the products' precision (:func:`products_for`; None: fp32's accuracy). Raises
-    ValueError where :func:`supported` fails."""
+    in, which sets the products' precision (:func:`products_for`; None: TF32x3 unless torch's TF32
+    matmuls are allowed). Raises ValueError where :func:`supported` fails."""
     kn = getattr(layer_or_kernel_net, "kernel_net", layer_or_kernel_net)
     w = kn.first.weight
     reason = unsupported_reason(kn, w.device, w.dtype)

@@ -289,7 +289,7 @@ class _RelaxedGroupConv(nn.Module):
     def factored_kernel(self, out_hw, dtype=None, compute_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Z, [W_L | b_L]) of design.md §2: Z has a ones column appended and the mask folded in.
         ``compute_dtype``: the dtype the convolution will run in (sets the fused kernel net's
-        product precision; None: fp32's)."""
+        product precision, ``fused_kernel_net.products_for``)."""
         # Opt-in (RELAXEDCONV_FUSED_KERNEL_NET=1): the whole of z in one Triton kernel; None here
         # means the PyTorch path below (flag unset, or the layer/device unsupported).
         z = fused_kernel_net.layer_factor(self, out_hw, compute_dtype)
@@ -336,15 +336,18 @@ class _RelaxedGroupConv(nn.Module):
         if cache.get("state") != state:
             cache.clear()
             cache["state"] = state
-        fkey = ("factors", tuple(out_hw) if self.translation_nonstationary else None)
+        dtype = dispatch.compute_dtype(x)
+        # The fused kernel net's products follow the compute dtype and torch's TF32 setting, so its
+        # factors are kept per choice (the same as a grad-enabled or compiled call computes).
+        products = fused_kernel_net.products_for(dtype) if fused_kernel_net.enabled() else None
+        fkey = ("factors", tuple(out_hw) if self.translation_nonstationary else None, products)
         if fkey not in cache:
             with torch.no_grad():
-                cache[fkey] = self.factored_kernel(out_hw)
+                cache[fkey] = self.factored_kernel(out_hw, compute_dtype=dtype)
         z, w_ext = cache[fkey]
         g = self.geometry
         name = dispatch.resolve(name, x, z, w_ext, self.bias, g, where=type(self).__name__)
-        dtype = dispatch.compute_dtype(x)
-        okey = ("operands", name, dtype, fkey[1])
+        okey = ("operands", name, dtype, fkey[1], products)
         if okey not in cache:
             with torch.no_grad():
                 cache[okey] = functional.prepare_backend(name, z, w_ext, self.bias, g, dtype)

@@ -33,6 +33,12 @@ CASES = [
 ]
 
 
+# One TF32 pass: tl.dot truncates its fp32 operands to TF32 on the GPU (no rounding), which in
+# these layers gave up to 2.9e-3 normwise in z and 1.2e-2 in a gradient (emulated, 40 seeds;
+# review of 2026-11-27): the bounds leave about twice that.
+TF32_Z_TOL, TF32_GRAD_TOL = 6e-3, 3e-2
+
+
 def case_id(c):
     layer, n, k, rot, trans, depth, hid, mask, hw = c
     ns = ("rot" if rot else "") + ("trans" if trans else "") or "stat"
@@ -133,7 +139,7 @@ def test_every_parameter_gradient_matches_fp64(case, monkeypatch, poisoned_outpu
         assert rel_err(got[name], ref[name]) < 1e-10, name
 
 
-@pytest.mark.parametrize("products,tol", [("tf32x3", 1e-4), ("tf32", 1e-2)])
+@pytest.mark.parametrize("products,tol", [("tf32x3", 1e-4), ("tf32", TF32_GRAD_TOL)])
 @pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[7], CASES[9]], ids=case_id)
 def test_fp32_gradients_of_each_product_precision_match_fp64(case, products, tol, monkeypatch):
     """The fp32 backward (on a GPU: TF32x3 or TF32 products, SFU sines, the capped registers; in the
@@ -361,6 +367,16 @@ def test_product_precision_follows_what_the_layer_keeps_of_z():
         assert products_for(dt) == "tf32x3"
     torch.backends.cuda.matmul.allow_tf32 = True  # torch's own matmuls are TF32 then
     assert products_for(torch.float32) == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # the newer setting, after which allow_tf32 cannot be read
+        try:
+            matmul.fp32_precision = "tf32"
+            assert products_for(torch.float32) == "tf32"
+            matmul.fp32_precision = "ieee"
+            assert products_for(torch.float32) == "tf32x3"
+        finally:
+            matmul.fp32_precision = "none"
     with pytest.raises(ValueError, match="products must be one of"):
         hidden_features(torch.randn(1, 2, 4, device=DEVICE), None, None, None, None, products="ieee")
 
@@ -382,10 +398,10 @@ def test_a_layer_asks_for_the_products_its_compute_dtype_needs_forward_and_backw
     assert seen == [("kernel_net_forward", expected), ("kernel_net_backward", expected)]
 
 
-@pytest.mark.parametrize("products,tol", [("tf32x3", 1e-5), ("tf32", 3e-3)])
+@pytest.mark.parametrize("products,tol", [("tf32x3", 1e-5), ("tf32", TF32_Z_TOL)])
 def test_z_of_each_product_precision_against_fp64(products, tol, monkeypatch):
-    """On a GPU: TF32x3 at fp32's accuracy, one TF32 pass below bf16's rounding of z (2^-9); in the
-    interpreter both are fp32 products."""
+    """On a GPU: TF32x3 near fp32's accuracy, one TF32 pass at bf16's level (its rounding of z is
+    2^-9 relative); in the interpreter both are fp32 products."""
     torch.backends.cuda.matmul.allow_tf32 = False  # conftest restores the flag
     torch.manual_seed(6)
     layer, hw = make_layer(CASES[7], torch.float64)  # H = 32, per-position, depth 3
@@ -395,3 +411,46 @@ def test_z_of_each_product_precision_against_fp64(products, tol, monkeypatch):
     z = fused_hidden_features(layer32, coords, layer32._window_mask(z_ref.device, torch.float32),
                               torch.bfloat16 if products == "tf32" else torch.float32)
     assert rel_err(z.detach().double(), z_ref.detach()) < tol
+
+
+@pytest.mark.compile
+def test_compiled_layer_carries_the_products_to_the_backward(monkeypatch):
+    """Under torch.compile the custom operators carry the precision to the backward (a bf16 layer:
+    one TF32 pass both ways)."""
+    from relaxedconv.kernels import kernel_net_fused
+
+    torch._dynamo.reset()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    seen = []
+    for name in ("kernel_net_forward", "kernel_net_backward"):
+        real = getattr(kernel_net_fused, name)
+        monkeypatch.setattr(kernel_net_fused, name,
+                            lambda *a, _real=real, _name=name: seen.append((_name, a[-1])) or _real(*a))
+    monkeypatch.setenv(FLAG, "1")
+    layer, hw = make_layer(CASES[6], torch.float32)
+    x = torch.randn(1, 2 * 4, *hw, device=DEVICE, dtype=torch.bfloat16)
+    torch.compile(layer, fullgraph=True, backend="aot_eager")(x, backend="factored_torch").float().sum().backward()
+    torch._dynamo.reset()
+    assert {n for n, _ in seen} == {"kernel_net_forward", "kernel_net_backward"}, seen
+    assert all(p == "tf32" for _, p in seen), seen
+
+
+def test_the_inference_cache_builds_z_with_the_precision_of_the_call(monkeypatch):
+    """No-grad calls reuse factors built with the products a grad-enabled call of the same compute
+    dtype uses, kept apart per compute dtype."""
+    from relaxedconv.kernels import kernel_net_fused
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    seen = []
+    real = kernel_net_fused.kernel_net_forward
+    monkeypatch.setattr(kernel_net_fused, "kernel_net_forward", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setenv(FLAG, "1")
+    layer, hw = make_layer(CASES[6], torch.float32)
+    x = torch.randn(1, 2 * 4, *hw, device=DEVICE)
+    with torch.no_grad():
+        y32 = layer(x, backend="factored_torch")
+        layer(x.bfloat16(), backend="factored_torch")
+        layer(x.bfloat16(), backend="factored_torch")  # cached: no new launch
+        again = layer(x, backend="factored_torch")
+    assert seen == ["tf32x3", "tf32"]
+    assert torch.equal(again, y32)
