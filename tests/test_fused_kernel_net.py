@@ -381,17 +381,23 @@ def test_product_precision_follows_what_the_layer_keeps_of_z():
         hidden_features(torch.randn(1, 2, 4, device=DEVICE), None, None, None, None, products="ieee")
 
 
-@pytest.mark.parametrize("x_dtype,expected", [(torch.bfloat16, "tf32"), (torch.float32, "tf32x3")])
-def test_a_layer_asks_for_the_products_its_compute_dtype_needs_forward_and_backward(x_dtype, expected, monkeypatch):
+def _record_products(monkeypatch) -> list:
+    """Turn the fused kernel net on and record (host function, products) of each of its launches."""
     from relaxedconv.kernels import kernel_net_fused
 
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False  # conftest restores the flag
     seen = []
     for name in ("kernel_net_forward", "kernel_net_backward"):
         real = getattr(kernel_net_fused, name)
         monkeypatch.setattr(kernel_net_fused, name,
                             lambda *a, _real=real, _name=name: seen.append((_name, a[-1])) or _real(*a))
     monkeypatch.setenv(FLAG, "1")
+    return seen
+
+
+@pytest.mark.parametrize("x_dtype,expected", [(torch.bfloat16, "tf32"), (torch.float32, "tf32x3")])
+def test_a_layer_asks_for_the_products_its_compute_dtype_needs_forward_and_backward(x_dtype, expected, monkeypatch):
+    seen = _record_products(monkeypatch)
     layer, hw = make_layer(CASES[6], torch.float32)
     x = torch.randn(1, 2 * 4, *hw, device=DEVICE, dtype=x_dtype)
     layer(x, backend="factored_torch").float().sum().backward()
@@ -417,16 +423,8 @@ def test_z_of_each_product_precision_against_fp64(products, tol, monkeypatch):
 def test_compiled_layer_carries_the_products_to_the_backward(monkeypatch):
     """Under torch.compile the custom operators carry the precision to the backward (a bf16 layer:
     one TF32 pass both ways)."""
-    from relaxedconv.kernels import kernel_net_fused
-
     torch._dynamo.reset()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    seen = []
-    for name in ("kernel_net_forward", "kernel_net_backward"):
-        real = getattr(kernel_net_fused, name)
-        monkeypatch.setattr(kernel_net_fused, name,
-                            lambda *a, _real=real, _name=name: seen.append((_name, a[-1])) or _real(*a))
-    monkeypatch.setenv(FLAG, "1")
+    seen = _record_products(monkeypatch)
     layer, hw = make_layer(CASES[6], torch.float32)
     x = torch.randn(1, 2 * 4, *hw, device=DEVICE, dtype=torch.bfloat16)
     torch.compile(layer, fullgraph=True, backend="aot_eager")(x, backend="factored_torch").float().sum().backward()
@@ -438,13 +436,7 @@ def test_compiled_layer_carries_the_products_to_the_backward(monkeypatch):
 def test_the_inference_cache_builds_z_with_the_precision_of_the_call(monkeypatch):
     """No-grad calls reuse factors built with the products a grad-enabled call of the same compute
     dtype uses, kept apart per compute dtype."""
-    from relaxedconv.kernels import kernel_net_fused
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    seen = []
-    real = kernel_net_fused.kernel_net_forward
-    monkeypatch.setattr(kernel_net_fused, "kernel_net_forward", lambda *a: seen.append(a[-1]) or real(*a))
-    monkeypatch.setenv(FLAG, "1")
+    seen = _record_products(monkeypatch)
     layer, hw = make_layer(CASES[6], torch.float32)
     x = torch.randn(1, 2 * 4, *hw, device=DEVICE)
     with torch.no_grad():
@@ -452,5 +444,5 @@ def test_the_inference_cache_builds_z_with_the_precision_of_the_call(monkeypatch
         layer(x.bfloat16(), backend="factored_torch")
         layer(x.bfloat16(), backend="factored_torch")  # cached: no new launch
         again = layer(x, backend="factored_torch")
-    assert seen == ["tf32x3", "tf32"]
+    assert seen == [("kernel_net_forward", "tf32x3"), ("kernel_net_forward", "tf32")]
     assert torch.equal(again, y32)
