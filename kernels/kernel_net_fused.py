@@ -228,8 +228,9 @@ def _knet_backward_kernel(
         tl.store(db2_ptr + part * HIDDEN + hh, db2, mask=h_ok)
 
 
-# Forward: rows per tile and warps are tuned (each row is computed alone, so the choice changes no
-# sum). Backward: one config, so that no timing can change how its partial sums are formed.
+# Forward: rows per tile and warps are tuned (each row is computed alone: no sum across rows or
+# programs depends on the choice). Backward: one config, so that no timing can change how its
+# partial sums are formed.
 _FORWARD_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (64, 128) for w in (4, 8)]
 _knet_forward_autotuned = triton.autotune(configs=_FORWARD_CONFIGS, key=["J", "P"])(_knet_forward_kernel)
 

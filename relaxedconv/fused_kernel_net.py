@@ -18,7 +18,7 @@ reach the first layer and the omegas through PyTorch.
 
 Computed in the parameters' dtype (fp32 or fp64), also under ``torch.autocast``; the backends cast
 z to their compute dtype as they cast the PyTorch path's z. The hidden layer's fp32 products run
-on tensor cores with fp32's accuracy (TF32x3), or as one TF32 pass where that is below what the
+on tensor cores with near fp32's accuracy (TF32x3), or as one TF32 pass where that is below what the
 layer keeps of z anyway: a bf16 convolution, or torch's own TF32 matmuls allowed
 (:func:`products_for`).
 
