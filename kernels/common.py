@@ -18,6 +18,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def compiled_on_gpu(device: torch.device) -> bool:
+    """Whether kernels launched for ``device`` run compiled on a GPU (not in the interpreter)."""
+    return device.type == "cuda" and not interpreting()
+
+
 def use_autotune(device: torch.device, dtype: torch.dtype) -> bool:
     """Autotune on CUDA; one fixed config under the interpreter (it would time every config on
     the CPU), for fp64 (a checking mode whose FMA multiply-sum spills at large tiles) and when
@@ -25,7 +30,7 @@ def use_autotune(device: torch.device, dtype: torch.dtype) -> bool:
     config, and a fixed reduction order across processes)."""
     if os.environ.get("RELAXEDCONV_AUTOTUNE", "1") == "0" or dtype == torch.float64:
         return False
-    return device.type == "cuda" and not interpreting()
+    return compiled_on_gpu(device)
 
 
 def check_int32_indexing(*tensors: torch.Tensor) -> None:

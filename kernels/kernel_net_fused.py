@@ -249,7 +249,7 @@ def position_chunks(n_rot: int, j_tiles: int, positions: int, device: torch.devi
     the same order on every run. On a GPU about PROGRAMS_TARGET programs in all, at least
     MIN_POSITIONS_PER_PROGRAM positions each; off-GPU two, so the interpreter tests exercise the
     partial sums too."""
-    if device.type == "cuda" and not common.interpreting():
+    if common.compiled_on_gpu(device):
         most = triton.cdiv(positions, MIN_POSITIONS_PER_PROGRAM)
         return max(1, min(most, triton.cdiv(PROGRAMS_TARGET, n_rot * j_tiles)))
     return max(1, min(positions, 2))
@@ -263,7 +263,7 @@ def padded_hidden(hidden: int) -> int:
 def fast_trig(r: torch.Tensor) -> bool:
     """Whether the kernels take sin/cos from the SFU (:func:`_sin`): fp32 on a GPU. Not fp64 (a
     checking mode), not under the interpreter (no inline assembly there)."""
-    return r.dtype == torch.float32 and r.device.type == "cuda" and not common.interpreting()
+    return r.dtype == torch.float32 and common.compiled_on_gpu(r.device)
 
 
 def _consts(r, q, w2, mask, products):
@@ -294,7 +294,7 @@ def _backward_grid(r, positions):
 def _forward_programs(n_rot: int, rows: int, block_m: int, device: torch.device) -> int:
     """Programs per rotation of the forward: at most one per row tile."""
     tiles = triton.cdiv(rows, block_m)
-    if device.type == "cuda" and not common.interpreting():
+    if common.compiled_on_gpu(device):
         return max(1, min(tiles, triton.cdiv(FORWARD_PROGRAMS_TARGET, n_rot)))
     return max(1, min(tiles, 2))  # the interpreter: two programs, so the tile loop runs too
 
