@@ -7,7 +7,6 @@ On CPU the fused path's Triton launches are stubbed out and counted instead of r
 interpreter would add tensor copies of its own that a GPU launch does not make (the outputs are
 then uninitialised; only the counts mean anything). On a GPU the kernels run.
 """
-import collections
 import dataclasses
 import os
 import sys
@@ -17,19 +16,9 @@ if __name__ == "__main__":
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from relaxedconv.benchmark import cases as C
+    from relaxedconv.benchmark.opcount import OpCounter
     from relaxedconv.kernels import common
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     launches, real = [], common.launch
@@ -51,9 +40,9 @@ if __name__ == "__main__":
             common.launch = stub if flag == "1" and device.type == "cpu" else real
             knet()  # builds the layer's caches (lattice, mask)
             launches.clear()
-            with Count() as c:
+            with OpCounter() as c:
                 knet()
             common.launch = real
             path = "fused " if flag == "1" else "PyTorch"
-            print(f"{name} {path}: {len(c.ops)} ATen ops, Triton launches {launches or 'none'}; "
-                  f"most frequent {collections.Counter(c.ops).most_common(6)}")
+            print(f"{name} {path}: {c.total} ATen ops, Triton launches {launches or 'none'}; "
+                  f"most frequent {c.counts.most_common(6)}")
