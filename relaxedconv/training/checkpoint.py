@@ -74,18 +74,12 @@ def rng_state() -> dict:
     return state
 
 
-def _byte_state(t: torch.Tensor) -> torch.Tensor:
-    # A checkpoint loaded with map_location=<GPU> brings its generator states onto the GPU, but the
-    # setters take CPU ByteTensors only ("RNG state must be a torch.ByteTensor" on resume).
-    return t.detach().to(device="cpu", dtype=torch.uint8)
-
-
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(_byte_state(state["torch"]))
+    torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        cuda = [_byte_state(t) for t in state["cuda"]]
+        cuda = state["cuda"]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
         else:  # a different number of visible GPUs: restore the current device's generator
