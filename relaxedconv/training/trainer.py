@@ -388,10 +388,6 @@ class Trainer:
 
     # -- main --
     def run(self, resume: bool = False) -> dict:
-        with cuda_speed_flags(self.device, deterministic=bool(self.cfg.get("deterministic"))):
-            return self._run(resume)
-
-    def _run(self, resume: bool) -> dict:
         c = self.cfg
         for w in self._warnings:
             self.warn(w)
@@ -556,7 +552,9 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
     """Run (or resume) one training run; returns what ``final.json`` holds."""
     trainer = Trainer(cfg, log=log)
     try:
-        with deterministic_kernels(bool(trainer.cfg.get("deterministic"))):
+        det = bool(trainer.cfg.get("deterministic"))
+        # The GPU speed flags and the deterministic switches hold for the run only.
+        with cuda_speed_flags(trainer.device, deterministic=det), deterministic_kernels(det):
             return trainer.run(resume=resume)
     finally:
         if trainer.dist.enabled and trainer.dist.dist.is_initialized():
