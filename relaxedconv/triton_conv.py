@@ -47,9 +47,9 @@ def recompute_u() -> bool:
 def triton_conv_fwd(x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, bias: Optional[torch.Tensor],
                     geometry: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     y, u, x_cl, z_al = _forward(x, z, w_ext, bias, geometry)
-    # An output may not alias an input: the repacks return their input itself when it is already in
-    # shape (z already aligned; x with one channel and no padding).
-    return y.contiguous(), u, _not_aliasing(x_cl, x), _not_aliasing(z_al, z)
+    # An output may not alias an input: aligned_hidden returns Z itself when it is already aligned
+    # (the input's repack always writes a new buffer).
+    return y.contiguous(), u, x_cl, _not_aliasing(z_al, z)
 
 
 def _forward(x, z, w_ext, bias, geometry):
