@@ -131,6 +131,11 @@ def channels_last_padded(x: torch.Tensor, padding: int) -> torch.Tensor:
     return out
 
 
+def aligned_width(hidden_plus_one: int) -> int:
+    """The row stride of :func:`aligned_hidden`'s Z: H+1 rounded up to a multiple of 16."""
+    return hidden_plus_one + (-hidden_plus_one % 16)
+
+
 def aligned_hidden(z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Z in ``dtype`` (the kernels' compute dtype; Z's own by default) with its rows 16-element
     strided, so the row stride carries Triton's divisible-by-16 specialisation, every row starts
@@ -141,7 +146,7 @@ def aligned_hidden(z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.T
     columns, so the padding columns are left unwritten (tests poison them with NaN)."""
     dtype = z.dtype if dtype is None else dtype
     hp = z.shape[-1]
-    width = hp + (-hp % 16)
+    width = aligned_width(hp)
     if width == hp and dtype == z.dtype:
         return z.contiguous()
     out = empty_output((*z.shape[:-1], width), device=z.device, dtype=dtype)
@@ -204,6 +209,10 @@ def bucket(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
+# Launch options (not constexprs) a config may carry: a pin's or a fixed launch's other keys are tiles.
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+
 def pinned_config(kernel: str):
     """A config forced by ``RELAXEDCONV_KERNEL_CONFIG``, e.g.
     ``u:BLOCK_M=128,BLOCK_N=64,BLOCK_K=64,num_warps=8,num_stages=3;fold:BLOCK_Q=64`` — for
@@ -222,7 +231,7 @@ def pinned_config(kernel: str):
                     f"RELAXEDCONV_KERNEL_CONFIG: {item!r} in the entry for {kernel!r} is not KEY=INTEGER "
                     f"(example: 'u:BLOCK_M=128,BLOCK_N=64,BLOCK_K=64,num_warps=8,num_stages=3')"
                 )
-            (opts if key.strip() in ("num_warps", "num_stages", "maxnreg") else meta)[key.strip()] = int(value)
+            (opts if key.strip() in LAUNCH_OPTIONS else meta)[key.strip()] = int(value)
         return meta, opts
     return None
 
@@ -235,9 +244,8 @@ def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype)
     if pinned is not None:
         meta, opts = pinned
         # What the pin leaves out comes from the fixed launch (its warps and stages too).
-        launch_opts = ("num_warps", "num_stages", "maxnreg")
-        meta = {**{k: v for k, v in fixed.items() if k not in launch_opts}, **meta}
-        opts = {**{k: v for k, v in fixed.items() if k in launch_opts}, **opts}
+        meta = {**{k: v for k, v in fixed.items() if k not in LAUNCH_OPTIONS}, **meta}
+        opts = {**{k: v for k, v in fixed.items() if k in LAUNCH_OPTIONS}, **opts}
         kernel[grid(meta)](*args, **consts, **meta, **opts)
     elif autotuned is not None and use_autotune(device, dtype):
         autotuned[grid](*args, **consts)

@@ -79,7 +79,9 @@ def _triton_conv_fwd_fake(x, z, w_ext, bias, geometry):
     u = x.new_empty((x.shape[0], g.out_rotations, h * w, z.shape[-1], g.in_channels))
     p = g.padding
     x_cl = x.new_empty((x.shape[0], x.shape[2] + 2 * p, x.shape[3] + 2 * p, x.shape[1]))
-    z_al = x.new_empty((*z.shape[:-1], -(-z.shape[-1] // 16) * 16))  # in x's (the compute) dtype
+    from .kernels.common import aligned_width
+
+    z_al = x.new_empty((*z.shape[:-1], aligned_width(z.shape[-1])))  # in x's (the compute) dtype
     return y, u, x_cl, z_al
 
 
