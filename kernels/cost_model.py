@@ -205,15 +205,14 @@ def steps(s: Shape, card: Card, stationary_backward: str = "bank") -> dict[str, 
     z_align = Step("cast and align Z (one copy)", 0, (4 + e) * el["z"], 0, "copy")
     y = Step("Y = W U^T (cuBLAS)", gemm_macs, e * (el["u"] + el["y"]), 0, "cublas")
     fwd = [pack, z_align, _best(s, "u", card), y]
+    if not s.per_position and stationary_backward == "bank":
+        return {"fwd": fwd, "bwd": _bank_backward_steps(s)}
     dy_t = Step("dY transposed for dW", 0, e * 2 * el["y"], 0, "copy")
     dw = Step("dW = dY U (cuBLAS)", gemm_macs, e * (el["u"] + el["y"]), 0, "cublas")
     du = Step("dU = dY^T W (cuBLAS)", gemm_macs, e * (el["u"] + el["y"]), 0, "cublas")
     fold = Step("fold: dX = col2im(V)", 0, e * (el["v"] + el["x"]), 0, "copy")
     # The packed input and aligned Z come from the forward (kept by the autograd formula).
-    bwd = [dy_t, dw, du, _best(s, "dz", card), _best(s, "v", card), fold]
-    if not s.per_position and stationary_backward == "bank":
-        bwd = _bank_backward_steps(s)
-    return {"fwd": fwd, "bwd": bwd}
+    return {"fwd": fwd, "bwd": [dy_t, dw, du, _best(s, "dz", card), _best(s, "v", card), fold]}
 
 
 def _times(st: Step, card: Card) -> dict[str, float]:
