@@ -8,14 +8,11 @@ import torch
 import triton
 import triton.language as tl
 
+from relaxedconv.dispatch import interpreting, tf32_matmuls_allowed
+
 # Width of the tile that carries the "tail" hidden column of every rotation (see hidden_split);
 # a constexpr so kernels can read the global.
 TAIL_WIDTH = tl.constexpr(16)
-
-
-def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1`` (kernels run on CPU tensors through numpy)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def compiled_on_gpu(device: torch.device) -> bool:
@@ -54,8 +51,6 @@ def dot_precision(dtype: torch.dtype):
     Half-precision operands take the default (the argument only concerns fp32 operands).
     """
     if dtype == torch.float32:
-        from relaxedconv.dispatch import tf32_matmuls_allowed
-
         return "tf32" if tf32_matmuls_allowed() and not interpreting() else "ieee"
     if dtype == torch.float64:
         return "ieee"
