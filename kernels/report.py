@@ -68,16 +68,14 @@ def parse_resource_usage(text: str) -> dict | None:
     return dict(zip(("regs", "stack", "shared_static", "local"), map(int, m.groups())))
 
 
-_SASS_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+# One SASS instruction of a ``cuobjdump -sass`` listing: address, opcode (with its modifiers), operands.
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_BRANCH_TARGET = re.compile(r"\bBRA\b\s+(?:`\(\.L_x_\d+\)\s+)?0x([0-9a-f]+)")
 
 
 def sass_opcodes(sass: str) -> Counter:
     """Base opcode counts (``HGMMA.64x32x16.F32.BF16`` -> ``HGMMA``) of a ``cuobjdump -sass`` listing."""
-    return Counter(m.group(1) for m in _SASS_INSTR.finditer(sass))
-
-
-_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
-_BRANCH_TARGET = re.compile(r"\bBRA\b\s+(?:`\(\.L_x_\d+\)\s+)?0x([0-9a-f]+)")
+    return Counter(m.group(2).split(".")[0] for m in _SASS_LINE.finditer(sass))
 
 
 def main_loop_instructions(sass: str) -> int | None:
@@ -85,17 +83,16 @@ def main_loop_instructions(sass: str) -> int | None:
     inner loops included; None without a loop. For the kernels whose time is instruction issue
     (the fused kernel net) this per-iteration count, over the values a thread holds, is the cost
     model's input; a code path that runs rarely (libdevice's slow sine) still counts."""
+    lines = [(int(m.group(1), 16), m) for m in _SASS_LINE.finditer(sass)]
     spans = []
-    for m in _SASS_LINE.finditer(sass):
-        addr = int(m.group(1), 16)
-        if m.group(2).startswith("BRA"):
-            target = _BRANCH_TARGET.search(m.group(0))
-            if target and int(target.group(1), 16) < addr:
-                spans.append((int(target.group(1), 16), addr))
+    for addr, m in lines:
+        target = _BRANCH_TARGET.search(m.group(0)) if m.group(2).startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            spans.append((int(target.group(1), 16), addr))
     if not spans:
         return None
     start, end = max(spans, key=lambda sp: sp[1] - sp[0])
-    return sum(1 for m in _SASS_LINE.finditer(sass) if start <= int(m.group(1), 16) <= end)
+    return sum(1 for addr, _ in lines if start <= addr <= end)
 
 
 def sass_mma(counts: Counter) -> str:
