@@ -261,7 +261,7 @@ def _config_key(cfg) -> tuple:
     return tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages
 
 
-def prune_by_size(limits, fp32_only=()):
+def prune_by_size(limits, fp32_only=(), block_n=None):
     """An ``early_config_prune`` that drops configs the problem or the card cannot use:
 
     - ``fp32_only``: configs reserved for fp32 data, which then runs them alone (a kernel whose
@@ -274,6 +274,7 @@ def prune_by_size(limits, fp32_only=()):
       element size (fp32 doubles bf16's);
     - for exact fp32 (FMA units), a tile above :data:`EXACT_FP32_TILE`.
 
+    ``block_n(config, args)``: the N width of a kernel whose config does not name it as BLOCK_N.
     One config always survives."""
 
     reserved = {_config_key(c) for c in fp32_only}
@@ -292,6 +293,8 @@ def prune_by_size(limits, fp32_only=()):
                 if cfg.kwargs.get(block, 0) > max(16, triton.next_power_of_2(int(size))):
                     return False
             m, n, k = (cfg.kwargs.get(b) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            if block_n is not None:
+                n = block_n(cfg, args)
             if m and n and k:
                 if cfg.num_stages * (m * k + k * (n + TAIL_WIDTH.value)) * elem > SMEM_BUDGET:
                     return False

@@ -145,6 +145,36 @@ def _v_step(s: Shape, bm: int, bn: int, bk: int) -> Step:
     )
 
 
+def _halos(s: Shape, qh: int, qw: int) -> list[int]:
+    """Output positions whose window reaches each qh x qw pixel block ('same' padding), the blocks
+    in the direct dX kernel's order (``input_grad_direct._halo``)."""
+    k, pad, n = s.kernel_size, s.kernel_size // 2, s.size
+
+    def span(q0: int, q: int) -> int:
+        return max(0, min(q0 + q + pad, n) - max(q0 + pad - k + 1, 0))
+
+    return [span(y, qh) * span(x, qw) for y in range(0, n, qh) for x in range(0, n, qw)]
+
+
+def _direct_step(s: Shape, bm: int, qh: int, qw: int, bk: int) -> Step:
+    """dX without im2col columns (``input_grad_direct``): per block of pixels a GEMM whose
+    reduction runs over every (position, rotation, hidden) of the block's halo; B is Z, banded."""
+    e, n = s.elem, s.out_rotations
+    rows = s.batch * s.in_channels
+    main, tail = _split(s)
+    rows_exec = _ceil(rows, bm)
+    cols = (1 << (s.in_rotations - 1).bit_length()) * qh * qw
+    halos = _halos(s, qh, qw)
+    k_per_position = _ceil(n * main, bk)
+    macs = sum(rows_exec * cols * (h * k_per_position + (n * _ceil(h, 16) if tail else 0)) for h in halos)
+    hp = s.hidden + 1
+    # A: each program reads its rows' dU at every halo position; B: each Z element feeds one pixel,
+    # read once per row tile (masked lanes are not fetched)
+    l2 = e * (sum(halos) * rows_exec * n * hp + (rows_exec // bm) * _el(s)["z"])
+    return Step(f"dx direct: dX = banded GEMM, no columns [{bm}, {qh}x{qw} px, K{bk}]", macs,
+                e * (_el(s)["u"] + _el(s)["z"] + _el(s)["x"]), l2, "triton")
+
+
 def _el(s: Shape) -> dict[str, int]:
     """Elements of every tensor the steps move."""
     b, c, n, p = s.batch, s.in_channels, s.out_rotations, s.positions
@@ -178,6 +208,34 @@ def _best(s: Shape, kernel: str, card: Card) -> Step:
     return min(cands, key=lambda st: step_time(st, card))
 
 
+def _best_direct(s: Shape, card: Card) -> Step:
+    """The direct dX step at the config the model predicts fastest among those its autotuner keeps."""
+    import torch
+
+    from . import input_grad_direct
+
+    tuner = input_grad_direct._input_grad_direct_autotuned
+    main, tail = _split(s)
+    args = {"data": torch.empty(1, dtype={2: torch.bfloat16, 4: torch.float32}[s.elem]), "ROWS": s.batch * s.in_channels}
+    kept = tuner.early_config_prune(tuner.configs, args, HMAIN=main, N_ROT=s.out_rotations,
+                                    NIN_BLOCK=1 << (s.in_rotations - 1).bit_length(), PRECISION=None, FP64=False)
+    cands = [_direct_step(s, c.kwargs["BLOCK_M"], c.kwargs["QH"], c.kwargs["QW"], c.kwargs["BLOCK_K"]) for c in kept]
+    return min(cands, key=lambda st: step_time(st, card))
+
+
+def input_grad_steps(s: Shape, card: Card) -> dict[str, list[Step]]:
+    """dX's two routes (``relaxed_conv_bwd.input_grad_route``): im2col columns then col2im, or direct."""
+    e, el = s.elem, _el(s)
+    fold = Step("fold: dX = col2im(V)", 0, e * (el["v"] + el["x"]), 0, "copy")
+    return {"columns": [_best(s, "v", card), fold], "direct": [_best_direct(s, card)]}
+
+
+def faster_input_grad(s: Shape, card: Card) -> str:
+    """The dX route the model predicts faster: what the backward's timing should choose."""
+    routes = input_grad_steps(s, card)
+    return min(routes, key=lambda r: sum(step_time(x, card) for x in routes[r]))
+
+
 def _bank_backward_steps(s: Shape) -> list[Step]:
     """A stationary layer's backward through its conv2d bank (``relaxed_conv_bwd.bank_backward``):
     the bank K = W Z, cuDNN's data and weight gradients at the direct convolution's FLOPs, and the
@@ -194,9 +252,10 @@ def _bank_backward_steps(s: Shape) -> list[Step]:
     ]
 
 
-def steps(s: Shape, card: Card, stationary_backward: str = "bank") -> dict[str, list[Step]]:
+def steps(s: Shape, card: Card, stationary_backward: str = "bank", input_grad: str = "auto") -> dict[str, list[Step]]:
     """The steps of the forward and of the backward pass with their counts; a stationary layer's
-    backward takes ``stationary_backward``'s route ("bank", the default, or "fused")."""
+    backward takes ``stationary_backward``'s route ("bank", the default, or "fused"), dX
+    ``input_grad``'s ("columns", "direct", or "auto": the one the model predicts faster)."""
     e = s.elem
     el = _el(s)
     gemm_macs = s.batch * s.out_rotations * s.positions * (s.hidden + 1) * s.in_channels * s.out_channels
@@ -210,9 +269,9 @@ def steps(s: Shape, card: Card, stationary_backward: str = "bank") -> dict[str, 
     dy_t = Step("dY transposed for dW", 0, e * 2 * el["y"], 0, "copy")
     dw = Step("dW = dY U (cuBLAS)", gemm_macs, e * (el["u"] + el["y"]), 0, "cublas")
     du = Step("dU = dY^T W (cuBLAS)", gemm_macs, e * (el["u"] + el["y"]), 0, "cublas")
-    fold = Step("fold: dX = col2im(V)", 0, e * (el["v"] + el["x"]), 0, "copy")
+    route = faster_input_grad(s, card) if input_grad == "auto" else input_grad
     # The packed input and aligned Z come from the forward (kept by the autograd formula).
-    return {"fwd": fwd, "bwd": [dy_t, dw, du, _best(s, "dz", card), _best(s, "v", card), fold]}
+    return {"fwd": fwd, "bwd": [dy_t, dw, du, _best(s, "dz", card), *input_grad_steps(s, card)[route]]}
 
 
 def _times(st: Step, card: Card) -> dict[str, float]:
@@ -259,15 +318,16 @@ def kernel_net_steps(s: Shape, version: str | None = None) -> dict[str, list[Ste
             "bwd": [Step(f"kernel net backward (fused, {name})", 0, z_bytes, 0, "simt", values * bwd_i / 32)]}
 
 
-def predict(s: Shape, card: Card, stationary_backward: str = "bank") -> dict[str, float]:
+def predict(s: Shape, card: Card, stationary_backward: str = "bank", input_grad: str = "auto") -> dict[str, float]:
     """Predicted fwd, bwd and fwd+bwd milliseconds, and the peak of what the op allocates (MiB)."""
-    st = steps(s, card, stationary_backward)
+    st = steps(s, card, stationary_backward, input_grad)
+    route = faster_input_grad(s, card) if input_grad == "auto" else input_grad
     fwd = sum(step_time(x, card) for x in st["fwd"]) * 1e3
     bwd = sum(step_time(x, card) for x in st["bwd"]) * 1e3
     e = s.elem
     b, c, n, p = s.batch, s.in_channels, s.out_rotations, s.positions
     u_bytes = e * b * n * p * (s.hidden + 1) * c
-    v_bytes = min(e * b * p * s.kernel_size**2 * c * s.in_rotations, 256 * 2**20)
+    v_bytes = min(e * b * p * s.kernel_size**2 * c * s.in_rotations, 256 * 2**20) if route == "columns" else 0
     dz_bytes = 4 * n * (p if s.per_position else 1) * s.window * (s.hidden + 1)
     # backward: U (saved), dU, one V chunk, dZ (fp32), dX, the packed input
     peak = u_bytes * 2 + v_bytes + dz_bytes + 2 * e * b * c * s.in_rotations * (s.size + s.kernel_size) ** 2
@@ -293,6 +353,13 @@ def table(shapes: dict[str, Shape], card: Card) -> str:
                     f"| {name} | {pas} | {st.name} | {2 * st.macs / 1e9:.2f} | {st.dram_bytes / 1e6:.0f} | "
                     f"{st.l2_bytes / 1e6:.0f} | {bound(st, card)} | {step_time(st, card) * 1e6:.0f} |"
                 )
+        if s.per_position:
+            chosen = faster_input_grad(s, card)
+            for route, sts in input_grad_steps(s, card).items():
+                for st in sts if route != chosen else ():
+                    lines.append(f"| {name} | bwd | {st.name} (the other dX route, not in the total) | {2 * st.macs / 1e9:.2f} | "
+                                 f"{st.dram_bytes / 1e6:.0f} | {st.l2_bytes / 1e6:.0f} | {bound(st, card)} | "
+                                 f"{step_time(st, card) * 1e6:.0f} |")
         for pas, sts in kernel_net_steps(s).items():
             for st in sts:
                 lines.append(f"| {name} | {pas} | {st.name} (not in the total) | - | {st.dram_bytes / 1e6:.0f} | - | "

@@ -38,6 +38,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
@@ -104,7 +105,7 @@ KSIZE = 7  # the benchmark layers' kernel size (design.md §5)
 CASES = (("T1", 32, 1, 32, 64, True), ("T2", 32, 8, 16, 16, True), ("G1", 32, 8, 32, 64, False))
 # Constexprs that depend on the dtype come from DTYPES; tile sizes from the configs.
 # (The fused kernel net's backward gets BLOCK_J from its host function, so there it is a variant.)
-_NOT_VARIANT = {"PRECISION", "ACC", "FP64", "FAST_TRIG", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C"}
+_NOT_VARIANT = {"PRECISION", "ACC", "FP64", "FAST_TRIG", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C", "QH", "QW"}
 # The fused kernel net runs in the parameters' dtype (fp32 with TF32x3 or TF32 products; or fp64), whatever
 # the data dtype of the convolution; the convolution kernels in every data dtype but that.
 KERNEL_NET_DTYPES = ("fp32-tf32x3", "fp32-tf32", "fp64")
@@ -141,6 +142,16 @@ def captured_launches() -> dict[str, dict[str, tuple[dict, dict]]]:
             w = torch.empty(c, c, 33, dtype=dt, device="meta")
             y, u = relaxed_conv_fwd.relaxed_conv_fwd(x, z, w, None, g, return_u=True)
             relaxed_conv_bwd.relaxed_conv_bwd(torch.empty_like(y), x, z, w, g, u=u)
+            # dX's other route (the default above, where nothing is timed, is the columns route)
+            saved = os.environ.get(relaxed_conv_bwd.INPUT_GRAD_ENV)
+            os.environ[relaxed_conv_bwd.INPUT_GRAD_ENV] = "direct"
+            try:
+                relaxed_conv_bwd.relaxed_conv_bwd(torch.empty_like(y), x, z, w, g, u=u, needs=(True, False, False))
+            finally:
+                if saved is None:
+                    del os.environ[relaxed_conv_bwd.INPUT_GRAD_ENV]
+                else:
+                    os.environ[relaxed_conv_bwd.INPUT_GRAD_ENV] = saved
             # The same layer's kernel net (depth 3, H 32; the disk mask where N > 1), in fp32.
             f32 = dict(dtype=torch.float32, device="meta")
             r, q = torch.empty(n, g.window, 32, **f32), torch.empty(p, 32, **f32) if per_position else None
@@ -162,6 +173,7 @@ def _entry(name: str, launch: str, fn: str, autotuner: str, fixed: dict, capture
 def _kernels() -> tuple[Kernel, ...]:
     from .kernel_net_fused import FIXED_BACKWARD, FIXED_FORWARD
     from .common import PACK_TILE
+    from .input_grad_direct import FIXED_TILE as FIXED_DIRECT
     from .relaxed_conv_bwd import FIXED_FOLD, FIXED_TILE
 
     cap = captured_launches()
@@ -174,6 +186,8 @@ def _kernels() -> tuple[Kernel, ...]:
                FIXED_TILE, cap, dtypes=CONV_DTYPES),
         _entry("fold", "fold", "relaxed_conv_bwd:_fold_kernel", "relaxed_conv_bwd:_fold_autotuned", FIXED_FOLD, cap,
                dtypes=CONV_DTYPES),
+        _entry("dx_direct", "dx_direct", "input_grad_direct:_input_grad_direct_kernel",
+               "input_grad_direct:_input_grad_direct_autotuned", FIXED_DIRECT, cap, dtypes=CONV_DTYPES),
         _entry("pack", "pack", "common:_channels_last_padded_kernel", None, PACK_TILE, cap,  # a copy: one tile
                dtypes=CONV_DTYPES),
         _entry("knet_fwd", "knet_fwd", "kernel_net_fused:_knet_forward_kernel", "kernel_net_fused:_knet_forward_autotuned",

@@ -12,7 +12,8 @@ With U = X_col Z from the forward (``[B, N, P, H+1, C_in]``, recomputed when not
   GEMM, written in the channels-last im2col layout ``[B, P, K*K, C_in*N_in]``), then a col2im
   gather ``dX[b, c, q] = sum_Delta V[b, q - Delta, Delta, c]`` (Triton). Every element of dX is
   written by one program: no scatter, no atomics. V is the im2col size of the input, so it is
-  built for as many images at a time as fit a fixed budget.
+  built for as many images at a time as fit a fixed budget. The same dX without V, as one banded
+  GEMM per block of pixels (``input_grad_direct``), is the other route (:func:`input_grad_route`).
 
 Reruns give the same bits.
 
@@ -33,6 +34,8 @@ import triton.language as tl
 
 from . import common
 from .common import TAIL_WIDTH, channel_rows, hidden_columns, im2col_columns, mma, tail_columns
+from . import route_tuning
+from .input_grad_direct import direct_input_grad
 from .relaxed_conv_fwd import hidden_projection, output_weight_matrix
 
 # Bytes of the per-position column buffer V built at a time (a batch chunk of it).
@@ -296,6 +299,34 @@ def _input_grad(du, z_al, hid, geometry, x_shape, out_hw, dtype):
     return dx
 
 
+INPUT_GRAD_ENV = "RELAXEDCONV_TRITON_INPUT_GRAD"
+INPUT_GRAD_ROUTES = ("columns", "direct")
+
+
+def input_grad_route() -> str:
+    """How the Triton backward computes dX: ``"columns"`` (V = dU Z^T into im2col columns, then
+    col2im), ``"direct"`` (one banded GEMM per pixel block, no V: ``input_grad_direct``) or
+    ``"auto"`` (the default: on a GPU the first call of a shape times both and keeps the faster,
+    see ``route_tuning``; where nothing may be timed, ``columns``)."""
+    mode = os.environ.get(INPUT_GRAD_ENV, "auto").strip() or "auto"
+    if mode not in ("auto", *INPUT_GRAD_ROUTES):
+        raise ValueError(f"{INPUT_GRAD_ENV} must be 'auto', 'columns' or 'direct', got {mode!r}")
+    return mode
+
+
+def input_grad(du, z_al, hid, geometry, x_shape, out_hw, dtype):
+    """dX by the route :func:`input_grad_route` names (or, for ``auto``, the faster one)."""
+    args = (du, z_al, hid, geometry, x_shape, out_hw, dtype)
+    routes = {"columns": lambda: _input_grad(*args), "direct": lambda: direct_input_grad(*args)}
+    mode = input_grad_route()
+    if mode == "auto":
+        g = geometry
+        key = (str(du.device), str(dtype), common.bucket(x_shape[0]), tuple(x_shape[1:]), tuple(z_al.shape), tuple(out_hw),
+               g.kernel_size, g.padding, g.in_rotations, g.out_rotations)
+        mode = route_tuning.choose("dx", key, routes, default="columns", device=du.device, dtype=dtype)
+    return routes[mode]()
+
+
 STATIONARY_BACKWARD_ENV = "RELAXEDCONV_TRITON_STATIONARY_BACKWARD"
 
 
@@ -382,5 +413,5 @@ def relaxed_conv_bwd(dy, x, z, w_ext, geometry, *, needs=(True, True, True), u=N
                 x_cl = common.channels_last_padded(x, g.padding)
             dz = _hidden_grad(x_cl, du, z, g, out_hw, bsz)
         if needs[0]:
-            dx = _input_grad(du, z_al, hid, g, x.shape, out_hw, x.dtype)
+            dx = input_grad(du, z_al, hid, g, x.shape, out_hw, x.dtype)
     return dx, dz, dw

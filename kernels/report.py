@@ -345,10 +345,14 @@ def plan(dtypes: list[str], filters: list[str], quick: bool) -> tuple[list[Job],
                 broken.append({"kernel": kernel.name, "config": "-", "dtype": dname, "spec": "-", "ok": False,
                                "error": str(e)})
                 continue
-            if quick:
-                configs = [heaviest(configs)]
-            for config in configs:
-                for spec_label, _ in registry.specialisations(kernel):
+            for spec_label, spec in registry.specialisations(kernel):
+                chosen = configs
+                if quick:
+                    # the heaviest config the autotuner would run for this case (a config it prunes
+                    # there, e.g. a 256-column tile at N_in = 8, never runs, so says nothing)
+                    kept = [c for c in configs if registry.autotuner_keeps(kernel, dtype, c, spec_label, spec) is not False]
+                    chosen = [heaviest(kept or configs)]
+                for config in chosen:
                     job = Job(kernel.name, dname, config.label, spec_label)
                     if not filters or any(f in job.label for f in filters):
                         jobs.append(job)
@@ -356,8 +360,9 @@ def plan(dtypes: list[str], filters: list[str], quick: bool) -> tuple[list[Job],
 
 
 def heaviest(configs: list) -> "registry.LaunchConfig":
-    """The config with the largest tile per warp (product of its BLOCK_* sizes / num_warps; the
-    first of equals): the one most likely to run out of registers, so --quick checks it."""
+    """The config with the largest tile per warp (product of its tile sizes / num_warps; the
+    first of equals): the one most likely to run out of registers, so --quick checks it (per case,
+    among the configs the autotuner keeps there)."""
     def load(c):
         size = 1
         for v in c.meta.values():

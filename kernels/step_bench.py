@@ -5,7 +5,9 @@
 For each benchmark case (bf16, random tensors of the case's shapes) it times, with
 ``triton.testing.do_bench`` (median, L2 flushed, compile and autotuning excluded), the whole
 forward and backward of ``relaxed_conv_fwd``/``relaxed_conv_bwd`` and each step on its own — the
-input repack, the Z alignment, the ``u`` gather-GEMM, the W GEMMs, ``dz``, ``v`` and ``fold`` — and
+input repack, the Z alignment, the ``u`` gather-GEMM, the W GEMMs, ``dz``, dX by both of its routes
+(``v`` + ``fold`` through im2col columns, and ``dx direct`` without them; the whole backward
+runs the one its first call measured faster, printed after the table) — and
 prints measured µs, predicted µs (:mod:`relaxedconv.kernels.cost_model`) and their ratio, so a
 redesign is checked step by step against the argument that motivated it. The layer's kernel net
 is timed beside them (fp32, the parameters' dtype): the fused Triton forward and backward
@@ -21,7 +23,8 @@ import time
 
 import torch
 
-from . import common, cost_model
+from . import common, cost_model, route_tuning
+from .input_grad_direct import direct_input_grad
 from .relaxed_conv_bwd import _hidden_grad, _input_grad, relaxed_conv_bwd
 from .kernel_net_fused import kernel_net_backward, kernel_net_forward
 from .relaxed_conv_fwd import hidden_projection, output_weight_matrix, relaxed_conv_fwd
@@ -86,6 +89,7 @@ def measure(s: cost_model.Shape, device, dtype=torch.bfloat16) -> dict[str, floa
         "dU = dY^T W (cuBLAS)": bench(lambda: torch.matmul(dy3.transpose(1, 2), w_mat)),
         "dz": bench(lambda: _hidden_grad(x_cl, du, z, g, out_hw, s.batch)),
         "v + fold": bench(lambda: _input_grad(du, z_al, hp, g, x.shape, out_hw, dtype)),
+        "dx direct": bench(lambda: direct_input_grad(du, z_al, hp, g, x.shape, out_hw, dtype)),
     }
     res.update(measure_kernel_net(s, device, bench))
     return res
@@ -130,7 +134,11 @@ def _predicted(s: cost_model.Shape, card) -> dict[str, float]:
     for items in cost_model.steps(s, card).values():
         for item in items:
             out.setdefault(item.name.split(":")[0].split(" [")[0], cost_model.step_time(item, card) * 1e6)
-    out["v + fold"] = out.pop("v") + out.pop("fold")
+    routes = {r: sum(cost_model.step_time(x, card) for x in items) * 1e6
+              for r, items in cost_model.input_grad_steps(s, card).items()}
+    out["v + fold"], out["dx direct"] = routes["columns"], routes["direct"]
+    for step in ("v", "fold"):
+        out.pop(step, None)
     for version in ("tf32", "tf32x3"):
         for items in cost_model.kernel_net_steps(s, version).values():
             out[items[0].name] = cost_model.step_time(items[0], card) * 1e6
@@ -181,9 +189,14 @@ def main(argv=None) -> int:
             ratio = us / pu if pu else float("nan")
             rows.append({"case": name, "step": step, "measured_us": us, "predicted_us": pu, "ratio": ratio})
             print(f"{name:12s} {step:34s} {us:12.1f} {pu if pu is not None else float('nan'):13.1f} {ratio:6.2f}")
+    chosen = {" ".join(str(k) for k in key): {"route": c.route, "times_ms": c.times_ms, "skipped": c.skipped}
+              for key, c in route_tuning.choices().items()}
+    for key, c in chosen.items():
+        print(f"route {key}: {c['route']} (ms: {c['times_ms']}{'; skipped: ' + str(c['skipped']) if c['skipped'] else ''})")
     if args.json:
         meta = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-                "model_card": card.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "model_card": card.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "routes": chosen}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return 0

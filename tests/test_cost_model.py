@@ -56,7 +56,7 @@ def test_step_bench_runs_every_step_and_compares_with_the_model(tmp_path, capsys
 
     rows = json.loads(out.read_text())["rows"]
     steps = {r["step"] for r in rows}
-    assert {"u", "dz", "v + fold", "forward (whole)", "backward (whole, U given)",
+    assert {"u", "dz", "v + fold", "dx direct", "forward (whole)", "backward (whole, U given)",
             "kernel net forward (fused, tf32 products)", "kernel net backward (fused, tf32x3 products)"} <= steps
     assert all(r["measured_us"] > 0 for r in rows)
     # every step has a prediction but the PyTorch kernel net's, which is the comparison, not a model
@@ -99,3 +99,33 @@ def test_kernel_net_model_counts_every_value_of_z_and_is_issue_bound():
         assert times["first"][p] > times["tf32x3"][p] > times["tf32"][p]
     # 4x the positions (the batch does not enter): 4x the work
     assert cost_model.kernel_net_steps(big)["bwd"][0].instructions == 4 * steps["bwd"][0].instructions
+
+
+def _positions_reaching(s, qy0, qx0, qh, qw):
+    """Brute force: output positions whose K x K window ('same' padding) covers a pixel of the block."""
+    k, pad, n = s.kernel_size, s.kernel_size // 2, s.size
+    return sum(1 for py in range(n) for px in range(n)
+               if any(0 <= qy + pad - py < k and 0 <= qx + pad - px < k
+                      for qy in range(qy0, min(qy0 + qh, n)) for qx in range(qx0, min(qx0 + qw, n))))
+
+
+@pytest.mark.parametrize("qh, qw", [(4, 8), (2, 4), (8, 8)])
+def test_direct_dx_halos_are_the_positions_reaching_each_pixel_block(qh, qw):
+    s = cost_model.shape_of_case(CASES["T2"])  # 16 x 16, K = 7: blocks cut by the border too
+    expected = [_positions_reaching(s, y, x, qh, qw) for y in range(0, s.size, qh) for x in range(0, s.size, qw)]
+    assert cost_model._halos(s, qh, qw) == expected
+
+
+@pytest.mark.parametrize("name", ["T1", "T2", "T2-b64-32px"])
+def test_direct_dx_executes_at_least_the_useful_work_and_needs_no_column_buffer(name):
+    s = cost_model.shape_of_case(CASES[name])
+    card = cost_model.CARDS["H100"]
+    (direct,) = cost_model.input_grad_steps(s, card)["direct"]
+    k, pad, n = s.kernel_size, s.kernel_size // 2, s.size
+    per_axis = sum(1 for p in range(n) for kk in range(k) if 0 <= p + kk - pad < n)  # (position, offset) pairs
+    useful = s.batch * s.in_channels * s.in_rotations * per_axis**2 * s.out_rotations * s.hidden
+    # the banded B's zeros cost at most (QH + K - 1)(QW + K - 1) / K^2 < 4 times the useful work here
+    assert useful <= direct.macs <= 4 * useful * (1 + 1 / s.hidden)
+    peak = {r: cost_model.predict(s, card, input_grad=r)["peak_mib"] for r in ("columns", "direct")}
+    v_mib = min(2 * s.batch * s.positions * s.kernel_size**2 * s.in_channels * s.in_rotations, 256 * 2**20) / 2**20
+    assert peak["columns"] - peak["direct"] == pytest.approx(v_mib)
