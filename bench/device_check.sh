@@ -12,7 +12,8 @@
 #   0. environment (nvidia-smi, versions) and install (pip -e, no network)          <= 45 s
 #   1. tests:   python -m pytest -q tests, on CUDA (kernels compiled, not interpreted),  150 s
 #               in 8 processes when pytest-xdist is there (one process did 77% in 150 s)
-#   2. kernels: every step of the fused path timed beside the cost model (T1, T2, G4)    60 s
+#   2. kernels: every step of the fused path timed beside the cost model (T1, T2, G4),   90 s
+#               dX by both routes (v + fold, dx direct) and the route each shape chose
 #      split:   host vs device time of kernel net and convolution (T1, T2, G4), default  60 s
 #               kernel net and the fused one (RELAXEDCONV_FUSED_KERNEL_NET=1)
 #   3. layers:  layer benchmark, every case in bf16, 6 backends, budget 115 s;          210 s
@@ -103,7 +104,7 @@ want tests && run_step tests 150 "$PY" -m pytest -v -rf -p no:cacheprovider --du
 want tests && { grep -E "(FAILED|ERROR) " "$OUT/tests.log" | sort -u | head -40 | sed 's/^/   | /' | tee -a "$SUMMARY"; }
 
 # ---- 2. the fused path step by step, beside the cost model ------------------------------------
-want kernels && run_step kernel_steps 60 "$PY" -m relaxedconv.kernels.step_bench --cases T1,T2,G4 \
+want kernels && run_step kernel_steps 90 "$PY" -m relaxedconv.kernels.step_bench --cases T1,T2,G4 \
   --json "$OUT/kernel_steps.json"
 
 # ---- 2b. host vs device time of each part (kernel net, convolution), PyTorch and fused kernel net

@@ -6,8 +6,10 @@ measuring (dX with or without im2col columns: ``relaxed_conv_bwd.input_grad_rout
 Triton's autotuner and ``torch.backends.cudnn.benchmark``, the first call of a shape times every
 route (after one untimed call, which compiles and autotunes it) and later calls reuse the
 fastest. Where nothing may be timed — off a GPU, in the interpreter, with
-``RELAXEDCONV_AUTOTUNE=0`` (a fixed choice across processes), or while a CUDA graph is being
-captured — the default route runs and nothing is recorded, so a later eager call still tunes.
+``RELAXEDCONV_AUTOTUNE=0`` (a fixed choice across processes), under
+``torch.use_deterministic_algorithms`` (``relaxedconv train --deterministic``: the routes round
+differently, and a run and its resumption must agree), or while a CUDA graph is being captured —
+the default route runs and nothing is recorded, so a later eager call still tunes.
 
 A route that fails (a compile error on an unfamiliar card, out of memory) is skipped with a
 warning, not raised: the other route computes the same result.
@@ -62,7 +64,7 @@ def may_time(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a route may be chosen by timing now (see the module docstring)."""
     if _timer is not None:
         return True
-    if not common.use_autotune(device, dtype):
+    if not common.use_autotune(device, dtype) or torch.are_deterministic_algorithms_enabled():
         return False
     return not torch.cuda.is_current_stream_capturing()
 

@@ -201,3 +201,31 @@ def test_the_shipped_configs_keep_the_accumulator_in_registers():
         for c in kept:
             acc = c.kwargs["BLOCK_M"] * nin_block * c.kwargs["QH"] * c.kwargs["QW"] / (32 * c.num_warps)
             assert acc <= input_grad_direct.MAX_ACC_PER_THREAD or len(kept) == 1
+
+
+def test_deterministic_algorithms_keep_the_default_route(fresh_choices, monkeypatch):
+    """``relaxedconv train --deterministic``: a run and its resumption must run the same route."""
+    monkeypatch.setattr(common, "use_autotune", lambda device, dtype: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert route_tuning.may_time(torch.device("cuda"), torch.bfloat16)
+    old = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert not route_tuning.may_time(torch.device("cuda"), torch.bfloat16)
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="times both routes with CUDA events")
+def test_the_route_is_timed_on_a_gpu(fresh_choices, monkeypatch):
+    """The real timer (do_bench) on the real kernels; configs pinned so nothing autotunes."""
+    monkeypatch.setenv("RELAXEDCONV_AUTOTUNE", "1")
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "v:BLOCK_M=64,BLOCK_N=32,BLOCK_K=32;fold:BLOCK_Q=64,BLOCK_C=32;"
+                       "dx_direct:BLOCK_M=64,QH=4,QW=8,BLOCK_K=32")
+    monkeypatch.delenv(relaxed_conv_bwd.INPUT_GRAD_ENV, raising=False)
+    case = (32, 1, 1, 7, 3, 4, (16, 16), 33, True)
+    g, out_hw, du, z, du_d, z_al, x_shape, hid = _operands(case, torch.bfloat16)
+    dx = relaxed_conv_bwd.input_grad(du_d, z_al, hid, g, x_shape, out_hw, torch.bfloat16)
+    (choice,) = route_tuning.choices().values()
+    assert choice.skipped == {} and all(t > 0 for t in choice.times_ms.values())
+    assert rel_err(dx.cpu(), reference_dx(du.bfloat16(), z.bfloat16(), hid, g, x_shape)) < 1.5e-2
