@@ -201,7 +201,7 @@ def _best(s: Shape, kernel: str, card: Card) -> Step:
              "v": relaxed_conv_bwd._window_columns_autotuned}[kernel]
     main, _ = _split(s)
     args = {"data": torch.empty(1, dtype={2: torch.bfloat16, 4: torch.float32}[s.elem]),
-            "ROWS": s.batch * s.in_channels, "J": s.window, "N_ROT": s.out_rotations}
+            "ROWS": s.batch * s.in_channels, "J": s.window, "N_ROT": s.out_rotations, "P": s.positions}
     kept = tuner.early_config_prune(tuner.configs, args, HMAIN=main, PRECISION=None, FP64=False)
     make = {"u": _u_step, "dz": _dz_step, "v": _v_step}[kernel]
     cands = [make(s, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]

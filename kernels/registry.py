@@ -105,7 +105,7 @@ KSIZE = 7  # the benchmark layers' kernel size (design.md §5)
 CASES = (("T1", 32, 1, 32, 64, True), ("T2", 32, 8, 16, 16, True), ("G1", 32, 8, 32, 64, False))
 # Constexprs that depend on the dtype come from DTYPES; tile sizes from the configs.
 # (The fused kernel net's backward gets BLOCK_J from its host function, so there it is a variant.)
-_NOT_VARIANT = {"PRECISION", "ACC", "FP64", "FAST_TRIG", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C", "QH", "QW"}
+_NOT_VARIANT = {"PRECISION", "ACC", "FP64", "FAST_TRIG", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_Q", "BLOCK_C", "QH", "QW", "POSITIONS"}
 # The fused kernel net runs in the parameters' dtype (fp32 with TF32x3 or TF32 products; or fp64), whatever
 # the data dtype of the convolution; the convolution kernels in every data dtype but that.
 KERNEL_NET_DTYPES = ("fp32-tf32x3", "fp32-tf32", "fp64")
@@ -175,11 +175,12 @@ def _kernels() -> tuple[Kernel, ...]:
     from .common import PACK_TILE
     from .input_grad_direct import FIXED_TILE as FIXED_DIRECT
     from .relaxed_conv_bwd import FIXED_FOLD, FIXED_TILE
+    from .relaxed_conv_fwd import FIXED_TILE as FIXED_U
 
     cap = captured_launches()
     return (
         _entry("u", "u", "relaxed_conv_fwd:_hidden_projection_kernel", "relaxed_conv_fwd:_hidden_projection_autotuned",
-               FIXED_TILE, cap, dtypes=CONV_DTYPES),
+               FIXED_U, cap, dtypes=CONV_DTYPES),
         _entry("dz", "dz", "relaxed_conv_bwd:_hidden_weight_grad_kernel", "relaxed_conv_bwd:_hidden_weight_grad_autotuned",
                FIXED_TILE, cap, dtypes=CONV_DTYPES, pointers={"out_ptr": ACC}),  # fp32 (fp64) partials/dZ, cast on the host
         _entry("v", "v", "relaxed_conv_bwd:_window_columns_kernel", "relaxed_conv_bwd:_window_columns_autotuned",

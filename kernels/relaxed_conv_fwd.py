@@ -26,64 +26,123 @@ from .common import TAIL_WIDTH, channel_rows, hidden_columns, im2col_columns, mm
 
 
 @triton.jit
+def _window_products(x_ptr, z_ptr, acc, acc_t, p, k0, P, x_rows, row_ok, z_cols, col_ok, zt_cols, tail_ok,
+                     szp, szj, WP, W_OUT, CN, N_IN: tl.constexpr, KSIZE: tl.constexpr, TAIL: tl.constexpr,
+                     PRECISION: tl.constexpr, FP64: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc (and the tail's acc_t) + X_col[rows, k0:k0+BLOCK_K] @ Z[p, k0:k0+BLOCK_K, columns]."""
+    jj = k0 + tl.arange(0, BLOCK_K)
+    x_col, z_row, kk, _ = im2col_columns(jj, N_IN, KSIZE, WP, CN)
+    # jj < J (J = N_in * K^2) tested on kk, which is constant over each run of N_in window
+    # columns: Triton can then load those runs of the channels-last input as vectors (with
+    # jj < J, J = 392 at T2 carries no divisibility it can see: every element alone)
+    k_ok = (kk < KSIZE * KSIZE) & ((p + tl.zeros_like(kk)) < P)  # a vector: the interpreter's masks must be
+    x_pos = ((p // W_OUT) * WP + p % W_OUT) * CN
+    a = tl.load(x_ptr + (x_rows + x_pos)[:, None] + x_col[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    zb = tl.load(z_ptr + p * szp + (z_row * szj)[:, None] + z_cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    acc = mma(a, zb, acc, PRECISION, FP64)
+    if TAIL:
+        zt = tl.load(z_ptr + p * szp + (z_row * szj)[:, None] + zt_cols[None, :], mask=k_ok[:, None] & tail_ok[None, :], other=0.0)
+        acc_t = mma(a, zt, acc_t, PRECISION, FP64)
+    return acc, acc_t
+
+
+@triton.jit
+def _store_u(u_ptr, acc, acc_t, p, u_rows, row_ok, n, h, col_ok, tn, tail_ok, sun, sup, suh, P,
+             HMAIN: tl.constexpr, TAIL: tl.constexpr):
+    u_row = u_rows + p * sup
+    out_ty = u_ptr.dtype.element_ty
+    tl.store(u_ptr + u_row[:, None] + (n * sun + h * suh)[None, :], acc.to(out_ty),
+             mask=row_ok[:, None] & (col_ok & (p + tl.zeros_like(n) < P))[None, :])
+    if TAIL:
+        tl.store(u_ptr + u_row[:, None] + (tn * sun + HMAIN * suh)[None, :], acc_t.to(out_ty),
+                 mask=row_ok[:, None] & (tail_ok & (p + tl.zeros_like(tn) < P))[None, :])
+
+
+@triton.jit
 def _hidden_projection_kernel(
     x_ptr, z_ptr, u_ptr,
-    ROWS, CN, WP, W_OUT, J, N_ROT, ROWS_KEY,
+    ROWS, CN, WP, W_OUT, J, N_ROT, P, ROWS_KEY,
     sxb, szn, szp, szj, sub, sun, sup, suh,
     C_IN: tl.constexpr, N_IN: tl.constexpr, HMAIN: tl.constexpr,
     KSIZE: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, POSITIONS: tl.constexpr,
 ):
-    """U[(b, i), (n, h)] at position p = X_col[(b, i), j] @ Z[n, p, j, h] (program: p, row tile, column tile)."""
-    p = tl.program_id(0)
+    """U[(b, i), (n, h)] at position p = X_col[(b, i), j] @ Z[n, p, j, h] for POSITIONS consecutive
+    positions (program: position block, row tile, column tile).
+
+    With several positions the (position, K step) pairs are one loop, the product stored at each
+    position's last step: where the window is one K step (T(2): J = 49), a program per position
+    is a load, one dot and a store with nothing to overlap; over several positions the next
+    position's gathers are in flight while this one multiplies (Triton pipelines the loop)."""
+    p0 = tl.program_id(0) * POSITIONS
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
     b, i, row_ok = channel_rows(pid_m * BLOCK_M, ROWS, C_IN, BLOCK_M)
-    x_row = b * sxb + i * N_IN + ((p // W_OUT) * WP + p % W_OUT) * CN
+    x_rows = b * sxb + i * N_IN
+    u_rows = b * sub + i
     n, h, col_ok = hidden_columns(pid_n, N_ROT, HMAIN, BLOCK_N)
-    z_col = n * szn + p * szp + h
+    z_cols = n * szn + h
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    if TAIL:
-        tn, tail_ok = tail_columns(pid_n, N_ROT, HMAIN, BLOCK_N, TAIL_WIDTH)
-        zt_col = tn * szn + p * szp + HMAIN
-        acc_t = tl.zeros((BLOCK_M, TAIL_WIDTH), dtype=ACC)
-    for k0 in range(0, J, BLOCK_K):
-        jj = k0 + tl.arange(0, BLOCK_K)
-        x_col, z_row, kk, _ = im2col_columns(jj, N_IN, KSIZE, WP, CN)
-        # jj < J (J = N_in * K^2) tested on kk, which is constant over each run of N_in window
-        # columns: Triton can then load those runs of the channels-last input as vectors (with
-        # jj < J, J = 392 at T2 carries no divisibility it can see: every element alone)
-        k_ok = kk < KSIZE * KSIZE
-        a = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        zb = tl.load(z_ptr + (z_row * szj)[:, None] + z_col[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(a, zb, acc, PRECISION, FP64)
-        if TAIL:
-            zt = tl.load(z_ptr + (z_row * szj)[:, None] + zt_col[None, :], mask=k_ok[:, None] & tail_ok[None, :], other=0.0)
-            acc_t = mma(a, zt, acc_t, PRECISION, FP64)
-    u_row = b * sub + p * sup + i
-    out_ty = u_ptr.dtype.element_ty
-    tl.store(u_ptr + u_row[:, None] + (n * sun + h * suh)[None, :], acc.to(out_ty), mask=row_ok[:, None] & col_ok[None, :])
-    if TAIL:
-        tl.store(u_ptr + u_row[:, None] + (tn * sun + HMAIN * suh)[None, :], acc_t.to(out_ty), mask=row_ok[:, None] & tail_ok[None, :])
+    # without a tail these stand in for its column indices and accumulator (never stored)
+    tn, tail_ok = tail_columns(pid_n, N_ROT, HMAIN, BLOCK_N, TAIL_WIDTH)
+    zt_cols = tn * szn + HMAIN
+    acc_t = tl.zeros((BLOCK_M, TAIL_WIDTH), dtype=ACC)
+    if POSITIONS == 1:
+        # one position: the loop over the window as it always was (a runtime bound, so a
+        # one-step window still compiles as a loop, with cp.async)
+        for k0 in range(0, J, BLOCK_K):
+            acc, acc_t = _window_products(x_ptr, z_ptr, acc, acc_t, p0, k0, P, x_rows, row_ok, z_cols, col_ok,
+                                          zt_cols, tail_ok, szp, szj, WP, W_OUT, CN, N_IN, KSIZE, TAIL, PRECISION,
+                                          FP64, BLOCK_K)
+        _store_u(u_ptr, acc, acc_t, p0, u_rows, row_ok, n, h, col_ok, tn, tail_ok, sun, sup, suh, P, HMAIN, TAIL)
+    else:
+        K_TILES: tl.constexpr = (N_IN * KSIZE * KSIZE + BLOCK_K - 1) // BLOCK_K
+        for s in range(0, POSITIONS * K_TILES):
+            ki = s % K_TILES
+            p = p0 + s // K_TILES
+            acc, acc_t = _window_products(x_ptr, z_ptr, acc, acc_t, p, ki * BLOCK_K, P, x_rows, row_ok, z_cols,
+                                          col_ok, zt_cols, tail_ok, szp, szj, WP, W_OUT, CN, N_IN, KSIZE, TAIL,
+                                          PRECISION, FP64, BLOCK_K)
+            if ki == K_TILES - 1:
+                _store_u(u_ptr, acc, acc_t, p, u_rows, row_ok, n, h, col_ok, tn, tail_ok, sun, sup, suh, P, HMAIN, TAIL)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+                acc_t = tl.zeros((BLOCK_M, TAIL_WIDTH), dtype=ACC)
 
 
 def _configs():
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): rows (b, i) are many (B*C_in), columns N*H are
-    # 32 (T(2)) to 512 (SE(2)-16), the window J is 49 (K 7, lifting/T(2)) to 784 (N_in 16).
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, positions per program): rows (b, i) are many
+    # (B*C_in), columns N*H are 32 (T(2)) to 512 (SE(2)-16), the window J is 49 (K 7, lifting/T(2))
+    # to 784 (N_in 16). Several positions per program are for windows of one or two K steps.
     shapes = [
-        (128, 32, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4),
-        (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (256, 64, 64, 8, 3), (64, 32, 64, 4, 4),
+        (128, 32, 64, 4, 3, 1), (128, 64, 64, 4, 3, 1), (128, 128, 64, 8, 3, 1), (128, 128, 32, 8, 4, 1),
+        (64, 64, 64, 4, 3, 1), (64, 128, 64, 4, 3, 1), (256, 64, 64, 8, 3, 1), (64, 32, 64, 4, 4, 1),
+        (128, 32, 64, 4, 3, 8), (64, 32, 64, 4, 4, 8), (128, 64, 64, 4, 3, 4),
     ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "POSITIONS": q}, num_warps=w, num_stages=s)
+            for m, n, k, w, s, q in shapes]
+
+
+# Windows up to this many columns (two K steps of 64) also try several positions per program.
+SHORT_WINDOW = 128
+_prune_by_size = common.prune_by_size({"BLOCK_M": "ROWS", "BLOCK_K": "J"})
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**kwargs, **named_args}
+    # A long window overlaps its own K steps already; exact fp32 (FMA dots) spills with the
+    # pipelined position loop (kernel report, 2026-11-27: 324 B at T1) and is the checking path.
+    if args["J"] > SHORT_WINDOW or (args.get("PRECISION") == "ieee" and not args.get("FP64")):
+        configs = [c for c in configs if c.kwargs.get("POSITIONS", 1) == 1] or configs
+    return _prune_by_size(configs, named_args, **kwargs)
 
 
 _hidden_projection_autotuned = triton.autotune(
     configs=_configs(),
     key=["ROWS_KEY", "J", "N_ROT", "CN"],
-    prune_configs_by={"early_config_prune": common.prune_by_size({"BLOCK_M": "ROWS", "BLOCK_K": "J"})},
+    prune_configs_by={"early_config_prune": _prune},
 )(_hidden_projection_kernel)
 
-FIXED_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+FIXED_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "POSITIONS": 1}
 
 
 def hidden_projection(x_cl, z_al, hidden: int, geometry, out_hw, batch: int) -> torch.Tensor:
@@ -102,7 +161,7 @@ def hidden_projection(x_cl, z_al, hidden: int, geometry, out_hw, batch: int) -> 
     rows = batch * g.in_channels
     args = (
         x_cl, z, u,
-        rows, x_cl.shape[-1], x_cl.shape[2], w_out, g.window, g.out_rotations, common.bucket(rows),
+        rows, x_cl.shape[-1], x_cl.shape[2], w_out, g.window, g.out_rotations, positions, common.bucket(rows),
         x_cl.stride(0), z.stride(0), z.stride(1) if per_position else 0, z.stride(-2),
         u.stride(0), u.stride(1), u.stride(2), u.stride(3),
     )
@@ -112,7 +171,8 @@ def hidden_projection(x_cl, z_al, hidden: int, geometry, out_hw, batch: int) -> 
                   ACC=common.acc_dtype(x_cl.dtype), FP64=x_cl.dtype == torch.float64)
 
     def grid(meta):
-        return (positions, triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(g.out_rotations * hmain, meta["BLOCK_N"]))
+        return (triton.cdiv(positions, meta.get("POSITIONS", 1)), triton.cdiv(rows, meta["BLOCK_M"]),
+                triton.cdiv(g.out_rotations * hmain, meta["BLOCK_N"]))
 
     common.launch("u", _hidden_projection_kernel, _hidden_projection_autotuned, grid, args, consts, FIXED_TILE,
                   device=x_cl.device, dtype=x_cl.dtype)

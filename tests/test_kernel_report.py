@@ -294,7 +294,7 @@ def test_the_registry_knows_which_shipped_configs_the_autotuner_keeps():
     u = next(k for k in registry.KERNELS if k.name == "u")
     spec = dict(registry.specialisations(u))["T1"]
     configs = {c.label: c for c in registry.shipped_configs(u, registry.DTYPES["fp32-ieee"])}
-    big, small = configs["M128-N64-K64-w4-s3"], configs["M64-N32-K64-w4-s4"]
+    big, small = configs["M128-N64-K64-POSITIONS1-w4-s3"], configs["M64-N32-K64-POSITIONS1-w4-s4"]
     assert registry.autotuner_keeps(u, registry.DTYPES["fp32-ieee"], big, "T1", spec) is False
     assert registry.autotuner_keeps(u, registry.DTYPES["fp32-ieee"], small, "T1", spec) is True
     assert registry.autotuner_keeps(u, registry.DTYPES["bf16"], big, "T1", spec) is True

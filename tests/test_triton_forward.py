@@ -20,6 +20,19 @@ def test_forward_matches_materialize_fp32(case, poisoned_outputs, exact_fp32):
     assert rel_err(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[6]] + [CASES[0]], ids=case_id)
+def test_several_positions_per_program_fp64(case, poisoned_outputs, monkeypatch):
+    """``u`` with 3 positions per program (the configs for short windows; here also where the
+    positions do not divide evenly and where a window takes more than one K step)."""
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "u:POSITIONS=3")
+    torch.manual_seed(4)
+    layer, x = make_layer(case, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x, backend="triton")
+        assert not torch.isnan(y).any(), "an output tile was never written"
+        assert rel_err(y, layer(x, backend="materialize")) < 1e-12
+
+
 @pytest.mark.parametrize("case", CASES[::3], ids=case_id)
 def test_forward_matches_materialize_fp64(case, poisoned_outputs):
     torch.manual_seed(1)
