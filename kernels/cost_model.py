@@ -145,15 +145,20 @@ def _v_step(s: Shape, bm: int, bn: int, bk: int) -> Step:
     )
 
 
-def _halos(s: Shape, qh: int, qw: int) -> list[int]:
-    """Output positions whose window reaches each qh x qw pixel block ('same' padding), the blocks
-    in the direct dX kernel's order (``input_grad_direct._halo``)."""
+def _halo_shapes(s: Shape, qh: int, qw: int) -> list[tuple[int, int]]:
+    """(rows, columns) of output positions whose window reaches each qh x qw pixel block ('same'
+    padding), the blocks in the direct dX kernel's order (``input_grad_direct._halo``)."""
     k, pad, n = s.kernel_size, s.kernel_size // 2, s.size
 
     def span(q0: int, q: int) -> int:
         return max(0, min(q0 + q + pad, n) - max(q0 + pad - k + 1, 0))
 
-    return [span(y, qh) * span(x, qw) for y in range(0, n, qh) for x in range(0, n, qw)]
+    return [(span(y, qh), span(x, qw)) for y in range(0, n, qh) for x in range(0, n, qw)]
+
+
+def _halos(s: Shape, qh: int, qw: int) -> list[int]:
+    """Output positions whose window reaches each pixel block."""
+    return [hy * hx for hy, hx in _halo_shapes(s, qh, qw)]
 
 
 def _direct_step(s: Shape, bm: int, qh: int, qw: int, bk: int) -> Step:
@@ -166,11 +171,15 @@ def _direct_step(s: Shape, bm: int, qh: int, qw: int, bk: int) -> Step:
     cols = (1 << (s.in_rotations - 1).bit_length()) * qh * qw
     halos = _halos(s, qh, qw)
     k_per_position = _ceil(n * main, bk)
-    macs = sum(rows_exec * cols * (h * k_per_position + (n * _ceil(h, 16) if tail else 0)) for h in halos)
+    # the tail: one step per (rotation, halo row) over QW + K - 1 positions padded to a power of two
+    row_width = max(16, 1 << (qw + s.kernel_size - 2).bit_length())
+    macs = sum(rows_exec * cols * (hy * hx * k_per_position + (n * hy * row_width if tail else 0))
+               for hy, hx in _halo_shapes(s, qh, qw))
     hp = s.hidden + 1
-    # A: each program reads its rows' dU at every halo position; B: each Z element feeds one pixel,
-    # read once per row tile (masked lanes are not fetched)
-    l2 = e * (sum(halos) * rows_exec * n * hp + (rows_exec // bm) * _el(s)["z"])
+    # A: each program reads its rows' dU at every halo position; B: each element of a position's Z
+    # feeds one pixel, read once per row tile (masked lanes are not fetched) — P positions' worth
+    # for stationary Z too, which every position reads again
+    l2 = e * (sum(halos) * rows_exec * n * hp + (rows_exec // bm) * n * s.positions * s.window * hp)
     return Step(f"dx direct: dX = banded GEMM, no columns [{bm}, {qh}x{qw} px, K{bk}]", macs,
                 e * (_el(s)["u"] + _el(s)["z"] + _el(s)["x"]), l2, "triton")
 

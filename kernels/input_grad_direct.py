@@ -22,8 +22,9 @@ both once per shape (``relaxed_conv_bwd.input_grad_route``).
 Per position the reduction is one or more BLOCK_K steps over the flattened (n, h < H) columns,
 with the position a scalar of the step: Z's rows are then read as runs of H contiguous elements
 (16-byte vectors), and the masks (inside the window, inside the image) are constant along them.
-The "tail" hidden column h = H (hidden_split) has its own steps whose reduction runs over 16
-positions of the halo at once, so it costs 1/H of the main loop, not a 16-wide dot per position.
+The "tail" hidden column h = H (hidden_split) has its own steps, one per (rotation, halo row),
+whose reduction runs over the row's positions (QW + K - 1, padded to a power of two), so it costs
+about 1/H of the main loop, not a 16-wide dot per position.
 
 Every element of dX is written by exactly one program in a fixed order: reruns give the same bits.
 """
@@ -36,8 +37,6 @@ import triton.language as tl
 from . import common
 from .common import channel_rows, mma
 
-# Positions of the halo one tail step reduces over.
-TAIL_POSITIONS = tl.constexpr(16)
 
 
 @triton.jit
@@ -68,6 +67,13 @@ def _input_grad_direct_kernel(
     n'; program: (pixel rectangle, row tile). BLOCK_K tiles the flattened (n, h) of one position."""
     K2: tl.constexpr = KSIZE * KSIZE
     PIX: tl.constexpr = QH * QW
+    # a halo row's positions (QW + K - 1), padded to a power of two that tl.dot takes (>= 16):
+    # the next power of two by smearing the highest bit (constexpr arithmetic, no calls)
+    T0: tl.constexpr = QW + KSIZE - 2
+    T1: tl.constexpr = T0 | (T0 >> 1)
+    T2: tl.constexpr = T1 | (T1 >> 2)
+    T3: tl.constexpr = T2 | (T2 >> 4)
+    TAIL_POSITIONS: tl.constexpr = (T3 | (T3 >> 8) | 15) + 1
     BLOCK_N: tl.constexpr = NIN_BLOCK * PIX
     pid_q = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -115,23 +121,29 @@ def _input_grad_direct_kernel(
         py = tl.where(next_row, py + 1, py)
 
     if TAIL:
-        # the tail column h = HMAIN of each rotation, TAIL_POSITIONS halo positions per step
-        t_steps = tl.cdiv(n_pos, TAIL_POSITIONS)
-        for s in range(0, N_ROT * t_steps):
-            tn = s // t_steps
-            t = (s - tn * t_steps) * TAIL_POSITIONS + tl.arange(0, TAIL_POSITIONS)
-            t_ok = t < n_pos
-            ty = py_lo + t // hx
-            tx = px_lo + t % hx
+        # The tail column h = HMAIN of each rotation: one step per (rotation, halo row), its
+        # reduction over the row's positions (at most QW + K - 1 of them: no division by the halo
+        # width, which is a runtime value).
+        tx = px_lo + tl.arange(0, TAIL_POSITIONS)
+        t_ok = tl.arange(0, TAIL_POSITIONS) < hx
+        dxw = qx[None, :] + PAD - tx[:, None]
+        across = t_ok[:, None] & col_ok[None, :] & (dxw >= 0) & (dxw < KSIZE)
+        hy = n_pos // tl.maximum(hx, 1)
+        tn = py_lo * 0
+        ty = py_lo
+        for _ in range(0, N_ROT * hy):
             p = ty * W_OUT + tx
             a = tl.load(du_ptr + du_row[:, None] + (p * sup + tn * sun + HMAIN * suh)[None, :],
                         mask=row_ok[:, None] & t_ok[None, :], other=0.0)
-            dy = qy[None, :] + PAD - ty[:, None]
-            dxw = qx[None, :] + PAD - tx[:, None]
-            inside = col_ok[None, :] & t_ok[:, None] & (dy >= 0) & (dy < KSIZE) & (dxw >= 0) & (dxw < KSIZE)
-            zb = tl.load(z_ptr + tn * szn + HMAIN + (p * szp)[:, None] + z_col[None, :] + (dy * KSIZE + dxw) * szj,
+            dy = qy + PAD - ty
+            inside = across & ((dy >= 0) & (dy < KSIZE))[None, :]
+            zb = tl.load(z_ptr + tn * szn + HMAIN + (p * szp)[:, None] + (z_col + dy * KSIZE * szj)[None, :] + dxw * szj,
                          mask=inside, other=0.0)
             acc = mma(a, zb, acc, PRECISION, FP64)
+            ty += 1
+            next_rotation = ty == py_lo + hy
+            ty = tl.where(next_rotation, py_lo, ty)
+            tn = tl.where(next_rotation, tn + 1, tn)
 
     dx_row = b * sxb + i * N_IN * sxc
     dx_col = nprime * sxc + qy * sxh + qx * sxw
@@ -146,7 +158,7 @@ def _configs():
     shapes = [
         (128, 4, 8, 32, 4, 3), (128, 4, 4, 32, 4, 3), (64, 4, 8, 32, 4, 4), (128, 8, 8, 32, 8, 3),
         (64, 2, 4, 64, 4, 3), (128, 2, 4, 64, 8, 3), (64, 2, 2, 64, 4, 4), (128, 2, 2, 64, 4, 3),
-        (64, 4, 4, 64, 4, 3),
+        (64, 4, 4, 64, 4, 3), (64, 4, 8, 16, 4, 4),  # the last for narrow reductions (N * H = 16)
     ]
     return [triton.Config({"BLOCK_M": m, "QH": qh, "QW": qw, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, qh, qw, k, w, s in shapes]
@@ -175,7 +187,7 @@ def _prune(configs, named_args, **kwargs):
 
 _input_grad_direct_autotuned = triton.autotune(
     configs=_configs(),
-    key=["ROWS_KEY", "H_IN", "W_IN", "N_ROT", "N_IN", "PAD", "KSIZE"],
+    key=["ROWS_KEY", "H_IN", "W_IN", "N_ROT", "N_IN", "PAD", "KSIZE", "HMAIN", "TAIL"],
     prune_configs_by={"early_config_prune": _prune},
 )(_input_grad_direct_kernel)
 

@@ -321,8 +321,10 @@ def input_grad(du, z_al, hid, geometry, x_shape, out_hw, dtype):
     mode = input_grad_route()
     if mode == "auto":
         g = geometry
-        key = (str(du.device), str(dtype), common.bucket(x_shape[0]), tuple(x_shape[1:]), tuple(z_al.shape), tuple(out_hw),
-               g.kernel_size, g.padding, g.in_rotations, g.out_rotations)
+        # everything that changes either route's work: z_al's last dimension is H+1 rounded up to
+        # 16, so H+1 itself is in the key; fp32's products are TF32 or exact depending on torch's flag
+        key = (str(du.device), str(dtype), common.dot_precision(dtype), common.bucket(x_shape[0]), tuple(x_shape[1:]),
+               tuple(z_al.shape), hid, tuple(out_hw), g.kernel_size, g.padding, g.in_rotations, g.out_rotations)
         mode = route_tuning.choose("dx", key, routes, default="columns", device=du.device, dtype=dtype)
     return routes[mode]()
 

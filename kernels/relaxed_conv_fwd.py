@@ -138,7 +138,7 @@ def _prune(configs, named_args, **kwargs):
 
 _hidden_projection_autotuned = triton.autotune(
     configs=_configs(),
-    key=["ROWS_KEY", "J", "N_ROT", "CN"],
+    key=["ROWS_KEY", "J", "N_ROT", "CN", "P"],  # P: with POSITIONS it sets the grid
     prune_configs_by={"early_config_prune": _prune},
 )(_hidden_projection_kernel)
 

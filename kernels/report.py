@@ -365,8 +365,9 @@ def heaviest(configs: list) -> "registry.LaunchConfig":
     among the configs the autotuner keeps there)."""
     def load(c):
         size = 1
-        for v in c.meta.values():
-            size *= v
+        for k, v in c.meta.items():
+            if k != "POSITIONS":  # positions per program (u) are not a tile dimension
+                size *= v
         return size / c.num_warps
     return max(configs, key=load)  # max keeps the first of equal keys
 

@@ -8,8 +8,10 @@ route (after one untimed call, which compiles and autotunes it) and later calls 
 fastest. Where nothing may be timed — off a GPU, in the interpreter, with
 ``RELAXEDCONV_AUTOTUNE=0`` (a fixed choice across processes), under
 ``torch.use_deterministic_algorithms`` (``relaxedconv train --deterministic``: the routes round
-differently, and a run and its resumption must agree), or while a CUDA graph is being captured —
-the default route runs and nothing is recorded, so a later eager call still tunes.
+differently, and a run and its resumption must agree: there the default runs even for a shape
+chosen earlier in the process), or while a CUDA graph is being captured (a shape chosen before
+keeps its route) — the default route runs and nothing is recorded, so a later eager call still
+tunes. A route that failed is not retried for that shape in this process.
 
 A route that fails (a compile error on an unfamiliar card, out of memory) is skipped with a
 warning, not raised: the other route computes the same result.
@@ -71,10 +73,12 @@ def may_time(device: torch.device, dtype: torch.dtype) -> bool:
 
 def choose(step: str, key: tuple, routes: dict, *, default: str, device: torch.device, dtype: torch.dtype) -> str:
     """The route of ``step`` for shape ``key``: ``routes`` maps each name to a zero-argument call."""
+    if _timer is None and torch.are_deterministic_algorithms_enabled():
+        return default  # even where a choice was recorded before the switch (see the module docstring)
     full_key = (step, *key)
     known = _CHOICES.get(full_key)
     if known is not None:
-        return known.route
+        return known.route  # also while a CUDA graph is captured: the recorded route is replayed
     if not may_time(device, dtype):
         return default
     timer = _timer or _default_timer

@@ -204,16 +204,48 @@ def test_the_shipped_configs_keep_the_accumulator_in_registers():
 
 
 def test_deterministic_algorithms_keep_the_default_route(fresh_choices, monkeypatch):
-    """``relaxedconv train --deterministic``: a run and its resumption must run the same route."""
+    """``relaxedconv train --deterministic``: a run and its resumption must run the same route,
+    even for a shape whose faster route was recorded before the switch."""
     monkeypatch.setattr(common, "use_autotune", lambda device, dtype: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(route_tuning, "_default_timer", lambda fn, route: {"columns": 2.0, "direct": 1.0}[route])
+    kw = dict(default="columns", device=torch.device("cuda"), dtype=torch.bfloat16)
+    routes = {"columns": lambda: None, "direct": lambda: None}
     assert route_tuning.may_time(torch.device("cuda"), torch.bfloat16)
+    assert route_tuning.choose("dx", ("shape D",), routes, **kw) == "direct"
     old = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         assert not route_tuning.may_time(torch.device("cuda"), torch.bfloat16)
+        assert route_tuning.choose("dx", ("shape D",), routes, **kw) == "columns"
     finally:
         torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+
+
+def test_hidden_widths_that_align_alike_are_chosen_apart(fresh_choices, monkeypatch):
+    """H+1 = 17 (16 columns and a tail) and H+1 = 25 (no tail) both align Z to 32 columns."""
+    monkeypatch.delenv(relaxed_conv_bwd.INPUT_GRAD_ENV, raising=False)
+    timed = []
+    route_tuning.set_timer(lambda fn, route: timed.append(route) or 1.0)
+    monkeypatch.setattr(relaxed_conv_bwd, "_input_grad", lambda *a: None)
+    monkeypatch.setattr(relaxed_conv_bwd, "direct_input_grad", lambda *a: None)
+    for hid in (17, 25):
+        g, out_hw, _, _, du_d, z_al, x_shape, _ = _operands((2, 1, 1, 3, 1, 1, (4, 4), hid, True), torch.float64)
+        assert z_al.shape[-1] == 32
+        relaxed_conv_bwd.input_grad(du_d, z_al, hid, g, x_shape, out_hw, torch.float64)
+    assert len(route_tuning.choices()) == 2 and timed == ["columns", "direct"] * 2
+
+
+@pytest.mark.parametrize("config", ["BLOCK_M=64,QH=4,QW=8,BLOCK_K=32", "BLOCK_M=64,QH=2,QW=2,BLOCK_K=64",
+                                    "BLOCK_M=128,QH=8,QW=8,BLOCK_K=32", "BLOCK_M=64,QH=4,QW=8,BLOCK_K=16"])
+def test_shipped_tiles_fp32(config, poisoned_outputs, monkeypatch):
+    """The autotuner's tiles (the interpreter otherwise runs the fixed 16-row tile only)."""
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "dx_direct:" + config)
+    case = (8, 2, 2, 5, 2, 5, (7, 10), 33, True)  # 40 rows: a partial row tile; blocks cut by the border
+    g, out_hw, du, z, du_d, z_al, x_shape, hid = _operands(case, torch.float32, seed=5)
+    got = input_grad_direct.direct_input_grad(du_d, z_al, hid, g, x_shape, out_hw, torch.float32)
+    assert not torch.isnan(got).any()
+    assert rel_err(got.cpu(), reference_dx(du.float(), z.float(), hid, g, x_shape)) < 2e-6
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="times both routes with CUDA events")
@@ -229,3 +261,14 @@ def test_the_route_is_timed_on_a_gpu(fresh_choices, monkeypatch):
     (choice,) = route_tuning.choices().values()
     assert choice.skipped == {} and all(t > 0 for t in choice.times_ms.values())
     assert rel_err(dx.cpu(), reference_dx(du.bfloat16(), z.bfloat16(), hid, g, x_shape)) < 1.5e-2
+
+
+def test_halo_rows_wider_than_sixteen_positions_fp64(poisoned_outputs, monkeypatch):
+    """The tail steps reduce over one halo row, QW + K - 1 positions padded to a power of two:
+    32 here (8-pixel-wide blocks, K = 11), the blocks cut by the border on both sides."""
+    monkeypatch.setenv("RELAXEDCONV_KERNEL_CONFIG", "dx_direct:BLOCK_M=16,QH=2,QW=8,BLOCK_K=16")
+    case = (2, 1, 1, 11, 5, 1, (5, 13), 17, True)
+    g, out_hw, du, z, du_d, z_al, x_shape, hid = _operands(case, torch.float64, seed=3)
+    got = input_grad_direct.direct_input_grad(du_d, z_al, hid, g, x_shape, out_hw, torch.float64)
+    assert not torch.isnan(got).any()
+    assert rel_err(got.cpu(), reference_dx(du, z, hid, g, x_shape)) < 1e-12
