@@ -330,7 +330,9 @@ def kernel_net_steps(s: Shape, version: str | None = None) -> dict[str, list[Ste
 def predict(s: Shape, card: Card, stationary_backward: str = "bank", input_grad: str = "auto") -> dict[str, float]:
     """Predicted fwd, bwd and fwd+bwd milliseconds, and the peak of what the op allocates (MiB)."""
     st = steps(s, card, stationary_backward, input_grad)
-    route = faster_input_grad(s, card) if input_grad == "auto" else input_grad
+    # V exists only on the Triton backward's columns route (the bank route has no V)
+    triton_backward = s.per_position or stationary_backward != "bank"
+    route = (faster_input_grad(s, card) if input_grad == "auto" else input_grad) if triton_backward else None
     fwd = sum(step_time(x, card) for x in st["fwd"]) * 1e3
     bwd = sum(step_time(x, card) for x in st["bwd"]) * 1e3
     e = s.elem
