@@ -166,6 +166,17 @@ def _e2e_config(args, device) -> e2e_mod.E2EConfig:
     return cfg
 
 
+
+def _route_choices() -> list[dict]:
+    """Which route each step took for each shape its first call timed (dX: columns or direct;
+    kernels/route_tuning.py), with the times that decided it: the rows ran on these."""
+    try:
+        from ..kernels import route_tuning
+    except Exception:  # noqa: BLE001 - the kernels need triton; a CPU-only install still benchmarks
+        return []
+    return [{"step": key[0], "shape": [str(k) for k in key[1:]], "route": c.route, "times_ms": c.times_ms,
+             "skipped": c.skipped} for key, c in route_tuning.choices().items()]
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.summarize:
@@ -228,6 +239,7 @@ def main(argv=None) -> int:
 
     def save():
         payload["elapsed_s"] = round(budget.elapsed(), 1)
+        payload["routes"] = _route_choices()
         if args.json:
             report.write_json(args.json, payload)
 
