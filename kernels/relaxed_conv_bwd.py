@@ -325,7 +325,8 @@ def input_grad(du, z_al, hid, geometry, x_shape, out_hw, dtype):
         # 16, so H+1 itself is in the key; fp32's products are TF32 or exact depending on torch's flag
         key = (str(du.device), str(dtype), common.dot_precision(dtype), common.bucket(x_shape[0]), tuple(x_shape[1:]),
                tuple(z_al.shape), hid, tuple(out_hw), g.kernel_size, g.padding, g.in_rotations, g.out_rotations)
-        mode = route_tuning.choose("dx", key, routes, default="columns", device=du.device, dtype=dtype)
+        mode = route_tuning.choose("dx", key, routes, default="columns", device=du.device, dtype=dtype,
+                                   disagreement=route_tuning.relative_disagreement())
     return routes[mode]()
 
 

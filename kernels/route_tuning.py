@@ -13,8 +13,9 @@ chosen earlier in the process), or while a CUDA graph is being captured (a shape
 keeps its route) — the default route runs and nothing is recorded, so a later eager call still
 tunes. A route that failed is not retried for that shape in this process.
 
-A route that fails (a compile error on an unfamiliar card, out of memory) is skipped with a
-warning, not raised: the other route computes the same result.
+A route that fails (a compile error on an unfamiliar card, out of memory), or whose first result
+disagrees with the default route's, is skipped with a warning, not raised: the other route computes
+the same result.
 """
 from __future__ import annotations
 
@@ -71,8 +72,19 @@ def may_time(device: torch.device, dtype: torch.dtype) -> bool:
     return not torch.cuda.is_current_stream_capturing()
 
 
-def choose(step: str, key: tuple, routes: dict, *, default: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The route of ``step`` for shape ``key``: ``routes`` maps each name to a zero-argument call."""
+def _skip(skipped: dict, step: str, name: str, why: str) -> None:
+    skipped[name] = why
+    warnings.warn(f"relaxedconv: {step} route {name!r} is skipped for this shape ({why})", RuntimeWarning, stacklevel=4)
+
+
+def choose(step: str, key: tuple, routes: dict, *, default: str, device: torch.device, dtype: torch.dtype,
+           disagreement=None) -> str:
+    """The route of ``step`` for shape ``key``: ``routes`` maps each name to a zero-argument call.
+
+    ``disagreement(out, ref)``: None when a route's result ``out`` agrees with the default route's
+    ``ref``, else why not. Each route's untimed first call is compared with the default's, so a
+    route that computes something else on this card (a kernel that never ran on it before) is
+    skipped with a warning rather than chosen for being fast."""
     if _timer is None and torch.are_deterministic_algorithms_enabled():
         return default  # even where a choice was recorded before the switch (see the module docstring)
     full_key = (step, *key)
@@ -82,15 +94,35 @@ def choose(step: str, key: tuple, routes: dict, *, default: str, device: torch.d
     if not may_time(device, dtype):
         return default
     timer = _timer or _default_timer
-    times, skipped = {}, {}
-    for name, fn in routes.items():
+    times, skipped, results = {}, {}, {}
+    order = [default] + [name for name in routes if name != default]  # the reference first
+    for name in order:
+        fn = routes[name]
         try:
-            fn()  # untimed: compilation and the kernels' own autotuning happen here
+            results[name] = fn()  # untimed: compilation and the kernels' own autotuning happen here
+            if disagreement is not None and name != default and default in results:
+                why = disagreement(results[name], results[default])
+                if why is not None:
+                    _skip(skipped, step, name, f"its result disagrees with the {default!r} route: {why}")
+                    continue
             times[name] = float(timer(fn, name))
         except Exception as e:  # noqa: BLE001 - a route that cannot run is not a candidate
-            skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            warnings.warn(f"relaxedconv: {step} route {name!r} failed and is skipped for this shape "
-                          f"({skipped[name]})", RuntimeWarning, stacklevel=3)
+            _skip(skipped, step, name, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    results.clear()
     route = min(times, key=times.get) if times else default
     _CHOICES[full_key] = RouteChoice(route, times, skipped)
     return route
+
+
+def relative_disagreement(limit_half: float = 5e-2, limit_fp32: float = 1e-2, limit_fp64: float = 1e-9):
+    """A ``disagreement`` test for tensors: the largest difference relative to the largest value
+    of the reference, within a limit per dtype that rounding stays far below and a wrong index, a
+    missed tile or garbage does not (non-finite values never agree)."""
+    def check(out, ref):
+        if not torch.isfinite(out).all():
+            return "non-finite values"
+        limit = {torch.float64: limit_fp64, torch.float32: limit_fp32}.get(ref.dtype, limit_half)
+        scale = ref.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        err = float((out.double() - ref.double()).abs().max() / scale)
+        return None if err <= limit else f"largest difference {err:.2e} of the largest value (limit {limit:g})"
+    return check

@@ -151,11 +151,35 @@ def test_a_route_that_fails_is_skipped_with_a_warning(fresh_choices):
         raise RuntimeError("PassManager::run failed")
 
     routes = {"columns": lambda: None, "direct": broken}
-    with pytest.warns(RuntimeWarning, match="dx route 'direct' failed and is skipped"):
+    with pytest.warns(RuntimeWarning, match=r"dx route 'direct' is skipped for this shape \(failed: RuntimeError"):
         route = route_tuning.choose("dx", ("shape B",), routes, default="columns", device=torch.device("cpu"),
                                     dtype=torch.float32)
     assert route == "columns"
     assert "PassManager::run failed" in route_tuning.choices()[("dx", "shape B")].skipped["direct"]
+
+
+def test_a_route_whose_result_disagrees_is_not_chosen_however_fast(fresh_choices):
+    """A kernel that computes something else on this card (it never ran on it before) must not
+    win for being fast: each route's first result is compared with the default route's."""
+    route_tuning.set_timer(lambda fn, route: {"columns": 2.0, "direct": 0.1}[route])
+    ref = torch.linspace(-1, 1, 50)
+    routes = {"columns": lambda: ref.clone(), "direct": lambda: ref.flip(0)}  # e.g. a transposed index
+    with pytest.warns(RuntimeWarning, match="its result disagrees with the 'columns' route: largest difference"):
+        route = route_tuning.choose("dx", ("shape E",), routes, default="columns", device=torch.device("cpu"),
+                                    dtype=torch.float32, disagreement=route_tuning.relative_disagreement())
+    assert route == "columns"
+    assert set(route_tuning.choices()[("dx", "shape E")].times_ms) == {"columns"}
+
+
+def test_rounding_agrees_and_garbage_does_not():
+    check = route_tuning.relative_disagreement()
+    ref = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert check(ref.bfloat16(), ref.bfloat16().float().add(1e-3).bfloat16()) is None
+    assert check(ref + 1e-4, ref) is None  # fp32, TF32-sized differences
+    assert check(ref.double() + 1e-12, ref.double()) is None
+    assert check(ref.double() + 1e-6, ref.double()) is not None  # fp64 is held to fp64's rounding
+    assert check(torch.zeros_like(ref), ref) is not None
+    assert check(ref.clone().index_fill_(0, torch.tensor([3]), float("nan")), ref) == "non-finite values"
 
 
 def test_nothing_is_timed_or_recorded_where_timing_is_not_allowed(fresh_choices):
@@ -227,8 +251,8 @@ def test_hidden_widths_that_align_alike_are_chosen_apart(fresh_choices, monkeypa
     monkeypatch.delenv(relaxed_conv_bwd.INPUT_GRAD_ENV, raising=False)
     timed = []
     route_tuning.set_timer(lambda fn, route: timed.append(route) or 1.0)
-    monkeypatch.setattr(relaxed_conv_bwd, "_input_grad", lambda *a: None)
-    monkeypatch.setattr(relaxed_conv_bwd, "direct_input_grad", lambda *a: None)
+    monkeypatch.setattr(relaxed_conv_bwd, "_input_grad", lambda *a: torch.ones(3))
+    monkeypatch.setattr(relaxed_conv_bwd, "direct_input_grad", lambda *a: torch.ones(3))
     for hid in (17, 25):
         g, out_hw, _, _, du_d, z_al, x_shape, _ = _operands((2, 1, 1, 3, 1, 1, (4, 4), hid, True), torch.float64)
         assert z_al.shape[-1] == 32
