@@ -161,6 +161,11 @@ def _halos(s: Shape, qh: int, qw: int) -> list[int]:
     return [hy * hx for hy, hx in _halo_shapes(s, qh, qw)]
 
 
+def _nin_block(s: Shape) -> int:
+    """The direct dX kernel's NIN_BLOCK: N_in padded to a power of two."""
+    return 1 << (s.in_rotations - 1).bit_length()
+
+
 def _direct_step(s: Shape, bm: int, qh: int, qw: int, bk: int) -> Step:
     """dX without im2col columns (``input_grad_direct``): per block of pixels a GEMM whose
     reduction runs over every (position, rotation, hidden) of the block's halo; B is Z, banded."""
@@ -168,18 +173,17 @@ def _direct_step(s: Shape, bm: int, qh: int, qw: int, bk: int) -> Step:
     rows = s.batch * s.in_channels
     main, tail = _split(s)
     rows_exec = _ceil(rows, bm)
-    cols = (1 << (s.in_rotations - 1).bit_length()) * qh * qw
-    halos = _halos(s, qh, qw)
+    cols = _nin_block(s) * qh * qw
+    shapes = _halo_shapes(s, qh, qw)
     k_per_position = _ceil(n * main, bk)
     # the tail: one step per (rotation, halo row) over QW + K - 1 positions padded to a power of two
     row_width = max(16, 1 << (qw + s.kernel_size - 2).bit_length())
-    macs = sum(rows_exec * cols * (hy * hx * k_per_position + (n * hy * row_width if tail else 0))
-               for hy, hx in _halo_shapes(s, qh, qw))
+    macs = sum(rows_exec * cols * (hy * hx * k_per_position + (n * hy * row_width if tail else 0)) for hy, hx in shapes)
     hp = s.hidden + 1
     # A: each program reads its rows' dU at every halo position; B: each element of a position's Z
     # feeds one pixel, read once per row tile (masked lanes are not fetched) — P positions' worth
     # for stationary Z too, which every position reads again
-    l2 = e * (sum(halos) * rows_exec * n * hp + (rows_exec // bm) * n * s.positions * s.window * hp)
+    l2 = e * (sum(hy * hx for hy, hx in shapes) * rows_exec * n * hp + (rows_exec // bm) * n * s.positions * s.window * hp)
     return Step(f"dx direct: dX = banded GEMM, no columns [{bm}, {qh}x{qw} px, K{bk}]", macs,
                 e * (_el(s)["u"] + _el(s)["z"] + _el(s)["x"]), l2, "triton")
 
@@ -227,7 +231,7 @@ def _best_direct(s: Shape, card: Card) -> Step:
     main, tail = _split(s)
     args = {"data": torch.empty(1, dtype={2: torch.bfloat16, 4: torch.float32}[s.elem]), "ROWS": s.batch * s.in_channels}
     kept = tuner.early_config_prune(tuner.configs, args, HMAIN=main, N_ROT=s.out_rotations,
-                                    NIN_BLOCK=1 << (s.in_rotations - 1).bit_length(), PRECISION=None, FP64=False)
+                                    NIN_BLOCK=_nin_block(s), PRECISION=None, FP64=False)
     cands = [_direct_step(s, c.kwargs["BLOCK_M"], c.kwargs["QH"], c.kwargs["QW"], c.kwargs["BLOCK_K"]) for c in kept]
     return min(cands, key=lambda st: step_time(st, card))
 
@@ -239,10 +243,15 @@ def input_grad_steps(s: Shape, card: Card) -> dict[str, list[Step]]:
     return {"columns": [_best(s, "v", card), fold], "direct": [_best_direct(s, card)]}
 
 
-def faster_input_grad(s: Shape, card: Card) -> str:
-    """The dX route the model predicts faster: what the backward's timing should choose."""
-    routes = input_grad_steps(s, card)
-    return min(routes, key=lambda r: sum(step_time(x, card) for x in routes[r]))
+def route_time(route_steps: list[Step], card: Card) -> float:
+    """Predicted seconds of a route's steps."""
+    return sum(step_time(x, card) for x in route_steps)
+
+
+def faster_input_grad(routes: dict[str, list[Step]], card: Card) -> str:
+    """The dX route (of :func:`input_grad_steps`) the model predicts faster: what the backward's
+    timing should choose."""
+    return min(routes, key=lambda r: route_time(routes[r], card))
 
 
 def _bank_backward_steps(s: Shape) -> list[Step]:
@@ -278,9 +287,10 @@ def steps(s: Shape, card: Card, stationary_backward: str = "bank", input_grad: s
     dy_t = Step("dY transposed for dW", 0, e * 2 * el["y"], 0, "copy")
     dw = Step("dW = dY U (cuBLAS)", gemm_macs, e * (el["u"] + el["y"]), 0, "cublas")
     du = Step("dU = dY^T W (cuBLAS)", gemm_macs, e * (el["u"] + el["y"]), 0, "cublas")
-    route = faster_input_grad(s, card) if input_grad == "auto" else input_grad
+    routes = input_grad_steps(s, card)
+    route = faster_input_grad(routes, card) if input_grad == "auto" else input_grad
     # The packed input and aligned Z come from the forward (kept by the autograd formula).
-    return {"fwd": fwd, "bwd": [dy_t, dw, du, _best(s, "dz", card), *input_grad_steps(s, card)[route]]}
+    return {"fwd": fwd, "bwd": [dy_t, dw, du, _best(s, "dz", card), *routes[route]]}
 
 
 def _times(st: Step, card: Card) -> dict[str, float]:
@@ -330,15 +340,14 @@ def kernel_net_steps(s: Shape, version: str | None = None) -> dict[str, list[Ste
 def predict(s: Shape, card: Card, stationary_backward: str = "bank", input_grad: str = "auto") -> dict[str, float]:
     """Predicted fwd, bwd and fwd+bwd milliseconds, and the peak of what the op allocates (MiB)."""
     st = steps(s, card, stationary_backward, input_grad)
-    # V exists only on the Triton backward's columns route (the bank route has no V)
-    triton_backward = s.per_position or stationary_backward != "bank"
-    route = (faster_input_grad(s, card) if input_grad == "auto" else input_grad) if triton_backward else None
+    # V exists only where the backward runs the columns route (its col2im step)
+    columns_route = any(x.name.startswith("fold:") for x in st["bwd"])
     fwd = sum(step_time(x, card) for x in st["fwd"]) * 1e3
     bwd = sum(step_time(x, card) for x in st["bwd"]) * 1e3
     e = s.elem
     b, c, n, p = s.batch, s.in_channels, s.out_rotations, s.positions
     u_bytes = e * b * n * p * (s.hidden + 1) * c
-    v_bytes = min(e * b * p * s.kernel_size**2 * c * s.in_rotations, 256 * 2**20) if route == "columns" else 0
+    v_bytes = min(e * b * p * s.kernel_size**2 * c * s.in_rotations, 256 * 2**20) if columns_route else 0
     dz_bytes = 4 * n * (p if s.per_position else 1) * s.window * (s.hidden + 1)
     # backward: U (saved), dU, one V chunk, dZ (fp32), dX, the packed input
     peak = u_bytes * 2 + v_bytes + dz_bytes + 2 * e * b * c * s.in_rotations * (s.size + s.kernel_size) ** 2
@@ -365,8 +374,9 @@ def table(shapes: dict[str, Shape], card: Card) -> str:
                     f"{st.l2_bytes / 1e6:.0f} | {bound(st, card)} | {step_time(st, card) * 1e6:.0f} |"
                 )
         if s.per_position:
-            chosen = faster_input_grad(s, card)
-            for route, sts in input_grad_steps(s, card).items():
+            routes = input_grad_steps(s, card)
+            chosen = faster_input_grad(routes, card)
+            for route, sts in routes.items():
                 for st in sts if route != chosen else ():
                     lines.append(f"| {name} | bwd | {st.name} (the other dX route, not in the total) | {2 * st.macs / 1e9:.2f} | "
                                  f"{st.dram_bytes / 1e6:.0f} | {st.l2_bytes / 1e6:.0f} | {bound(st, card)} | "

@@ -38,7 +38,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import itertools
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
@@ -117,7 +116,7 @@ def captured_launches() -> dict[str, dict[str, tuple[dict, dict]]]:
     launch them (bf16), from runs on meta tensors with ``common.launch`` intercepted."""
     import torch
 
-    from . import common, kernel_net_fused, relaxed_conv_bwd, relaxed_conv_fwd
+    from . import common, input_grad_direct, kernel_net_fused, relaxed_conv_bwd, relaxed_conv_fwd
     from relaxedconv.reference import ConvGeometry
 
     seen: dict[str, dict[str, tuple[dict, dict]]] = {}
@@ -142,16 +141,9 @@ def captured_launches() -> dict[str, dict[str, tuple[dict, dict]]]:
             w = torch.empty(c, c, 33, dtype=dt, device="meta")
             y, u = relaxed_conv_fwd.relaxed_conv_fwd(x, z, w, None, g, return_u=True)
             relaxed_conv_bwd.relaxed_conv_bwd(torch.empty_like(y), x, z, w, g, u=u)
-            # dX's other route (the default above, where nothing is timed, is the columns route)
-            saved = os.environ.get(relaxed_conv_bwd.INPUT_GRAD_ENV)
-            os.environ[relaxed_conv_bwd.INPUT_GRAD_ENV] = "direct"
-            try:
-                relaxed_conv_bwd.relaxed_conv_bwd(torch.empty_like(y), x, z, w, g, u=u, needs=(True, False, False))
-            finally:
-                if saved is None:
-                    del os.environ[relaxed_conv_bwd.INPUT_GRAD_ENV]
-                else:
-                    os.environ[relaxed_conv_bwd.INPUT_GRAD_ENV] = saved
+            if per_position:  # dX's other route (the backward above, where nothing is timed, runs the columns route)
+                input_grad_direct.direct_input_grad(torch.empty_like(u), common.aligned_hidden(z), 33, g, x.shape,
+                                                    g.out_size(size, size), dt)
             # The same layer's kernel net (depth 3, H 32; the disk mask where N > 1), in fp32.
             f32 = dict(dtype=torch.float32, device="meta")
             r, q = torch.empty(n, g.window, 32, **f32), torch.empty(p, 32, **f32) if per_position else None

@@ -32,9 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
+from . import common, route_tuning
 from .common import TAIL_WIDTH, channel_rows, hidden_columns, im2col_columns, mma, tail_columns
-from . import route_tuning
 from .input_grad_direct import direct_input_grad
 from .relaxed_conv_fwd import hidden_projection, output_weight_matrix
 
@@ -326,7 +325,7 @@ def input_grad(du, z_al, hid, geometry, x_shape, out_hw, dtype):
         key = (str(du.device), str(dtype), common.dot_precision(dtype), common.bucket(x_shape[0]), tuple(x_shape[1:]),
                tuple(z_al.shape), hid, tuple(out_hw), g.kernel_size, g.padding, g.in_rotations, g.out_rotations)
         mode = route_tuning.choose("dx", key, routes, default="columns", device=du.device, dtype=dtype,
-                                   disagreement=route_tuning.relative_disagreement())
+                                   disagreement=route_tuning.relative_disagreement)
     return routes[mode]()
 
 

@@ -114,15 +114,24 @@ def choose(step: str, key: tuple, routes: dict, *, default: str, device: torch.d
     return route
 
 
-def relative_disagreement(limit_half: float = 5e-2, limit_fp32: float = 1e-2, limit_fp64: float = 1e-9):
-    """A ``disagreement`` test for tensors: the largest difference relative to the largest value
-    of the reference, within a limit per dtype that rounding stays far below and a wrong index, a
-    missed tile or garbage does not (non-finite values never agree)."""
-    def check(out, ref):
-        if not torch.isfinite(out).all():
-            return "non-finite values"
-        limit = {torch.float64: limit_fp64, torch.float32: limit_fp32}.get(ref.dtype, limit_half)
-        scale = ref.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-        err = float((out.double() - ref.double()).abs().max() / scale)
-        return None if err <= limit else f"largest difference {err:.2e} of the largest value (limit {limit:g})"
-    return check
+# Largest difference relative to the largest value of the reference that still counts as rounding,
+# per dtype (half precision: any other). Rounding stays far below these; a wrong index, a missed
+# tile or garbage does not.
+AGREEMENT_LIMITS = {torch.float64: 1e-9, torch.float32: 1e-2}
+HALF_AGREEMENT_LIMIT = 5e-2
+
+
+def relative_disagreement(out: torch.Tensor, ref: torch.Tensor) -> str | None:
+    """A ``disagreement`` test for tensors (:data:`AGREEMENT_LIMITS`; non-finite values never agree)."""
+    if not torch.isfinite(out).all():
+        return "non-finite values"
+    limit = AGREEMENT_LIMITS.get(ref.dtype, HALF_AGREEMENT_LIMIT)
+    scale = ref.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    err = float((out.double() - ref.double()).abs().max() / scale)
+    return None if err <= limit else f"largest difference {err:.2e} of the largest value (limit {limit:g})"
+
+
+def choice_records() -> list[dict]:
+    """:func:`choices` as JSON-ready records (benchmark result files)."""
+    return [{"step": key[0], "shape": [str(k) for k in key[1:]], "route": c.route, "times_ms": c.times_ms,
+             "skipped": c.skipped} for key, c in _CHOICES.items()]

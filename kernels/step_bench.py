@@ -134,9 +134,8 @@ def _predicted(s: cost_model.Shape, card) -> dict[str, float]:
     for items in cost_model.steps(s, card).values():
         for item in items:
             out.setdefault(item.name.split(":")[0].split(" [")[0], cost_model.step_time(item, card) * 1e6)
-    routes = {r: sum(cost_model.step_time(x, card) for x in items) * 1e6
-              for r, items in cost_model.input_grad_steps(s, card).items()}
-    out["v + fold"], out["dx direct"] = routes["columns"], routes["direct"]
+    routes = cost_model.input_grad_steps(s, card)
+    out["v + fold"], out["dx direct"] = (cost_model.route_time(routes[r], card) * 1e6 for r in ("columns", "direct"))
     for step in ("v", "fold"):
         out.pop(step, None)
     for version in ("tf32", "tf32x3"):
@@ -189,10 +188,10 @@ def main(argv=None) -> int:
             ratio = us / pu if pu else float("nan")
             rows.append({"case": name, "step": step, "measured_us": us, "predicted_us": pu, "ratio": ratio})
             print(f"{name:12s} {step:34s} {us:12.1f} {pu if pu is not None else float('nan'):13.1f} {ratio:6.2f}")
-    chosen = {" ".join(str(k) for k in key): {"route": c.route, "times_ms": c.times_ms, "skipped": c.skipped}
-              for key, c in route_tuning.choices().items()}
-    for key, c in chosen.items():
-        print(f"route {key}: {c['route']} (ms: {c['times_ms']}{'; skipped: ' + str(c['skipped']) if c['skipped'] else ''})")
+    chosen = route_tuning.choice_records()
+    for c in chosen:
+        print(f"route {c['step']} {' '.join(c['shape'])}: {c['route']} (ms: {c['times_ms']}"
+              f"{'; skipped: ' + str(c['skipped']) if c['skipped'] else ''})")
     if args.json:
         meta = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
                 "model_card": card.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

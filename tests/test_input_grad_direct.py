@@ -166,13 +166,13 @@ def test_a_route_whose_result_disagrees_is_not_chosen_however_fast(fresh_choices
     routes = {"columns": lambda: ref.clone(), "direct": lambda: ref.flip(0)}  # e.g. a transposed index
     with pytest.warns(RuntimeWarning, match="its result disagrees with the 'columns' route: largest difference"):
         route = route_tuning.choose("dx", ("shape E",), routes, default="columns", device=torch.device("cpu"),
-                                    dtype=torch.float32, disagreement=route_tuning.relative_disagreement())
+                                    dtype=torch.float32, disagreement=route_tuning.relative_disagreement)
     assert route == "columns"
     assert set(route_tuning.choices()[("dx", "shape E")].times_ms) == {"columns"}
 
 
 def test_rounding_agrees_and_garbage_does_not():
-    check = route_tuning.relative_disagreement()
+    check = route_tuning.relative_disagreement
     ref = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     assert check(ref.bfloat16(), ref.bfloat16().float().add(1e-3).bfloat16()) is None
     assert check(ref + 1e-4, ref) is None  # fp32, TF32-sized differences

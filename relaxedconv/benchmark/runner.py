@@ -172,10 +172,10 @@ def _route_choices() -> list[dict]:
     kernels/route_tuning.py), with the times that decided it: the rows ran on these."""
     try:
         from ..kernels import route_tuning
-    except Exception:  # noqa: BLE001 - the kernels need triton; a CPU-only install still benchmarks
+    except ImportError:  # the kernels need triton, which a non-Linux install lacks
         return []
-    return [{"step": key[0], "shape": [str(k) for k in key[1:]], "route": c.route, "times_ms": c.times_ms,
-             "skipped": c.skipped} for key, c in route_tuning.choices().items()]
+    return route_tuning.choice_records()
+
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
