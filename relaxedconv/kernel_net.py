@@ -44,6 +44,14 @@ GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 # abs_pos directions start half a golden angle further on, so a unit's rotation and position
 # directions differ.
 _DIRECTION_OFFSET = {"abs_rot": 0.0, "abs_pos": 0.5 * GOLDEN_ANGLE}
+# Hidden values [N, P, J, H] from which the angle-addition split of the first layer pays
+# (SirenKernelNet.splits_position): it saves about 7 passes over them (T2, CPU operator count) and
+# dispatches ~16 more small operators (~10 µs of host time each on the H200's host). At ~8 bytes
+# per value and pass and 3 TB/s, the passes weigh more from ~10 M values on: T2's 26 M, not T1's 1.6 M.
+SPLIT_MIN_VALUES = 1 << 23
+# ... and rows of (n, n', offset) per hidden unit: the split's [2H, P*H] operand is then at most
+# 1/4 of the [A, P, H] values.
+SPLIT_MIN_ROWS_PER_HIDDEN = 8
 
 
 def absolute_directions(hidden_channels: int, group: str = "abs_rot", *, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -145,12 +153,73 @@ class SirenKernelNet(nn.Module):
             out[key] = getattr(self, f"omega_{key}").abs() * u.pow(2).sum(-1).mean().sqrt().to(u.dtype)
         return out
 
-    def hidden(self, coords: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Hidden features z at the broadcast of the coordinate groups; shape [..., H]."""
-        z = torch.sin(self.first_preactivation(coords))
-        for layer in self.hidden_layers:
+    def hidden(self, coords: dict[str, torch.Tensor], *, keep_product: bool = True) -> torch.Tensor:
+        """Hidden features z at the broadcast of the coordinate groups; shape [..., H].
+        ``keep_product=False``: where the second layer is split by angle addition, its product is
+        recomputed in backward instead of kept (one matrix product for [N, P, J, H] of memory)."""
+        layers = iter(self.hidden_layers)
+        if self.splits_position(coords) and (z := self._second_layer_split(coords, keep_product)) is not None:
+            next(layers)
+        else:
+            z = torch.sin(self.first_preactivation(coords))
+        for layer in layers:
             z = torch.sin(layer(z))
         return z
+
+    def splits_position(self, coords) -> bool:
+        """Whether :meth:`hidden` takes the second layer by angle addition
+        (:meth:`_second_layer_split`): translation non-stationary, with a second layer to take the
+        product, and large enough to pay for it. The split's operand ``[2H, P*H]`` must be small
+        beside the ``[A, P, H]`` values (A ≥ 8H rows: T2's 3,136, not T1's 49, where it is larger
+        than they are), and they must be many (:data:`SPLIT_MIN_VALUES`): it dispatches ~10 more
+        small operators, host time that a host-bound layer (T1) cannot spare."""
+        if "abs_pos" not in self.absolute_groups or "abs_pos" not in coords or not self.hidden_layers:
+            return False
+        shape = torch.broadcast_shapes(*(c.shape[:-1] for c in coords.values()))
+        positions = coords["abs_pos"][..., 0].numel()
+        rows = math.prod(shape) // max(positions, 1)
+        return (rows >= SPLIT_MIN_ROWS_PER_HIDDEN * self.hidden_channels
+                and rows * positions * self.hidden_channels >= SPLIT_MIN_VALUES)
+
+    def _second_layer_split(self, coords: dict[str, torch.Tensor], keep_product: bool = True) -> torch.Tensor | None:
+        """``sin(W2 sin(a + b) + b2)``, the second sine layer, without the first layer's output.
+
+        The first pre-activation is ``a + b``: ``a`` (every group but abs_pos) varies over
+        (n, n', offset), ``b`` (abs_pos) over the positions p alone. By angle addition, exactly,
+
+            W2 sin(a + b) + b2 = [sin a | cos a | 1] @ [[cos b | sin b]^T * [W2 | W2]^T ; b2]
+
+        one matrix product ``[A, 2H+1] @ [2H+1, P*H]`` whose operands are the size of ``a`` and
+        ``b`` (T2: 3,136 and 256 rows of H). The direct form adds, takes the sine of and keeps for
+        backward two [N, P, J, H] tensors (T2: 26 M values each) before its own product, and its
+        backward takes two more passes for the cosine and two reductions over them; the split's
+        product costs twice the direct one's multiply-adds. Returns None when ``a`` and ``b`` vary
+        along a common axis (no split; not the case for the lattices of ``groups.coordinate_groups``)."""
+        a = self.first_preactivation(coords, skip=("abs_pos",))
+        b = self.group_term("abs_pos", coords["abs_pos"])
+        h = self.hidden_channels
+        lead = tuple(torch.broadcast_shapes(a.shape[:-1], b.shape[:-1]))
+        a = a.reshape((1,) * (len(lead) + 1 - a.dim()) + tuple(a.shape))
+        b = b.reshape((1,) * (len(lead) + 1 - b.dim()) + tuple(b.shape))
+        a_axes = [d for d, n in enumerate(a.shape[:-1]) if n > 1]
+        b_axes = [d for d, n in enumerate(b.shape[:-1]) if n > 1]
+        if set(a_axes) & set(b_axes):
+            return None
+        a, b = a.reshape(-1, h), b.reshape(-1, h)
+        # The product's rows follow a's varying axes and its columns b's; ``arrange`` views it in
+        # the broadcast order of the coordinates.
+        order = a_axes + b_axes
+        perm = sorted(range(len(order)), key=lambda i: order[i]) + [len(order)]
+        inner = [lead[d] for d in a_axes] + [lead[d] for d in b_axes] + [h]
+
+        def arrange(t):
+            return t.reshape(inner).permute(perm).reshape(lead + (h,))
+
+        layer = self.hidden_layers[0]
+        if torch.compiler.is_compiling():  # Inductor fuses the elementwise parts itself
+            s, m = _split_operands(a, b, layer.weight, layer.bias)
+            return torch.sin(arrange(s @ m)).contiguous()
+        return _SecondSineLayer.apply(a, b, layer.weight, layer.bias, arrange, keep_product)
 
     def first_preactivation(self, coords: dict[str, torch.Tensor], *, skip=()) -> torch.Tensor:
         """The first sine layer's argument at the broadcast of the coordinate groups; [..., H].
@@ -183,3 +252,82 @@ class SirenKernelNet(nn.Module):
         w = self.out.weight.unflatten(0, (self.out_channels, self.in_channels))
         b = self.out.bias.unflatten(0, (self.out_channels, self.in_channels))
         return torch.cat([w, b[..., None]], dim=-1)
+
+
+def _split_operands(a, b, weight, bias):
+    """``s = [sin a | cos a | 1]`` ``[A, 2H+1]`` and ``m = [[cos b | sin b]^T * [W2 | W2]^T ; b2]``
+    ``[2H+1, P*H]`` of :meth:`SirenKernelNet._second_layer_split`."""
+    rows, h = a.shape
+    positions = b.shape[0]
+    if torch.compiler.is_compiling():  # no out= writes into views for the compiler
+        s = torch.cat([torch.sin(a), torch.cos(a), torch.ones_like(a[:, :1])], dim=-1)
+        ct = torch.stack([torch.cos(b.t()), torch.sin(b.t())])
+        m = torch.cat([(ct[..., None] * weight.t()[None, :, None, :]).reshape(2 * h, positions, h),
+                       bias.expand(positions, h)[None]])
+        return s, m.reshape(2 * h + 1, positions * h)
+    s = a.new_empty(rows, 2 * h + 1)
+    torch.sin(a, out=s[:, :h])
+    torch.cos(a, out=s[:, h : 2 * h])
+    s[:, 2 * h].fill_(1.0)
+    ct = b.new_empty(2, h, positions)  # [cos b | sin b]^T
+    torch.cos(b.t(), out=ct[0])
+    torch.sin(b.t(), out=ct[1])
+    m = weight.new_empty(2 * h + 1, positions, h)
+    torch.mul(ct[..., None], weight.t()[None, :, None, :], out=m[: 2 * h].view(2, h, positions, h))
+    m[2 * h].copy_(bias.expand(positions, h))
+    return s, m.view(2 * h + 1, positions * h)
+
+
+class _SecondSineLayer(torch.autograd.Function):
+    """``sin(arrange(s @ m))`` from ``a``, ``b``, W2 and b2 (:meth:`SirenKernelNet._second_layer_split`),
+    written contiguous, with a hand-written backward.
+
+    Why not autograd's own operators: they copy twice for the axis order (the contiguous result,
+    and backward the incoming gradient back to the product's layout) and dispatch more small
+    operators per step, host time that a layer near the host-bound regime pays. Here the sine
+    writes the result in the new order in its one pass; backward multiplies the gradient into
+    cos(product) through the same view, then two matrix products and a few operators over
+    ``[2, H, P, H]`` give every input's gradient. ``keep_product=False`` keeps only the small
+    operands and recomputes the product in backward. Under autocast the product runs in the autocast
+    dtype, as ``nn.Linear`` would; the rest in the inputs' dtype."""
+
+    @staticmethod
+    def forward(ctx, a, b, weight, bias, arrange, keep_product):
+        s, m = _split_operands(a, b, weight, bias)
+        pre = s @ m  # autocast applies here
+        view = arrange(pre)
+        out = torch.empty(view.shape, dtype=pre.dtype, device=pre.device)
+        torch.sin(view, out=out)
+        ctx.save_for_backward(s, m, b, weight, pre if keep_product else None)
+        ctx.arrange, ctx.product_dtype = arrange, pre.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        s, m, b, weight, pre = ctx.saved_tensors
+        h, positions = weight.shape[0], b.shape[0]
+        if pre is None:  # recomputed (in the forward's dtype: backward runs outside autocast)
+            pre = s.to(ctx.product_dtype) @ m.to(ctx.product_dtype)
+        d = torch.cos(pre)
+        ctx.arrange(d).mul_(grad)  # d/d(product), in the product's layout
+        da = db = dw = dbias = None
+        if ctx.needs_input_grad[0]:
+            ds = (d @ m.to(d.dtype).t()).to(s.dtype)  # [A, 2H+1]
+            # d/da [sin a | cos a] = [cos a | -sin a]
+            da = ds[:, :h] * s[:, h : 2 * h]
+            da.addcmul_(ds[:, h : 2 * h], s[:, :h], value=-1.0)
+        if any(ctx.needs_input_grad[1:4]):
+            dm = (s.to(d.dtype).t() @ d).to(m.dtype).view(2 * h + 1, positions, h)
+            dmw = dm[: 2 * h].view(2, h, positions, h)  # [t, h_in, p, h_out]
+            cos_b, sin_b = torch.cos(b.t()), torch.sin(b.t())  # [H, P]
+            if ctx.needs_input_grad[3]:
+                dbias = dm[2 * h].sum(0)
+            if ctx.needs_input_grad[2]:
+                # dW2[k, h] = sum_p dm[0, h, p, k] cos b[p, h] + dm[1, h, p, k] sin b[p, h]
+                dw = (dmw[0] * cos_b[..., None] + dmw[1] * sin_b[..., None]).sum(1).t()
+            if ctx.needs_input_grad[1]:
+                # dc[t, h, p] = sum_k dm[t, h, p, k] W2[k, h]; d/db (cos b, sin b) = (-sin b, cos b)
+                dc = (dmw * weight.t()[None, :, None, :]).sum(-1)  # [2, H, P]
+                db = (dc[1] * cos_b - dc[0] * sin_b).t()
+        return da, db, dw, dbias, None, None
