@@ -234,7 +234,8 @@ def pinned_config(kernel: str):
 def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype):
     """Run ``kernel`` with the pinned config if there is one, else autotuned on CUDA, else with
     the fixed tile ``fixed`` (interpreter, fp64, RELAXEDCONV_AUTOTUNE=0; and always for a kernel
-    without an autotuner, ``autotuned=None``)."""
+    without an autotuner, ``autotuned=None``). Under ``torch.use_deterministic_algorithms`` an
+    autotuned kernel runs :func:`untimed_config` instead of the autotuner's timed choice."""
     pinned = pinned_config(name)
     if pinned is not None:
         meta, opts = pinned
@@ -243,9 +244,26 @@ def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype)
         opts = {**{k: v for k, v in fixed.items() if k in LAUNCH_OPTIONS}, **opts}
         kernel[grid(meta)](*args, **consts, **meta, **opts)
     elif autotuned is not None and use_autotune(device, dtype):
-        autotuned[grid](*args, **consts)
+        if torch.are_deterministic_algorithms_enabled():
+            meta, opts = untimed_config(autotuned, args, consts)
+            kernel[grid(meta)](*args, **consts, **meta, **opts)
+        else:
+            autotuned[grid](*args, **consts)
     else:
         kernel[grid(fixed)](*args, **consts, **fixed)
+
+
+def untimed_config(autotuned, args, consts) -> tuple[dict, dict]:
+    """(meta-parameters, launch options) of the first config that ``autotuned``'s pruning keeps
+    for these arguments: a function of the shapes alone. Timing picks a config by the clock, and
+    configs that tile the reduction differently round differently, so two processes (a run and
+    its resumption) could differ in the last bits; deterministic algorithms must not. Slower than
+    the timed choice where another config is faster."""
+    configs = autotuned.configs
+    if autotuned.early_config_prune:
+        configs = autotuned.early_config_prune(configs, dict(zip(autotuned.arg_names, args)), **consts)
+    options = {k: v for k, v in configs[0].all_kwargs().items() if k not in configs[0].kwargs and v is not None}
+    return dict(configs[0].kwargs), {k: v for k, v in options.items() if k in LAUNCH_OPTIONS}
 
 
 # Shared memory a config may plan for (sm_90 allows 227 KB per block; the epilogue's layout

@@ -72,6 +72,35 @@ def test_a_pinned_config_is_used_and_gives_the_same_result(monkeypatch):
     assert seen["dz"] is None  # not pinned: the usual launch
 
 
+def test_deterministic_algorithms_run_an_untimed_config(monkeypatch):
+    """Under torch.use_deterministic_algorithms an autotuned kernel runs the first config its
+    pruning keeps (a function of the shapes), never the autotuner's timed choice, which may differ
+    from process to process and round differently: reruns give the same bits, and the result
+    is the fixed tile's to rounding."""
+    from triton.runtime.autotuner import Autotuner
+
+    torch.manual_seed(2)
+    g, inputs = _op_inputs(True, dtype=torch.float32)
+    ref = _grads(g, inputs)  # the fixed tile (no autotuning off a GPU)
+    monkeypatch.setattr(common, "use_autotune", lambda device, dtype: True)
+    monkeypatch.setattr(Autotuner, "run", lambda *a, **k: pytest.fail("timed autotuning under deterministic algorithms"))
+    chosen = []
+    real = common.untimed_config
+    monkeypatch.setattr(common, "untimed_config", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = _grads(g, inputs), _grads(g, inputs)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert chosen  # every autotuned launch (u, dz, v, fold) went through it
+    for meta, opts in chosen:
+        assert meta and set(opts) <= set(common.LAUNCH_OPTIONS)
+    for a, b, r in zip(first, second, ref):
+        assert torch.equal(a, b)
+        assert rel_err(a, r) < 1e-5
+
+
 def test_a_pin_takes_what_it_leaves_out_from_the_fixed_launch(monkeypatch):
     launched = []
 
