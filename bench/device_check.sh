@@ -48,6 +48,9 @@
 # Exit status: 0 when every step passed, else 1 (all steps run regardless).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
+# Each step is a new process: keep the autotuner's timings on disk so later steps (and a second
+# call on a warm machine) reuse them instead of timing every config of every kernel again.
+export TRITON_CACHE_AUTOTUNING="${TRITON_CACHE_AUTOTUNING:-1}"
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-bench/results}"
