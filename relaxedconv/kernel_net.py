@@ -46,8 +46,9 @@ GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 _DIRECTION_OFFSET = {"abs_rot": 0.0, "abs_pos": 0.5 * GOLDEN_ANGLE}
 # Hidden values [N, P, J, H] from which the angle-addition split of the first layer pays
 # (SirenKernelNet.splits_position): it saves about 7 passes over them (T2, CPU operator count) and
-# dispatches ~16 more small operators (~10 µs of host time each on the H200's host). At ~8 bytes
-# per value and pass and 3 TB/s, the passes weigh more from ~10 M values on: T2's 26 M, not T1's 1.6 M.
+# dispatches ~13 more small operators (~10 µs of host time each on the H200's host;
+# bench/knet_traffic.py). At ~8 bytes per value and pass and 3 TB/s, the passes weigh more from
+# ~10 M values on: T2's 26 M, not T1's 1.6 M.
 SPLIT_MIN_VALUES = 1 << 23
 # ... and rows of (n, n', offset) per hidden unit: the split's [2H, P*H] operand is then at most
 # 1/4 of the [A, P, H] values.
@@ -171,7 +172,7 @@ class SirenKernelNet(nn.Module):
         (:meth:`_second_layer_split`): translation non-stationary, with a second layer to take the
         product, and large enough to pay for it. The split's operand ``[2H, P*H]`` must be small
         beside the ``[A, P, H]`` values (A ≥ 8H rows: T2's 3,136, not T1's 49, where it is larger
-        than they are), and they must be many (:data:`SPLIT_MIN_VALUES`): it dispatches ~10 more
+        than they are), and they must be many (:data:`SPLIT_MIN_VALUES`): it dispatches ~13 more
         small operators, host time that a host-bound layer (T1) cannot spare."""
         if "abs_pos" not in self.absolute_groups or "abs_pos" not in coords or not self.hidden_layers:
             return False
@@ -217,7 +218,7 @@ class SirenKernelNet(nn.Module):
 
         layer = self.hidden_layers[0]
         if torch.compiler.is_compiling():  # Inductor fuses the elementwise parts itself
-            s, m = _split_operands(a, b, layer.weight, layer.bias)
+            s, _, _, m = _split_operands(a, b, layer.weight, layer.bias)
             return torch.sin(arrange(s @ m)).contiguous()
         return _SecondSineLayer.apply(a, b, layer.weight, layer.bias, arrange, keep_product)
 
@@ -255,27 +256,15 @@ class SirenKernelNet(nn.Module):
 
 
 def _split_operands(a, b, weight, bias):
-    """``s = [sin a | cos a | 1]`` ``[A, 2H+1]`` and ``m = [[cos b | sin b]^T * [W2 | W2]^T ; b2]``
-    ``[2H+1, P*H]`` of :meth:`SirenKernelNet._second_layer_split`."""
-    rows, h = a.shape
-    positions = b.shape[0]
-    if torch.compiler.is_compiling():  # no out= writes into views for the compiler
-        s = torch.cat([torch.sin(a), torch.cos(a), torch.ones_like(a[:, :1])], dim=-1)
-        ct = torch.stack([torch.cos(b.t()), torch.sin(b.t())])
-        m = torch.cat([(ct[..., None] * weight.t()[None, :, None, :]).reshape(2 * h, positions, h),
-                       bias.expand(positions, h)[None]])
-        return s, m.reshape(2 * h + 1, positions * h)
-    s = a.new_empty(rows, 2 * h + 1)
-    torch.sin(a, out=s[:, :h])
-    torch.cos(a, out=s[:, h : 2 * h])
-    s[:, 2 * h].fill_(1.0)
-    ct = b.new_empty(2, h, positions)  # [cos b | sin b]^T
-    torch.cos(b.t(), out=ct[0])
-    torch.sin(b.t(), out=ct[1])
-    m = weight.new_empty(2 * h + 1, positions, h)
-    torch.mul(ct[..., None], weight.t()[None, :, None, :], out=m[: 2 * h].view(2, h, positions, h))
-    m[2 * h].copy_(bias.expand(positions, h))
-    return s, m.view(2 * h + 1, positions * h)
+    """``s = [sin a | cos a | 1]`` ``[A, 2H+1]``, ``c = [cos b | sin b]`` ``[P, 2H]`` and
+    ``m = [c^T * [W2 | W2]^T ; b2]`` ``[2H+1, P*H]`` of :meth:`SirenKernelNet._second_layer_split`
+    (``m[(t, h), (p, k)] = c[p, (t, h)] * W2[k, h]``, its last row b2 at every p)."""
+    h, positions = a.shape[1], b.shape[0]
+    s = torch.cat([torch.sin(a), torch.cos(a), a.new_ones(a.shape[0], 1)], dim=1)
+    c = torch.cat([torch.cos(b), torch.sin(b)], dim=1)
+    w2 = torch.cat([weight, weight], dim=1).t()  # [2H, H_out]
+    m = (c.t()[:, :, None] * w2[:, None, :]).view(2 * h, positions * h)
+    return s, c, w2, torch.cat([m, bias.repeat(positions)[None]])
 
 
 class _SecondSineLayer(torch.autograd.Function):
@@ -286,48 +275,48 @@ class _SecondSineLayer(torch.autograd.Function):
     and backward the incoming gradient back to the product's layout) and dispatch more small
     operators per step, host time that a layer near the host-bound regime pays. Here the sine
     writes the result in the new order in its one pass; backward multiplies the gradient into
-    cos(product) through the same view, then two matrix products and a few operators over
-    ``[2, H, P, H]`` give every input's gradient. ``keep_product=False`` keeps only the small
-    operands and recomputes the product in backward. Under autocast the product runs in the autocast
-    dtype, as ``nn.Linear`` would; the rest in the inputs' dtype."""
+    cos(product) through the same view, then two matrix products and a few operators the size of
+    ``m`` give every input's gradient. ``keep_product=False`` keeps only the small operands and
+    recomputes the product in backward. Under autocast the product runs in the autocast dtype, as
+    ``nn.Linear`` would; the rest in the inputs' dtype. Once differentiable: a second derivative
+    through it (``create_graph=True``) raises instead of returning a wrong value."""
 
     @staticmethod
     def forward(ctx, a, b, weight, bias, arrange, keep_product):
-        s, m = _split_operands(a, b, weight, bias)
+        s, c, w2, m = _split_operands(a, b, weight, bias)
         pre = s @ m  # autocast applies here
         view = arrange(pre)
         out = torch.empty(view.shape, dtype=pre.dtype, device=pre.device)
         torch.sin(view, out=out)
-        ctx.save_for_backward(s, m, b, weight, pre if keep_product else None)
+        ctx.save_for_backward(s, c, w2, m, pre if keep_product else None)
         ctx.arrange, ctx.product_dtype = arrange, pre.dtype
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        s, m, b, weight, pre = ctx.saved_tensors
-        h, positions = weight.shape[0], b.shape[0]
-        if pre is None:  # recomputed (in the forward's dtype: backward runs outside autocast)
-            pre = s.to(ctx.product_dtype) @ m.to(ctx.product_dtype)
-        d = torch.cos(pre)
+        s, c, w2, m, pre = ctx.saved_tensors
+        h, positions = w2.shape[1], c.shape[0]
+        if pre is None:  # recomputed (in the forward's dtype: backward runs outside autocast), then
+            d = (s.to(ctx.product_dtype) @ m.to(ctx.product_dtype)).cos_()  # one full-size tensor
+        else:
+            d = torch.cos(pre)
         ctx.arrange(d).mul_(grad)  # d/d(product), in the product's layout
         da = db = dw = dbias = None
         if ctx.needs_input_grad[0]:
-            ds = (d @ m.to(d.dtype).t()).to(s.dtype)  # [A, 2H+1]
-            # d/da [sin a | cos a] = [cos a | -sin a]
-            da = ds[:, :h] * s[:, h : 2 * h]
-            da.addcmul_(ds[:, h : 2 * h], s[:, :h], value=-1.0)
+            ds = (d @ m.to(d.dtype).t()).to(s.dtype)  # [A, 2H+1]; d/da [sin a | cos a] = [cos a | -sin a]
+            da = torch.addcmul(ds[:, :h] * s[:, h : 2 * h], ds[:, h : 2 * h], s[:, :h], value=-1.0)
         if any(ctx.needs_input_grad[1:4]):
-            dm = (s.to(d.dtype).t() @ d).to(m.dtype).view(2 * h + 1, positions, h)
-            dmw = dm[: 2 * h].view(2, h, positions, h)  # [t, h_in, p, h_out]
-            cos_b, sin_b = torch.cos(b.t()), torch.sin(b.t())  # [H, P]
+            dm = (s.to(d.dtype).t() @ d).to(m.dtype)  # [2H+1, P*H]
+            dmw = dm[: 2 * h].view(2 * h, positions, h)  # [(t, h_in), p, h_out]
             if ctx.needs_input_grad[3]:
-                dbias = dm[2 * h].sum(0)
+                dbias = dm[2 * h].view(positions, h).sum(0)
+            cw = c.to(dm.dtype)  # under autocast c (from b) may be 16-bit, the weights are not
             if ctx.needs_input_grad[2]:
-                # dW2[k, h] = sum_p dm[0, h, p, k] cos b[p, h] + dm[1, h, p, k] sin b[p, h]
-                dw = (dmw[0] * cos_b[..., None] + dmw[1] * sin_b[..., None]).sum(1).t()
+                # dW2[k, h] = sum_{t, p} dm[(t, h), p, k] c[p, (t, h)]
+                dw = torch.bmm(cw.t()[:, None, :], dmw).view(2, h, h).sum(0).t()
             if ctx.needs_input_grad[1]:
-                # dc[t, h, p] = sum_k dm[t, h, p, k] W2[k, h]; d/db (cos b, sin b) = (-sin b, cos b)
-                dc = (dmw * weight.t()[None, :, None, :]).sum(-1)  # [2, H, P]
-                db = (dc[1] * cos_b - dc[0] * sin_b).t()
+                # dc[p, (t, h)] = sum_k dm[(t, h), p, k] W2[k, h]; d/db (cos b, sin b) = (-sin b, cos b)
+                dc = torch.bmm(dmw, w2.to(dm.dtype)[:, :, None]).view(2 * h, positions).t()
+                db = torch.addcmul(dc[:, h:] * cw[:, :h], dc[:, :h], cw[:, h:], value=-1.0).to(c.dtype)
         return da, db, dw, dbias, None, None

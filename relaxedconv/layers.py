@@ -264,15 +264,17 @@ class _RelaxedGroupConv(nn.Module):
         coords = self._lattice(out_hw, w.device, w.dtype)
         net = self.kernel_net
         large = self.translation_nonstationary and torch.is_grad_enabled() and self._hidden_bytes(out_hw) >= CHECKPOINT_BYTES
-        if large and not (net.splits_position(coords) and len(net.hidden_layers) == 1):
+        # (Compiled, the split is plain operators and the partitioner would keep its product.)
+        keeps_little = net.splits_position(coords) and len(net.hidden_layers) == 1 and not torch.compiler.is_compiling()
+        if large and not keeps_little:
             # Per-position features are N*P*J*H values; keeping only them (not every SIREN layer's
             # activations) and recomputing the SIREN in backward costs ~2% of the layer's FLOPs,
             # but its ~30 more operators cost host time (~10 us each on a GPU host): only worth it
             # where the activations are large.
             z = checkpoint(net.hidden, coords, use_reentrant=False)
         else:
-            # A depth-3 net split by angle addition keeps one such tensor (its product) or, when
-            # large, recomputes only that product: no checkpoint's full recomputation.
+            # A depth-3 net split by angle addition (eager) keeps one such tensor (its product)
+            # or, when large, recomputes only that product: no checkpoint's full recomputation.
             z = net.hidden(coords, keep_product=not large)
         n, k2, h = self.group_order, self.kernel_size**2, z.shape[-1]
         p = out_hw[0] * out_hw[1] if self.translation_nonstationary else 1

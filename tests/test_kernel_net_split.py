@@ -158,6 +158,27 @@ def test_large_split_layer_recomputes_only_the_product(depth, monkeypatch):
         assert torch.allclose(g, w, rtol=1e-11, atol=1e-13)
 
 
+def test_large_split_layer_under_compile_keeps_no_hidden_sized_tensor(monkeypatch):
+    """Compiled, the split is plain operators whose product the partitioner would keep: a large
+    layer is checkpointed there as before, and keeps nothing of the hidden features' size."""
+    monkeypatch.setattr(kn, "SPLIT_MIN_VALUES", 0)
+    monkeypatch.setattr(layers_mod, "CHECKPOINT_BYTES", 1)
+    layer = _nonstationary_layer(3)
+    x = torch.randn(2, 12, 5, 6, dtype=F64)
+    hidden_values = layer.group_order * 30 * layer.in_rotations * 9 * 8
+    kept = []
+
+    def pack(t):
+        kept.append(t.numel())
+        return t
+
+    compiled = torch.compile(lambda t: layer(t, backend="factored_torch"), fullgraph=True, backend="aot_eager")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = compiled(x)
+    y.sum().backward()
+    assert kept and max(kept) < hidden_values
+
+
 def test_split_passes_over_large_tensors_are_fewer(monkeypatch):
     """What the split is for: fewer operators that read or write a tensor of the hidden features'
     size in the kernel net's forward + backward (direct: the first layer's add, sine, the
