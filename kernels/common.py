@@ -7,6 +7,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from relaxedconv.dispatch import interpreting, tf32_matmuls_allowed
 
@@ -235,7 +237,8 @@ def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype)
     """Run ``kernel`` with the pinned config if there is one, else autotuned on CUDA, else with
     the fixed tile ``fixed`` (interpreter, fp64, RELAXEDCONV_AUTOTUNE=0; and always for a kernel
     without an autotuner, ``autotuned=None``). Under ``torch.use_deterministic_algorithms`` an
-    autotuned kernel runs :func:`untimed_config` instead of the autotuner's timed choice."""
+    autotuned kernel runs the first of :func:`untimed_configs` that compiles instead of the
+    autotuner's timed choice."""
     pinned = pinned_config(name)
     if pinned is not None:
         meta, opts = pinned
@@ -245,25 +248,40 @@ def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype)
         kernel[grid(meta)](*args, **consts, **meta, **opts)
     elif autotuned is not None and use_autotune(device, dtype):
         if torch.are_deterministic_algorithms_enabled():
-            meta, opts = untimed_config(autotuned, args, consts)
-            kernel[grid(meta)](*args, **consts, **meta, **opts)
+            configs = untimed_configs(autotuned, args, consts)
+            for i, (meta, opts) in enumerate(configs):
+                try:
+                    kernel[grid(meta)](*args, **consts, **meta, **opts)
+                    break
+                except UNUSABLE_CONFIG:  # as the autotuner skips it: the next one, in the same order
+                    if i == len(configs) - 1:
+                        raise
         else:
             autotuned[grid](*args, **consts)
     else:
         kernel[grid(fixed)](*args, **consts, **fixed)
 
 
-def untimed_config(autotuned, args, consts) -> tuple[dict, dict]:
-    """(meta-parameters, launch options) of the first config that ``autotuned``'s pruning keeps
-    for these arguments: a function of the shapes alone. Timing picks a config by the clock, and
-    configs that tile the reduction differently round differently, so two processes (a run and
-    its resumption) could differ in the last bits; deterministic algorithms must not. Slower than
-    the timed choice where another config is faster."""
+# What Triton's autotuner skips a config for (a card with less shared memory than the pruning
+# assumes, a register file it cannot fit): raised by the launch, before the kernel runs.
+UNUSABLE_CONFIG = (OutOfResources, CompileTimeAssertionFailure, PTXASError)
+
+
+def untimed_configs(autotuned, args, consts) -> list[tuple[dict, dict]]:
+    """(meta-parameters, launch options) of the configs that ``autotuned``'s pruning keeps for
+    these arguments, in its order: a function of the shapes alone. Under deterministic algorithms
+    the first that compiles runs. Timing picks a config by the clock, and configs that tile a
+    reduction differently round differently, so two processes (a run and its resumption) could
+    differ in the last bits; deterministic algorithms must not. Slower than the timed choice
+    where another config is faster."""
     configs = autotuned.configs
     if autotuned.early_config_prune:
         configs = autotuned.early_config_prune(configs, dict(zip(autotuned.arg_names, args)), **consts)
-    options = {k: v for k, v in configs[0].all_kwargs().items() if k not in configs[0].kwargs and v is not None}
-    return dict(configs[0].kwargs), {k: v for k, v in options.items() if k in LAUNCH_OPTIONS}
+    out = []
+    for cfg in configs:
+        options = {k: v for k, v in cfg.all_kwargs().items() if k in LAUNCH_OPTIONS and v is not None}
+        out.append((dict(cfg.kwargs), options))
+    return out
 
 
 # Shared memory a config may plan for (sm_90 allows 227 KB per block; the epilogue's layout

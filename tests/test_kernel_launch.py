@@ -85,8 +85,8 @@ def test_deterministic_algorithms_run_an_untimed_config(monkeypatch):
     monkeypatch.setattr(common, "use_autotune", lambda device, dtype: True)
     monkeypatch.setattr(Autotuner, "run", lambda *a, **k: pytest.fail("timed autotuning under deterministic algorithms"))
     chosen = []
-    real = common.untimed_config
-    monkeypatch.setattr(common, "untimed_config", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    real = common.untimed_configs
+    monkeypatch.setattr(common, "untimed_configs", lambda *a: chosen.append(real(*a)[0]) or real(*a))
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -99,6 +99,39 @@ def test_deterministic_algorithms_run_an_untimed_config(monkeypatch):
     for a, b, r in zip(first, second, ref):
         assert torch.equal(a, b)
         assert rel_err(a, r) < 1e-5
+
+
+def test_deterministic_launch_skips_a_config_the_card_cannot_run(monkeypatch):
+    """Like the autotuner, the untimed choice passes over a config whose launch raises
+    OutOfResources (a card with less shared memory than the pruning plans for) to the next kept
+    one; when none can run, the error reaches the caller."""
+    from triton.runtime.errors import OutOfResources
+
+    class Tuner:
+        arg_names = ["x_ptr", "ROWS"]
+        configs = [triton.Config({"BLOCK_M": m}, num_warps=4, num_stages=s) for m, s in ((128, 4), (64, 3), (32, 2))]
+        early_config_prune = None
+
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                launched.append(kw["BLOCK_M"])
+                if kw["BLOCK_M"] == 128 or refuse_all:
+                    raise OutOfResources(300000, 232448, "shared memory")
+            return run
+
+    monkeypatch.setattr(common, "use_autotune", lambda device, dtype: True)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    refuse_all = False
+    common.launch("u", Kernel(), Tuner(), lambda meta: (1,), (None, 64), {}, {"BLOCK_M": 16},
+                  device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert launched == [128, 64]
+    refuse_all = True
+    with pytest.raises(OutOfResources):
+        common.launch("u", Kernel(), Tuner(), lambda meta: (1,), (None, 64), {}, {"BLOCK_M": 16},
+                      device=torch.device("cuda"), dtype=torch.bfloat16)
 
 
 def test_a_pin_takes_what_it_leaves_out_from_the_fixed_launch(monkeypatch):
