@@ -11,7 +11,8 @@ its fp32 FMA rate (the kernel net runs in fp32 without TF32 by default) and each
 cost; it is a floor (no L2 reuse, no launch overlap), for comparing the two forms, not a timing.
 The batch does not enter the kernel net, so the counts are the layer's at any batch. "kept":
 what the forward saves for backward (distinct storages). ``--time``: the CPU's own fwd+bwd time
-(best of 3, this process's threads), which the byte counts do not predict.
+(best of 3, this process's threads), which the byte counts do not predict, and the host time of
+each form on a tiny layer, where nothing else counts.
 """
 from __future__ import annotations
 
@@ -122,6 +123,32 @@ def measure(case_name: str, split: bool, timed: bool = False) -> tuple[Traffic, 
     return t, kept, seconds
 
 
+def tiny_layer_host_us(split: bool, calls: int = 300) -> float:
+    """µs per kernel-net fwd+bwd of a layer so small that the time is the host's (operator
+    dispatch, autograd, Python): what each form costs a host-bound layer."""
+    import relaxedconv as rc
+    from relaxedconv import kernel_net
+
+    torch.manual_seed(0)
+    layer = rc.GroupConv(2, 2, 3, 4, hidden_channels=8, translation_nonstationary=True, omega_pos=1.0)
+    saved = kernel_net.SPLIT_MIN_VALUES, kernel_net.SPLIT_MIN_ROWS_PER_HIDDEN
+    kernel_net.SPLIT_MIN_VALUES = kernel_net.SPLIT_MIN_ROWS_PER_HIDDEN = 0 if split else 1 << 62
+    try:
+        def knet():
+            z, w = layer.factored_kernel((4, 4))
+            (z.sum() + w.sum()).backward()
+            layer.zero_grad(set_to_none=True)
+
+        for _ in range(20):
+            knet()
+        start = time.perf_counter()
+        for _ in range(calls):
+            knet()
+        return (time.perf_counter() - start) / calls * 1e6
+    finally:
+        kernel_net.SPLIT_MIN_VALUES, kernel_net.SPLIT_MIN_ROWS_PER_HIDDEN = saved
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cases", nargs="*", default=["T2", "T1"])
@@ -141,6 +168,10 @@ def main(argv=None) -> int:
                   f"{2 * t.macs / 1e9:.2f} | {kept / 2**20:.0f} | {sum(est):.0f} ({est[0]:.0f} + {est[1]:.0f} + {est[2]:.0f}) | "
                   f"{seconds * 1e3:.0f} |")
         print(f"| {name} | the layer's default: {'split' if splits_by_default(name) else 'direct'} | | | | | | | | |")
+    if args.time:
+        direct, split = (min(tiny_layer_host_us(f) for _ in range(3)) for f in (False, True))
+        print(f"\nhost time per kernel-net fwd+bwd of a tiny layer (GroupConv(2, 2, 3, 4), H 8, 4x4): "
+              f"direct {direct:.0f} µs, split {split:.0f} µs")
     return 0
 
 
