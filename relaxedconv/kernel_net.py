@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Which frequency scales which coordinate group. rel_rot shares omega_rel with rel_pos.
@@ -224,13 +225,40 @@ class SirenKernelNet(nn.Module):
 
     def first_preactivation(self, coords: dict[str, torch.Tensor], *, skip=()) -> torch.Tensor:
         """The first sine layer's argument at the broadcast of the coordinate groups; [..., H].
-        ``skip``: groups whose terms are left out (the fused kernel net adds abs_pos itself)."""
+        ``skip``: groups whose terms are left out (the fused kernel net adds abs_pos itself).
+
+        Every group but abs_pos varies over (n, n', offset) only, so their coordinates broadcast
+        together are a small matrix (N*J rows of 2 per group): one product with the weight columns
+        scaled by their frequencies, where a product, a scaling and an add per group dispatched
+        ~3x the operators forward and backward (issue 13). abs_pos alone spans the positions and
+        stays a broadcast add."""
+        groups = [g for g in self.relative_groups + self.absolute_groups if g not in skip]
+        merged = [g for g in groups if g != "abs_pos"]
+        w = self.first.weight
         pre = self.first.bias
-        for g in self.relative_groups + self.absolute_groups:
-            if g not in skip:
-                # The first layer of a sum of groups is the sum of per-group products (broadcast).
-                pre = pre + self.group_term(g, coords[g])
+        if merged:
+            shape = torch.broadcast_shapes(*(coords[g].shape[:-1] for g in merged))
+            c = [coords[g].to(w.dtype) for g in merged]
+            c = torch.cat([t.expand(*shape, t.shape[-1]) for t in c], dim=-1) if len(c) > 1 else c[0]
+            if all(g in merged for g in self.relative_groups):  # w is exactly their columns
+                scaled = [self.omega_rel * w] + [self._direction_columns(g) for g in merged if g in ABSOLUTE_GROUPS]
+            else:
+                scaled = [self._group_columns(g) for g in merged]
+            pre = F.linear(c, torch.cat(scaled, dim=1) if len(scaled) > 1 else scaled[0], pre)
+        if "abs_pos" in groups:
+            pre = pre + self.group_term("abs_pos", coords["abs_pos"])
         return pre
+
+    def _direction_columns(self, group: str) -> torch.Tensor:
+        """omega * U_g: an absolute group's fixed directions scaled by its frequency, [H, 2]."""
+        return getattr(self, f"omega_{FREQUENCY_OF_GROUP[group]}") * getattr(self, f"{group}_direction").to(self.first.weight.dtype)
+
+    def _group_columns(self, group: str) -> torch.Tensor:
+        """W_g scaled by its frequency, [H, 2]: the columns that multiply ``group``'s coordinates."""
+        if group in self.relative_groups:
+            k = self.relative_groups.index(group)
+            return self.omega_rel * self.first.weight[:, 2 * k : 2 * k + 2]
+        return self._direction_columns(group)
 
     def group_term(self, group: str, coords: torch.Tensor) -> torch.Tensor:
         """One group's term of the first pre-activation: omega * (c @ W_g^T), [..., H]; W_g is a
