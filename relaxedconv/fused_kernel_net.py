@@ -36,6 +36,7 @@ from typing import List, Optional
 import torch
 
 from . import dispatch
+from .kernel_net import broadcast_shape
 
 FLAG = "RELAXEDCONV_FUSED_KERNEL_NET"
 DTYPES = (torch.float32, torch.float64)
@@ -206,7 +207,7 @@ def position_split(kernel_net, coords: dict[str, torch.Tensor]) -> tuple[torch.T
             c.shape[1] != 1 for g, c in coords.items() if g != "abs_pos"):
         raise ValueError("only abs_pos may vary over the position axis P (axis 1) and it must not vary over N, "
                          "as relaxedconv.groups.coordinate_groups builds them")
-    n_rot, positions, n_in, k2 = torch.broadcast_shapes(*(coords[g].shape[:-1] for g in kernel_net.groups))
+    n_rot, positions, n_in, k2 = broadcast_shape(*(coords[g].shape[:-1] for g in kernel_net.groups))
     hidden = kernel_net.hidden_channels
     r = kernel_net.first_preactivation(coords, skip=("abs_pos",))
     r = r.expand(n_rot, 1, n_in, k2, hidden).reshape(n_rot, n_in * k2, hidden)
