@@ -239,3 +239,59 @@ def test_split_compiles_to_one_graph_with_the_eager_result(monkeypatch):
     compiled = torch.compile(lambda t: layer(t, backend="factored_torch"), fullgraph=True, backend="aot_eager")
     for g, e in zip(grads(compiled), eager):
         assert torch.allclose(g, e, rtol=1e-10, atol=1e-12)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16-autocast", "fp16-autocast"])
+def test_split_on_cuda_matches_the_direct_form(autocast, monkeypatch):
+    """On a GPU, in fp32 (TF32 off, as PyTorch leaves it) and under autocast: the split's values
+    and gradients against the direct form's in the same precision, and both against fp64."""
+    net, coords = _net_and_lattice(False, 3, torch.float32, hidden=32)
+    net, coords = net.cuda(), {k: v.cuda() for k, v in coords.items()}
+    exact_net = _net_and_lattice(False, 3, F64, hidden=32)[0].cuda()
+    exact_coords = {k: v.double() for k, v in coords.items()}
+    exact = _direct_hidden(exact_net, exact_coords)
+    ones = torch.ones_like(exact)
+    exact_grads = _param_grads(exact_net, exact, ones)
+
+    def run(split):
+        monkeypatch.setattr(kn, "SPLIT_MIN_VALUES", 0 if split else 1 << 62)
+        monkeypatch.setattr(kn, "SPLIT_MIN_ROWS_PER_HIDDEN", 0)
+        with torch.autocast("cuda", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            z = net.hidden(coords) if split else _direct_hidden(net, coords)
+        return z, _param_grads(net, z.float(), ones.float())
+
+    (zs, gs), (zd, gd) = run(True), run(False)
+    err = lambda t: (t.double() - exact).abs().max().item()  # noqa: E731
+    assert err(zs) <= 1.5 * err(zd) + (1e-6 if autocast is None else 1e-3)
+    # 16-bit: the split rounds its [2H+1, P*H] weight gradient per position before summing them
+    # in fp32, where the direct form rounds one [H, H] sum: up to ~1e-3 of the largest (CPU, fp16)
+    slack = 1e-4 if autocast is None else 1e-3
+    for s, d, e in zip(gs, gd, exact_grads):
+        assert s.dtype == torch.float32 and torch.isfinite(s).all()
+        assert (s.double() - e).abs().max() <= 1.5 * (d.double() - e).abs().max() + slack * e.abs().max()
+
+
+@CUDA
+def test_split_layer_on_cuda_through_the_triton_backend(monkeypatch):
+    """A translation non-stationary layer with the split, bf16 input, on the triton backend: the
+    output and every gradient against the same layer without the split."""
+    torch.manual_seed(3)
+    layer = rc.GroupConv(4, 4, 3, 4, hidden_channels=32, translation_nonstationary=True, omega_pos=1.0).cuda()
+    x = torch.randn(2, 16, 8, 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def run(split):
+        monkeypatch.setattr(kn, "SPLIT_MIN_VALUES", 0 if split else 1 << 62)
+        monkeypatch.setattr(kn, "SPLIT_MIN_ROWS_PER_HIDDEN", 0)
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y = layer(x, backend="triton")
+        y.float().square().sum().backward()
+        return [y.float()] + [t.grad.float() for t in (x, *layer.parameters()) if t.grad is not None]
+
+    for s, d in zip(run(True), run(False)):
+        assert torch.isfinite(s).all()
+        assert (s - d).abs().max() <= 3e-2 * d.abs().max() + 1e-6
