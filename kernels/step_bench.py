@@ -11,7 +11,8 @@ runs the one its first call measured faster, printed after the table) — and
 prints measured µs, predicted µs (:mod:`relaxedconv.kernels.cost_model`) and their ratio, so a
 redesign is checked step by step against the argument that motivated it. The layer's kernel net
 is timed beside them (fp32, the parameters' dtype): the fused Triton forward and backward
-(kernels/kernel_net_fused.py) and the same SIREN in PyTorch operators, forward + backward. Off-GPU it runs under
+(kernels/kernel_net_fused.py) and the same SIREN in PyTorch operators, forward + backward (directly,
+and for translation non-stationary shapes by the angle-addition split that the layers use). Off-GPU it runs under
 ``TRITON_INTERPRET=1`` on a tiny shape with ``--cpu-smoke`` (the timings then mean nothing; it
 checks that every step runs).
 """
@@ -118,6 +119,15 @@ def measure_kernel_net(s: cost_model.Shape, device, bench) -> dict[str, float]:
         zz = torch.cat([zh, torch.ones_like(zh[..., :1])], -1) * mask[:, None]
         torch.autograd.grad(zz, leaves, dz)
 
+    def torch_split_fwd_bwd():  # the PyTorch path's default from 8 M values (kernel_net._second_layer_split)
+        from relaxedconv.kernel_net import _SecondSineLayer
+
+        rr, ww, bb, qq = leaves
+        zh = _SecondSineLayer.apply(rr.reshape(n * j, h), qq, ww, bb,
+                                    lambda t: t.view(n, j, p, h).permute(0, 2, 1, 3), True)
+        zz = torch.cat([zh, torch.ones_like(zh[..., :1])], -1) * mask[:, None]
+        torch.autograd.grad(zz, leaves, dz)
+
     out = {}
     for products in ("tf32", "tf32x3"):  # a bf16 convolution's, and fp32's accuracy
         out[f"kernel net forward (fused, {products} products)"] = bench(
@@ -125,6 +135,8 @@ def measure_kernel_net(s: cost_model.Shape, device, bench) -> dict[str, float]:
         out[f"kernel net backward (fused, {products} products)"] = bench(
             lambda: kernel_net_backward(r, q, w2, b2, mask, dz, products))
     out["kernel net fwd+bwd (PyTorch operators)"] = bench(torch_fwd_bwd)
+    if q is not None:
+        out["kernel net fwd+bwd (PyTorch operators, angle-addition split)"] = bench(torch_split_fwd_bwd)
     return out
 
 

@@ -60,7 +60,10 @@ def test_step_bench_runs_every_step_and_compares_with_the_model(tmp_path, capsys
             "kernel net forward (fused, tf32 products)", "kernel net backward (fused, tf32x3 products)"} <= steps
     assert all(r["measured_us"] > 0 for r in rows)
     # every step has a prediction but the PyTorch kernel net's, which is the comparison, not a model
-    assert {r["step"] for r in rows if not r["predicted_us"]} == {"kernel net fwd+bwd (PyTorch operators)"}
+    unpredicted = {r["step"] for r in rows if not r["predicted_us"]}
+    assert "kernel net fwd+bwd (PyTorch operators)" in unpredicted
+    assert unpredicted <= {"kernel net fwd+bwd (PyTorch operators)",
+                           "kernel net fwd+bwd (PyTorch operators, angle-addition split)"}
 
 
 @pytest.mark.parametrize("name", ["G1", "G4"])
