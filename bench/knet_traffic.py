@@ -53,7 +53,9 @@ class Traffic(TorchDispatchMode):
             return out
         self.launches += 1
         outs = out if isinstance(out, (tuple, list)) else (out,)
-        read = [t for t in (*args, *(v for k, v in kwargs.items() if k != "out")) if isinstance(t, torch.Tensor)]
+        given = [*args, *(v for k, v in kwargs.items() if k != "out")]
+        given = [t for a in given for t in (a if isinstance(a, (list, tuple)) else (a,))]  # cat's list
+        read = [t for t in given if isinstance(t, torch.Tensor)]
         tensors = [*read, *(t for t in outs if isinstance(t, torch.Tensor))]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         self.bytes += nbytes

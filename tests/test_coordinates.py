@@ -17,7 +17,7 @@ from relaxedconv.groups import (
     output_positions,
     rotation_angles,
 )
-from relaxedconv.kernel_net import FREQUENCY_OF_GROUP, SirenKernelNet
+from relaxedconv.kernel_net import FREQUENCY_OF_GROUP, SirenKernelNet, broadcast_shape
 
 
 F64 = torch.float64
@@ -162,6 +162,65 @@ def test_kernel_net_is_the_siren_of_design_section_1(groups, depth):
         z1 = torch.cat([z, torch.ones_like(z[..., :1])], -1)
         assert torch.allclose(torch.einsum("...h,oih->...oi", z1, w_ext), k, rtol=0, atol=1e-13)
     assert set(net.omegas()) == {{"rel_pos": "rel", "rel_rot": "rel", "abs_rot": "rot", "abs_pos": "pos"}[g] for g in groups}
+
+
+ALL_GROUP_SETS = [("rel_pos",), ("rel_pos", "rel_rot"), ("rel_pos", "abs_rot"), ("rel_pos", "rel_rot", "abs_rot"),
+                  ("rel_pos", "abs_pos"), ("rel_pos", "rel_rot", "abs_rot", "abs_pos"), ("abs_rot",), ("abs_rot", "abs_pos")]
+
+
+@pytest.mark.parametrize("groups", ALL_GROUP_SETS)
+@pytest.mark.parametrize("skip", [(), ("abs_pos",)])
+def test_first_preactivation_is_the_sum_of_the_group_terms(groups, skip):
+    """The first layer evaluates the position-free groups in one product with frequency-scaled
+    weight columns: the same values and gradients as the per-group sum b_1 + sum_g omega_g c_g W_g^T
+    (nets without relative groups included: SirenKernelNet is public)."""
+    torch.manual_seed(0)
+    net = SirenKernelNet(groups, 3, 2, hidden_channels=8, omega_rel=2.5, omega_rot=0.7, omega_pos=1.9,
+                         learn_omega_rel=True).double()
+    coords = coordinate_groups(out_rotations=4, in_rotations=3 if "rel_rot" in groups else None, kernel_size=3,
+                               out_size=(2, 3) if "abs_pos" in groups else None,
+                               rotation_nonstationary="abs_rot" in groups, dtype=F64)
+    got = net.first_preactivation(coords, skip=skip)
+    want = net.first.bias
+    for g in net.groups:
+        if g not in skip:
+            want = want + net.group_term(g, coords[g])
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=0, atol=1e-13)
+    params = [p for p in net.parameters() if p.requires_grad]
+    grad = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, params, grad, allow_unused=True),
+                    torch.autograd.grad(want, params, grad, allow_unused=True)):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-12, atol=1e-13))
+
+
+def test_first_preactivation_sums_in_fp32_under_autocast():
+    """Under autocast the product runs in bf16 but b_1 and the position term are added in fp32, as
+    the per-group sum did: sin's argument reaches ~10, where a bf16 result would step by 0.06."""
+    torch.manual_seed(0)
+    net = SirenKernelNet(("rel_pos", "rel_rot", "abs_rot", "abs_pos"), 3, 2, hidden_channels=16, omega_rel=10.0,
+                         omega_rot=2.0, omega_pos=3.0)
+    coords = coordinate_groups(out_rotations=8, in_rotations=8, kernel_size=5, out_size=(8, 8),
+                               rotation_nonstationary=True)
+    exact = net.double().first_preactivation({k: v.double() for k, v in coords.items()})
+    net.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = net.first_preactivation(coords)
+    assert got.dtype == torch.float32
+    assert (got.double() - exact).abs().max() < 0.06
+
+
+@pytest.mark.parametrize("shapes", [[(8, 1, 1, 49), (8, 1, 8, 1), (8, 1, 1, 1)], [(1, 6, 1, 1), (3, 1, 2, 5)],
+                                    [(5,), (2, 1)], [(0, 1), (1, 3)], [(2, 3), (2, 3)], [(4, 1, 3)]])
+def test_broadcast_shape_is_torchs(shapes):
+    assert broadcast_shape(*shapes) == tuple(torch.broadcast_shapes(*shapes))
+
+
+def test_broadcast_shape_refuses_what_torch_refuses():
+    with pytest.raises(RuntimeError):
+        torch.broadcast_shapes((2, 3), (3, 3))
+    with pytest.raises(ValueError, match="do not broadcast"):
+        broadcast_shape((2, 3), (3, 3))
 
 
 # ---- the layer's kernel follows the convention ----------------------------------------------------
