@@ -6,8 +6,6 @@ for translation non-stationary layers, where ``b`` (abs_pos) varies over positio
 identity: every value and gradient must be the direct form's, the layer's included."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
