@@ -203,35 +203,32 @@ def _el(s: Shape) -> dict[str, int]:
     }
 
 
+def _kept(tuner, s: Shape, **consts) -> list:
+    """The configs ``tuner``'s pruning keeps for shape ``s`` (16-bit data unless ``s.elem`` is 4)."""
+    import torch
+
+    args = {"data": torch.empty(1, dtype={2: torch.bfloat16, 4: torch.float32}[s.elem]),
+            "ROWS": s.batch * s.in_channels, "J": s.window, "N_ROT": s.out_rotations, "P": s.positions}
+    return tuner.early_config_prune(tuner.configs, args, HMAIN=_split(s)[0], PRECISION=None, FP64=False, **consts)
+
+
 def _best(s: Shape, kernel: str, card: Card) -> Step:
     """The step at the shipped config the model predicts fastest among those the kernel's own
     autotuner keeps for this shape (what autotuning should find)."""
-    import torch
-
     from . import relaxed_conv_bwd, relaxed_conv_fwd
 
     tuner = {"u": relaxed_conv_fwd._hidden_projection_autotuned, "dz": relaxed_conv_bwd._hidden_weight_grad_autotuned,
              "v": relaxed_conv_bwd._window_columns_autotuned}[kernel]
-    main, _ = _split(s)
-    args = {"data": torch.empty(1, dtype={2: torch.bfloat16, 4: torch.float32}[s.elem]),
-            "ROWS": s.batch * s.in_channels, "J": s.window, "N_ROT": s.out_rotations, "P": s.positions}
-    kept = tuner.early_config_prune(tuner.configs, args, HMAIN=main, PRECISION=None, FP64=False)
     make = {"u": _u_step, "dz": _dz_step, "v": _v_step}[kernel]
-    cands = [make(s, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
+    cands = [make(s, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in _kept(tuner, s)]
     return min(cands, key=lambda st: step_time(st, card))
 
 
 def _best_direct(s: Shape, card: Card) -> Step:
     """The direct dX step at the config the model predicts fastest among those its autotuner keeps."""
-    import torch
-
     from . import input_grad_direct
 
-    tuner = input_grad_direct._input_grad_direct_autotuned
-    main, tail = _split(s)
-    args = {"data": torch.empty(1, dtype={2: torch.bfloat16, 4: torch.float32}[s.elem]), "ROWS": s.batch * s.in_channels}
-    kept = tuner.early_config_prune(tuner.configs, args, HMAIN=main, N_ROT=s.out_rotations,
-                                    NIN_BLOCK=_nin_block(s), PRECISION=None, FP64=False)
+    kept = _kept(input_grad_direct._input_grad_direct_autotuned, s, NIN_BLOCK=_nin_block(s))
     cands = [_direct_step(s, c.kwargs["BLOCK_M"], c.kwargs["QH"], c.kwargs["QW"], c.kwargs["BLOCK_K"]) for c in kept]
     return min(cands, key=lambda st: step_time(st, card))
 

@@ -281,15 +281,9 @@ class SirenKernelNet(nn.Module):
         return self._direction_columns(group)
 
     def group_term(self, group: str, coords: torch.Tensor) -> torch.Tensor:
-        """One group's term of the first pre-activation: omega * (c @ W_g^T), [..., H]; W_g is a
+        """One group's term of the first pre-activation: c @ (omega W_g)^T, [..., H]; W_g is a
         slice of the learned ``first.weight`` for a relative group, the fixed directions else."""
-        w = self.first.weight
-        c = coords.to(w.dtype)
-        if group in self.relative_groups:
-            k = self.relative_groups.index(group)
-            return self.omega_rel * (c @ w[:, 2 * k : 2 * k + 2].t())
-        omega = getattr(self, f"omega_{FREQUENCY_OF_GROUP[group]}")
-        return omega * (c @ getattr(self, f"{group}_direction").to(w.dtype).t())
+        return coords.to(self.first.weight.dtype) @ self._group_columns(group).t()
 
     def forward(self, coords: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full kernel values, shape [..., C_out, C_in]."""

@@ -264,9 +264,9 @@ class _RelaxedGroupConv(nn.Module):
         coords = self._lattice(out_hw, w.device, w.dtype)
         net = self.kernel_net
         large = self.translation_nonstationary and torch.is_grad_enabled() and self._hidden_bytes(out_hw) >= CHECKPOINT_BYTES
-        # (Compiled, the split is plain operators and the partitioner would keep its product.)
-        keeps_little = net.splits_position(coords) and len(net.hidden_layers) == 1 and not torch.compiler.is_compiling()
-        if large and not keeps_little:
+        # A split depth-3 net keeps little (eager only: compiled, the split is plain operators and
+        # the partitioner would keep its product).
+        if large and (torch.compiler.is_compiling() or len(net.hidden_layers) != 1 or not net.splits_position(coords)):
             # Per-position features are N*P*J*H values; keeping only them (not every SIREN layer's
             # activations) and recomputing the SIREN in backward costs ~2% of the layer's FLOPs,
             # but its ~30 more operators cost host time (~10 us each on a GPU host): only worth it
