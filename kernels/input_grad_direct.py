@@ -38,7 +38,6 @@ from . import common
 from .common import channel_rows, mma
 
 
-
 @triton.jit
 def _halo(pid_q, H_IN, W_IN, H_OUT, W_OUT, PAD, KSIZE: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr):
     """The pixel rectangle of program ``pid_q`` and the output positions whose window reaches it:

@@ -166,7 +166,6 @@ def _e2e_config(args, device) -> e2e_mod.E2EConfig:
     return cfg
 
 
-
 def _route_choices() -> list[dict]:
     """Which route each step took for each shape its first call timed (dX: columns or direct;
     kernels/route_tuning.py), with the times that decided it: the rows ran on these."""
