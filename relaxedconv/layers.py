@@ -5,6 +5,7 @@ Feature maps on G = R^2 x| C_N are ``[B, C*N, H, W]`` with channel index ``c*N +
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -300,12 +301,26 @@ class _RelaxedGroupConv(nn.Module):
         # means the PyTorch path below (flag unset, or the layer/device unsupported).
         z = fused_kernel_net.layer_factor(self, out_hw, compute_dtype)
         if z is None:
-            z = self._hidden_features(out_hw)
-            z = ones_column(z, self._window_mask(z.device, z.dtype))
+            with self._kernel_net_precision():
+                z = self._hidden_features(out_hw)
+                z = ones_column(z, self._window_mask(z.device, z.dtype))
         w_ext = self.kernel_net.extended_output_weight()
         if dtype is not None:
             z, w_ext = z.to(dtype), w_ext.to(dtype)
         return z, w_ext
+
+    def _kernel_net_precision(self):
+        """Under autocast, the PyTorch kernel net of a position-stationary layer runs in the
+        parameters' dtype. Its values are few (N*J*H: 100 K at SE(2)-8, K = 7), so fp32 costs no
+        device time, while autocast's casts of every weight, of the coordinates and of each
+        layer's input were ~9 of a layer's ~45 launches forward and backward (issue 13); the
+        factors then go to the backend in fp32, whose product casts them once (the bank is made
+        in the autocast dtype as before). A translation non-stationary net (N*P*J*H: 26 M at T2)
+        stays under autocast, where the 16-bit product and activations halve its bytes."""
+        dev = self.kernel_net.first.weight.device.type
+        if self.translation_nonstationary or not torch.is_autocast_enabled(dev):
+            return contextlib.nullcontext()
+        return torch.autocast(dev, enabled=False)
 
     # ---- inference: the generated kernel cached until a parameter changes ----------------------
     def _parameter_state(self) -> tuple:

@@ -185,6 +185,63 @@ def test_kernel_cached_under_autocast_is_not_reused_outside_it(backend):
     assert low.dtype == low_again.dtype == torch.bfloat16 and torch.equal(low, low_again)
 
 
+# ---- autocast: the casts stay at the backend's boundary ----------------------------------------------
+class CastInputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """The shapes of the tensors cast (``aten._to_copy``) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "_to_copy":
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["expand_conv", "factored_torch"])
+@pytest.mark.parametrize("rotation_nonstationary", [False, True])
+def test_a_stationary_kernel_net_casts_nothing_under_autocast(backend, rotation_nonstationary):
+    """Under bf16 autocast a position-stationary layer's kernel net runs in fp32 (issue 13): its
+    weights, coordinates and activations are never cast, forward or backward (autocast cast 8 of
+    them per fwd+bwd, each a launch), and its factors are those of an fp32 call, bit for bit."""
+    torch.manual_seed(0)
+    layer = rc.GroupConv(3, 5, 5, 4, padding=2, hidden_channels=8, rotation_nonstationary=rotation_nonstationary,
+                         omega_rot=0.5, backend=backend)
+    x = torch.randn(2, 12, 7, 7, requires_grad=True)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().sum().backward()
+
+    step()
+    with CastInputs() as casts:
+        step()
+    net = layer.kernel_net
+    coords = layer._lattice((7, 7), x.device, torch.float32).values()
+    forbidden = {tuple(t.shape) for t in (*net.parameters(), *net.buffers(), *coords)}
+    activations = [s for s in casts.shapes if s and s[-1] == net.hidden_channels]
+    assert not activations and not forbidden & set(casts.shapes), casts.shapes
+    assert len(casts.shapes) <= 10, casts.shapes  # x, z, [W_L | b_L], bias each way, y
+
+    with torch.no_grad():
+        want = layer.factored_kernel((7, 7))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer.factored_kernel((7, 7), compute_dtype=torch.bfloat16)
+    assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_a_translation_nonstationary_kernel_net_stays_under_autocast():
+    """Per position the kernel net's values are many (T2: 26 M): its product and activations stay
+    16-bit under autocast, where fp32 would double their bytes."""
+    layer = _layer(trans=True, backend="factored_torch")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z, _ = layer.factored_kernel((5, 6), compute_dtype=torch.bfloat16)
+    assert z.dtype == torch.bfloat16
+
+
 # ---- one training step -------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_training_step_never_synchronises_with_the_host(backend):
