@@ -126,6 +126,8 @@ def test_quick_run_writes_json_with_metadata_and_marks_backends(tmp_path, monkey
     assert floor["status"] == "ok" and floor["x_floor"] == 1.0 and floor["backends"] is None
     assert auto["x_floor"] == pytest.approx(auto["step_ms"] / floor["step_ms"])
     assert auto["infer_ms"] > 0 and auto["infer_x_floor"] == pytest.approx(auto["infer_ms"] / floor["infer_ms"])
+    # each call's host part is within its total (so are the medians); on a CPU the host does the work
+    assert 0.5 * auto["step_ms"] <= auto["step_host_ms"] <= auto["step_ms"]
     assert report.E2E_LEGEND in printed
 
 

@@ -5,7 +5,8 @@ batch. bf16 runs the step under ``torch.autocast`` (the module stays fp32, as in
 training); fp32/tf32 run it in fp32 with TF32 off/on. The first ``warmup_steps`` steps (auto's
 measurement, Triton autotuning, cuDNN's algorithm search, compilation) are not timed; then each
 step is timed on its own (CUDA synchronised) until ``min_time_s`` has passed and at least
-``min_steps`` ran. images/s = batch / median step time. Peak memory: CUDA peak of one step above
+``min_steps`` ran. images/s = batch / median step time; host ms = the median time until the step's
+Python call returned (the device idle at its start): near the step time, the step is host-bound. Peak memory: CUDA peak of one step above
 what was allocated before it (model, optimiser state and batch excluded).
 
 Inference: the same model in ``eval()`` under ``torch.no_grad()`` on a batch of ``infer_batch``
@@ -31,7 +32,7 @@ from ..layers import backends_used
 from .deadline import RowTimeout, row_deadline
 from .floor import plain_conv_floor
 from .layer_bench import CONCRETE_BACKENDS, DTYPES, NO_GPU, free_memory, precision, record_failure
-from .timing import timed_call
+from .timing import host_and_total
 
 E2E_VARIANTS = ("t2", "se2", "se2_rot", "se2_rot_trans")
 FLOOR = "conv2d"
@@ -101,6 +102,9 @@ def base_row(variant: str, backend: str, cfg: E2EConfig) -> dict:
         "reason": None,
         "images_per_s": None,
         "step_ms": None,
+        # the host's part: until step() returned, from an idle device (timing.host_and_total);
+        # close to step_ms = the step waits on the host's per-operator cost, not on the GPU
+        "step_host_ms": None,
         "step_p20_p80_ms": None,
         "steps_timed": None,
         "peak_mib": None,
@@ -130,7 +134,7 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
         torch.autocast(device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16) else contextlib.nullcontext()
     )
     model = run_model = opt = x = y = xi = None
-    infer_times = []
+    infer_times, host_times = [], []
     try:
         with row_deadline(cfg.row_time_limit_s), precision(cfg.dtype):
             torch.manual_seed(0)
@@ -162,7 +166,7 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            times = _timed(step, device, cfg, warmup=0)
+            times = _timed(step, device, cfg, warmup=0, host=host_times)
             if device.type == "cuda":
                 row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             model.eval()
@@ -190,6 +194,7 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
     row.update(
         status="ok",
         step_ms=med,
+        step_host_ms=statistics.median(host_times),
         step_p20_p80_ms=[times[int(0.2 * (n - 1))], times[int(0.8 * (n - 1))]],
         steps_timed=n,
         images_per_s=cfg.batch / (med * 1e-3),
@@ -199,15 +204,18 @@ def measure_step(variant: str, backend: str, device: torch.device, cfg: E2EConfi
     return row
 
 
-def _timed(fn, device, cfg: E2EConfig, *, warmup: int) -> list[float]:
+def _timed(fn, device, cfg: E2EConfig, *, warmup: int, host: list | None = None) -> list[float]:
     """Per-call ms of ``fn`` after ``warmup`` untimed calls (the step's own rule: ``min_steps`` to
-    ``max_steps`` calls, until ``min_time_s``)."""
+    ``max_steps`` calls, until ``min_time_s``); ``host`` (a list) receives each call's host ms."""
     for _ in range(warmup):
         fn()
     times = []
     t_end = time.perf_counter() + cfg.min_time_s
     while len(times) < cfg.max_steps and (len(times) < cfg.min_steps or time.perf_counter() < t_end):
-        times.append(timed_call(fn, device) * 1e3)
+        h, t = host_and_total(fn, device)
+        times.append(t * 1e3)
+        if host is not None:
+            host.append(h * 1e3)
     return times
 
 

@@ -82,16 +82,17 @@ def backends_summary(backends) -> str:
 
 E2E_LEGEND = (
     "x floor: time over the conv2d row of the same model, i.e. the same network with plain nn.Conv2d weights of the "
-    "expanded shapes and no kernel net (step: training step; infer: eval forward under no_grad)."
+    "expanded shapes and no kernel net (step: training step; infer: eval forward under no_grad). host ms: the step's "
+    "time until its Python call returned, the device idle at its start; near step ms, the step is host-bound."
 )
 
 
 def e2e_table(rows) -> str:
-    header = ["model", "backend", "dtype", "batch", "images/s", "step ms", "x floor", "infer img/s", "infer x floor",
-              "peak MiB", "layers ran / note"]
+    header = ["model", "backend", "dtype", "batch", "images/s", "step ms", "host ms", "x floor", "infer img/s",
+              "infer x floor", "peak MiB", "layers ran / note"]
     body = [
         [r["label"], r["backend"], r["dtype"], r["batch"], _fmt(r["images_per_s"], ".1f"), _fmt(r["step_ms"], ".1f"),
-         _fmt(r.get("x_floor"), ".2f"), _fmt(r.get("infer_images_per_s"), ".1f"), _fmt(r.get("infer_x_floor"), ".2f"),
+         _fmt(r.get("step_host_ms"), ".1f"), _fmt(r.get("x_floor"), ".2f"), _fmt(r.get("infer_images_per_s"), ".1f"), _fmt(r.get("infer_x_floor"), ".2f"),
          _fmt(r["peak_mib"], ".0f"), backends_summary(r.get("backends")) if r["status"] == "ok" else _note(r)]
         for r in rows
     ]
@@ -222,9 +223,10 @@ def markdown(payload: dict) -> str:
             f"widths {tuple(c.get('widths', ()))}, {c.get('dtype')}"
             + (", scaled down for CPU" if c.get("scaled_down") else "") + "):",
             "",
-            _md_table(["model", "backend", "images/s", "step ms", "× floor", "infer img/s", "infer × floor", "peak MiB", "note"],
+            _md_table(["model", "backend", "images/s", "step ms", "host ms", "× floor", "infer img/s", "infer × floor",
+                       "peak MiB", "note"],
                       [[r["label"], r["backend"], _fmt(r["images_per_s"], ".1f"), _fmt(r["step_ms"], ".1f"),
-                        _fmt(r.get("x_floor"), ".2f"), _fmt(r.get("infer_images_per_s"), ".1f"),
+                        _fmt(r.get("step_host_ms"), ".1f"), _fmt(r.get("x_floor"), ".2f"), _fmt(r.get("infer_images_per_s"), ".1f"),
                         _fmt(r.get("infer_x_floor"), ".2f"), _fmt(r["peak_mib"], ".0f"),
                         "" if r["status"] == "ok" else _note(r).replace("|", "/")]
                        for r in payload["e2e"]]),

@@ -147,8 +147,17 @@ def synchronize(device: torch.device) -> None:
 def timed_call(fn, device: torch.device) -> float:
     """Seconds of one call of ``fn``, the device synchronised before and after (work queued
     earlier is not counted, the call's own work is)."""
+    return host_and_total(fn, device)[1]
+
+
+def host_and_total(fn, device: torch.device) -> tuple[float, float]:
+    """(host, total) seconds of one call of ``fn`` on an idle device: until ``fn`` returns (the
+    host's time to issue its work) and until the device finished it. host close to total: the call
+    is bound by the host's per-operator cost, and a GPU only waits; well under it: by the device.
+    (A host that blocks, on a full launch queue or a synchronising operator, shows as host time.)"""
     synchronize(device)
     t0 = time.perf_counter()
     fn()
+    t1 = time.perf_counter()
     synchronize(device)
-    return time.perf_counter() - t0
+    return t1 - t0, time.perf_counter() - t0
