@@ -243,21 +243,26 @@ class SirenKernelNet(nn.Module):
 
         Every group but abs_pos varies over (n, n', offset) only, so their coordinates broadcast
         together are a small matrix (N*J rows of 2 per group): one product with the weight columns
-        scaled by their frequencies, where a product, a scaling and an add per group dispatched
-        ~3x the operators forward and backward (issue 13). abs_pos alone spans the positions and
-        stays a broadcast add."""
+        times the frequencies, where a product, a scaling and an add per group dispatched ~3x the
+        operators forward and backward (issue 13). abs_pos alone spans the positions and stays a
+        broadcast add."""
         groups = [g for g in self.relative_groups + self.absolute_groups if g not in skip]
         merged = [g for g in groups if g != "abs_pos"]
         w = self.first.weight
         pre = self.first.bias
         if merged:
-            shape = broadcast_shape(*(coords[g].shape[:-1] for g in merged))
-            c = [coords[g].to(w.dtype) for g in merged]
-            c = torch.cat([t.expand(*shape, t.shape[-1]) for t in c], dim=-1) if len(c) > 1 else c[0]
+            # A fixed frequency (omega_rel in every model; omega_rot/omega_pos unless learned) is
+            # folded into its group's coordinates, which are constant: they are built once per
+            # lattice and frequency value (_merged_coordinates) and the weight columns are used
+            # as they are. A learned one scales its columns here, so that it gets its gradient.
+            fixed = {g: not self._frequency(g).requires_grad for g in merged}
+            c = self._merged_coordinates(coords, merged, fixed)
             if self.relative_groups and all(g in merged for g in self.relative_groups):  # w is exactly their columns
-                scaled = [self.omega_rel * w] + [self._direction_columns(g) for g in merged if g in ABSOLUTE_GROUPS]
+                scaled = [w if fixed[self.relative_groups[0]] else self.omega_rel * w]
+                merged_abs = [g for g in merged if g in ABSOLUTE_GROUPS]
             else:
-                scaled = [self._group_columns(g) for g in merged]
+                scaled, merged_abs = [], merged
+            scaled += [self._raw_columns(g) if fixed[g] else self._group_columns(g) for g in merged_abs]
             scaled = torch.cat(scaled, dim=1) if len(scaled) > 1 else scaled[0]
             if torch.is_autocast_enabled(c.device.type):
                 # the product in the autocast dtype, the sum with b_1 (and abs_pos) in fp32, as the
@@ -269,16 +274,54 @@ class SirenKernelNet(nn.Module):
             pre = pre + self.group_term("abs_pos", coords["abs_pos"])
         return pre
 
-    def _direction_columns(self, group: str) -> torch.Tensor:
-        """omega * U_g: an absolute group's fixed directions scaled by its frequency, [H, 2]."""
-        return getattr(self, f"omega_{FREQUENCY_OF_GROUP[group]}") * getattr(self, f"{group}_direction").to(self.first.weight.dtype)
+    def _frequency(self, group: str) -> torch.Tensor:
+        return getattr(self, f"omega_{FREQUENCY_OF_GROUP[group]}")
+
+    def _merged_coordinates(self, coords, merged, fixed) -> torch.Tensor:
+        """The coordinates of the ``merged`` groups broadcast together and concatenated, each
+        ``fixed`` one times its frequency: [..., 2 * len(merged)], in the first weight's dtype.
+
+        Constant while the coordinate tensors and the fixed frequencies are unchanged, so it is
+        kept (one entry per group set, dtype and inference mode) and a layer's forward dispatches
+        no broadcast, concatenation or scaling for it (issue 13). A change is seen by identity,
+        version counter and storage, as the layers' inference cache sees one (in place, replaced,
+        loaded), never by value, which would synchronise with a GPU: a write through ``.data``,
+        which bypasses the version counter, is not seen."""
+        dtype = self.first.weight.dtype
+        if torch.compiler.is_compiling():  # a compiled graph folds constants itself
+            return self._build_merged_coordinates(coords, merged, fixed, dtype)
+        sources = tuple(coords[g] for g in merged) + tuple(self._frequency(g) for g in merged if fixed[g])
+        versions = tuple((t._version, t.data_ptr()) for t in sources)
+        key = (tuple(merged), dtype, torch.is_inference_mode_enabled())
+        cache = self.__dict__.setdefault("_coordinate_cache", {})
+        hit = cache.get(key)
+        if hit is not None and len(hit[0]) == len(sources) and all(a is b for a, b in zip(hit[0], sources)) \
+                and hit[1] == versions:
+            return hit[2]
+        c = self._build_merged_coordinates(coords, merged, fixed, dtype)
+        cache[key] = (sources, versions, c)
+        return c
+
+    def _build_merged_coordinates(self, coords, merged, fixed, dtype) -> torch.Tensor:
+        with torch.no_grad():
+            shape = broadcast_shape(*(coords[g].shape[:-1] for g in merged))
+            parts = []
+            for g in merged:
+                t = coords[g].to(dtype)
+                parts.append((t * self._frequency(g).to(dtype) if fixed[g] else t).expand(*shape, t.shape[-1]))
+            return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0].contiguous()
+
+    def _raw_columns(self, group: str) -> torch.Tensor:
+        """W_g, [H, 2]: the columns of the learned ``first.weight`` for a relative group, the fixed
+        directions for an absolute one."""
+        if group in self.relative_groups:
+            k = self.relative_groups.index(group)
+            return self.first.weight[:, 2 * k : 2 * k + 2]
+        return getattr(self, f"{group}_direction").to(self.first.weight.dtype)
 
     def _group_columns(self, group: str) -> torch.Tensor:
         """W_g scaled by its frequency, [H, 2]: the columns that multiply ``group``'s coordinates."""
-        if group in self.relative_groups:
-            k = self.relative_groups.index(group)
-            return self.omega_rel * self.first.weight[:, 2 * k : 2 * k + 2]
-        return self._direction_columns(group)
+        return self._frequency(group) * self._raw_columns(group)
 
     def group_term(self, group: str, coords: torch.Tensor) -> torch.Tensor:
         """One group's term of the first pre-activation: c @ (omega W_g)^T, [..., H]; W_g is a

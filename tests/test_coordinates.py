@@ -170,13 +170,15 @@ ALL_GROUP_SETS = [("rel_pos",), ("rel_pos", "rel_rot"), ("rel_pos", "abs_rot"), 
 
 @pytest.mark.parametrize("groups", ALL_GROUP_SETS)
 @pytest.mark.parametrize("skip", [(), ("abs_pos",)])
-def test_first_preactivation_is_the_sum_of_the_group_terms(groups, skip):
-    """The first layer evaluates the position-free groups in one product with frequency-scaled
-    weight columns: the same values and gradients as the per-group sum b_1 + sum_g omega_g c_g W_g^T
-    (nets without relative groups included: SirenKernelNet is public)."""
+@pytest.mark.parametrize("learned", [True, False])
+def test_first_preactivation_is_the_sum_of_the_group_terms(groups, skip, learned):
+    """The first layer evaluates the position-free groups in one product, a learned frequency
+    scaling its weight columns and a fixed one folded into the (cached) coordinates: the same values
+    and gradients as the per-group sum b_1 + sum_g omega_g c_g W_g^T (nets without relative groups
+    included: SirenKernelNet is public)."""
     torch.manual_seed(0)
     net = SirenKernelNet(groups, 3, 2, hidden_channels=8, omega_rel=2.5, omega_rot=0.7, omega_pos=1.9,
-                         learn_omega_rel=True).double()
+                         learn_omega_rel=learned, learn_omega_rot=learned, learn_omega_pos=learned).double()
     coords = coordinate_groups(out_rotations=4, in_rotations=3 if "rel_rot" in groups else None, kernel_size=3,
                                out_size=(2, 3) if "abs_pos" in groups else None,
                                rotation_nonstationary="abs_rot" in groups, dtype=F64)
@@ -192,6 +194,52 @@ def test_first_preactivation_is_the_sum_of_the_group_terms(groups, skip):
     for a, b in zip(torch.autograd.grad(got, params, grad, allow_unused=True),
                     torch.autograd.grad(want, params, grad, allow_unused=True)):
         assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-12, atol=1e-13))
+
+
+def test_fixed_frequencies_are_folded_into_coordinates_built_once():
+    """A fixed omega is folded into its cached coordinates (issue 13: no broadcast, concatenation or
+    scaling per call), and the cache follows every change: a frequency or a coordinate tensor
+    changed in place, a frequency replaced or loaded, a frequency made learnable."""
+    from relaxedconv.benchmark.opcount import count
+
+    groups = ("rel_pos", "rel_rot", "abs_rot")
+    net = SirenKernelNet(groups, 3, 2, hidden_channels=8, omega_rel=2.5, omega_rot=0.7, learn_omega_rot=False).double()
+    coords = coordinate_groups(out_rotations=4, in_rotations=3, kernel_size=3, out_size=None, rotation_nonstationary=True,
+                               dtype=F64)
+
+    def per_group():
+        want = net.first.bias
+        for g in groups:
+            want = want + net.group_term(g, coords[g])
+        return want
+
+    def check():
+        assert torch.allclose(net.first_preactivation(coords), per_group(), rtol=0, atol=1e-13)
+
+    check()
+    ops = count(lambda: net.first_preactivation(coords)).counts
+    # one product, and one concatenation: the weight columns [W_rel | U_rot] (W_rel is learned)
+    assert not {"mul", "expand"} & set(ops) and ops["addmm"] == 1 and ops["cat"] == 1
+    with torch.no_grad():
+        net.omega_rel.fill_(4.0)
+    check()
+    with torch.no_grad():
+        coords["rel_rot"].mul_(0.5)
+    check()
+    net.omega_rot = torch.nn.Parameter(torch.tensor(1.3, dtype=F64), requires_grad=False)
+    check()
+    net.load_state_dict({**net.state_dict(), "omega_rel": torch.tensor(0.25, dtype=F64)})
+    check()
+    net.omega_rot.requires_grad_(True)
+    check()
+    pre = net.first_preactivation(coords)
+    (g,) = torch.autograd.grad(pre.square().sum(), [net.omega_rot])
+    (want,) = torch.autograd.grad(per_group().square().sum(), [net.omega_rot])
+    assert torch.allclose(g, want, rtol=1e-12)
+    # inference-mode coordinates are never handed to a call that records gradients
+    with torch.inference_mode():
+        net.first_preactivation(coords)
+    net.first_preactivation(coords).sum().backward()
 
 
 def test_first_preactivation_sums_in_fp32_under_autocast():

@@ -98,8 +98,9 @@ def test_inference_reuses_the_generated_kernel_and_gives_the_same_output(monkeyp
         cached = count(lambda: layer(x)).counts
         layer.clear_kernel_cache()
         uncached = count(lambda: layer(x)).counts
-    assert "sin" not in cached and uncached["sin"] >= 2
-    assert sum(cached.values()) < sum(uncached.values()) - 20
+    kernel_net_ops = {"sin", "addmm", "constant_pad_nd"}  # its layers, and [z | 1]
+    assert uncached["sin"] >= 2 and kernel_net_ops <= set(uncached)
+    assert not kernel_net_ops & set(cached) and sum(cached.values()) < sum(uncached.values())
     if backend == "expand_conv":
         assert dict(cached) == {"convolution": 1}  # deployed at plain-convolution speed
 
