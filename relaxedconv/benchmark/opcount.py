@@ -7,6 +7,11 @@ call), so the figures are an upper bound on kernel launches.
 
     python -m relaxedconv.benchmark.opcount                 # the §7 model, batch 2, widths 8,16
     python -m relaxedconv.benchmark.opcount --json ops.json
+    python -m relaxedconv.benchmark.opcount --autocast bf16 # as the GPU benchmark's step runs
+
+"not views": the operators that do not alias their input (``OpOverload.is_view``), i.e. those that
+can launch work on a GPU. Under ``--autocast bf16`` (CPU autocast) the forward runs as the GPU e2e
+benchmark's does, autocast's casts included.
 
 Only public entry points are used (``build_model``, ``GroupConv``), so the same file measures an
 older checkout: ``PYTHONPATH=<old tree> python relaxedconv/benchmark/opcount.py``.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
 
@@ -31,14 +37,20 @@ class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
+        self.views = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func.overloadpacket.__name__)] += 1
+        self.views += func.is_view
         return func(*args, **(kwargs or {}))
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def not_views(self) -> int:
+        return self.total - self.views
 
     @property
     def syncs(self) -> int:
@@ -78,11 +90,17 @@ def _relaxed_layers(model):
 
 
 def training_step_counts(variant: str, backend: str, *, batch=2, size=32, widths=(8, 16), group_order=8,
-                         kernel_size=7, hidden=32, steps=3) -> dict:
+                         kernel_size=7, hidden=32, steps=3, autocast: str | None = None) -> dict:
     """Ops of one training step (forward, loss, backward; Adam apart), the last of ``steps`` (the
     first steps build caches), of each relaxed layer's forward + backward alone, and of one
-    forward in eval mode under ``no_grad`` (after one such forward)."""
+    forward in eval mode under ``no_grad`` (after one such forward). ``autocast="bf16"``: every
+    forward under CPU bf16 autocast (the GPU benchmark's step)."""
     from relaxedconv.models import build_model
+
+    def mixed():
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[autocast])
 
     torch.manual_seed(0)
     floor = backend == "conv2d"  # the plain-conv floor: the same network, nn.Conv2d weights, no kernel net
@@ -99,7 +117,9 @@ def training_step_counts(variant: str, backend: str, *, batch=2, size=32, widths
 
     def fwd_bwd():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with mixed():
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
 
     for _ in range(steps - 1):
         fwd_bwd()
@@ -125,18 +145,26 @@ def training_step_counts(variant: str, backend: str, *, batch=2, size=32, widths
     per_layer = {}
     for name, m in _relaxed_layers(model):
         xi = inputs[name].clone().requires_grad_(True)
-        dy = torch.randn_like(m(xi))
-        m(xi).backward(dy)  # caches
-        per_layer[name] = count(lambda m=m, xi=xi, dy=dy: m(xi).backward(dy)).total
+
+        def layer_step(m=m, xi=xi):
+            m.zero_grad(set_to_none=True)
+            with mixed():
+                out = m(xi)
+            out.backward(torch.ones_like(out))
+
+        layer_step()  # caches
+        per_layer[name] = count(layer_step).total
     fwd_only = {}
-    with torch.no_grad():
+    with torch.no_grad(), mixed():
         model.eval()
         model(x)
         fwd_only = count(lambda: model(x))
     return {
         "variant": variant,
         "backend": backend,
+        "autocast": autocast,
         "fwd_bwd_ops": c.total,
+        "fwd_bwd_not_views": c.not_views,
         "fwd_bwd_syncs": c.syncs,
         "fwd_bwd_top": dict(c.counts.most_common(12)),
         "optimizer_ops": c_opt.total,
@@ -151,17 +179,19 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="t2,se2,se2_rot")
     ap.add_argument("--backends", default="expand_conv,factored_torch,conv2d",
                     help="conv2d: the plain-conv floor (same network, nn.Conv2d weights of the expanded shapes)")
+    ap.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                    help="every forward under CPU autocast in this dtype (the GPU e2e benchmark runs bf16)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     for variant in args.variants.split(","):
         for backend in args.backends.split(","):
-            r = training_step_counts(variant, backend)
+            r = training_step_counts(variant, backend, autocast=args.autocast)
             rows.append(r)
             layers = r["layer_fwd_bwd_ops"]
-            print(f"{variant:<14} {backend:<15} forward+backward {r['fwd_bwd_ops']:>5} ops ({r['fwd_bwd_syncs']} host "
-                  f"syncs), Adam {r['optimizer_ops']} ops, "
+            print(f"{variant:<14} {backend:<15} forward+backward {r['fwd_bwd_ops']:>5} ops "
+                  f"({r['fwd_bwd_not_views']} not views, {r['fwd_bwd_syncs']} host syncs), Adam {r['optimizer_ops']} ops, "
                   f"eval forward {r['eval_forward_ops']:>4} ops, per layer fwd+bwd "
                   f"{min(layers.values())}-{max(layers.values())} ops over {len(layers)} layers", flush=True)
     if args.json:
