@@ -8,7 +8,8 @@ a small layer's eager step that a GPU cannot take over (issue 13).
 Rows: a translation non-stationary lifting layer (T(2)-like) on the triton backend, its Triton
 launches stubbed out (nothing runs; the host function up to each launch does), and on
 factored_torch; a strict and a rotation non-stationary SE(2)-4 group layer on expand_conv.
-Channels 2 -> 2, K 3, H 8, a 4 x 4 image, batch 2, bf16 input (fp32 parameters), one thread.
+Channels 2 -> 2, K 3, H 8, a 4 x 4 image, batch 2, bf16 input (fp32 parameters), one thread;
+``--autocast``: an fp32 input under bf16 autocast, as the GPU e2e benchmark's step runs.
 The numbers are this CPU's; a GPU host's differ, their differences less so.
 """
 from __future__ import annotations
@@ -37,14 +38,16 @@ def _rows():
     ]
 
 
-def host_us(make_layer, backend: str, calls: int = 200, runs: int = 5) -> float:
+def host_us(make_layer, backend: str, calls: int = 200, runs: int = 5, autocast: bool = False) -> float:
     """Best over ``runs`` of the mean µs per fwd+bwd over ``calls`` calls."""
     torch.manual_seed(0)
     layer = make_layer()
-    x = torch.randn(2, 2 * layer.in_rotations, 4, 4, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, 2 * layer.in_rotations, 4, 4, dtype=torch.float32 if autocast else torch.bfloat16,
+                    requires_grad=True)
 
     def step():
-        y = layer(x, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x, backend=backend)
         y.backward(torch.ones_like(y))
         layer.zero_grad(set_to_none=True)
         x.grad = None
@@ -63,6 +66,7 @@ def host_us(make_layer, backend: str, calls: int = 200, runs: int = 5) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--autocast", action="store_true", help="fp32 input under bf16 autocast")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from relaxedconv.kernels import common
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
         print("| layer | backend | host µs per fwd+bwd |")
         print("| --- | --- | --- |")
         for label, backend, make in _rows():
-            print(f"| {label} | {backend} | {host_us(make, backend, args.calls):.0f} |")
+            print(f"| {label} | {backend} | {host_us(make, backend, args.calls, autocast=args.autocast):.0f} |")
     finally:
         common.launch = real
     return 0

@@ -248,22 +248,9 @@ class SirenKernelNet(nn.Module):
         broadcast add."""
         groups = [g for g in self.relative_groups + self.absolute_groups if g not in skip]
         merged = [g for g in groups if g != "abs_pos"]
-        w = self.first.weight
         pre = self.first.bias
         if merged:
-            # A fixed frequency (omega_rel in every model; omega_rot/omega_pos unless learned) is
-            # folded into its group's coordinates, which are constant: they are built once per
-            # lattice and frequency value (_merged_coordinates) and the weight columns are used
-            # as they are. A learned one scales its columns here, so that it gets its gradient.
-            fixed = {g: not self._frequency(g).requires_grad for g in merged}
-            c = self._merged_coordinates(coords, merged, fixed)
-            if self.relative_groups and all(g in merged for g in self.relative_groups):  # w is exactly their columns
-                scaled = [w if fixed[self.relative_groups[0]] else self.omega_rel * w]
-                merged_abs = [g for g in merged if g in ABSOLUTE_GROUPS]
-            else:
-                scaled, merged_abs = [], merged
-            scaled += [self._raw_columns(g) if fixed[g] else self._group_columns(g) for g in merged_abs]
-            scaled = torch.cat(scaled, dim=1) if len(scaled) > 1 else scaled[0]
+            c, scaled = self._first_layer_operands(coords, merged)
             if torch.is_autocast_enabled(c.device.type):
                 # the product in the autocast dtype, the sum with b_1 (and abs_pos) in fp32, as the
                 # per-group form did: sin's argument reaches ~10, where bf16 steps by 0.06
@@ -273,6 +260,24 @@ class SirenKernelNet(nn.Module):
         if "abs_pos" in groups:
             pre = pre + self.group_term("abs_pos", coords["abs_pos"])
         return pre
+
+    def _first_layer_operands(self, coords, merged) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c, w): ``c @ w^T = sum_g omega_g c_g W_g^T`` over the ``merged`` groups.
+
+        A fixed frequency (omega_rel in every model; omega_rot/omega_pos unless learned) is folded
+        into its group's coordinates, which are constant: they are built once per lattice and
+        frequency value (:meth:`_merged_coordinates`) and the weight columns are used as they are.
+        A learned one scales its columns here, so that it gets its gradient."""
+        fixed = {g: not self._frequency(g).requires_grad for g in merged}
+        c = self._merged_coordinates(coords, merged, fixed)
+        w = self.first.weight
+        if self.relative_groups and all(g in merged for g in self.relative_groups):  # w is exactly their columns
+            columns = [w if fixed[self.relative_groups[0]] else self.omega_rel * w]
+            merged_abs = [g for g in merged if g in ABSOLUTE_GROUPS]
+        else:
+            columns, merged_abs = [], merged
+        columns += [self._raw_columns(g) if fixed[g] else self._group_columns(g) for g in merged_abs]
+        return c, torch.cat(columns, dim=1) if len(columns) > 1 else columns[0]
 
     def _frequency(self, group: str) -> torch.Tensor:
         return getattr(self, f"omega_{FREQUENCY_OF_GROUP[group]}")
