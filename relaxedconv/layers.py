@@ -33,6 +33,15 @@ from .validation import (
 # does, T1 (6 MB) and T2 (103 MB) keep their activations and skip the recomputation's operators.
 CHECKPOINT_BYTES = 256 * 2**20
 
+# Under autocast the PyTorch kernel net runs in its parameters' dtype (fp32) below this many
+# [N, P, J, H] hidden values, in autocast's mix of 16-bit products and activations from it on.
+# Below, fp32's extra bytes cost less than autocast's casts (of each weight, the coordinates and
+# each layer's input, forward and back: ~8-11 launches per layer step, ~10 µs of host time each on
+# the H200's host, for a layer whose step is host time): every stationary layer (SE(2)-8 at K = 7:
+# 0.1 M values) and T1 (1.6 M). From it on the passes dominate: T2 (26 M), where fp32 would double
+# ~10 passes' bytes.
+AUTOCAST_KERNEL_NET_MIN_VALUES = 1 << 23
+
 
 class _OnesColumn(torch.autograd.Function):
     """``[z * m | m]``: the hidden features with the window mask folded in and the constant feature
@@ -301,7 +310,7 @@ class _RelaxedGroupConv(nn.Module):
         # means the PyTorch path below (flag unset, or the layer/device unsupported).
         z = fused_kernel_net.layer_factor(self, out_hw, compute_dtype)
         if z is None:
-            with self._kernel_net_precision():
+            with self._kernel_net_precision(out_hw):
                 z = self._hidden_features(out_hw)
                 z = ones_column(z, self._window_mask(z.device, z.dtype))
         w_ext = self.kernel_net.extended_output_weight()
@@ -309,16 +318,19 @@ class _RelaxedGroupConv(nn.Module):
             z, w_ext = z.to(dtype), w_ext.to(dtype)
         return z, w_ext
 
-    def _kernel_net_precision(self):
-        """Under autocast, the PyTorch kernel net of a position-stationary layer runs in the
-        parameters' dtype. Its values are few (N*J*H: 100 K at SE(2)-8, K = 7), so fp32 costs no
-        device time, while autocast's casts of every weight, of the coordinates and of each
-        layer's input were ~9 of a layer's ~45 launches forward and backward (issue 13); the
-        factors then go to the backend in fp32, whose product casts them once (the bank is made
-        in the autocast dtype as before). A translation non-stationary net (N*P*J*H: 26 M at T2)
-        stays under autocast, where the 16-bit product and activations halve its bytes."""
+    def _kernel_net_precision(self, out_hw):
+        """Under autocast, a PyTorch kernel net of fewer than :data:`AUTOCAST_KERNEL_NET_MIN_VALUES`
+        hidden values runs in the parameters' dtype: every stationary layer (N*J*H: 100 K at
+        SE(2)-8, K = 7) and T1 (1.6 M), where fp32 costs next to no device time while autocast's
+        casts of every weight, of the coordinates and of each layer's input were ~9 of a stationary
+        layer's ~45 launches forward and backward (issue 13). The factors then go to the backend
+        in fp32, which casts them once (its own product or packing copy). A larger net (T2: 26 M)
+        stays under autocast, where the 16-bit products and activations halve its bytes."""
         dev = self.kernel_net.first.weight.device.type
-        if self.translation_nonstationary or not torch.is_autocast_enabled(dev):
+        if not torch.is_autocast_enabled(dev):
+            return contextlib.nullcontext()
+        values = self._hidden_bytes(out_hw) // self.kernel_net.first.weight.element_size()
+        if values >= AUTOCAST_KERNEL_NET_MIN_VALUES:
             return contextlib.nullcontext()
         return torch.autocast(dev, enabled=False)
 

@@ -234,13 +234,21 @@ def test_a_stationary_kernel_net_casts_nothing_under_autocast(backend, rotation_
     assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))
 
 
-def test_a_translation_nonstationary_kernel_net_stays_under_autocast():
-    """Per position the kernel net's values are many (T2: 26 M): its product and activations stay
-    16-bit under autocast, where fp32 would double their bytes."""
+@pytest.mark.parametrize("large", [False, True])
+def test_a_translation_nonstationary_kernel_net_under_autocast_by_size(monkeypatch, large):
+    """Per position the kernel net's values can be many (T2: 26 M): from
+    AUTOCAST_KERNEL_NET_MIN_VALUES on its products and activations stay 16-bit under autocast,
+    where fp32 would double their bytes; below (T1: 1.6 M) it runs in fp32, as a stationary one."""
     layer = _layer(trans=True, backend="factored_torch")
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        z, _ = layer.factored_kernel((5, 6), compute_dtype=torch.bfloat16)
-    assert z.dtype == torch.bfloat16
+    values = layer._hidden_bytes((5, 6)) // 4  # N * P * J * H
+    monkeypatch.setattr(layers_mod, "AUTOCAST_KERNEL_NET_MIN_VALUES", values if large else values + 1)
+    with torch.no_grad():
+        want, _ = layer.factored_kernel((5, 6))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z, _ = layer.factored_kernel((5, 6), compute_dtype=torch.bfloat16)
+    assert z.dtype == (torch.bfloat16 if large else torch.float32)
+    if not large:
+        assert torch.equal(z, want)
 
 
 # ---- one training step -------------------------------------------------------------------------------
