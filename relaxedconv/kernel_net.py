@@ -296,6 +296,8 @@ class SirenKernelNet(nn.Module):
         if torch.compiler.is_compiling():  # a compiled graph folds constants itself
             return self._build_merged_coordinates(coords, merged, fixed, dtype)
         sources = tuple(coords[g] for g in merged) + tuple(self._frequency(g) for g in merged if fixed[g])
+        if any(_uncacheable(t) for t in sources):
+            return self._build_merged_coordinates(coords, merged, fixed, dtype)
         versions = tuple((t._version, t.data_ptr()) for t in sources)
         key = (tuple(merged), dtype, torch.is_inference_mode_enabled())
         cache = self.__dict__.setdefault("_coordinate_cache", {})
@@ -308,13 +310,12 @@ class SirenKernelNet(nn.Module):
         return c
 
     def _build_merged_coordinates(self, coords, merged, fixed, dtype) -> torch.Tensor:
-        with torch.no_grad():
-            shape = broadcast_shape(*(coords[g].shape[:-1] for g in merged))
-            parts = []
-            for g in merged:
-                t = coords[g].to(dtype)
-                parts.append((t * self._frequency(g).to(dtype) if fixed[g] else t).expand(*shape, t.shape[-1]))
-            return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0].contiguous()
+        shape = broadcast_shape(*(coords[g].shape[:-1] for g in merged))
+        parts = []
+        for g in merged:
+            t = coords[g].to(dtype)
+            parts.append((t * self._frequency(g).to(dtype) if fixed[g] else t).expand(*shape, t.shape[-1]))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0].contiguous()
 
     def _raw_columns(self, group: str) -> torch.Tensor:
         """W_g, [H, 2]: the columns of the learned ``first.weight`` for a relative group, the fixed
@@ -343,6 +344,13 @@ class SirenKernelNet(nn.Module):
         w = self.out.weight.unflatten(0, (self.out_channels, self.in_channels))
         b = self.out.bias.unflatten(0, (self.out_channels, self.in_channels))
         return torch.cat([w, b[..., None]], dim=-1)
+
+
+def _uncacheable(t: torch.Tensor) -> bool:
+    """A tensor whose derived value must not be kept: one that takes a gradient (coordinates passed
+    by a user of the public net), an inference tensor (no version counter to watch), or one inside
+    a torch.func transform (vmap's batched frequencies: a kept value would escape the transform)."""
+    return t.requires_grad or t.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _split_operands(a, b, weight, bias):

@@ -234,16 +234,20 @@ class _RelaxedGroupConv(nn.Module):
         hit = self._cache("_lattice_cache").get(key)
         if hit is not None:
             return hit
-        return self._remember(key, coordinate_groups(
-            out_rotations=self.group_order,
-            in_rotations=None if self._is_lifting else self.in_rotations,
-            kernel_size=self.kernel_size,
-            out_size=tuple(out_hw) if self.translation_nonstationary else None,
-            rotation_nonstationary=self.rotation_nonstationary,
-            angle_offset=self.angle_offset,
-            device=device,
-            dtype=dtype,
-        ))
+        # Constants: never inference tensors (a first call under inference_mode must not leave
+        # tensors that a later training step cannot save for backward).
+        with torch.inference_mode(False):
+            lattice = coordinate_groups(
+                out_rotations=self.group_order,
+                in_rotations=None if self._is_lifting else self.in_rotations,
+                kernel_size=self.kernel_size,
+                out_size=tuple(out_hw) if self.translation_nonstationary else None,
+                rotation_nonstationary=self.rotation_nonstationary,
+                angle_offset=self.angle_offset,
+                device=device,
+                dtype=dtype,
+            )
+        return self._remember(key, lattice)
 
     def _window_mask(self, device, dtype):
         """The disk mask over the im2col window (n', kh, kw), [J]; None when the layer has none."""
@@ -253,7 +257,9 @@ class _RelaxedGroupConv(nn.Module):
         hit = self._cache("_lattice_cache").get(key)
         if hit is not None:
             return hit
-        return self._remember(key, disk_mask(self.kernel_size, device=device, dtype=dtype).repeat(self.in_rotations))
+        with torch.inference_mode(False):  # a constant, as the lattice (_lattice)
+            mask = disk_mask(self.kernel_size, device=device, dtype=dtype).repeat(self.in_rotations)
+        return self._remember(key, mask)
 
     # ---- the kernel --------------------------------------------------------------------------
     def _mask_over_window(self, dtype) -> torch.Tensor:
@@ -335,10 +341,12 @@ class _RelaxedGroupConv(nn.Module):
         return torch.autocast(dev, enabled=False)
 
     # ---- inference: the generated kernel cached until a parameter changes ----------------------
-    def _parameter_state(self) -> tuple:
+    def _parameter_state(self) -> tuple | None:
         """Changes whenever a parameter or buffer does (the kernel net's fixed direction buffers
         too): in place (its version counter: optimiser steps, load_state_dict, ``p.add_``),
-        replaced, or moved to another device or dtype; and with the rotation-grid offset.
+        replaced, or moved to another device or dtype; and with the rotation-grid offset. None when
+        one is an inference tensor (made under ``torch.inference_mode``): it has no version counter,
+        so a change could not be seen and nothing is cached.
 
         Read from the modules' parameter and buffer dicts directly (found once): a replaced tensor
         is a new entry there, and walking ``self.parameters()`` would cost more than the cached call."""
@@ -347,8 +355,10 @@ class _RelaxedGroupConv(nn.Module):
             slots = self.__dict__["_parameter_slots"] = [
                 (d, n) for m in self.modules() for d in (m._parameters, m._buffers) for n in d
             ]
-        state = tuple((p.data_ptr(), p._version, p.dtype, p.device) for d, n in slots if (p := d.get(n)) is not None)
-        return state + (self.angle_offset,)
+        tensors = [p for d, n in slots if (p := d.get(n)) is not None]
+        if any(p.is_inference() for p in tensors):
+            return None
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in tensors) + (self.angle_offset,)
 
     def _kernel_needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
@@ -359,13 +369,18 @@ class _RelaxedGroupConv(nn.Module):
 
     def _cached_operands(self, name: str, x: torch.Tensor, out_hw):
         """(backend, operands) for a call that needs no gradient to the parameters: the factors and
-        what the backend builds from them are kept until a parameter changes."""
+        what the backend builds from them are kept until a parameter changes. None where a change
+        could not be seen (parameters made under inference_mode): the caller computes them afresh."""
         cache = self._cache("_inference_cache")
+        parameters = self._parameter_state()
+        if parameters is None:
+            cache.clear()
+            return None
         # Under autocast the kernel net runs in the autocast dtype: factors made inside an autocast
         # region are not the ones a call outside it computes (nor the dtype its operators accept).
         dev = x.device.type
         autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        state = (self._parameter_state(), torch.is_inference_mode_enabled(), autocast)
+        state = (parameters, torch.is_inference_mode_enabled(), autocast)
         if cache.get("state") != state:
             cache.clear()
             cache["state"] = state
@@ -401,8 +416,11 @@ class _RelaxedGroupConv(nn.Module):
         name = dispatch.check_backend_name(backend) if backend is not None else self.backend
         g = self.geometry
         out_hw = g.out_size(x.shape[-2], x.shape[-1])
+        cached = None
         if not torch.compiler.is_compiling() and not self._kernel_needs_grad():
-            name, operands = self._cached_operands(name, x, out_hw)
+            cached = self._cached_operands(name, x, out_hw)
+        if cached is not None:
+            name, operands = cached
         else:
             if self.__dict__.get("_inference_cache"):
                 self.clear_kernel_cache()  # training again: do not hold a stale kernel

@@ -242,6 +242,50 @@ def test_fixed_frequencies_are_folded_into_coordinates_built_once():
     net.first_preactivation(coords).sum().backward()
 
 
+def test_coordinates_that_take_a_gradient_get_it_and_are_never_kept():
+    """SirenKernelNet is public: coordinates passed with requires_grad get their gradient (the
+    folded, cached form would drop it silently), with fixed frequencies as with learned ones."""
+    torch.manual_seed(0)
+    groups = ("rel_pos", "rel_rot", "abs_rot")
+    net = SirenKernelNet(groups, 3, 2, hidden_channels=8, omega_rot=0.7, learn_omega_rot=False).double()
+    base = coordinate_groups(out_rotations=4, in_rotations=3, kernel_size=3, out_size=None,
+                             rotation_nonstationary=True, dtype=F64)
+    net(base)  # a cache entry exists
+    coords = {k: v.clone().requires_grad_() for k, v in base.items()}
+    got = torch.autograd.grad(net(coords).square().sum(), [coords[g] for g in groups])
+
+    def per_group(cs):
+        pre = net.first.bias
+        for g in groups:
+            pre = pre + net.group_term(g, cs[g])
+        z = torch.sin(pre)
+        for layer in net.hidden_layers:
+            z = torch.sin(layer(z))
+        return net.out(z)
+
+    want = torch.autograd.grad(per_group(coords).square().sum(), [coords[g] for g in groups])
+    for a, b in zip(got, want):
+        assert b.abs().max() > 0 and torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_vmap_over_stacked_nets_with_fixed_frequencies():
+    """Model ensembling (torch.func.stack_module_state + vmap): a batched fixed frequency is not
+    folded into kept coordinates (a kept value would escape the transform)."""
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    groups = ("rel_pos", "rel_rot", "abs_rot")
+    nets = [SirenKernelNet(groups, 3, 2, hidden_channels=8, omega_rot=0.5 + i, learn_omega_rot=False) for i in range(3)]
+    coords = coordinate_groups(out_rotations=4, in_rotations=3, kernel_size=3, out_size=None,
+                               rotation_nonstationary=True)
+    params, buffers = stack_module_state(nets)
+    base = copy.deepcopy(nets[0]).to("meta")
+    got = vmap(lambda p, b: functional_call(base, (p, b), (coords,)))(params, buffers)
+    for i, net in enumerate(nets):
+        assert torch.allclose(got[i], net(coords), rtol=1e-5, atol=1e-6)
+
+
 def test_first_preactivation_sums_in_fp32_under_autocast():
     """Under autocast the product runs in bf16 but b_1 and the position term are added in fp32, as
     the per-group sum did: sin's argument reaches ~10, where a bf16 result would step by 0.06."""

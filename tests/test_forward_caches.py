@@ -186,6 +186,45 @@ def test_kernel_cached_under_autocast_is_not_reused_outside_it(backend):
     assert low.dtype == low_again.dtype == torch.bfloat16 and torch.equal(low, low_again)
 
 
+def test_a_lattice_first_built_under_inference_mode_serves_training_later():
+    """The first call of a shape under inference_mode (a translation non-stationary layer at a new
+    size, a model moved with .double()) must not leave inference tensors in the lattice, the mask
+    or the folded coordinates, which a later training step saves for backward."""
+    for layer, x in [
+        (_layer(trans=True, backend="factored_torch"), torch.randn(2, 8, 5, 6)),
+        (_layer(backend="expand_conv").double(), torch.randn(2, 8, 5, 6, dtype=torch.float64)),
+    ]:
+        with torch.inference_mode():
+            want = layer(x)
+        got = layer(x.clone().requires_grad_())
+        got.square().sum().backward()
+        assert layer.kernel_net.first.weight.grad is not None
+        assert torch.allclose(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_made_under_inference_mode_runs_there():
+    """Its parameters are inference tensors (no version counter to watch): nothing is cached, and
+    each call computes its kernel afresh."""
+    with torch.inference_mode():
+        layer = _layer(backend="expand_conv")
+        x = torch.randn(2, 8, 5, 6)
+        a = layer(x)
+        layer.kernel_net.out.bias.add_(1.0)  # a change the cache could not have seen
+        b = layer(x)
+    assert not layer.__dict__.get("_inference_cache") and not torch.equal(a, b)
+
+
+def test_factored_per_position_keeps_fp64_under_autocast():
+    """Autocast leaves fp64 alone; so does factored_torch's cast of its rows under autocast."""
+    layer = _layer(trans=True, backend="factored_torch").double()
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x)
+        want = layer(x)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
 # ---- autocast: the casts stay at the backend's boundary ----------------------------------------------
 class CastInputs(torch.utils._python_dispatch.TorchDispatchMode):
     """The shapes of the tensors cast (``aten._to_copy``) while active."""
