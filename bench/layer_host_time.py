@@ -9,7 +9,8 @@ Rows: a translation non-stationary lifting layer (T(2)-like) on the triton backe
 launches stubbed out (nothing runs; the host function up to each launch does), and on
 factored_torch; a strict and a rotation non-stationary SE(2)-4 group layer on expand_conv.
 Channels 2 -> 2, K 3, H 8, a 4 x 4 image, batch 2, bf16 input (fp32 parameters), one thread;
-``--autocast``: an fp32 input under bf16 autocast, as the GPU e2e benchmark's step runs.
+``--autocast``: the layer under bf16 autocast, as in the GPU e2e benchmark's step, with an fp32
+input (what the model's first layer gets there; the later layers get bf16 from the layer before).
 The numbers are this CPU's; a GPU host's differ, their differences less so.
 """
 from __future__ import annotations

@@ -138,7 +138,7 @@ def training_step_counts(variant: str, backend: str, *, batch=2, size=32, widths
         return hook
 
     hooks = [m.register_forward_hook(keep_input(name)) for name, m in _relaxed_layers(model)]
-    with torch.no_grad():
+    with torch.no_grad(), mixed():  # each layer's input in the dtype it gets in the step
         model(x)
     for h in hooks:
         h.remove()
@@ -148,6 +148,7 @@ def training_step_counts(variant: str, backend: str, *, batch=2, size=32, widths
 
         def layer_step(m=m, xi=xi):
             m.zero_grad(set_to_none=True)
+            xi.grad = None
             with mixed():
                 out = m(xi)
             out.backward(torch.ones_like(out))
