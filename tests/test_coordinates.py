@@ -204,8 +204,8 @@ def test_fixed_frequencies_are_folded_into_coordinates_built_once():
 
     groups = ("rel_pos", "rel_rot", "abs_rot")
     net = SirenKernelNet(groups, 3, 2, hidden_channels=8, omega_rel=2.5, omega_rot=0.7, learn_omega_rot=False).double()
-    coords = coordinate_groups(out_rotations=4, in_rotations=3, kernel_size=3, out_size=None, rotation_nonstationary=True,
-                               dtype=F64)
+    coords = coordinate_groups(out_rotations=4, in_rotations=3, kernel_size=3, out_size=None,
+                               rotation_nonstationary=True, dtype=F64)
 
     def per_group():
         want = net.first.bias

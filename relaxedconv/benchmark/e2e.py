@@ -6,8 +6,9 @@ training); fp32/tf32 run it in fp32 with TF32 off/on. The first ``warmup_steps``
 measurement, Triton autotuning, cuDNN's algorithm search, compilation) are not timed; then each
 step is timed on its own (CUDA synchronised) until ``min_time_s`` has passed and at least
 ``min_steps`` ran. images/s = batch / median step time; host ms = the median time until the step's
-Python call returned (the device idle at its start): near the step time, the step is host-bound. Peak memory: CUDA peak of one step above
-what was allocated before it (model, optimiser state and batch excluded).
+Python call returned (the device idle at its start): near the step time, the step is host-bound.
+Peak memory: CUDA peak of one step above what was allocated before it (model, optimiser state and
+batch excluded).
 
 Inference: the same model in ``eval()`` under ``torch.no_grad()`` on a batch of ``infer_batch``
 (timed the same way): relaxed layers reuse their cached kernel (README, "Inference").

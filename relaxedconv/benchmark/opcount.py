@@ -192,7 +192,8 @@ def main(argv=None) -> int:
             rows.append(r)
             layers = r["layer_fwd_bwd_ops"]
             print(f"{variant:<14} {backend:<15} forward+backward {r['fwd_bwd_ops']:>5} ops "
-                  f"({r['fwd_bwd_not_views']} not views, {r['fwd_bwd_syncs']} host syncs), Adam {r['optimizer_ops']} ops, "
+                  f"({r['fwd_bwd_not_views']} not views, {r['fwd_bwd_syncs']} host syncs), "
+                  f"Adam {r['optimizer_ops']} ops, "
                   f"eval forward {r['eval_forward_ops']:>4} ops, per layer fwd+bwd "
                   f"{min(layers.values())}-{max(layers.values())} ops over {len(layers)} layers", flush=True)
     if args.json:

@@ -92,7 +92,8 @@ def e2e_table(rows) -> str:
               "infer x floor", "peak MiB", "layers ran / note"]
     body = [
         [r["label"], r["backend"], r["dtype"], r["batch"], _fmt(r["images_per_s"], ".1f"), _fmt(r["step_ms"], ".1f"),
-         _fmt(r.get("step_host_ms"), ".1f"), _fmt(r.get("x_floor"), ".2f"), _fmt(r.get("infer_images_per_s"), ".1f"), _fmt(r.get("infer_x_floor"), ".2f"),
+         _fmt(r.get("step_host_ms"), ".1f"), _fmt(r.get("x_floor"), ".2f"), _fmt(r.get("infer_images_per_s"), ".1f"),
+         _fmt(r.get("infer_x_floor"), ".2f"),
          _fmt(r["peak_mib"], ".0f"), backends_summary(r.get("backends")) if r["status"] == "ok" else _note(r)]
         for r in rows
     ]
@@ -223,10 +224,11 @@ def markdown(payload: dict) -> str:
             f"widths {tuple(c.get('widths', ()))}, {c.get('dtype')}"
             + (", scaled down for CPU" if c.get("scaled_down") else "") + "):",
             "",
-            _md_table(["model", "backend", "images/s", "step ms", "host ms", "× floor", "infer img/s", "infer × floor",
-                       "peak MiB", "note"],
+            _md_table(["model", "backend", "images/s", "step ms", "host ms", "× floor", "infer img/s",
+                       "infer × floor", "peak MiB", "note"],
                       [[r["label"], r["backend"], _fmt(r["images_per_s"], ".1f"), _fmt(r["step_ms"], ".1f"),
-                        _fmt(r.get("step_host_ms"), ".1f"), _fmt(r.get("x_floor"), ".2f"), _fmt(r.get("infer_images_per_s"), ".1f"),
+                        _fmt(r.get("step_host_ms"), ".1f"), _fmt(r.get("x_floor"), ".2f"),
+                        _fmt(r.get("infer_images_per_s"), ".1f"),
                         _fmt(r.get("infer_x_floor"), ".2f"), _fmt(r["peak_mib"], ".0f"),
                         "" if r["status"] == "ok" else _note(r).replace("|", "/")]
                        for r in payload["e2e"]]),
