@@ -376,8 +376,9 @@ class _RelaxedGroupConv(nn.Module):
         if parameters is None:
             cache.clear()
             return None
-        # Under autocast the kernel net runs in the autocast dtype: factors made inside an autocast
-        # region are not the ones a call outside it computes (nor the dtype its operators accept).
+        # Under autocast a large kernel net runs in the autocast dtype and the backends cast their
+        # operands to it: what a call inside an autocast region keeps is not what a call outside
+        # it computes (nor the dtype its operators accept).
         dev = x.device.type
         autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         state = (parameters, torch.is_inference_mode_enabled(), autocast)
