@@ -290,6 +290,25 @@ def test_a_translation_nonstationary_kernel_net_under_autocast_by_size(monkeypat
         assert torch.equal(z, want)
 
 
+def test_opcount_under_autocast_counts_the_step_the_gpu_runs():
+    """``opcount --autocast bf16`` counts autocast's casts (the GPU e2e step's operators), and the
+    relaxed model's kernel nets add none of their own (issue 13)."""
+    from relaxedconv.benchmark.opcount import training_step_counts
+
+    kw = dict(widths=(2, 2), group_order=2, kernel_size=3, hidden=4, steps=2)
+    for backend in ("conv2d", "expand_conv"):
+        plain = training_step_counts("se2", backend, **kw)
+        mixed = training_step_counts("se2", backend, autocast="bf16", **kw)
+        assert mixed["autocast"] == "bf16" and plain["autocast"] is None
+        assert "_to_copy" not in plain["fwd_bwd_top"] and mixed["fwd_bwd_top"]["_to_copy"] > 0
+        assert 0 < mixed["fwd_bwd_not_views"] < mixed["fwd_bwd_ops"]
+        if backend == "conv2d":
+            floor_casts = mixed["fwd_bwd_top"]["_to_copy"]
+        else:  # per relaxed layer only the backend's boundary casts: z, [W_L | b_L], bias, each way
+            layers = len(mixed["layer_fwd_bwd_ops"])
+            assert mixed["fwd_bwd_top"]["_to_copy"] <= floor_casts + 6 * layers
+
+
 # ---- one training step -------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_training_step_never_synchronises_with_the_host(backend):
