@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-VIEWS = {"view", "slice", "as_strided", "t", "transpose", "unsqueeze", "permute", "_unsafe_view", "expand",
-         "detach", "alias", "select", "squeeze", "unflatten", "reshape", "empty", "new_empty", "empty_strided",
-         "new_empty_strided"}
+from relaxedconv.benchmark.opcount import NO_LAUNCH_OPS
+
 PRODUCTS = {"mm", "addmm", "bmm", "baddbmm"}
 # fp32 FMA throughput (TFLOP/s, dense, no tensor cores) and DRAM (TB/s, achievable), per card, and
 # a launch's fixed device cost (µs): the spec fp32 rates (H100 SXM 67, H200 67) and the DRAM rates
@@ -49,7 +49,7 @@ class Traffic(TorchDispatchMode):
         out = func(*args, **kwargs)
         self.dispatched += 1
         name = func.overloadpacket.__name__
-        if name in VIEWS:
+        if name in NO_LAUNCH_OPS:
             return out
         self.launches += 1
         outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -93,18 +93,32 @@ def _kept_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def measure(case_name: str, split: bool, timed: bool = False) -> tuple[Traffic, int, float]:
+@contextlib.contextmanager
+def forced_form(split: bool):
+    """Every kernel net takes the split (``split``) or the direct form, whatever its size."""
     from relaxedconv import kernel_net
 
-    layer, hw = _layer(case_name)
     saved = kernel_net.SPLIT_MIN_VALUES, kernel_net.SPLIT_MIN_ROWS_PER_HIDDEN
     kernel_net.SPLIT_MIN_VALUES = kernel_net.SPLIT_MIN_ROWS_PER_HIDDEN = 0 if split else 1 << 62
     try:
-        def knet():
-            z, w = layer.factored_kernel(hw)
-            (z.sum() + w.sum()).backward()
-            layer.zero_grad(set_to_none=True)
+        yield
+    finally:
+        kernel_net.SPLIT_MIN_VALUES, kernel_net.SPLIT_MIN_ROWS_PER_HIDDEN = saved
 
+
+def _kernel_net_step(layer, hw):
+    """The kernel net's forward + backward as the layer runs it (Z and [W_L | b_L])."""
+    def step():
+        z, w = layer.factored_kernel(hw)
+        (z.sum() + w.sum()).backward()
+        layer.zero_grad(set_to_none=True)
+    return step
+
+
+def measure(case_name: str, split: bool, timed: bool = False) -> tuple[Traffic, int, float]:
+    layer, hw = _layer(case_name)
+    with forced_form(split):
+        knet = _kernel_net_step(layer, hw)
         knet()  # the layer's caches (lattice, mask)
         t = Traffic()
         with torch.no_grad():
@@ -120,8 +134,6 @@ def measure(case_name: str, split: bool, timed: bool = False) -> tuple[Traffic, 
                 knet()
                 runs.append(time.perf_counter() - start)
             seconds = min(runs)
-    finally:
-        kernel_net.SPLIT_MIN_VALUES, kernel_net.SPLIT_MIN_ROWS_PER_HIDDEN = saved
     return t, kept, seconds
 
 
@@ -129,26 +141,17 @@ def tiny_layer_host_us(split: bool, calls: int = 300) -> float:
     """µs per kernel-net fwd+bwd of a layer so small that the time is the host's (operator
     dispatch, autograd, Python): what each form costs a host-bound layer."""
     import relaxedconv as rc
-    from relaxedconv import kernel_net
 
     torch.manual_seed(0)
     layer = rc.GroupConv(2, 2, 3, 4, hidden_channels=8, translation_nonstationary=True, omega_pos=1.0)
-    saved = kernel_net.SPLIT_MIN_VALUES, kernel_net.SPLIT_MIN_ROWS_PER_HIDDEN
-    kernel_net.SPLIT_MIN_VALUES = kernel_net.SPLIT_MIN_ROWS_PER_HIDDEN = 0 if split else 1 << 62
-    try:
-        def knet():
-            z, w = layer.factored_kernel((4, 4))
-            (z.sum() + w.sum()).backward()
-            layer.zero_grad(set_to_none=True)
-
+    with forced_form(split):
+        knet = _kernel_net_step(layer, (4, 4))
         for _ in range(20):
             knet()
         start = time.perf_counter()
         for _ in range(calls):
             knet()
         return (time.perf_counter() - start) / calls * 1e6
-    finally:
-        kernel_net.SPLIT_MIN_VALUES, kernel_net.SPLIT_MIN_ROWS_PER_HIDDEN = saved
 
 
 def main(argv=None) -> int:

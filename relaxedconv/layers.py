@@ -268,11 +268,14 @@ class _RelaxedGroupConv(nn.Module):
         mask = self._window_mask(device, dtype)
         return torch.ones(self.in_rotations * self.kernel_size**2, device=device, dtype=dtype) if mask is None else mask
 
-    def _hidden_bytes(self, out_hw) -> int:
-        """Bytes of one [N, P, J, H] activation of the kernel net (P = 1 when stationary)."""
+    def _hidden_values(self, out_hw) -> int:
+        """Values of one [N, P, J, H] activation of the kernel net (P = 1 when stationary)."""
         p = out_hw[0] * out_hw[1] if self.translation_nonstationary else 1
-        w = self.kernel_net.first.weight
-        return self.group_order * p * self.in_rotations * self.kernel_size**2 * self.kernel_net.hidden_channels * w.element_size()
+        return self.group_order * p * self.in_rotations * self.kernel_size**2 * self.kernel_net.hidden_channels
+
+    def _hidden_bytes(self, out_hw) -> int:
+        """Bytes of one [N, P, J, H] activation of the kernel net."""
+        return self._hidden_values(out_hw) * self.kernel_net.first.weight.element_size()
 
     def _hidden_features(self, out_hw) -> torch.Tensor:
         """Hidden features z on the lattice: [N, J, H], or [N, P, J, H] when translation non-stationary."""
@@ -335,8 +338,7 @@ class _RelaxedGroupConv(nn.Module):
         dev = self.kernel_net.first.weight.device.type
         if not torch.is_autocast_enabled(dev):
             return contextlib.nullcontext()
-        values = self._hidden_bytes(out_hw) // self.kernel_net.first.weight.element_size()
-        if values >= AUTOCAST_KERNEL_NET_MIN_VALUES:
+        if self._hidden_values(out_hw) >= AUTOCAST_KERNEL_NET_MIN_VALUES:
             return contextlib.nullcontext()
         return torch.autocast(dev, enabled=False)
 

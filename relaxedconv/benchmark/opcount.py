@@ -29,6 +29,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 SYNC_OPS = ("_local_scalar_dense",)
+# Operators that launch no work on a GPU: views (aliases of their input, and reshapes that become
+# one) and allocations. By name, so that a count means the same under every torch version.
+NO_LAUNCH_OPS = frozenset({
+    "view", "slice", "as_strided", "t", "transpose", "unsqueeze", "permute", "_unsafe_view", "expand", "detach",
+    "alias", "select", "squeeze", "unflatten", "reshape", "empty", "new_empty", "empty_strided", "new_empty_strided",
+})
 
 
 class OpCounter(TorchDispatchMode):
