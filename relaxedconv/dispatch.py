@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 
 from . import reference
+from .amp import autocast_dtype
 from .reference import ConvGeometry
 
 FACTORED_FLOP_RATIO = 0.5
@@ -236,8 +237,8 @@ def tf32_matmuls_allowed() -> bool:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the convolution runs in: the autocast dtype under autocast, else the input's."""
     dt = x.dtype
-    if dt in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    if dt in (torch.float32, torch.float16, torch.bfloat16):
+        return autocast_dtype(x.device.type) or dt
     return dt
 
 

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .amp import autocast_dtype
+
 # Which frequency scales which coordinate group. rel_rot shares omega_rel with rel_pos.
 FREQUENCY_OF_GROUP = {"rel_pos": "rel", "rel_rot": "rel", "abs_rot": "rot", "abs_pos": "pos"}
 GROUP_ORDER = ("rel_pos", "rel_rot", "abs_rot", "abs_pos")
@@ -251,7 +253,7 @@ class SirenKernelNet(nn.Module):
         pre = self.first.bias
         if merged:
             c, scaled = self._first_layer_operands(coords, merged)
-            if torch.is_autocast_enabled(c.device.type):
+            if autocast_dtype(c.device.type) is not None:
                 # the product in the autocast dtype, the sum with b_1 (and abs_pos) in fp32, as the
                 # per-group form did: sin's argument reaches ~10, where bf16 steps by 0.06
                 pre = F.linear(c, scaled) + pre

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import dispatch, functional, fused_kernel_net
+from .amp import autocast_dtype
 from .groups import coordinate_groups, disk_mask
 from .kernel_net import SirenKernelNet
 from .reference import ConvGeometry
@@ -336,7 +337,7 @@ class _RelaxedGroupConv(nn.Module):
         in fp32, which casts them once (its own product or packing copy). A larger net (T2: 26 M)
         stays under autocast, where the 16-bit products and activations halve its bytes."""
         dev = self.kernel_net.first.weight.device.type
-        if not torch.is_autocast_enabled(dev):
+        if autocast_dtype(dev) is None:
             return contextlib.nullcontext()
         if self._hidden_values(out_hw) >= AUTOCAST_KERNEL_NET_MIN_VALUES:
             return contextlib.nullcontext()
@@ -382,7 +383,7 @@ class _RelaxedGroupConv(nn.Module):
         # operands to it: what a call inside an autocast region keeps is not what a call outside
         # it computes (nor the dtype its operators accept).
         dev = x.device.type
-        autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        autocast = autocast_dtype(dev)
         state = (parameters, torch.is_inference_mode_enabled(), autocast)
         if cache.get("state") != state:
             cache.clear()

@@ -31,6 +31,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .amp import autocast_dtype
 from .reference import ConvGeometry
 
 
@@ -166,11 +167,12 @@ def check_triton_inputs(x: torch.Tensor, z: torch.Tensor | None = None) -> None:
 def relaxed_conv_triton(x, z, w_ext, bias, geometry: ConvGeometry) -> torch.Tensor:
     """Functional entry point; same layouts as :mod:`relaxedconv.reference`."""
     check_triton_inputs(x, z)
-    if torch.is_autocast_enabled(x.device.type):
+    dtype = autocast_dtype(x.device.type)
+    if dtype is not None:
         # A custom operator is not autocast-aware: run it in the autocast dtype, as conv2d would.
         # Only x is cast here: the kernels read Z and W_ext in x's dtype through their own packing
         # copy, and return dZ, dW_ext in the factors' dtype (no rounding of dZ to bf16 and back).
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = x.to(dtype)
     geom = list(dataclasses.astuple(geometry))
     if torch.compiler.is_compiling():
         return triton_conv_fwd(x, z, w_ext, bias, geom)[0]

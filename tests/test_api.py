@@ -174,6 +174,21 @@ def test_meta_device_construction_then_to_empty_and_reset(cls, args, kw):
     assert float(layer.kernel_net.out.bias.detach().abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("variant", ["t2", "se2_rot", "se2_rot_trans"])
+def test_meta_model_runs_forward_and_backward_for_shapes(variant):
+    """Shape inference on meta tensors (what the device error suggests: 'on META use backend=auto')
+    used to stop at the autocast query, which raises for a device autocast does not know."""
+    from relaxedconv.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(variant, group_order=4, widths=(4,), kernel_size=3, hidden_channels=8)
+        x = torch.empty(2, 3, 12, 12)
+    out = model(x)
+    assert out.is_meta and out.shape == (2, 10)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.is_meta for p in model.parameters() if p.requires_grad)
+
+
 def test_meta_model_loads_a_state_dict_with_assign():
     from relaxedconv.models import build_model
 
