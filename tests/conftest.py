@@ -13,6 +13,45 @@ if not torch.cuda.is_available():
 os.environ.setdefault("RELAXEDCONV_AUTOTUNE", "0")
 
 
+def _interpreter_runs_runtime_loops() -> bool:
+    """Whether Triton's interpreter can run ``range(0, n)`` over a runtime ``n``, as every kernel's
+    K loop does. Triton 3.6's interpreter converts ``n`` (a 1-element array) with ``int()``, which
+    NumPy 2.4 made an error: then every kernel test fails the same way, far from the cause."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _count(out_ptr, n):
+        acc = tl.zeros((1,), dtype=tl.int32)
+        for _ in range(0, n):
+            acc += 1
+        tl.store(out_ptr + tl.arange(0, 1), acc)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _count[(1,)](out, 3)
+    except Exception:  # the interpreter wraps the TypeError in its own InterpreterError
+        return False
+    return int(out) == 3
+
+
+def pytest_configure(config):
+    if os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available():
+        return
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return  # the kernel tests skip themselves
+    if not _interpreter_runs_runtime_loops():
+        import numpy
+        import triton
+
+        raise pytest.UsageError(
+            f"Triton {triton.__version__}'s interpreter cannot run the kernels beside NumPy "
+            f"{numpy.__version__} (it calls int() on 1-element arrays, an error since NumPy 2.4). "
+            "Install a newer triton, or pip install 'numpy<2.4'.")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # Tiny tensors: intra-op threads only spin, and on a shared 2-core machine they stall each other.
