@@ -252,3 +252,68 @@ def test_run_files_respect_the_umask(tmp_path, umask, mode):
     assert {"config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "final.json"} <= set(files)
     for p in out.iterdir():
         assert stat.S_IMODE(p.stat().st_mode) == mode, (p.name, oct(p.stat().st_mode))
+
+
+# ---- audit: resuming a run says nothing about options the user did not give; a damaged checkpoint ----
+def _interrupted_run(tmp_path, out, *extra):
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    cmd = ["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "4", "--epochs", "2",
+           *TINY, "--warmup-epochs", "0", *extra]
+    assert cli.train_main([*cmd, "--interrupt-after-steps", "3"]) == 130
+    return cmd
+
+
+def test_resume_warns_only_about_what_the_command_says(tmp_path, capsys):
+    """The saved config records the omegas se2 uses (0); resuming must not warn that they are ignored."""
+    out = tmp_path / "r"
+    _interrupted_run(tmp_path, out, "--variant", "se2")
+    capsys.readouterr()
+    assert cli.train_main(["--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err, err
+    # a value the command does give still warns
+    assert any("--omega-rot 3 is ignored" in w for w in check_config({**DEFAULTS, "variant": "se2", "omega_rot": 3.0}))
+
+
+def _truncated(p):
+    p.write_bytes(p.read_bytes()[:1000])
+
+
+def _empty(p):
+    p.write_bytes(b"")
+
+
+def _not_a_checkpoint(p):
+    torch.save([1, 2], p)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncated, "is not a readable checkpoint (RuntimeError"),
+    (_empty, "is not a readable checkpoint (EOFError"),
+    (_not_a_checkpoint, "is not a relaxedconv train checkpoint (missing"),
+])
+def test_a_damaged_checkpoint_exits_2_with_what_to_do(tmp_path, capsys, damage, message):
+    out = tmp_path / "r"
+    _interrupted_run(tmp_path, out)
+    damage(out / "checkpoint.pt")
+    capsys.readouterr()
+    assert cli.train_main(["--out", str(out), "--resume"]) == 2
+    line = _one_line_error(capsys)
+    assert f"{out / 'checkpoint.pt'} " in line and message in line and "delete it to restart" in line
+    # what the message offers works: without the checkpoint the saved config starts again from epoch 1
+    (out / "checkpoint.pt").unlink()
+    assert cli.train_main(["--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "final.json").read_text())["epochs"] == 2
+
+
+def test_a_checkpoint_of_another_model_exits_2(tmp_path, capsys):
+    out, other = tmp_path / "r", tmp_path / "other"
+    _interrupted_run(tmp_path, out)
+    data = tmp_path / "f"
+    assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(other), "--val-size", "4",
+                           "--epochs", "2", *TINY, "--widths", "8", "--interrupt-after-steps", "3"]) == 130
+    (out / "checkpoint.pt").write_bytes((other / "checkpoint.pt").read_bytes())
+    capsys.readouterr()
+    assert cli.train_main(["--out", str(out), "--resume"]) == 2
+    line = _one_line_error(capsys)
+    assert "does not fit the model of" in line and "choose another --out" in line

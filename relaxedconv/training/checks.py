@@ -100,7 +100,8 @@ def check_config(cfg: dict) -> list[str]:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{_flag(key)}: {e}") from None
     for key, used in (("omega_rot", spec["rot"]), ("omega_pos", spec["trans"])):
-        if cfg[key] is not None and not used:
+        # 0 is what such a variant uses (and what its saved config records, so a resume says nothing)
+        if cfg[key] is not None and cfg[key] != 0 and not used:
             what = "rotation" if key == "omega_rot" else "translation"
             warnings.append(f"{_flag(key)} {cfg[key]:g} is ignored: variant {variant} has no {what} non-stationarity")
     if cfg["learn_omega"] and not (spec["rot"] or spec["trans"]):

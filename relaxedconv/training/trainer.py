@@ -46,7 +46,7 @@ from ..equivariance import (
 from ..models import build_model, partial_subsets
 from . import data as data_mod
 from .checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, rng_state, set_rng_state
-from .checks import check_against_data, check_config, check_out_dir
+from .checks import ConfigError, check_against_data, check_config, check_out_dir
 from .progress import Progress
 
 DEFAULTS = dict(
@@ -167,6 +167,24 @@ def _epoch_generator(seed: int, epoch: int, rank: int, device) -> torch.Generato
     g = torch.Generator(device=device)
     g.manual_seed((int(seed) * 1_000_003 + epoch * 1009 + rank) % (2**63))
     return g
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """The checkpoint at ``path``, or a ConfigError that says what to do when it cannot be read.
+
+    Checkpoints are written atomically, so a damaged one was truncated or changed after it was
+    written (a partial copy, a full disk)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a damaged file for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first[:200]}); it is truncated "
+                          f"or damaged: restore it from a copy, or delete it to restart the run from epoch 1") from None
+    missing = [k for k in ("epoch", "model", "optimizer", "scheduler", "history", "best", "rng") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ConfigError(f"{path} is not a relaxedconv train checkpoint (missing {missing}); delete it to restart "
+                          "the run from epoch 1, or choose another --out")
+    return ckpt
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -401,7 +419,7 @@ class Trainer:
             # parameters' device itself and leaves Adam's step counts on the CPU, as a fresh run
             # keeps them (loaded onto the GPU they stayed there: a host sync per read, and a resumed
             # run's state no longer matched an uninterrupted one's; H200, 2026-11-27).
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            ckpt = _load_checkpoint(ckpt_path)
         elif not resume and ckpt_path.is_file():
             raise FileExistsError(f"{self.out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
         final_path = self.out / "final.json"
@@ -413,9 +431,14 @@ class Trainer:
         self._build()
         history, best, start = [], {"epoch": None, "val_acc": -1.0, "test_acc": None}, 1
         if ckpt is not None:
-            self.model.load_state_dict(ckpt["model"])
-            self.opt.load_state_dict(ckpt["optimizer"])
-            self.sched.load_state_dict(ckpt["scheduler"])
+            try:
+                self.model.load_state_dict(ckpt["model"])
+                self.opt.load_state_dict(ckpt["optimizer"])
+                self.sched.load_state_dict(ckpt["scheduler"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"{ckpt_path} does not fit the model of {self.out / 'config.json'} ({first}); "
+                                  "it was written by another config or an older relaxedconv: choose another --out") from None
             history, best, start = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
             set_rng_state(ckpt["rng"])
             self._pin_backends(ckpt.get("backends") or {})
