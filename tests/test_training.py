@@ -14,7 +14,8 @@ import torch
 from relaxedconv import dispatch
 from relaxedconv.training import cli
 from relaxedconv.training.data import DatasetError, augment, load_dataset, split_indices
-from relaxedconv.training.trainer import Interrupted, train
+from relaxedconv.training.checks import check_config
+from relaxedconv.training.trainer import DEFAULTS, Interrupted, train
 
 TINY = ["--group-order", "4", "--widths", "4,8", "--kernel-size", "3", "--hidden-channels", "8",
         "--batch-size", "8", "--eval-batch-size", "16", "--warmup-epochs", "1", "--progress", "off"]
@@ -427,3 +428,26 @@ def test_gpu_speed_flags_hold_for_the_run_and_are_restored(deterministic):
     assert flags() == (False, False, False)
     with cuda_speed_flags(torch.device("cpu"), deterministic=False):
         assert flags() == (False, False, False)
+
+
+def test_a_compiled_run_reports_the_backends_it_ran(tmp_path, monkeypatch, capsys):
+    """Under --compile the layers cannot note their backend while traced; the run's log, checkpoint and
+    final.json must still name them (they said None for every layer), the same as an eager run's."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: real_compile(model, backend="eager"))
+    data = make_folder(tmp_path / "f", n_train=16, n_test=8)
+    finals = {}
+    for mode in ("off", "default"):
+        out = tmp_path / mode
+        # se2_trans: factored_torch in the translation non-stationary layers, expand_conv in the shortcut
+        assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "8",
+                               "--variant", "se2_trans", "--epochs", "1", "--compile", mode, *TINY]) == 0
+        finals[mode] = json.loads((out / "final.json").read_text())["backends"]
+        assert torch.load(out / "checkpoint.pt", weights_only=False)["backends"] == finals[mode]
+    log = capsys.readouterr().out
+    assert "=None" not in log
+    assert None not in finals["default"].values() and finals["default"] == finals["off"]
+    assert len(set(finals["off"].values())) == 2  # the comparison covers both rules of the static choice
+    # reduce-overhead on a CPU says what it does instead
+    cfg = dict(DEFAULTS, device="cpu", compile="reduce-overhead")
+    assert any("compiles as --compile default" in w for w in check_config(cfg))

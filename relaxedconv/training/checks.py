@@ -134,6 +134,9 @@ def check_config(cfg: dict) -> list[str]:
     if cfg["backend"] == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("--backend triton needs a CUDA device and this run is on the CPU; use --backend auto, "
                           "expand_conv or factored_torch")
+    if cfg.get("compile") == "reduce-overhead" and device != "cuda":
+        warnings.append("--compile reduce-overhead captures CUDA graphs, which a CPU run has not: it compiles as "
+                        "--compile default")
     return warnings
 
 

@@ -291,6 +291,21 @@ class Trainer:
         warm = self.steps_per_epoch * c["warmup_epochs"]
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda_factory(warm, total))
 
+    def _backends_ran(self) -> dict:
+        """``{layer: backend}`` that the training step runs.
+
+        Eager layers note their backend as they run; under ``--compile`` they cannot (nothing is
+        recorded while tracing: every layer would report None). A compiled step runs a layer's own
+        backend, or for ``auto`` the static rule, since nothing is timed under torch.compile and a
+        fresh run has no earlier choice (a resumed run's pinned choices are the layers' own)."""
+        if self.cfg.get("compile", "off") == "off":
+            return backends_used(self.model)
+        have_triton = dispatch.triton_available()
+        return {
+            name or type(m).__name__: m.backend if m.backend != "auto" else dispatch.backend_rule(m, self.device.type, have_triton)
+            for name, m in self.model.named_modules() if isinstance(m, _RelaxedGroupConv)
+        }
+
     def _autocast(self):
         amp = self.cfg["amp"]
         if self.device.type == "cuda" and amp in ("auto", "bf16"):
@@ -338,7 +353,7 @@ class Trainer:
                     bar.update(step + 1 - bar.n, loss=float(loss_sum) / count, acc=100 * float(correct) / count)
                 self.steps_done += 1
                 if self.backends is None:
-                    self.backends = backends_used(self.model)
+                    self.backends = self._backends_ran()
                     self.log("backends: " + ", ".join(f"{k}={v}" for k, v in self.backends.items()))
                 if c["interrupt_after_steps"] and self.steps_done >= c["interrupt_after_steps"]:
                     raise Interrupted(f"interrupted after {self.steps_done} steps (--interrupt-after-steps)")
@@ -394,7 +409,7 @@ class Trainer:
                     "rng": rng_state(),
                     "config": self.cfg,
                     # auto's choices: a resumed run computes with the same backends (see _pin_backends)
-                    "backends": self.backends or backends_used(self.model),
+                    "backends": self.backends or self._backends_ran(),
                 },
                 self.out / "checkpoint.pt",
             )
@@ -512,7 +527,7 @@ class Trainer:
             "effective_omegas": effective_omegas(self.model),
             "kernel_nonstationarity": kernel_nonstationarity(self.model),
             "equivariance_error": eq,
-            "backends": self.backends or backends_used(self.model),
+            "backends": self.backends or self._backends_ran(),
         }
         subsets = partial_subsets(self.model)
         if subsets:
