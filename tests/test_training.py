@@ -299,6 +299,38 @@ def test_cifar10_layout_trains_through_the_cli_and_sweep_and_report(tmp_path, ca
     assert cli.report_main([str(tmp_path / "empty_nothing")]) == 2
 
 
+def test_an_interrupted_sweep_exits_130_and_its_rerun_finishes_it(tmp_path, capsys):
+    """Ctrl-C in a sweep's run printed a KeyboardInterrupt traceback; it must say how to continue, and
+    rerunning the same sweep must resume the interrupted run and end as an uninterrupted sweep."""
+    data = make_folder(tmp_path / "f", n_train=16, n_test=8)
+
+    def sweep(out, *extra):
+        return cli.sweep_main(["--variant", "se2_rot", "--omega-rot-grid", "0,2", "--out", str(out), "--",
+                               "--dataset", "folder", "--data-dir", str(data), "--val-size", "8", "--epochs", "4",
+                               "--augment", "off", *TINY, *extra])
+
+    assert sweep(tmp_path / "whole") == 0
+    # 8 training images, batch 8: one step per epoch; the first run stops in its third epoch
+    assert sweep(tmp_path / "cut", "--interrupt-after-steps", "3") == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"interrupted in {tmp_path / 'cut' / 'se2_rot_rot0'}" in err
+    assert "rerun the same sweep command to continue" in err
+    assert sweep(tmp_path / "cut") == 0
+    assert "resuming" in capsys.readouterr().out
+    whole, cut = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("whole", "cut"))
+    assert cut == whole
+
+
+def test_a_sweep_without_a_validation_split_is_refused(tmp_path, capsys):
+    """With --val-size 0 every run's validation accuracy is NaN and the 'selected' omega was the first one."""
+    data = make_folder(tmp_path / "f", n_train=16, n_test=8)
+    assert cli.sweep_main(["--variant", "se2_rot", "--omega-rot-grid", "0,2", "--out", str(tmp_path / "s"), "--",
+                           "--dataset", "folder", "--data-dir", str(data), "--val-size", "0", "--epochs", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--val-size 0 leaves no validation split to select omega on" in err and "Traceback" not in err
+    assert not (tmp_path / "s" / "sweep.json").exists()
+
+
 def test_training_learns_the_generated_task(tmp_path):
     """Not a smoke test only: on the quadrant task a T(2) model gets well above chance (25%)."""
     data = make_folder(tmp_path / "f", n_train=96, n_test=32, size=8)

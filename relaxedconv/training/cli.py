@@ -278,6 +278,11 @@ def sweep_main(argv=None) -> int:
             except ConfigError as e:
                 print(f"relaxedconv sweep: {e}", file=sys.stderr)
                 return 2
+            if cfg["val_size"] == 0:
+                # every run's best_val_acc would be NaN and the selection arbitrary
+                print("relaxedconv sweep: --val-size 0 leaves no validation split to select omega on; give --val-size N "
+                      "(N >= 1, e.g. 5000 for CIFAR's 45k/5k split)", file=sys.stderr)
+                return 2
             final_path = out / name / "final.json"
             if final_path.is_file() and json.loads(final_path.read_text()).get("epochs") == cfg["epochs"]:
                 final = json.loads(final_path.read_text())
@@ -286,6 +291,10 @@ def sweep_main(argv=None) -> int:
                 print(f"sweep: {name}")
                 try:
                     final = train(cfg, resume=True)
+                except KeyboardInterrupt:  # Ctrl-C, or the trainer's Interrupted
+                    print(f"\nrelaxedconv sweep: interrupted in {out / name}; rerun the same sweep command to continue "
+                          "(finished runs are kept, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
+                    return 130
                 except ConfigError as e:
                     print(f"relaxedconv sweep: {e}", file=sys.stderr)
                     return 2
