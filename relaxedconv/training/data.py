@@ -86,6 +86,19 @@ def _layout_help(name: str, root: Path) -> str:
     return "\n".join(lines)
 
 
+def _npz_hint(root: Path) -> str:
+    """What to do with the offline CIFAR-10 copy (JPEG bytes in .npz), which train does not read itself."""
+    try:
+        found = sorted(p.name for p in root.glob("*.npz"))
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    return (f"\n{root} holds {', '.join(found[:3])}{' ...' if len(found) > 3 else ''}: the offline CIFAR-10 copy "
+            f"(cifar10-{{train,test}}-jpeg.npz) is converted once to python batches with "
+            f"'python experiments/convert_npz.py {root} DIR', then --data-dir DIR (experiments/README.md, Data)")
+
+
 # ---- CIFAR python batches ---------------------------------------------------------------------
 def _unpickle(path: Path) -> dict:
     try:
@@ -245,6 +258,9 @@ def load_dataset(name: str, data_dir, *, download_missing: bool = False, label_t
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     root = Path(data_dir).expanduser()
+    if root.is_file():
+        raise DatasetError(f"--data-dir {root} is a file; give the directory that holds the dataset\n{_layout_help(name, root.parent)}"
+                           + _npz_hint(root.parent))
     if name in ARCHIVES:
         spec = ARCHIVES[name]
         files = _CIFAR10_FILES if name == "cifar10" else _CIFAR100_FILES
@@ -260,11 +276,11 @@ def load_dataset(name: str, data_dir, *, download_missing: bool = False, label_t
                 raise DatasetError(f"{partial[0]}: incomplete {name} python batches, missing {partial[1]}\n{_layout_help(name, root)}")
             if not download_missing:
                 what = "does not exist" if not root.exists() else "holds no dataset in a known layout"
-                raise DatasetError(f"{name}: {root} {what}\n{_layout_help(name, root)}")
+                raise DatasetError(f"{name}: {root} {what}\n{_layout_help(name, root)}" + _npz_hint(root))
             d = download(name, root, log=log)
         return _read_cifar10(d) if name == "cifar10" else _read_cifar100(d, label_type)
     if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise DatasetError(f"folder: {root} has no train/ and test/ folders\n{_layout_help('folder', root)}")
+        raise DatasetError(f"folder: {root} has no train/ and test/ folders\n{_layout_help('folder', root)}" + _npz_hint(root))
     return _read_folder_tree(root)
 
 
