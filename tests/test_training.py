@@ -160,6 +160,12 @@ def test_missing_or_malformed_data_says_what_was_expected_where(tmp_path):
     odd.write_bytes(b"garbage")
     with pytest.raises(DatasetError, match="odd.png: not a readable image"):
         load_dataset("folder", f)
+    odd.unlink()
+    # the odd image read first sets the size; the message names it, not only the normal image after it
+    first = next((f / "train").iterdir()) / "-first.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(first)
+    with pytest.raises(DatasetError, match=r"differs from 8x8 \(the size of .*-first\.png, the first image read\)"):
+        load_dataset("folder", f)
 
 
 def test_cli_reports_missing_data_with_exit_code(tmp_path, capsys):

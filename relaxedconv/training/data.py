@@ -188,7 +188,7 @@ def _read_split_folder(split_dir: Path, classes=None):
             f"{split_dir}: class folders differ from the train split's (missing {missing}, extra {extra}); "
             "train/ and test/ must hold the same class names"
         )
-    images, labels, size = [], [], None
+    images, labels, size, first = [], [], None, None
     for idx, name in enumerate(found):
         files = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -200,9 +200,11 @@ def _read_split_folder(split_dir: Path, classes=None):
             except Exception as e:  # noqa: BLE001
                 raise DatasetError(f"{f}: not a readable image: {e}") from e
             if size is None:
-                size = a.shape
+                size, first = a.shape, f
             elif a.shape != size:
-                raise DatasetError(f"{f}: size {a.shape[1]}x{a.shape[0]} differs from {size[1]}x{size[0]}; all images must be the same size")
+                # the first image sets the size, and may be the odd one: name it too
+                raise DatasetError(f"{f}: size {a.shape[1]}x{a.shape[0]} differs from {size[1]}x{size[0]} (the size of {first}, "
+                                   "the first image read); all images must be the same size")
             images.append(a)
             labels.append(idx)
     return np.stack(images), np.asarray(labels, dtype=np.int64), found
