@@ -207,6 +207,14 @@ def _worker(args):
     return rec
 
 
+def _ignore_sigint():
+    """Pool workers leave Ctrl-C to the parent, which stops the pool and says how to continue (else
+    every worker printed its own KeyboardInterrupt traceback)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _mean_sd(vals):
     vals = [v for v in vals if v is not None]
     if not vals:
@@ -473,7 +481,7 @@ def run_protocol(protocol: str, out, *, jobs: int = 2, threads: int = 1, device:
         # CPU: fork, the workers inherit the generated data. CUDA: spawn (CUDA does not survive a
         # fork), each worker generates the splits it needs (deterministic) and shares the GPU.
         method = start_method or ("fork" if device == "cpu" else "spawn")
-        with mp.get_context(method).Pool(jobs) as pool:
+        with mp.get_context(method).Pool(jobs, initializer=_ignore_sigint) as pool:
             for rec in pool.imap(_worker, args):
                 if rec is not None:
                     done += 1
@@ -564,8 +572,14 @@ def main(argv=None) -> int:
             print(f"relaxedconv symmetry: {e}", file=sys.stderr)
             return 2
         return 0
-    run_protocol(args.protocol, args.out, jobs=args.jobs, threads=args.threads, device=args.device, overrides=overrides,
-                 time_budget=args.time_budget)
+    try:
+        run_protocol(args.protocol, args.out, jobs=args.jobs, threads=args.threads, device=args.device, overrides=overrides,
+                     time_budget=args.time_budget)
+    except KeyboardInterrupt:
+        done = len(list(Path(args.out).glob("runs/*/*/seed*.json")))
+        print(f"\nrelaxedconv symmetry: interrupted; the {done} finished run(s) in {Path(args.out) / 'runs'} are kept: rerun "
+              "the same command to finish the protocol", file=sys.stderr)
+        return 130
     return 0
 
 

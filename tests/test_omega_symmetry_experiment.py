@@ -120,3 +120,35 @@ def test_spawned_workers_make_their_own_data(tmp_path):
     b = se.run_protocol("smoke", tmp_path / "b", jobs=1, threads=1, log=lambda *x: None, overrides=ov)
     acc = lambda s: {r["variant"]: r["test_acc"] for r in s["rows"]}  # noqa: E731
     assert acc(a) == acc(b) and set(acc(a)) == {"t2", "strict", "cv_fixed"}
+
+
+def test_ctrl_c_keeps_the_finished_runs_and_says_how_to_finish(tmp_path, capsys, monkeypatch):
+    """Ctrl-C ended the command with a KeyboardInterrupt traceback (one per pool worker, too); it must
+    exit 130 with one message, keep the finished runs, and a rerun must finish the protocol."""
+    out = tmp_path / "sym"
+    real, calls = se.run_one, []
+
+    def interrupted_third(*a, **k):
+        calls.append(a[3])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(se, "run_one", interrupted_third)
+    assert se.main(["--protocol", "smoke", "--out", str(out), "--jobs", "1", "--seeds", "0"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"interrupted; the 2 finished run(s) in {out / 'runs'} are kept: rerun the same command" in err
+    assert len(list(out.glob("runs/*/*/seed*.json"))) == 2
+    monkeypatch.setattr(se, "run_one", real)
+    assert se.main(["--protocol", "smoke", "--out", str(out), "--jobs", "1", "--seeds", "0"]) == 0
+    assert "symmetry[smoke]: 2 runs done, 8 to run" in capsys.readouterr().out
+    assert len(list(out.glob("runs/*/*/seed*.json"))) == 10
+
+
+def test_pool_workers_leave_ctrl_c_to_the_parent():
+    import multiprocessing as mp
+    import signal
+
+    with mp.get_context("fork").Pool(1, initializer=se._ignore_sigint) as pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
