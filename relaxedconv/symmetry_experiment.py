@@ -560,11 +560,15 @@ def main(argv=None) -> int:
         print("relaxedconv symmetry: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     overrides = {}
-    if args.seeds:
+    if args.seeds is not None:
         try:
             overrides["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
         except ValueError:
             ap.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+        if not overrides["seeds"]:  # else nothing runs and an empty report is written
+            ap.error(f"--seeds: no seed in {args.seeds!r}; give comma-separated integers, e.g. 0,1,2")
+    if args.time_budget is not None and not args.time_budget >= 0:
+        ap.error(f"--time-budget must be a number of seconds >= 0, got {args.time_budget}")
     if args.summarise_only:
         try:
             summarise_folder(args.protocol, args.out, overrides=overrides)
@@ -572,6 +576,13 @@ def main(argv=None) -> int:
             print(f"relaxedconv symmetry: {e}", file=sys.stderr)
             return 2
         return 0
+    from .training.checks import ConfigError, check_out_dir
+
+    try:
+        check_out_dir(args.out)
+    except ConfigError as e:
+        print(f"relaxedconv symmetry: {e}", file=sys.stderr)
+        return 2
     try:
         run_protocol(args.protocol, args.out, jobs=args.jobs, threads=args.threads, device=args.device, overrides=overrides,
                      time_budget=args.time_budget)

@@ -112,6 +112,28 @@ def test_cli_rejects_bad_arguments(capsys):
         se.main(["--out", "x", "--jobs", "0"])
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--seeds", ","], "--seeds: no seed in ','"),  # ran nothing and wrote an empty report
+    (["--seeds", ""], "--seeds: no seed in ''"),
+    (["--time-budget", "-5"], "--time-budget must be a number of seconds >= 0, got -5.0"),
+    (["--time-budget", "nan"], "--time-budget must be a number of seconds >= 0, got nan"),
+])
+def test_cli_refuses_options_that_would_run_nothing(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as e:
+        se.main(["--protocol", "smoke", "--out", str(tmp_path / "o"), "--jobs", "1", *options])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_out_that_cannot_be_a_folder_exits_2(tmp_path, capsys):
+    """--out naming a file (or an unwritable place) ended in a mkdir traceback."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert se.main(["--protocol", "smoke", "--out", str(f), "--jobs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"relaxedconv symmetry: --out {f} is a file, not a directory" in err
+
+
 def test_spawned_workers_make_their_own_data(tmp_path):
     """The GPU protocol's path: spawned worker processes (CUDA does not survive a fork) generate the
     splits themselves and give the same runs as the in-process path."""
