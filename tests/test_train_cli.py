@@ -317,3 +317,43 @@ def test_a_checkpoint_of_another_model_exits_2(tmp_path, capsys):
     assert cli.train_main(["--out", str(out), "--resume"]) == 2
     line = _one_line_error(capsys)
     assert "does not fit the model of" in line and "choose another --out" in line
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, capsys, monkeypatch):
+    """`timeout 600 relaxedconv train ...` (or a scheduler's kill) sends SIGTERM, which killed the process
+    without a word and could leave a half-written temporary file; it must exit 143 with how to continue,
+    and the resumed run must end as an uninterrupted one."""
+    import signal
+
+    import relaxedconv.training.trainer as trainer_mod
+
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    common = ["--dataset", "folder", "--data-dir", str(data), "--val-size", "4", "--epochs", "3", "--augment", "off",
+              *TINY, "--warmup-epochs", "0"]
+    assert cli.train_main([*common, "--out", str(tmp_path / "whole")]) == 0
+    real = trainer_mod.Trainer._checkpoint
+
+    def checkpoint_then_sigterm(self, epoch, *a):
+        real(self, epoch, *a)
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_checkpoint", checkpoint_then_sigterm)
+
+    def outside(signum, frame):  # stands for the default action (which would end pytest)
+        raise AssertionError("SIGTERM was not handled by the run")
+
+    before = signal.signal(signal.SIGTERM, outside)
+    out = tmp_path / "cut"
+    try:
+        assert cli.train_main([*common, "--out", str(out)]) == 143
+        assert signal.getsignal(signal.SIGTERM) is outside
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    err = capsys.readouterr().err
+    assert f"terminated (SIGTERM); continue with: relaxedconv train --out {out} --resume" in err and "Traceback" not in err
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(trainer_mod.Trainer, "_checkpoint", real)
+    assert cli.train_main(["--out", str(out), "--resume"]) == 0
+    whole, cut = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole if isinstance(whole[k], torch.Tensor))

@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .. import __version__
@@ -207,6 +210,30 @@ def interrupted_hint(out) -> str:
     return f"nothing of the run was saved yet{where}: rerun the same command to start it"
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (``timeout``, a batch scheduler's kill, torchrun stopping its workers) stops a run as
+    Ctrl-C does: the exception path removes half-written files and the CLI says how to continue
+    (the default action killed the process silently). The previous handler is restored after."""
+    from .trainer import Interrupted
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    class Terminated(Interrupted):
+        exit_code = 128 + signal.SIGTERM
+
+    def handler(signum, frame):
+        raise Terminated("terminated (SIGTERM)")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def train_main(argv=None) -> int:
     from .trainer import Interrupted, train
 
@@ -215,7 +242,8 @@ def train_main(argv=None) -> int:
     try:
         cfg, resume = resolve_config(argv)
         out = cfg["out"]
-        train(cfg, resume=resume)
+        with sigterm_interrupts():
+            train(cfg, resume=resume)
     except ConfigError as e:
         print(f"relaxedconv train: {e}", file=sys.stderr)
         return 2
@@ -227,7 +255,7 @@ def train_main(argv=None) -> int:
         return 2
     except Interrupted as e:
         print(f"relaxedconv train: {e}; {interrupted_hint(out)}", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
     except KeyboardInterrupt:
         print(f"\nrelaxedconv train: interrupted; {interrupted_hint(out)}", file=sys.stderr)
         return 130
@@ -290,11 +318,12 @@ def sweep_main(argv=None) -> int:
             else:
                 print(f"sweep: {name}")
                 try:
-                    final = train(cfg, resume=True)
-                except KeyboardInterrupt:  # Ctrl-C, or the trainer's Interrupted
+                    with sigterm_interrupts():
+                        final = train(cfg, resume=True)
+                except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or the trainer's Interrupted
                     print(f"\nrelaxedconv sweep: interrupted in {out / name}; rerun the same sweep command to continue "
                           "(finished runs are kept, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
-                    return 130
+                    return getattr(e, "exit_code", 130)
                 except ConfigError as e:
                     print(f"relaxedconv sweep: {e}", file=sys.stderr)
                     return 2
