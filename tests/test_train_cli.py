@@ -357,3 +357,20 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, capsys, monkeypatch):
     assert cli.train_main(["--out", str(out), "--resume"]) == 0
     whole, cut = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in ("whole", "cut"))
     assert all(torch.equal(whole[k], cut[k]) for k in whole if isinstance(whole[k], torch.Tensor))
+
+
+def test_the_suggested_cpu_commands_run_without_warnings(tmp_path):
+    """The help's CPU example and the CPU notice's suggestion left --warmup-epochs at 5 with --epochs 4: the
+    run warned that its learning rate never leaves the warm-up. Both are parsed here as written."""
+    import re
+    import shlex
+
+    epilog = cli.train_parser().epilog
+    example = " ".join(epilog.split("examples:")[1].split("\n  relaxedconv train ")[3].replace("\\\n", " ").split())
+    assert "--device cpu" in example
+    cfg, _ = cli.resolve_config(shlex.split(example))
+    assert check_config(cfg) == [] and check_against_data(cfg, 50_000, (32, 32)) == []
+    note = next(w for w in check_against_data(dict(DEFAULTS, device="cpu"), 50_000, (32, 32)) if w.startswith("note:"))
+    suggested = re.search(r"e\.g\. (--.*)$", note).group(1)
+    cfg, _ = cli.resolve_config([*shlex.split(suggested), "--device", "cpu", "--out", str(tmp_path / "r")])
+    assert check_config(cfg) == [] and check_against_data(cfg, 50_000, (32, 32)) == []

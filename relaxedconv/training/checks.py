@@ -168,7 +168,7 @@ def check_against_data(cfg: dict, n_train_images: int, image_hw) -> list[str]:
         warnings.append(
             f"note: this trains {cfg['epochs']} epochs of {images:,} images on the CPU, which takes days to weeks "
             "(the defaults are the paper's GPU protocol); for a CPU-sized run see experiments/run_cpu.sh, e.g. "
-            "--widths 8,16 --kernel-size 5 --hidden-channels 16 --epochs 4 --train-subset 5000"
+            "--widths 8,16 --kernel-size 5 --hidden-channels 16 --epochs 4 --warmup-epochs 1 --train-subset 5000"
         )
     # Each residual block halves the map (2x2 max-pool); the head is a 'valid' KxK convolution.
     h, w = image_hw

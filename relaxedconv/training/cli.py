@@ -67,7 +67,7 @@ examples:
   relaxedconv train --data-dir ./data --download --variant se2 --out runs/c10_se2_8
   relaxedconv train --out runs/c10_se2_8 --resume           # continue an interrupted run exactly
   relaxedconv train --data-dir ./data --variant se2_rot --omega-rot 2 --widths 8,16 --kernel-size 5 \\
-      --hidden-channels 16 --epochs 4 --train-subset 5000 --device cpu --out runs/cpu_se2_rot
+      --hidden-channels 16 --epochs 4 --warmup-epochs 1 --train-subset 5000 --device cpu --out runs/cpu_se2_rot
 """
 
 
