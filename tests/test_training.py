@@ -489,3 +489,30 @@ def test_a_compiled_run_reports_the_backends_it_ran(tmp_path, monkeypatch, capsy
     # reduce-overhead on a CPU says what it does instead
     cfg = dict(DEFAULTS, device="cpu", compile="reduce-overhead")
     assert any("compiles as --compile default" in w for w in check_config(cfg))
+
+
+@pytest.mark.parametrize("damage", ["config.json", "metrics.jsonl", "final.json", "foreign"])
+def test_report_leaves_out_an_unreadable_run_and_says_so(tmp_path, capsys, damage):
+    """A damaged file in one run directory (or another tool's config.json + metrics.jsonl) stopped the
+    whole report with a JSONDecodeError/KeyError traceback."""
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    runs = tmp_path / "runs"
+    for name in ("good", "bad"):
+        assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(runs / name), "--val-size", "4",
+                               "--epochs", "1", "--widths", "4", *TINY]) == 0
+    bad = runs / "bad"
+    if damage == "foreign":
+        (bad / "config.json").write_text(json.dumps({"lr": 0.1}))
+    else:
+        (bad / damage).write_text((bad / damage).read_text() + "{truncat")
+    capsys.readouterr()
+    assert cli.report_main([str(runs), "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"relaxedconv report: warning: left out {bad}" in err
+    md = (tmp_path / "rep" / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 1 and rows[0].startswith("| good |")
+    assert "Left out (files unreadable):" in md and str(bad) in md
+    # nothing readable at all: exit 2 with one line
+    assert cli.report_main([str(bad)]) == 2
+    assert "no readable run directories" in capsys.readouterr().err
