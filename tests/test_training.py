@@ -337,6 +337,30 @@ def test_a_sweep_without_a_validation_split_is_refused(tmp_path, capsys):
     assert not (tmp_path / "s" / "sweep.json").exists()
 
 
+@pytest.mark.parametrize("grid, message", [
+    # the second point's omega is invalid: refused before the first point trains (was: after it)
+    (["--variant", "se2_rot", "--omega-rot-grid", "1,-1"], "se2_rot_rotm1: --omega-rot: omega_rot must be >= 0, got -1.0"),
+    (["--variant", "se2_rot", "--omega-rot-grid", "1,2", "--", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+    # a grid the variant does not use trained the same model at every point and 'selected' the first
+    (["--variant", "se2_rot", "--omega-pos-grid", "0,1"], "--omega-pos-grid: variant se2_rot has no translation non-stationarity"),
+    (["--variant", "se2_trans", "--omega-rot-grid", "0,1"], "--omega-rot-grid: variant se2_trans has no rotation non-stationarity"),
+])
+def test_a_sweep_checks_every_grid_point_before_training(tmp_path, capsys, grid, message):
+    data = make_folder(tmp_path / "f", n_train=16, n_test=8)
+    extra = grid[grid.index("--") + 1:] if "--" in grid else []
+    grid = grid[: grid.index("--")] if "--" in grid else grid
+    argv = [*grid, "--out", str(tmp_path / "s"), "--", "--dataset", "folder", "--data-dir", str(data), "--val-size", "8",
+            "--epochs", "1", *TINY, *extra]
+    try:
+        rc = cli.sweep_main(argv)
+    except SystemExit as e:  # argparse's error: exit 2 with usage
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()  # nothing trained, no folder left behind
+
+
 def test_training_learns_the_generated_task(tmp_path):
     """Not a smoke test only: on the quadrant task a T(2) model gets well above chance (25%)."""
     data = make_folder(tmp_path / "f", n_train=96, n_test=32, size=8)

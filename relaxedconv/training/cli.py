@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import __version__
 from ..dispatch import AUTO_POLICIES, BACKENDS
 from ..models import ARCHITECTURES, DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT, VARIANTS
-from .checks import ConfigError, resolved_model_options
+from .checks import ConfigError, check_config, resolved_model_options
 from .data import DATASETS, DatasetError
 from .trainer import DEFAULTS, RESUMABLE_CHANGES
 
@@ -290,9 +290,18 @@ def sweep_main(argv=None) -> int:
     pos_grid = args.omega_pos_grid or [None]
     if rot_grid == [None] and pos_grid == [None]:
         ap.error("give --omega-rot-grid and/or --omega-pos-grid")
+    from ..models import _SPECS as VARIANT_SPECS
+
+    spec = VARIANT_SPECS[args.variant]
+    for flag, grid, used, what in (("--omega-rot-grid", rot_grid, spec["rot"], "rotation"),
+                                   ("--omega-pos-grid", pos_grid, spec["trans"], "translation")):
+        if grid != [None] and not used:  # every grid point would train the same model
+            ap.error(f"{flag}: variant {args.variant} has no {what} non-stationarity, so every point would train the same "
+                     f"model; choose a variant with one ({', '.join(v for v, sp in VARIANT_SPECS.items() if sp['rot' if what == 'rotation' else 'trans'])})")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    # Every grid point's options are checked before the first run trains (a bad value must not
+    # surface hours later, when the sweep reaches it).
+    points = []
     for wr in rot_grid:
         for wp in pos_grid:
             name = args.variant + (f"_rot{_fmt(wr)}" if wr is not None else "") + (f"_pos{_fmt(wp)}" if wp is not None else "")
@@ -303,35 +312,40 @@ def sweep_main(argv=None) -> int:
                 run_argv += ["--omega-pos", str(wp)]
             try:
                 cfg, _ = resolve_config(run_argv)
+                check_config({**DEFAULTS, **cfg})
             except ConfigError as e:
-                print(f"relaxedconv sweep: {e}", file=sys.stderr)
+                print(f"relaxedconv sweep: {name}: {e}", file=sys.stderr)
                 return 2
             if cfg["val_size"] == 0:
                 # every run's best_val_acc would be NaN and the selection arbitrary
                 print("relaxedconv sweep: --val-size 0 leaves no validation split to select omega on; give --val-size N "
                       "(N >= 1, e.g. 5000 for CIFAR's 45k/5k split)", file=sys.stderr)
                 return 2
-            final_path = out / name / "final.json"
-            if final_path.is_file() and json.loads(final_path.read_text()).get("epochs") == cfg["epochs"]:
-                final = json.loads(final_path.read_text())
-                print(f"sweep: {name} already done")
-            else:
-                print(f"sweep: {name}")
-                try:
-                    with sigterm_interrupts():
-                        final = train(cfg, resume=True)
-                except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or the trainer's Interrupted
-                    print(f"\nrelaxedconv sweep: interrupted in {out / name}; rerun the same sweep command to continue "
-                          "(finished runs are kept, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
-                    return getattr(e, "exit_code", 130)
-                except ConfigError as e:
-                    print(f"relaxedconv sweep: {e}", file=sys.stderr)
-                    return 2
-                except DatasetError as e:
-                    print(f"relaxedconv sweep: dataset problem: {e}", file=sys.stderr)
-                    return 2
-            rows.append({"run": name, "omega_rot": wr, "omega_pos": wp, "best_val_acc": final["best_val_acc"],
-                         "test_acc_at_best_val": final["test_acc_at_best_val"], "best_epoch": final["best_epoch"]})
+            points.append((name, wr, wp, cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, wr, wp, cfg in points:
+        final_path = out / name / "final.json"
+        if final_path.is_file() and json.loads(final_path.read_text()).get("epochs") == cfg["epochs"]:
+            final = json.loads(final_path.read_text())
+            print(f"sweep: {name} already done")
+        else:
+            print(f"sweep: {name}")
+            try:
+                with sigterm_interrupts():
+                    final = train(cfg, resume=True)
+            except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or the trainer's Interrupted
+                print(f"\nrelaxedconv sweep: interrupted in {out / name}; rerun the same sweep command to continue "
+                      "(finished runs are kept, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
+                return getattr(e, "exit_code", 130)
+            except ConfigError as e:
+                print(f"relaxedconv sweep: {e}", file=sys.stderr)
+                return 2
+            except DatasetError as e:
+                print(f"relaxedconv sweep: dataset problem: {e}", file=sys.stderr)
+                return 2
+        rows.append({"run": name, "omega_rot": wr, "omega_pos": wp, "best_val_acc": final["best_val_acc"],
+                     "test_acc_at_best_val": final["test_acc_at_best_val"], "best_epoch": final["best_epoch"]})
     best = max(rows, key=lambda r: r["best_val_acc"])
     summary = {"variant": args.variant, "grid": rows, "selected": best}
     from .checkpoint import atomic_write_json
