@@ -62,6 +62,10 @@ BAD_OPTIONS = [
     (["--variant", "se2_rot", "--omega-rot", "nan"], "--omega-rot: omega_rot must be a finite number >= 0, got nan"),
     (["--variant", "se2_trans", "--backend", "expand_conv"], "--backend expand_conv cannot run variant se2_trans"),
     (["--val-size", "-1"], "--val-size must be >= 0"),
+    (["--omega-lr", "-1"], "--omega-lr must be a number >= 0, got -1.0"),  # trained the omegas uphill
+    (["--omega-lr", "nan"], "--omega-lr must be a number >= 0, got nan"),  # NaN omegas in final.json
+    (["--omega-lr", "inf"], "--omega-lr must be a number >= 0, got inf"),
+    (["--seed", str(2**64)], "--seed must be an integer of magnitude below 2**62"),  # was an overflow traceback
 ]
 
 

@@ -119,6 +119,11 @@ def check_config(cfg: dict) -> list[str]:
     _number(cfg, "lr", positive=True)
     _number(cfg, "weight_decay", positive=False)
     _number(cfg, "omega_penalty", positive=False)
+    _number(cfg, "omega_lr", positive=False)  # 0 freezes the omegas; < 0 or NaN trained them into nonsense
+    seed = cfg["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**62) < seed < 2**62:
+        # torch.Generator.manual_seed takes 64 bits; the trainer derives seeds from it (seed + 1, ...)
+        raise ConfigError(f"--seed must be an integer of magnitude below 2**62, got {seed!r}")
     if cfg["warmup_epochs"] >= cfg["epochs"]:
         warnings.append(f"--warmup-epochs {cfg['warmup_epochs']} >= --epochs {cfg['epochs']}: the learning rate never "
                         "leaves its linear warm-up (no cosine decay); use fewer warm-up epochs")
