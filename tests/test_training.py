@@ -168,6 +168,18 @@ def test_missing_or_malformed_data_says_what_was_expected_where(tmp_path):
         load_dataset("folder", f)
 
 
+def test_a_folder_tree_of_one_class_is_refused(tmp_path):
+    """One class folder (e.g. --data-dir one level too deep) trained to a meaningless 100% accuracy."""
+    f = make_folder(tmp_path / "f", n_train=8, n_test=8)
+    for split in ("train", "test"):
+        for d in sorted((f / split).iterdir())[1:]:
+            for img in d.iterdir():
+                img.unlink()
+            d.rmdir()
+    with pytest.raises(DatasetError, match=r"train: one class folder \(class0\); a classifier needs two or more"):
+        load_dataset("folder", f)
+
+
 def test_cli_reports_missing_data_with_exit_code(tmp_path, capsys):
     rc = cli.train_main(["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "run"), *TINY])
     assert rc == 2

@@ -212,6 +212,9 @@ def _read_split_folder(split_dir: Path, classes=None):
 
 def _read_folder_tree(root: Path) -> ImageData:
     x, y, classes = _read_split_folder(root / "train")
+    if len(classes) < 2:  # else every image is labelled right: 100% accuracy that means nothing
+        raise DatasetError(f"{root / 'train'}: one class folder ({classes[0]}); a classifier needs two or more, "
+                           f"each in its own folder: {root / 'train'}/<class name>/<image files>")
     tx, ty, _ = _read_split_folder(root / "test", classes)
     if x.shape[1:] != tx.shape[1:]:
         raise DatasetError(f"{root}: train images are {x.shape[1:]} but test images are {tx.shape[1:]}")
