@@ -378,3 +378,66 @@ def test_the_suggested_cpu_commands_run_without_warnings(tmp_path):
     suggested = re.search(r"e\.g\. (--.*)$", note).group(1)
     cfg, _ = cli.resolve_config([*shlex.split(suggested), "--device", "cpu", "--out", str(tmp_path / "r")])
     assert check_config(cfg) == [] and check_against_data(cfg, 50_000, (32, 32)) == []
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(tmp_path, capsys, monkeypatch):
+    """torch.save onto a full disk raised "enforce fail at inline_container.cc ... unexpected pos" (a
+    RuntimeError traceback that does not say why); the run must say which file and why, keep the
+    previous checkpoint, leave no temporary file, and resume to the uninterrupted result."""
+    import errno
+
+    from relaxedconv.training import checkpoint as ckpt_mod
+
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    common = ["--dataset", "folder", "--data-dir", str(data), "--val-size", "4", "--epochs", "3", "--augment", "off",
+              *TINY, "--warmup-epochs", "0"]
+    assert cli.train_main([*common, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "cut"
+    real_fsync, writes = os.fsync, []
+
+    def full_disk_in_epoch_2(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else ""
+        writes.append(name)
+        if ".checkpoint.pt." in name and sum(".checkpoint.pt." in w for w in writes) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(ckpt_mod.os, "fsync", full_disk_in_epoch_2)
+    assert cli.train_main([*common, "--out", str(out)]) == 1
+    line = _one_line_error(capsys)
+    assert f"could not write {out / 'checkpoint.pt'} (No space left on device); its previous version is intact" in line
+    assert f"continue with: relaxedconv train --out {out} --resume" in line
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(ckpt_mod.os, "fsync", real_fsync)
+    assert cli.train_main(["--out", str(out), "--resume"]) == 0
+    whole, cut = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole if isinstance(whole[k], torch.Tensor))
+
+
+def test_a_checkpoint_that_cannot_be_written_raises_an_os_error_naming_it(tmp_path, monkeypatch):
+    """The checkpoint goes through a plain file write (torch.save straight onto a full disk raised
+    "enforce fail at inline_container.cc ... unexpected pos", a RuntimeError that does not say why)."""
+    import builtins
+    import errno
+
+    from relaxedconv.training import checkpoint as ckpt_mod
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(ckpt_mod, "open", lambda *a, **k: FullDisk(builtins.open(*a, **k)), raising=False)
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(ckpt_mod.RunFileWriteError, match=r"could not write .*checkpoint.pt \(No space left on device\)"):
+        ckpt_mod.atomic_torch_save({"w": torch.zeros(10)}, path)
+    assert list(tmp_path.iterdir()) == []

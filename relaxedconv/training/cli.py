@@ -19,6 +19,7 @@ from pathlib import Path
 from .. import __version__
 from ..dispatch import AUTO_POLICIES, BACKENDS
 from ..models import ARCHITECTURES, DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT, VARIANTS
+from .checkpoint import RunFileWriteError
 from .checks import ConfigError, check_config, resolved_model_options
 from .data import DATASETS, DatasetError
 from .trainer import DEFAULTS, RESUMABLE_CHANGES
@@ -253,6 +254,9 @@ def train_main(argv=None) -> int:
     except FileExistsError as e:
         print(f"relaxedconv train: {e}", file=sys.stderr)
         return 2
+    except RunFileWriteError as e:
+        print(f"relaxedconv train: {e.strerror}; {interrupted_hint(out)}", file=sys.stderr)
+        return 1
     except Interrupted as e:
         print(f"relaxedconv train: {e}; {interrupted_hint(out)}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
@@ -344,6 +348,9 @@ def sweep_main(argv=None) -> int:
             except DatasetError as e:
                 print(f"relaxedconv sweep: dataset problem: {e}", file=sys.stderr)
                 return 2
+            except RunFileWriteError as e:
+                print(f"relaxedconv sweep: {e.strerror}; rerun the same sweep command once it can write there", file=sys.stderr)
+                return 1
         rows.append({"run": name, "omega_rot": wr, "omega_pos": wp, "best_val_acc": final["best_val_acc"],
                      "test_acc_at_best_val": final["test_acc_at_best_val"], "best_epoch": final["best_epoch"]})
     best = max(rows, key=lambda r: r["best_val_acc"])
