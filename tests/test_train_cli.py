@@ -441,3 +441,25 @@ def test_a_checkpoint_that_cannot_be_written_raises_an_os_error_naming_it(tmp_pa
     with pytest.raises(ckpt_mod.RunFileWriteError, match=r"could not write .*checkpoint.pt \(No space left on device\)"):
         ckpt_mod.atomic_torch_save({"w": torch.zeros(10)}, path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("other", ["other images", "other classes"])
+def test_resume_on_other_data_is_refused(tmp_path, capsys, other):
+    """--data-dir may change on resume (the data moved); other data trained on silently (same classes)
+    or failed with a message about the checkpoint not fitting the model (other classes)."""
+    out = tmp_path / "r"
+    _interrupted_run(tmp_path, out)
+    if other == "other images":
+        moved = make_folder(tmp_path / "g", n_train=16, n_test=4, seed=1)
+    else:
+        moved = make_folder(tmp_path / "g", n_train=16, n_test=4)
+        for split in ("train", "test"):
+            (moved / split / "class3").rename(moved / split / "class9")
+    capsys.readouterr()
+    assert cli.train_main(["--out", str(out), "--resume", "--data-dir", str(moved)]) == 2
+    line = _one_line_error(capsys)
+    assert f"--resume: the data in {moved} differ from the data {out} was trained on" in line
+    assert ("mean: was" in line) if other == "other images" else ("classes: was" in line)
+    # the same data in a new place resumes
+    same = make_folder(tmp_path / "h", n_train=16, n_test=4)
+    assert cli.train_main(["--out", str(out), "--resume", "--data-dir", str(same)]) == 0

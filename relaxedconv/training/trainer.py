@@ -247,6 +247,27 @@ class Trainer:
             train=len(tr), val=len(va), test=len(tx), mean=mean.tolist(), std=std.tolist(),
         )
 
+    def _check_same_data(self) -> None:
+        """A resumed run must train on the data it started with: --data-dir may change on resume (the
+        data moved), and other data would go on training silently, or fail to load the checkpoint
+        with a message about the model."""
+        path = self.out / "config.json"
+        try:
+            before = json.loads(path.read_text()).get("data") or {}
+        except (OSError, ValueError, AttributeError):
+            return
+        now = self.data_info
+        for key in ("classes", "image_shape", "train", "val", "test", "mean", "std"):
+            if key not in before:
+                continue
+            a, b = before[key], now[key]
+            same = (all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7) for x, y in zip(a, b)) and len(a) == len(b)
+                    if key in ("mean", "std") else a == b)
+            if not same:
+                raise ConfigError(f"--resume: the data in {self.cfg['data_dir']} differ from the data {self.out} was trained on "
+                                  f"({key}: was {a}, now {b}); resume with the --data-dir the run started with "
+                                  f"({before.get('source', 'see config.json')}), or choose another --out")
+
     def _normalise(self, xb: torch.Tensor) -> torch.Tensor:
         return (xb.float() / 255.0 - self.mean) / self.std
 
@@ -443,6 +464,8 @@ class Trainer:
             self.log(f"{self.out} has finished its {c['epochs']} epochs; nothing to resume (final.json unchanged)")
             return json.loads(final_path.read_text())
         self._prepare_data()
+        if ckpt is not None:
+            self._check_same_data()
         self._build()
         history, best, start = [], {"epoch": None, "val_acc": -1.0, "test_acc": None}, 1
         if ckpt is not None:
