@@ -552,3 +552,21 @@ def test_report_leaves_out_an_unreadable_run_and_says_so(tmp_path, capsys, damag
     # nothing readable at all: exit 2 with one line
     assert cli.report_main([str(bad)]) == 2
     assert "no readable run directories" in capsys.readouterr().err
+
+
+def test_a_message_during_an_epoch_starts_on_a_clean_line(tmp_path, monkeypatch):
+    """On a terminal the "backends: ..." line, printed after the first step, was appended to the progress
+    bar's text on the same line; the bar is erased first now."""
+    import io
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # the built-in bar, whose output is checked here
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(tmp_path / "r"), "--val-size", "4",
+                           "--epochs", "1", *TINY, "--warmup-epochs", "0", "--progress", "on"]) == 0
+    text = screen.getvalue()
+    assert "[" in text.split("backends:")[0]  # a bar was drawn before the message
+    assert "\r\x1b[Kbackends:" in text

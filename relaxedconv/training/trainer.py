@@ -375,6 +375,7 @@ class Trainer:
                 self.steps_done += 1
                 if self.backends is None:
                     self.backends = self._backends_ran()
+                    bar.clear()
                     self.log("backends: " + ", ".join(f"{k}={v}" for k, v in self.backends.items()))
                 if c["interrupt_after_steps"] and self.steps_done >= c["interrupt_after_steps"]:
                     raise Interrupted(f"interrupted after {self.steps_done} steps (--interrupt-after-steps)")
