@@ -174,3 +174,34 @@ def test_pool_workers_leave_ctrl_c_to_the_parent():
 
     with mp.get_context("fork").Pool(1, initializer=se._ignore_sigint) as pool:
         assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+
+
+def test_a_folder_holds_one_protocol(tmp_path, capsys):
+    """Run files are named by fraction, variant and seed only: the cpu protocol run into a smoke
+    protocol's folder reported the smoke runs (other data sizes, model, epochs) as its own."""
+    out = tmp_path / "sym"
+    ov = dict(fractions=(1.0,), fixed_omegas=(), learned_starts=())
+    assert se.main(["--protocol", "smoke", "--out", str(out), "--jobs", "1", "--seeds", "0"]) == 0
+    capsys.readouterr()
+    for argv in (["--protocol", "cpu", "--out", str(out), "--jobs", "1", "--seeds", "0", "--time-budget", "0"],
+                 ["--protocol", "cpu", "--out", str(out), "--summarise-only"]):
+        assert se.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{out} holds runs of protocol 'smoke'; give another --out" in err and "Traceback" not in err
+    with pytest.raises(se.ProtocolMismatch, match="protocol 'smoke' with other settings"):
+        se.run_protocol("smoke", out, jobs=1, log=lambda *a: None, overrides=ov)
+    # the same protocol again (other seeds included) is the same folder
+    assert se.main(["--protocol", "smoke", "--out", str(out), "--jobs", "1", "--seeds", "0", "--time-budget", "0"]) == 0
+
+
+def test_the_plot_of_a_partial_protocol(tmp_path):
+    """A protocol stopped by --time-budget or Ctrl-C has some fractions of a variant only; the plot's
+    per-layer panel passed None to errorbar and the summary ended in a ValueError traceback."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sym"
+    ov = dict(fractions=(0.0, 1.0), seeds=(0,), fixed_omegas=(), learned_starts=(0.0,))
+    se.run_protocol("smoke", out, jobs=1, log=lambda *a: None, overrides=ov)
+    (out / "runs" / "fraction1" / "learned_from0_penalty" / "seed0.json").unlink()
+    (out / "symmetry.png").unlink()
+    se.summarise_folder("smoke", out, overrides=ov, log=lambda *a: None)
+    assert (out / "symmetry.png").stat().st_size > 0
