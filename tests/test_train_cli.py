@@ -463,3 +463,18 @@ def test_resume_on_other_data_is_refused(tmp_path, capsys, other):
     # the same data in a new place resumes
     same = make_folder(tmp_path / "h", n_train=16, n_test=4)
     assert cli.train_main(["--out", str(out), "--resume", "--data-dir", str(same)]) == 0
+
+
+def test_ddp_workers_keep_the_default_sigterm(monkeypatch):
+    """torchrun stops its workers with SIGTERM and kills them 30 s later; a worker that handled it hung
+    in the process group's shutdown until then (gloo, 2 processes)."""
+    import signal
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    before = signal.getsignal(signal.SIGTERM)
+    with cli.sigterm_interrupts():
+        assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with cli.sigterm_interrupts():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before

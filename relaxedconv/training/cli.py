@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -213,12 +214,15 @@ def interrupted_hint(out) -> str:
 
 @contextlib.contextmanager
 def sigterm_interrupts():
-    """SIGTERM (``timeout``, a batch scheduler's kill, torchrun stopping its workers) stops a run as
+    """SIGTERM (``timeout``, a batch scheduler's kill) stops a single-process run as
     Ctrl-C does: the exception path removes half-written files and the CLI says how to continue
     (the default action killed the process silently). The previous handler is restored after."""
     from .trainer import Interrupted
 
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+    # Signal handlers live in the main thread. Under torchrun the agent stops its workers with SIGTERM
+    # and kills them 30 s later: a worker that handled it printed the hint, then hung in the process
+    # group's shutdown until then, so DDP workers keep the default action.
+    if threading.current_thread() is not threading.main_thread() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         yield
         return
 
