@@ -180,6 +180,17 @@ def test_a_folder_tree_of_one_class_is_refused(tmp_path):
         load_dataset("folder", f)
 
 
+def test_the_wrong_dataset_option_names_the_right_one(tmp_path):
+    """The data were there but --dataset (default cifar10) named another kind: the message now says which."""
+    c10, c100, f = make_cifar10(tmp_path / "c10"), make_cifar100(tmp_path / "c100"), make_folder(tmp_path / "f", n_train=8, n_test=4)
+    with pytest.raises(DatasetError, match="holds cifar100, not cifar10: pass --dataset cifar100"):
+        load_dataset("cifar10", c100)
+    with pytest.raises(DatasetError, match="holds cifar10, not cifar100: pass --dataset cifar10"):
+        load_dataset("cifar100", c10)
+    with pytest.raises(DatasetError, match="with 4 classes is not cifar10; for your own classes pass --dataset folder"):
+        load_dataset("cifar10", f)
+
+
 def test_cli_reports_missing_data_with_exit_code(tmp_path, capsys):
     rc = cli.train_main(["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "run"), *TINY])
     assert rc == 2

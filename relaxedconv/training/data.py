@@ -273,7 +273,8 @@ def load_dataset(name: str, data_dir, *, download_missing: bool = False, label_t
         if d is None and (root / "train").is_dir() and (root / "test").is_dir() and not (root / "train").is_file():
             data = _read_folder_tree(root)
             if name == "cifar10" and data.num_classes != 10 or name == "cifar100" and data.num_classes not in (20, 100):
-                raise DatasetError(f"{root}: an image-folder tree with {data.num_classes} classes is not {name}")
+                raise DatasetError(f"{root}: an image-folder tree with {data.num_classes} classes is not {name}; "
+                                   "for your own classes pass --dataset folder")
             return data
         if d is None:
             partial = _partial_batch_dir(root, spec["folder"], files)
@@ -281,6 +282,10 @@ def load_dataset(name: str, data_dir, *, download_missing: bool = False, label_t
                 raise DatasetError(f"{partial[0]}: incomplete {name} python batches, missing {partial[1]}\n{_layout_help(name, root)}")
             if not download_missing:
                 what = "does not exist" if not root.exists() else "holds no dataset in a known layout"
+                other = "cifar100" if name == "cifar10" else "cifar10"
+                spec_o = ARCHIVES[other]
+                if _find_batch_dir(root, spec_o["folder"], _CIFAR10_FILES if other == "cifar10" else _CIFAR100_FILES):
+                    what = f"holds {other}, not {name}: pass --dataset {other}"
                 raise DatasetError(f"{name}: {root} {what}\n{_layout_help(name, root)}" + _npz_hint(root))
             d = download(name, root, log=log)
         return _read_cifar10(d) if name == "cifar10" else _read_cifar100(d, label_type)
