@@ -581,3 +581,15 @@ def test_a_message_during_an_epoch_starts_on_a_clean_line(tmp_path, monkeypatch)
     text = screen.getvalue()
     assert "[" in text.split("backends:")[0]  # a bar was drawn before the message
     assert "\r\x1b[Kbackends:" in text
+
+
+def test_report_to_a_file_exits_2(tmp_path, capsys):
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(tmp_path / "runs" / "a"),
+                           "--val-size", "4", "--epochs", "1", "--widths", "4", *TINY]) == 0
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    capsys.readouterr()
+    assert cli.report_main([str(tmp_path / "runs"), "--out", str(f)]) == 2  # was a FileExistsError traceback
+    err = capsys.readouterr().err
+    assert f"relaxedconv report: cannot write the report to {f} (File exists); choose another --out" in err

@@ -374,10 +374,14 @@ def report_main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", help="run directories, or folders searched for them")
     ap.add_argument("--out", default=None, help="where results.md and the plots go (default: the first argument)")
     args = ap.parse_args(argv)
+    out = args.out or args.runs[0]
     try:
-        paths = write_report(args.runs, args.out or args.runs[0])
+        paths = write_report(args.runs, out)
     except FileNotFoundError as e:
         print(f"relaxedconv report: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out is a file, or not writable
+        print(f"relaxedconv report: cannot write the report to {out} ({e.strerror or e}); choose another --out", file=sys.stderr)
         return 2
     for p in paths:
         print(p)
