@@ -583,7 +583,7 @@ def test_a_message_during_an_epoch_starts_on_a_clean_line(tmp_path, monkeypatch)
     assert "\r\x1b[Kbackends:" in text
 
 
-def test_report_to_a_file_exits_2(tmp_path, capsys):
+def test_report_or_sweep_to_a_file_exits_2(tmp_path, capsys):
     data = make_folder(tmp_path / "f", n_train=16, n_test=4)
     assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(tmp_path / "runs" / "a"),
                            "--val-size", "4", "--epochs", "1", "--widths", "4", *TINY]) == 0
@@ -593,3 +593,7 @@ def test_report_to_a_file_exits_2(tmp_path, capsys):
     assert cli.report_main([str(tmp_path / "runs"), "--out", str(f)]) == 2  # was a FileExistsError traceback
     err = capsys.readouterr().err
     assert f"relaxedconv report: cannot write the report to {f} (File exists); choose another --out" in err
+    # the same for a sweep
+    assert cli.sweep_main(["--variant", "se2_rot", "--omega-rot-grid", "0,1", "--out", str(f), "--", "--dataset", "folder",
+                           "--data-dir", str(data), "--val-size", "4", "--epochs", "1", *TINY]) == 2
+    assert f"relaxedconv sweep: --out {f} is a file, not a directory; choose another --out" in capsys.readouterr().err

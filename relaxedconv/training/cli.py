@@ -21,7 +21,7 @@ from .. import __version__
 from ..dispatch import AUTO_POLICIES, BACKENDS
 from ..models import ARCHITECTURES, DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT, VARIANTS
 from .checkpoint import RunFileWriteError
-from .checks import ConfigError, check_config, resolved_model_options
+from .checks import ConfigError, check_config, check_out_dir, resolved_model_options
 from .data import DATASETS, DatasetError
 from .trainer import DEFAULTS, RESUMABLE_CHANGES
 
@@ -330,7 +330,11 @@ def sweep_main(argv=None) -> int:
                       "(N >= 1, e.g. 5000 for CIFAR's 45k/5k split)", file=sys.stderr)
                 return 2
             points.append((name, wr, wp, cfg))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_out_dir(out)
+    except ConfigError as e:  # a file, or not writable (was a FileExistsError traceback)
+        print(f"relaxedconv sweep: {e}", file=sys.stderr)
+        return 2
     rows = []
     for name, wr, wp, cfg in points:
         final_path = out / name / "final.json"
