@@ -130,6 +130,15 @@ def test_questionable_options_warn_and_run(tmp_path, capsys):
     assert "warning: --train-subset 100 is more than the 12 training images: all are used" in err
 
 
+def test_a_validation_split_larger_than_the_training_split_warns():
+    """The default --val-size 5000 (CIFAR's 45k/5k split) took 5000 of a 6000-image folder without a word."""
+    cfg = dict(DEFAULTS, device="cpu", epochs=1, warmup_epochs=0)
+    (w,) = [w for w in check_against_data(cfg, 6000, (32, 32)) if "--val-size" in w]
+    assert "--val-size 5000 holds out more images for validation than are left to train on (1000 of 6000)" in w
+    assert "e.g. 600" in w
+    assert not [w for w in check_against_data(cfg, 50_000, (32, 32)) if "--val-size" in w]
+
+
 def test_full_protocol_on_a_cpu_is_announced():
     cpu = dict(DEFAULTS, device="cpu")
     assert check_config(cpu) == []

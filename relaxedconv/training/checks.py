@@ -166,6 +166,10 @@ def check_against_data(cfg: dict, n_train_images: int, image_hw) -> list[str]:
         raise ConfigError(f"--val-size {cfg['val_size']} leaves no training images: the data has {n}; use a value "
                           f"below {n} (CIFAR's 45k/5k split is --val-size 5000)")
     n_train = n - cfg["val_size"]
+    if cfg["val_size"] > n_train:
+        # the default 5000 is CIFAR's 45k/5k split; on a small image folder it took most of the data
+        warnings.append(f"--val-size {cfg['val_size']} holds out more images for validation than are left to train on "
+                        f"({n_train} of {n}); give a smaller --val-size (e.g. {max(1, n // 10)}, a tenth)")
     if cfg["train_subset"] > n_train:
         warnings.append(f"--train-subset {cfg['train_subset']} is more than the {n_train} training images: all are used")
     images = min(cfg["train_subset"] or n_train, n_train)
