@@ -207,6 +207,14 @@ def _worker(args):
     return rec
 
 
+def _ignore_sigint():
+    """Pool workers leave Ctrl-C to the parent, which stops the pool and says how to continue (else
+    every worker printed its own KeyboardInterrupt traceback)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _mean_sd(vals):
     vals = [v for v in vals if v is not None]
     if not vals:
@@ -395,8 +403,9 @@ def _plot(out: Path, summary: dict):
         layer_names = sorted({k for f in fr if (f, n) in rows for k in rows[(f, n)]["effective_omega_per_layer"]})
         for j, k in enumerate(layer_names):
             ms = [rows[(f, n)]["effective_omega_per_layer"].get(k, (None, None)) if (f, n) in rows else (None, None) for f in fr]
-            ax.errorbar(fr, [m[0] for m in ms], yerr=[m[1] for m in ms], fmt=style, color=f"C{j}", marker=".", capsize=2,
-                        label=k if n == shown[0] else None)
+            pts = [(f, m) for f, m in zip(fr, ms) if m[0] is not None]  # a partial protocol lacks some fractions
+            ax.errorbar([f for f, _ in pts], [m[0] for _, m in pts], yerr=[m[1] for _, m in pts], fmt=style, color=f"C{j}",
+                        marker=".", capsize=2, label=k if n == shown[0] else None)
     ax.set_xlabel("fraction of orientation-dependent classes")
     ax.set_ylabel("learned effective ω per layer (mean ± sd)")
     ax.set_title(" / ".join(f"{st} {n}" for n, st in zip(shown, ("solid", "dashed"))) + "; colour = layer", fontsize=8)
@@ -435,6 +444,37 @@ def _load() -> str:
         return "unknown"
 
 
+class ProtocolMismatch(ValueError):
+    """The results folder holds runs of another protocol (or other protocol settings)."""
+
+
+def _claim_folder(out: Path, protocol: str, p: dict) -> None:
+    """Record which protocol ``out`` holds (protocol.json); refuse another one. Run files are named by
+    fraction, variant and seed only, so a second protocol in the same folder took the first one's
+    runs for its own (the cpu protocol reported the smoke protocol's runs as done)."""
+    settings = json.loads(json.dumps({k: v for k, v in p.items() if k != "seeds"}))  # seeds: one file each
+    path = out / "protocol.json"
+    if path.is_file():
+        try:
+            held = json.loads(path.read_text())
+        except ValueError:
+            held = None
+        if held is not None and (held.get("protocol"), held.get("settings")) != (protocol, settings):
+            what = f"protocol {held.get('protocol')!r}" if held.get("protocol") != protocol else f"protocol {protocol!r} with other settings"
+            raise ProtocolMismatch(f"{out} holds runs of {what}; give another --out (run files are named by fraction, "
+                                   "variant and seed only, so the two would be mixed)")
+        if held is not None:
+            return
+    elif (out / "summary.json").is_file():  # a folder written before protocol.json existed
+        try:
+            old = json.loads((out / "summary.json").read_text()).get("meta", {}).get("protocol")
+        except (ValueError, AttributeError):
+            old = None
+        if old is not None and old != protocol:
+            raise ProtocolMismatch(f"{out} holds runs of protocol {old!r}; give another --out")
+    path.write_text(json.dumps({"protocol": protocol, "settings": settings}, indent=1))
+
+
 def run_protocol(protocol: str, out, *, jobs: int = 2, threads: int = 1, device: str = "cpu", log=print,
                  overrides: dict | None = None, time_budget: float | None = None, start_method: str | None = None) -> dict:
     """Run (or finish) every run of ``protocol`` into ``out``; returns the summary.
@@ -447,6 +487,7 @@ def run_protocol(protocol: str, out, *, jobs: int = 2, threads: int = 1, device:
     p = {**PROTOCOLS[protocol], **(overrides or {})}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out, protocol, p)
     t0, load_start = time.time(), _load()
     names = list(variants(p))
     todo, records = [], []
@@ -473,7 +514,7 @@ def run_protocol(protocol: str, out, *, jobs: int = 2, threads: int = 1, device:
         # CPU: fork, the workers inherit the generated data. CUDA: spawn (CUDA does not survive a
         # fork), each worker generates the splits it needs (deterministic) and shares the GPU.
         method = start_method or ("fork" if device == "cpu" else "spawn")
-        with mp.get_context(method).Pool(jobs) as pool:
+        with mp.get_context(method).Pool(jobs, initializer=_ignore_sigint) as pool:
             for rec in pool.imap(_worker, args):
                 if rec is not None:
                     done += 1
@@ -513,6 +554,8 @@ def summarise_folder(protocol: str, out, *, overrides: dict | None = None, log=p
     last full invocation when there is one."""
     p = {**PROTOCOLS[protocol], **(overrides or {})}
     out = Path(out)
+    if out.is_dir():
+        _claim_folder(out, protocol, p)
     records = [json.loads(f.read_text()) for f in sorted(out.glob("runs/*/*/seed*.json"))]
     records = [r for r in records if r["fraction"] in p["fractions"] and r["seed"] in p["seeds"] and r["variant"] in variants(p)]
     if not records:
@@ -552,20 +595,40 @@ def main(argv=None) -> int:
         print("relaxedconv symmetry: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     overrides = {}
-    if args.seeds:
+    if args.seeds is not None:
         try:
             overrides["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
         except ValueError:
             ap.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+        if not overrides["seeds"]:  # else nothing runs and an empty report is written
+            ap.error(f"--seeds: no seed in {args.seeds!r}; give comma-separated integers, e.g. 0,1,2")
+    if args.time_budget is not None and not args.time_budget >= 0:
+        ap.error(f"--time-budget must be a number of seconds >= 0, got {args.time_budget}")
     if args.summarise_only:
         try:
             summarise_folder(args.protocol, args.out, overrides=overrides)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ProtocolMismatch) as e:
             print(f"relaxedconv symmetry: {e}", file=sys.stderr)
             return 2
         return 0
-    run_protocol(args.protocol, args.out, jobs=args.jobs, threads=args.threads, device=args.device, overrides=overrides,
-                 time_budget=args.time_budget)
+    from .training.checks import ConfigError, check_out_dir
+
+    try:
+        check_out_dir(args.out)
+    except ConfigError as e:
+        print(f"relaxedconv symmetry: {e}", file=sys.stderr)
+        return 2
+    try:
+        run_protocol(args.protocol, args.out, jobs=args.jobs, threads=args.threads, device=args.device, overrides=overrides,
+                     time_budget=args.time_budget)
+    except ProtocolMismatch as e:
+        print(f"relaxedconv symmetry: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        done = len(list(Path(args.out).glob("runs/*/*/seed*.json")))
+        print(f"\nrelaxedconv symmetry: interrupted; the {done} finished run(s) in {Path(args.out) / 'runs'} are kept: rerun "
+              "the same command to finish the protocol", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -73,3 +73,20 @@ def test_archive_without_the_expected_arrays(tmp_path, convert, capsys):
     np.savez(src / "cifar10-train-jpeg.npz", pixels=np.zeros(3))
     assert convert.main([str(src), str(tmp_path / "out")]) == 2
     assert "no array(s) ['jpeg', 'offsets', 'labels', 'classes']" in capsys.readouterr().err
+
+
+def test_train_pointed_at_the_npz_copy_says_how_to_convert_it_and_then_reads_it(tmp_path, convert):
+    """`relaxedconv train --data-dir <the npz folder>` (or the .npz file itself) said only 'no dataset in a
+    known layout'; it must name the converter, whose output it then reads."""
+    from relaxedconv.training.data import DatasetError, load_dataset
+
+    src = _sources(tmp_path)
+    for data_dir, name in ((src, "cifar10"), (src / "cifar10-train-jpeg.npz", "cifar10"), (src, "folder")):
+        with pytest.raises(DatasetError) as e:
+            load_dataset(name, data_dir)
+        msg = str(e.value)
+        assert "cifar10-test-jpeg.npz, cifar10-train-jpeg.npz" in msg and f"experiments/convert_npz.py {src} DIR" in msg
+    assert "is a file; give the directory" in str(pytest.raises(DatasetError, load_dataset, "cifar10", src / "cifar10-train-jpeg.npz").value)
+    assert convert.main([str(src), str(tmp_path / "out")]) == 0
+    data = load_dataset("cifar10", tmp_path / "out")
+    assert data.train_images.shape == (10, 32, 32, 3) and len(data.test_labels) == 5 and data.num_classes == 10

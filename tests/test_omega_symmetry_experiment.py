@@ -112,6 +112,28 @@ def test_cli_rejects_bad_arguments(capsys):
         se.main(["--out", "x", "--jobs", "0"])
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--seeds", ","], "--seeds: no seed in ','"),  # ran nothing and wrote an empty report
+    (["--seeds", ""], "--seeds: no seed in ''"),
+    (["--time-budget", "-5"], "--time-budget must be a number of seconds >= 0, got -5.0"),
+    (["--time-budget", "nan"], "--time-budget must be a number of seconds >= 0, got nan"),
+])
+def test_cli_refuses_options_that_would_run_nothing(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as e:
+        se.main(["--protocol", "smoke", "--out", str(tmp_path / "o"), "--jobs", "1", *options])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_out_that_cannot_be_a_folder_exits_2(tmp_path, capsys):
+    """--out naming a file (or an unwritable place) ended in a mkdir traceback."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert se.main(["--protocol", "smoke", "--out", str(f), "--jobs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"relaxedconv symmetry: --out {f} is a file, not a directory" in err
+
+
 def test_spawned_workers_make_their_own_data(tmp_path):
     """The GPU protocol's path: spawned worker processes (CUDA does not survive a fork) generate the
     splits themselves and give the same runs as the in-process path."""
@@ -120,3 +142,66 @@ def test_spawned_workers_make_their_own_data(tmp_path):
     b = se.run_protocol("smoke", tmp_path / "b", jobs=1, threads=1, log=lambda *x: None, overrides=ov)
     acc = lambda s: {r["variant"]: r["test_acc"] for r in s["rows"]}  # noqa: E731
     assert acc(a) == acc(b) and set(acc(a)) == {"t2", "strict", "cv_fixed"}
+
+
+def test_ctrl_c_keeps_the_finished_runs_and_says_how_to_finish(tmp_path, capsys, monkeypatch):
+    """Ctrl-C ended the command with a KeyboardInterrupt traceback (one per pool worker, too); it must
+    exit 130 with one message, keep the finished runs, and a rerun must finish the protocol."""
+    out = tmp_path / "sym"
+    real, calls = se.run_one, []
+
+    def interrupted_third(*a, **k):
+        calls.append(a[3])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(se, "run_one", interrupted_third)
+    assert se.main(["--protocol", "smoke", "--out", str(out), "--jobs", "1", "--seeds", "0"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"interrupted; the 2 finished run(s) in {out / 'runs'} are kept: rerun the same command" in err
+    assert len(list(out.glob("runs/*/*/seed*.json"))) == 2
+    monkeypatch.setattr(se, "run_one", real)
+    assert se.main(["--protocol", "smoke", "--out", str(out), "--jobs", "1", "--seeds", "0"]) == 0
+    assert "symmetry[smoke]: 2 runs done, 8 to run" in capsys.readouterr().out
+    assert len(list(out.glob("runs/*/*/seed*.json"))) == 10
+
+
+def test_pool_workers_leave_ctrl_c_to_the_parent():
+    import multiprocessing as mp
+    import signal
+
+    with mp.get_context("fork").Pool(1, initializer=se._ignore_sigint) as pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+
+
+def test_a_folder_holds_one_protocol(tmp_path, capsys):
+    """Run files are named by fraction, variant and seed only: the cpu protocol run into a smoke
+    protocol's folder reported the smoke runs (other data sizes, model, epochs) as its own."""
+    out = tmp_path / "sym"
+    ov = dict(fractions=(1.0,), fixed_omegas=(), learned_starts=())
+    assert se.main(["--protocol", "smoke", "--out", str(out), "--jobs", "1", "--seeds", "0"]) == 0
+    capsys.readouterr()
+    for argv in (["--protocol", "cpu", "--out", str(out), "--jobs", "1", "--seeds", "0", "--time-budget", "0"],
+                 ["--protocol", "cpu", "--out", str(out), "--summarise-only"]):
+        assert se.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{out} holds runs of protocol 'smoke'; give another --out" in err and "Traceback" not in err
+    with pytest.raises(se.ProtocolMismatch, match="protocol 'smoke' with other settings"):
+        se.run_protocol("smoke", out, jobs=1, log=lambda *a: None, overrides=ov)
+    # the same protocol again (other seeds included) is the same folder
+    assert se.main(["--protocol", "smoke", "--out", str(out), "--jobs", "1", "--seeds", "0", "--time-budget", "0"]) == 0
+
+
+def test_the_plot_of_a_partial_protocol(tmp_path):
+    """A protocol stopped by --time-budget or Ctrl-C has some fractions of a variant only; the plot's
+    per-layer panel passed None to errorbar and the summary ended in a ValueError traceback."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sym"
+    ov = dict(fractions=(0.0, 1.0), seeds=(0,), fixed_omegas=(), learned_starts=(0.0,))
+    se.run_protocol("smoke", out, jobs=1, log=lambda *a: None, overrides=ov)
+    (out / "runs" / "fraction1" / "learned_from0_penalty" / "seed0.json").unlink()
+    (out / "symmetry.png").unlink()
+    se.summarise_folder("smoke", out, overrides=ov, log=lambda *a: None)
+    assert (out / "symmetry.png").stat().st_size > 0

@@ -62,6 +62,10 @@ BAD_OPTIONS = [
     (["--variant", "se2_rot", "--omega-rot", "nan"], "--omega-rot: omega_rot must be a finite number >= 0, got nan"),
     (["--variant", "se2_trans", "--backend", "expand_conv"], "--backend expand_conv cannot run variant se2_trans"),
     (["--val-size", "-1"], "--val-size must be >= 0"),
+    (["--omega-lr", "-1"], "--omega-lr must be a number >= 0, got -1.0"),  # trained the omegas uphill
+    (["--omega-lr", "nan"], "--omega-lr must be a number >= 0, got nan"),  # NaN omegas in final.json
+    (["--omega-lr", "inf"], "--omega-lr must be a number >= 0, got inf"),
+    (["--seed", str(2**64)], "--seed must be an integer of magnitude below 2**62"),  # was an overflow traceback
 ]
 
 
@@ -124,6 +128,15 @@ def test_questionable_options_warn_and_run(tmp_path, capsys):
     assert "warning: --warmup-epochs 5 >= --epochs 1: the learning rate never leaves its linear warm-up" in err
     assert "warning: --omega-rot 3 is ignored: variant se2 has no rotation non-stationarity" in err
     assert "warning: --train-subset 100 is more than the 12 training images: all are used" in err
+
+
+def test_a_validation_split_larger_than_the_training_split_warns():
+    """The default --val-size 5000 (CIFAR's 45k/5k split) took 5000 of a 6000-image folder without a word."""
+    cfg = dict(DEFAULTS, device="cpu", epochs=1, warmup_epochs=0)
+    (w,) = [w for w in check_against_data(cfg, 6000, (32, 32)) if "--val-size" in w]
+    assert "--val-size 5000 holds out more images for validation than are left to train on (1000 of 6000)" in w
+    assert "e.g. 600" in w
+    assert not [w for w in check_against_data(cfg, 50_000, (32, 32)) if "--val-size" in w]
 
 
 def test_full_protocol_on_a_cpu_is_announced():
@@ -252,3 +265,225 @@ def test_run_files_respect_the_umask(tmp_path, umask, mode):
     assert {"config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "final.json"} <= set(files)
     for p in out.iterdir():
         assert stat.S_IMODE(p.stat().st_mode) == mode, (p.name, oct(p.stat().st_mode))
+
+
+# ---- audit: resuming a run says nothing about options the user did not give; a damaged checkpoint ----
+def _interrupted_run(tmp_path, out, *extra):
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    cmd = ["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "4", "--epochs", "2",
+           *TINY, "--warmup-epochs", "0", *extra]
+    assert cli.train_main([*cmd, "--interrupt-after-steps", "3"]) == 130
+    return cmd
+
+
+def test_resume_warns_only_about_what_the_command_says(tmp_path, capsys):
+    """The saved config records the omegas se2 uses (0); resuming must not warn that they are ignored."""
+    out = tmp_path / "r"
+    _interrupted_run(tmp_path, out, "--variant", "se2")
+    capsys.readouterr()
+    assert cli.train_main(["--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err, err
+    # a value the command does give still warns
+    assert any("--omega-rot 3 is ignored" in w for w in check_config({**DEFAULTS, "variant": "se2", "omega_rot": 3.0}))
+
+
+def _truncated(p):
+    p.write_bytes(p.read_bytes()[:1000])
+
+
+def _empty(p):
+    p.write_bytes(b"")
+
+
+def _not_a_checkpoint(p):
+    torch.save([1, 2], p)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncated, "is not a readable checkpoint (RuntimeError"),
+    (_empty, "is not a readable checkpoint (EOFError"),
+    (_not_a_checkpoint, "is not a relaxedconv train checkpoint (missing"),
+])
+def test_a_damaged_checkpoint_exits_2_with_what_to_do(tmp_path, capsys, damage, message):
+    out = tmp_path / "r"
+    _interrupted_run(tmp_path, out)
+    damage(out / "checkpoint.pt")
+    capsys.readouterr()
+    assert cli.train_main(["--out", str(out), "--resume"]) == 2
+    line = _one_line_error(capsys)
+    assert f"{out / 'checkpoint.pt'} " in line and message in line and "delete it to restart" in line
+    # what the message offers works: without the checkpoint the saved config starts again from epoch 1
+    (out / "checkpoint.pt").unlink()
+    assert cli.train_main(["--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "final.json").read_text())["epochs"] == 2
+
+
+def test_a_checkpoint_of_another_model_exits_2(tmp_path, capsys):
+    out, other = tmp_path / "r", tmp_path / "other"
+    _interrupted_run(tmp_path, out)
+    data = tmp_path / "f"
+    assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(other), "--val-size", "4",
+                           "--epochs", "2", *TINY, "--widths", "8", "--interrupt-after-steps", "3"]) == 130
+    (out / "checkpoint.pt").write_bytes((other / "checkpoint.pt").read_bytes())
+    capsys.readouterr()
+    assert cli.train_main(["--out", str(out), "--resume"]) == 2
+    line = _one_line_error(capsys)
+    assert "does not fit the model of" in line and "choose another --out" in line
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, capsys, monkeypatch):
+    """`timeout 600 relaxedconv train ...` (or a scheduler's kill) sends SIGTERM, which killed the process
+    without a word and could leave a half-written temporary file; it must exit 143 with how to continue,
+    and the resumed run must end as an uninterrupted one."""
+    import signal
+
+    import relaxedconv.training.trainer as trainer_mod
+
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    common = ["--dataset", "folder", "--data-dir", str(data), "--val-size", "4", "--epochs", "3", "--augment", "off",
+              *TINY, "--warmup-epochs", "0"]
+    assert cli.train_main([*common, "--out", str(tmp_path / "whole")]) == 0
+    real = trainer_mod.Trainer._checkpoint
+
+    def checkpoint_then_sigterm(self, epoch, *a):
+        real(self, epoch, *a)
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_checkpoint", checkpoint_then_sigterm)
+
+    def outside(signum, frame):  # stands for the default action (which would end pytest)
+        raise AssertionError("SIGTERM was not handled by the run")
+
+    before = signal.signal(signal.SIGTERM, outside)
+    out = tmp_path / "cut"
+    try:
+        assert cli.train_main([*common, "--out", str(out)]) == 143
+        assert signal.getsignal(signal.SIGTERM) is outside
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    err = capsys.readouterr().err
+    assert f"terminated (SIGTERM); continue with: relaxedconv train --out {out} --resume" in err and "Traceback" not in err
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(trainer_mod.Trainer, "_checkpoint", real)
+    assert cli.train_main(["--out", str(out), "--resume"]) == 0
+    whole, cut = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole if isinstance(whole[k], torch.Tensor))
+
+
+def test_the_suggested_cpu_commands_run_without_warnings(tmp_path):
+    """The help's CPU example and the CPU notice's suggestion left --warmup-epochs at 5 with --epochs 4: the
+    run warned that its learning rate never leaves the warm-up. Both are parsed here as written."""
+    import re
+    import shlex
+
+    epilog = cli.train_parser().epilog
+    example = " ".join(epilog.split("examples:")[1].split("\n  relaxedconv train ")[3].replace("\\\n", " ").split())
+    assert "--device cpu" in example
+    cfg, _ = cli.resolve_config(shlex.split(example))
+    assert check_config(cfg) == [] and check_against_data(cfg, 50_000, (32, 32)) == []
+    note = next(w for w in check_against_data(dict(DEFAULTS, device="cpu"), 50_000, (32, 32)) if w.startswith("note:"))
+    suggested = re.search(r"e\.g\. (--.*)$", note).group(1)
+    cfg, _ = cli.resolve_config([*shlex.split(suggested), "--device", "cpu", "--out", str(tmp_path / "r")])
+    assert check_config(cfg) == [] and check_against_data(cfg, 50_000, (32, 32)) == []
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(tmp_path, capsys, monkeypatch):
+    """torch.save onto a full disk raised "enforce fail at inline_container.cc ... unexpected pos" (a
+    RuntimeError traceback that does not say why); the run must say which file and why, keep the
+    previous checkpoint, leave no temporary file, and resume to the uninterrupted result."""
+    import errno
+
+    from relaxedconv.training import checkpoint as ckpt_mod
+
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    common = ["--dataset", "folder", "--data-dir", str(data), "--val-size", "4", "--epochs", "3", "--augment", "off",
+              *TINY, "--warmup-epochs", "0"]
+    assert cli.train_main([*common, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "cut"
+    real_fsync, writes = os.fsync, []
+
+    def full_disk_in_epoch_2(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else ""
+        writes.append(name)
+        if ".checkpoint.pt." in name and sum(".checkpoint.pt." in w for w in writes) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(ckpt_mod.os, "fsync", full_disk_in_epoch_2)
+    assert cli.train_main([*common, "--out", str(out)]) == 1
+    line = _one_line_error(capsys)
+    assert f"could not write {out / 'checkpoint.pt'} (No space left on device); its previous version is intact" in line
+    assert f"continue with: relaxedconv train --out {out} --resume" in line
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(ckpt_mod.os, "fsync", real_fsync)
+    assert cli.train_main(["--out", str(out), "--resume"]) == 0
+    whole, cut = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole if isinstance(whole[k], torch.Tensor))
+
+
+def test_a_checkpoint_that_cannot_be_written_raises_an_os_error_naming_it(tmp_path, monkeypatch):
+    """The checkpoint goes through a plain file write (torch.save straight onto a full disk raised
+    "enforce fail at inline_container.cc ... unexpected pos", a RuntimeError that does not say why)."""
+    import builtins
+    import errno
+
+    from relaxedconv.training import checkpoint as ckpt_mod
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(ckpt_mod, "open", lambda *a, **k: FullDisk(builtins.open(*a, **k)), raising=False)
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(ckpt_mod.RunFileWriteError, match=r"could not write .*checkpoint.pt \(No space left on device\)"):
+        ckpt_mod.atomic_torch_save({"w": torch.zeros(10)}, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("other", ["other images", "other classes"])
+def test_resume_on_other_data_is_refused(tmp_path, capsys, other):
+    """--data-dir may change on resume (the data moved); other data trained on silently (same classes)
+    or failed with a message about the checkpoint not fitting the model (other classes)."""
+    out = tmp_path / "r"
+    _interrupted_run(tmp_path, out)
+    if other == "other images":
+        moved = make_folder(tmp_path / "g", n_train=16, n_test=4, seed=1)
+    else:
+        moved = make_folder(tmp_path / "g", n_train=16, n_test=4)
+        for split in ("train", "test"):
+            (moved / split / "class3").rename(moved / split / "class9")
+    capsys.readouterr()
+    assert cli.train_main(["--out", str(out), "--resume", "--data-dir", str(moved)]) == 2
+    line = _one_line_error(capsys)
+    assert f"--resume: the data in {moved} differ from the data {out} was trained on" in line
+    assert ("mean: was" in line) if other == "other images" else ("classes: was" in line)
+    # the same data in a new place resumes
+    same = make_folder(tmp_path / "h", n_train=16, n_test=4)
+    assert cli.train_main(["--out", str(out), "--resume", "--data-dir", str(same)]) == 0
+
+
+def test_ddp_workers_keep_the_default_sigterm(monkeypatch):
+    """torchrun stops its workers with SIGTERM and kills them 30 s later; a worker that handled it hung
+    in the process group's shutdown until then (gloo, 2 processes)."""
+    import signal
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    before = signal.getsignal(signal.SIGTERM)
+    with cli.sigterm_interrupts():
+        assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with cli.sigterm_interrupts():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before

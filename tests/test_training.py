@@ -14,7 +14,8 @@ import torch
 from relaxedconv import dispatch
 from relaxedconv.training import cli
 from relaxedconv.training.data import DatasetError, augment, load_dataset, split_indices
-from relaxedconv.training.trainer import Interrupted, train
+from relaxedconv.training.checks import check_config
+from relaxedconv.training.trainer import DEFAULTS, Interrupted, train
 
 TINY = ["--group-order", "4", "--widths", "4,8", "--kernel-size", "3", "--hidden-channels", "8",
         "--batch-size", "8", "--eval-batch-size", "16", "--warmup-epochs", "1", "--progress", "off"]
@@ -159,6 +160,35 @@ def test_missing_or_malformed_data_says_what_was_expected_where(tmp_path):
     odd.write_bytes(b"garbage")
     with pytest.raises(DatasetError, match="odd.png: not a readable image"):
         load_dataset("folder", f)
+    odd.unlink()
+    # the odd image read first sets the size; the message names it, not only the normal image after it
+    first = next((f / "train").iterdir()) / "-first.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(first)
+    with pytest.raises(DatasetError, match=r"differs from 8x8 \(the size of .*-first\.png, the first image read\)"):
+        load_dataset("folder", f)
+
+
+def test_a_folder_tree_of_one_class_is_refused(tmp_path):
+    """One class folder (e.g. --data-dir one level too deep) trained to a meaningless 100% accuracy."""
+    f = make_folder(tmp_path / "f", n_train=8, n_test=8)
+    for split in ("train", "test"):
+        for d in sorted((f / split).iterdir())[1:]:
+            for img in d.iterdir():
+                img.unlink()
+            d.rmdir()
+    with pytest.raises(DatasetError, match=r"train: one class folder \(class0\); a classifier needs two or more"):
+        load_dataset("folder", f)
+
+
+def test_the_wrong_dataset_option_names_the_right_one(tmp_path):
+    """The data were there but --dataset (default cifar10) named another kind: the message now says which."""
+    c10, c100, f = make_cifar10(tmp_path / "c10"), make_cifar100(tmp_path / "c100"), make_folder(tmp_path / "f", n_train=8, n_test=4)
+    with pytest.raises(DatasetError, match="holds cifar100, not cifar10: pass --dataset cifar100"):
+        load_dataset("cifar10", c100)
+    with pytest.raises(DatasetError, match="holds cifar10, not cifar100: pass --dataset cifar10"):
+        load_dataset("cifar100", c10)
+    with pytest.raises(DatasetError, match="with 4 classes is not cifar10; for your own classes pass --dataset folder"):
+        load_dataset("cifar10", f)
 
 
 def test_cli_reports_missing_data_with_exit_code(tmp_path, capsys):
@@ -298,6 +328,62 @@ def test_cifar10_layout_trains_through_the_cli_and_sweep_and_report(tmp_path, ca
     assert cli.report_main([str(tmp_path / "empty_nothing")]) == 2
 
 
+def test_an_interrupted_sweep_exits_130_and_its_rerun_finishes_it(tmp_path, capsys):
+    """Ctrl-C in a sweep's run printed a KeyboardInterrupt traceback; it must say how to continue, and
+    rerunning the same sweep must resume the interrupted run and end as an uninterrupted sweep."""
+    data = make_folder(tmp_path / "f", n_train=16, n_test=8)
+
+    def sweep(out, *extra):
+        return cli.sweep_main(["--variant", "se2_rot", "--omega-rot-grid", "0,2", "--out", str(out), "--",
+                               "--dataset", "folder", "--data-dir", str(data), "--val-size", "8", "--epochs", "4",
+                               "--augment", "off", *TINY, *extra])
+
+    assert sweep(tmp_path / "whole") == 0
+    # 8 training images, batch 8: one step per epoch; the first run stops in its third epoch
+    assert sweep(tmp_path / "cut", "--interrupt-after-steps", "3") == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"interrupted in {tmp_path / 'cut' / 'se2_rot_rot0'}" in err
+    assert "rerun the same sweep command to continue" in err
+    assert sweep(tmp_path / "cut") == 0
+    assert "resuming" in capsys.readouterr().out
+    whole, cut = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("whole", "cut"))
+    assert cut == whole
+
+
+def test_a_sweep_without_a_validation_split_is_refused(tmp_path, capsys):
+    """With --val-size 0 every run's validation accuracy is NaN and the 'selected' omega was the first one."""
+    data = make_folder(tmp_path / "f", n_train=16, n_test=8)
+    assert cli.sweep_main(["--variant", "se2_rot", "--omega-rot-grid", "0,2", "--out", str(tmp_path / "s"), "--",
+                           "--dataset", "folder", "--data-dir", str(data), "--val-size", "0", "--epochs", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--val-size 0 leaves no validation split to select omega on" in err and "Traceback" not in err
+    assert not (tmp_path / "s" / "sweep.json").exists()
+
+
+@pytest.mark.parametrize("grid, message", [
+    # the second point's omega is invalid: refused before the first point trains (was: after it)
+    (["--variant", "se2_rot", "--omega-rot-grid", "1,-1"], "se2_rot_rotm1: --omega-rot: omega_rot must be >= 0, got -1.0"),
+    (["--variant", "se2_rot", "--omega-rot-grid", "1,2", "--", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+    # a grid the variant does not use trained the same model at every point and 'selected' the first
+    (["--variant", "se2_rot", "--omega-pos-grid", "0,1"], "--omega-pos-grid: variant se2_rot has no translation non-stationarity"),
+    (["--variant", "se2_trans", "--omega-rot-grid", "0,1"], "--omega-rot-grid: variant se2_trans has no rotation non-stationarity"),
+])
+def test_a_sweep_checks_every_grid_point_before_training(tmp_path, capsys, grid, message):
+    data = make_folder(tmp_path / "f", n_train=16, n_test=8)
+    extra = grid[grid.index("--") + 1:] if "--" in grid else []
+    grid = grid[: grid.index("--")] if "--" in grid else grid
+    argv = [*grid, "--out", str(tmp_path / "s"), "--", "--dataset", "folder", "--data-dir", str(data), "--val-size", "8",
+            "--epochs", "1", *TINY, *extra]
+    try:
+        rc = cli.sweep_main(argv)
+    except SystemExit as e:  # argparse's error: exit 2 with usage
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()  # nothing trained, no folder left behind
+
+
 def test_training_learns_the_generated_task(tmp_path):
     """Not a smoke test only: on the quadrant task a T(2) model gets well above chance (25%)."""
     data = make_folder(tmp_path / "f", n_train=96, n_test=32, size=8)
@@ -427,3 +513,87 @@ def test_gpu_speed_flags_hold_for_the_run_and_are_restored(deterministic):
     assert flags() == (False, False, False)
     with cuda_speed_flags(torch.device("cpu"), deterministic=False):
         assert flags() == (False, False, False)
+
+
+def test_a_compiled_run_reports_the_backends_it_ran(tmp_path, monkeypatch, capsys):
+    """Under --compile the layers cannot note their backend while traced; the run's log, checkpoint and
+    final.json must still name them (they said None for every layer), the same as an eager run's."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: real_compile(model, backend="eager"))
+    data = make_folder(tmp_path / "f", n_train=16, n_test=8)
+    finals = {}
+    for mode in ("off", "default"):
+        out = tmp_path / mode
+        # se2_trans: factored_torch in the translation non-stationary layers, expand_conv in the shortcut
+        assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "8",
+                               "--variant", "se2_trans", "--epochs", "1", "--compile", mode, *TINY]) == 0
+        finals[mode] = json.loads((out / "final.json").read_text())["backends"]
+        assert torch.load(out / "checkpoint.pt", weights_only=False)["backends"] == finals[mode]
+    log = capsys.readouterr().out
+    assert "=None" not in log
+    assert None not in finals["default"].values() and finals["default"] == finals["off"]
+    assert len(set(finals["off"].values())) == 2  # the comparison covers both rules of the static choice
+    # reduce-overhead on a CPU says what it does instead
+    cfg = dict(DEFAULTS, device="cpu", compile="reduce-overhead")
+    assert any("compiles as --compile default" in w for w in check_config(cfg))
+
+
+@pytest.mark.parametrize("damage", ["config.json", "metrics.jsonl", "final.json", "foreign"])
+def test_report_leaves_out_an_unreadable_run_and_says_so(tmp_path, capsys, damage):
+    """A damaged file in one run directory (or another tool's config.json + metrics.jsonl) stopped the
+    whole report with a JSONDecodeError/KeyError traceback."""
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    runs = tmp_path / "runs"
+    for name in ("good", "bad"):
+        assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(runs / name), "--val-size", "4",
+                               "--epochs", "1", "--widths", "4", *TINY]) == 0
+    bad = runs / "bad"
+    if damage == "foreign":
+        (bad / "config.json").write_text(json.dumps({"lr": 0.1}))
+    else:
+        (bad / damage).write_text((bad / damage).read_text() + "{truncat")
+    capsys.readouterr()
+    assert cli.report_main([str(runs), "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"relaxedconv report: warning: left out {bad}" in err
+    md = (tmp_path / "rep" / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 1 and rows[0].startswith("| good |")
+    assert "Left out (files unreadable):" in md and str(bad) in md
+    # nothing readable at all: exit 2 with one line
+    assert cli.report_main([str(bad)]) == 2
+    assert "no readable run directories" in capsys.readouterr().err
+
+
+def test_a_message_during_an_epoch_starts_on_a_clean_line(tmp_path, monkeypatch):
+    """On a terminal the "backends: ..." line, printed after the first step, was appended to the progress
+    bar's text on the same line; the bar is erased first now."""
+    import io
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # the built-in bar, whose output is checked here
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(tmp_path / "r"), "--val-size", "4",
+                           "--epochs", "1", *TINY, "--warmup-epochs", "0", "--progress", "on"]) == 0
+    text = screen.getvalue()
+    assert "[" in text.split("backends:")[0]  # a bar was drawn before the message
+    assert "\r\x1b[Kbackends:" in text
+
+
+def test_report_or_sweep_to_a_file_exits_2(tmp_path, capsys):
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(tmp_path / "runs" / "a"),
+                           "--val-size", "4", "--epochs", "1", "--widths", "4", *TINY]) == 0
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    capsys.readouterr()
+    assert cli.report_main([str(tmp_path / "runs"), "--out", str(f)]) == 2  # was a FileExistsError traceback
+    err = capsys.readouterr().err
+    assert f"relaxedconv report: cannot write the report to {f} (File exists); choose another --out" in err
+    # the same for a sweep
+    assert cli.sweep_main(["--variant", "se2_rot", "--omega-rot-grid", "0,1", "--out", str(f), "--", "--dataset", "folder",
+                           "--data-dir", str(data), "--val-size", "4", "--epochs", "1", *TINY]) == 2
+    assert f"relaxedconv sweep: --out {f} is a file, not a directory; choose another --out" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -24,23 +25,31 @@ def use_default_mode(path) -> None:
     os.chmod(path, 0o666 & ~current_umask())
 
 
+class RunFileWriteError(OSError):
+    """A run file could not be written (a full disk, lost permissions); its previous version is intact."""
+
+
 @contextlib.contextmanager
 def _replaced_atomically(path):
     """Yield a temporary path in ``path``'s folder; on success fsync it and rename it over ``path``.
 
-    An interrupted write never leaves a truncated file behind; a failed one leaves no temporary."""
+    An interrupted write never leaves a truncated file behind; a failed one leaves no temporary and
+    raises :class:`RunFileWriteError`, which names the file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    use_default_mode(tmp)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        use_default_mode(tmp)
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, RunFileWriteError):
+            raise RunFileWriteError(e.errno, f"could not write {path} ({e.strerror or e}); its previous version is intact") from None
         raise
 
 
@@ -58,9 +67,12 @@ def atomic_write_json(path, obj) -> None:
 
 
 def atomic_torch_save(obj, path) -> None:
-    """torch.save, atomically (see :func:`_replaced_atomically`)."""
-    with _replaced_atomically(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save, atomically (see :func:`_replaced_atomically`). Serialised in memory first: torch.save
+    straight to a full disk raised an obscure RuntimeError ("enforce fail at inline_container.cc"),
+    a plain write raises the OSError that says what happened."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getbuffer())
 
 
 def rng_state() -> dict:

@@ -100,7 +100,8 @@ def check_config(cfg: dict) -> list[str]:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{_flag(key)}: {e}") from None
     for key, used in (("omega_rot", spec["rot"]), ("omega_pos", spec["trans"])):
-        if cfg[key] is not None and not used:
+        # 0 is what such a variant uses (and what its saved config records, so a resume says nothing)
+        if cfg[key] is not None and cfg[key] != 0 and not used:
             what = "rotation" if key == "omega_rot" else "translation"
             warnings.append(f"{_flag(key)} {cfg[key]:g} is ignored: variant {variant} has no {what} non-stationarity")
     if cfg["learn_omega"] and not (spec["rot"] or spec["trans"]):
@@ -118,6 +119,11 @@ def check_config(cfg: dict) -> list[str]:
     _number(cfg, "lr", positive=True)
     _number(cfg, "weight_decay", positive=False)
     _number(cfg, "omega_penalty", positive=False)
+    _number(cfg, "omega_lr", positive=False)  # 0 freezes the omegas; < 0 or NaN trained them into nonsense
+    seed = cfg["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**62) < seed < 2**62:
+        # torch.Generator.manual_seed takes 64 bits; the trainer derives seeds from it (seed + 1, ...)
+        raise ConfigError(f"--seed must be an integer of magnitude below 2**62, got {seed!r}")
     if cfg["warmup_epochs"] >= cfg["epochs"]:
         warnings.append(f"--warmup-epochs {cfg['warmup_epochs']} >= --epochs {cfg['epochs']}: the learning rate never "
                         "leaves its linear warm-up (no cosine decay); use fewer warm-up epochs")
@@ -133,6 +139,9 @@ def check_config(cfg: dict) -> list[str]:
     if cfg["backend"] == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("--backend triton needs a CUDA device and this run is on the CPU; use --backend auto, "
                           "expand_conv or factored_torch")
+    if cfg.get("compile") == "reduce-overhead" and device != "cuda":
+        warnings.append("--compile reduce-overhead captures CUDA graphs, which a CPU run has not: it compiles as "
+                        "--compile default")
     return warnings
 
 
@@ -157,6 +166,10 @@ def check_against_data(cfg: dict, n_train_images: int, image_hw) -> list[str]:
         raise ConfigError(f"--val-size {cfg['val_size']} leaves no training images: the data has {n}; use a value "
                           f"below {n} (CIFAR's 45k/5k split is --val-size 5000)")
     n_train = n - cfg["val_size"]
+    if cfg["val_size"] > n_train:
+        # the default 5000 is CIFAR's 45k/5k split; on a small image folder it took most of the data
+        warnings.append(f"--val-size {cfg['val_size']} holds out more images for validation than are left to train on "
+                        f"({n_train} of {n}); give a smaller --val-size (e.g. {max(1, n // 10)}, a tenth)")
     if cfg["train_subset"] > n_train:
         warnings.append(f"--train-subset {cfg['train_subset']} is more than the {n_train} training images: all are used")
     images = min(cfg["train_subset"] or n_train, n_train)
@@ -164,7 +177,7 @@ def check_against_data(cfg: dict, n_train_images: int, image_hw) -> list[str]:
         warnings.append(
             f"note: this trains {cfg['epochs']} epochs of {images:,} images on the CPU, which takes days to weeks "
             "(the defaults are the paper's GPU protocol); for a CPU-sized run see experiments/run_cpu.sh, e.g. "
-            "--widths 8,16 --kernel-size 5 --hidden-channels 16 --epochs 4 --train-subset 5000"
+            "--widths 8,16 --kernel-size 5 --hidden-channels 16 --epochs 4 --warmup-epochs 1 --train-subset 5000"
         )
     # Each residual block halves the map (2x2 max-pool); the head is a 'valid' KxK convolution.
     h, w = image_hw

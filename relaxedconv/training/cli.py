@@ -9,14 +9,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .. import __version__
 from ..dispatch import AUTO_POLICIES, BACKENDS
 from ..models import ARCHITECTURES, DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT, VARIANTS
-from .checks import ConfigError, resolved_model_options
+from .checkpoint import RunFileWriteError
+from .checks import ConfigError, check_config, check_out_dir, resolved_model_options
 from .data import DATASETS, DatasetError
 from .trainer import DEFAULTS, RESUMABLE_CHANGES
 
@@ -64,7 +69,7 @@ examples:
   relaxedconv train --data-dir ./data --download --variant se2 --out runs/c10_se2_8
   relaxedconv train --out runs/c10_se2_8 --resume           # continue an interrupted run exactly
   relaxedconv train --data-dir ./data --variant se2_rot --omega-rot 2 --widths 8,16 --kernel-size 5 \\
-      --hidden-channels 16 --epochs 4 --train-subset 5000 --device cpu --out runs/cpu_se2_rot
+      --hidden-channels 16 --epochs 4 --warmup-epochs 1 --train-subset 5000 --device cpu --out runs/cpu_se2_rot
 """
 
 
@@ -207,6 +212,33 @@ def interrupted_hint(out) -> str:
     return f"nothing of the run was saved yet{where}: rerun the same command to start it"
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (``timeout``, a batch scheduler's kill) stops a single-process run as
+    Ctrl-C does: the exception path removes half-written files and the CLI says how to continue
+    (the default action killed the process silently). The previous handler is restored after."""
+    from .trainer import Interrupted
+
+    # Signal handlers live in the main thread. Under torchrun the agent stops its workers with SIGTERM
+    # and kills them 30 s later: a worker that handled it printed the hint, then hung in the process
+    # group's shutdown until then, so DDP workers keep the default action.
+    if threading.current_thread() is not threading.main_thread() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+
+    class Terminated(Interrupted):
+        exit_code = 128 + signal.SIGTERM
+
+    def handler(signum, frame):
+        raise Terminated("terminated (SIGTERM)")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def train_main(argv=None) -> int:
     from .trainer import Interrupted, train
 
@@ -215,7 +247,8 @@ def train_main(argv=None) -> int:
     try:
         cfg, resume = resolve_config(argv)
         out = cfg["out"]
-        train(cfg, resume=resume)
+        with sigterm_interrupts():
+            train(cfg, resume=resume)
     except ConfigError as e:
         print(f"relaxedconv train: {e}", file=sys.stderr)
         return 2
@@ -225,9 +258,12 @@ def train_main(argv=None) -> int:
     except FileExistsError as e:
         print(f"relaxedconv train: {e}", file=sys.stderr)
         return 2
+    except RunFileWriteError as e:
+        print(f"relaxedconv train: {e.strerror}; {interrupted_hint(out)}", file=sys.stderr)
+        return 1
     except Interrupted as e:
         print(f"relaxedconv train: {e}; {interrupted_hint(out)}", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
     except KeyboardInterrupt:
         print(f"\nrelaxedconv train: interrupted; {interrupted_hint(out)}", file=sys.stderr)
         return 130
@@ -262,9 +298,18 @@ def sweep_main(argv=None) -> int:
     pos_grid = args.omega_pos_grid or [None]
     if rot_grid == [None] and pos_grid == [None]:
         ap.error("give --omega-rot-grid and/or --omega-pos-grid")
+    from ..models import _SPECS as VARIANT_SPECS
+
+    spec = VARIANT_SPECS[args.variant]
+    for flag, grid, used, what in (("--omega-rot-grid", rot_grid, spec["rot"], "rotation"),
+                                   ("--omega-pos-grid", pos_grid, spec["trans"], "translation")):
+        if grid != [None] and not used:  # every grid point would train the same model
+            ap.error(f"{flag}: variant {args.variant} has no {what} non-stationarity, so every point would train the same "
+                     f"model; choose a variant with one ({', '.join(v for v, sp in VARIANT_SPECS.items() if sp['rot' if what == 'rotation' else 'trans'])})")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    # Every grid point's options are checked before the first run trains (a bad value must not
+    # surface hours later, when the sweep reaches it).
+    points = []
     for wr in rot_grid:
         for wp in pos_grid:
             name = args.variant + (f"_rot{_fmt(wr)}" if wr is not None else "") + (f"_pos{_fmt(wp)}" if wp is not None else "")
@@ -275,25 +320,47 @@ def sweep_main(argv=None) -> int:
                 run_argv += ["--omega-pos", str(wp)]
             try:
                 cfg, _ = resolve_config(run_argv)
+                check_config({**DEFAULTS, **cfg})
+            except ConfigError as e:
+                print(f"relaxedconv sweep: {name}: {e}", file=sys.stderr)
+                return 2
+            if cfg["val_size"] == 0:
+                # every run's best_val_acc would be NaN and the selection arbitrary
+                print("relaxedconv sweep: --val-size 0 leaves no validation split to select omega on; give --val-size N "
+                      "(N >= 1, e.g. 5000 for CIFAR's 45k/5k split)", file=sys.stderr)
+                return 2
+            points.append((name, wr, wp, cfg))
+    try:
+        check_out_dir(out)
+    except ConfigError as e:  # a file, or not writable (was a FileExistsError traceback)
+        print(f"relaxedconv sweep: {e}", file=sys.stderr)
+        return 2
+    rows = []
+    for name, wr, wp, cfg in points:
+        final_path = out / name / "final.json"
+        if final_path.is_file() and json.loads(final_path.read_text()).get("epochs") == cfg["epochs"]:
+            final = json.loads(final_path.read_text())
+            print(f"sweep: {name} already done")
+        else:
+            print(f"sweep: {name}")
+            try:
+                with sigterm_interrupts():
+                    final = train(cfg, resume=True)
+            except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or the trainer's Interrupted
+                print(f"\nrelaxedconv sweep: interrupted in {out / name}; rerun the same sweep command to continue "
+                      "(finished runs are kept, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
+                return getattr(e, "exit_code", 130)
             except ConfigError as e:
                 print(f"relaxedconv sweep: {e}", file=sys.stderr)
                 return 2
-            final_path = out / name / "final.json"
-            if final_path.is_file() and json.loads(final_path.read_text()).get("epochs") == cfg["epochs"]:
-                final = json.loads(final_path.read_text())
-                print(f"sweep: {name} already done")
-            else:
-                print(f"sweep: {name}")
-                try:
-                    final = train(cfg, resume=True)
-                except ConfigError as e:
-                    print(f"relaxedconv sweep: {e}", file=sys.stderr)
-                    return 2
-                except DatasetError as e:
-                    print(f"relaxedconv sweep: dataset problem: {e}", file=sys.stderr)
-                    return 2
-            rows.append({"run": name, "omega_rot": wr, "omega_pos": wp, "best_val_acc": final["best_val_acc"],
-                         "test_acc_at_best_val": final["test_acc_at_best_val"], "best_epoch": final["best_epoch"]})
+            except DatasetError as e:
+                print(f"relaxedconv sweep: dataset problem: {e}", file=sys.stderr)
+                return 2
+            except RunFileWriteError as e:
+                print(f"relaxedconv sweep: {e.strerror}; rerun the same sweep command once it can write there", file=sys.stderr)
+                return 1
+        rows.append({"run": name, "omega_rot": wr, "omega_pos": wp, "best_val_acc": final["best_val_acc"],
+                     "test_acc_at_best_val": final["test_acc_at_best_val"], "best_epoch": final["best_epoch"]})
     best = max(rows, key=lambda r: r["best_val_acc"])
     summary = {"variant": args.variant, "grid": rows, "selected": best}
     from .checkpoint import atomic_write_json
@@ -311,10 +378,14 @@ def report_main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", help="run directories, or folders searched for them")
     ap.add_argument("--out", default=None, help="where results.md and the plots go (default: the first argument)")
     args = ap.parse_args(argv)
+    out = args.out or args.runs[0]
     try:
-        paths = write_report(args.runs, args.out or args.runs[0])
+        paths = write_report(args.runs, out)
     except FileNotFoundError as e:
         print(f"relaxedconv report: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out is a file, or not writable
+        print(f"relaxedconv report: cannot write the report to {out} ({e.strerror or e}); choose another --out", file=sys.stderr)
         return 2
     for p in paths:
         print(p)

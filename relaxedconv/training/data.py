@@ -86,6 +86,19 @@ def _layout_help(name: str, root: Path) -> str:
     return "\n".join(lines)
 
 
+def _npz_hint(root: Path) -> str:
+    """What to do with the offline CIFAR-10 copy (JPEG bytes in .npz), which train does not read itself."""
+    try:
+        found = sorted(p.name for p in root.glob("*.npz"))
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    return (f"\n{root} holds {', '.join(found[:3])}{' ...' if len(found) > 3 else ''}: the offline CIFAR-10 copy "
+            f"(cifar10-{{train,test}}-jpeg.npz) is converted once to python batches with "
+            f"'python experiments/convert_npz.py {root} DIR', then --data-dir DIR (experiments/README.md, Data)")
+
+
 # ---- CIFAR python batches ---------------------------------------------------------------------
 def _unpickle(path: Path) -> dict:
     try:
@@ -175,7 +188,7 @@ def _read_split_folder(split_dir: Path, classes=None):
             f"{split_dir}: class folders differ from the train split's (missing {missing}, extra {extra}); "
             "train/ and test/ must hold the same class names"
         )
-    images, labels, size = [], [], None
+    images, labels, size, first = [], [], None, None
     for idx, name in enumerate(found):
         files = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -187,9 +200,11 @@ def _read_split_folder(split_dir: Path, classes=None):
             except Exception as e:  # noqa: BLE001
                 raise DatasetError(f"{f}: not a readable image: {e}") from e
             if size is None:
-                size = a.shape
+                size, first = a.shape, f
             elif a.shape != size:
-                raise DatasetError(f"{f}: size {a.shape[1]}x{a.shape[0]} differs from {size[1]}x{size[0]}; all images must be the same size")
+                # the first image sets the size, and may be the odd one: name it too
+                raise DatasetError(f"{f}: size {a.shape[1]}x{a.shape[0]} differs from {size[1]}x{size[0]} (the size of {first}, "
+                                   "the first image read); all images must be the same size")
             images.append(a)
             labels.append(idx)
     return np.stack(images), np.asarray(labels, dtype=np.int64), found
@@ -197,6 +212,9 @@ def _read_split_folder(split_dir: Path, classes=None):
 
 def _read_folder_tree(root: Path) -> ImageData:
     x, y, classes = _read_split_folder(root / "train")
+    if len(classes) < 2:  # else every image is labelled right: 100% accuracy that means nothing
+        raise DatasetError(f"{root / 'train'}: one class folder ({classes[0]}); a classifier needs two or more, "
+                           f"each in its own folder: {root / 'train'}/<class name>/<image files>")
     tx, ty, _ = _read_split_folder(root / "test", classes)
     if x.shape[1:] != tx.shape[1:]:
         raise DatasetError(f"{root}: train images are {x.shape[1:]} but test images are {tx.shape[1:]}")
@@ -245,6 +263,9 @@ def load_dataset(name: str, data_dir, *, download_missing: bool = False, label_t
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     root = Path(data_dir).expanduser()
+    if root.is_file():
+        raise DatasetError(f"--data-dir {root} is a file; give the directory that holds the dataset\n{_layout_help(name, root.parent)}"
+                           + _npz_hint(root.parent))
     if name in ARCHIVES:
         spec = ARCHIVES[name]
         files = _CIFAR10_FILES if name == "cifar10" else _CIFAR100_FILES
@@ -252,7 +273,8 @@ def load_dataset(name: str, data_dir, *, download_missing: bool = False, label_t
         if d is None and (root / "train").is_dir() and (root / "test").is_dir() and not (root / "train").is_file():
             data = _read_folder_tree(root)
             if name == "cifar10" and data.num_classes != 10 or name == "cifar100" and data.num_classes not in (20, 100):
-                raise DatasetError(f"{root}: an image-folder tree with {data.num_classes} classes is not {name}")
+                raise DatasetError(f"{root}: an image-folder tree with {data.num_classes} classes is not {name}; "
+                                   "for your own classes pass --dataset folder")
             return data
         if d is None:
             partial = _partial_batch_dir(root, spec["folder"], files)
@@ -260,11 +282,15 @@ def load_dataset(name: str, data_dir, *, download_missing: bool = False, label_t
                 raise DatasetError(f"{partial[0]}: incomplete {name} python batches, missing {partial[1]}\n{_layout_help(name, root)}")
             if not download_missing:
                 what = "does not exist" if not root.exists() else "holds no dataset in a known layout"
-                raise DatasetError(f"{name}: {root} {what}\n{_layout_help(name, root)}")
+                other = "cifar100" if name == "cifar10" else "cifar10"
+                spec_o = ARCHIVES[other]
+                if _find_batch_dir(root, spec_o["folder"], _CIFAR10_FILES if other == "cifar10" else _CIFAR100_FILES):
+                    what = f"holds {other}, not {name}: pass --dataset {other}"
+                raise DatasetError(f"{name}: {root} {what}\n{_layout_help(name, root)}" + _npz_hint(root))
             d = download(name, root, log=log)
         return _read_cifar10(d) if name == "cifar10" else _read_cifar100(d, label_type)
     if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise DatasetError(f"folder: {root} has no train/ and test/ folders\n{_layout_help('folder', root)}")
+        raise DatasetError(f"folder: {root} has no train/ and test/ folders\n{_layout_help('folder', root)}" + _npz_hint(root))
     return _read_folder_tree(root)
 
 

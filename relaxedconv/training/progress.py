@@ -47,6 +47,18 @@ class Progress:
         self.stream.write(f"\r{self.desc} [{bar:<24}] {self.n}/{self.total} {el:.0f}s<{eta:.0f}s {self._postfix}\x1b[K")
         self.stream.flush()
 
+    def clear(self) -> None:
+        """Erase the bar from its line so that a message printed now starts on a clean line (it was
+        appended to the bar's text); the next update draws the bar again."""
+        if not self.enabled:
+            return
+        if self._tqdm is not None:
+            self._tqdm.clear()
+        else:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._last = 0.0
+
     def close(self) -> None:
         if not self.enabled:
             return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from .checkpoint import atomic_write_text
@@ -26,10 +27,24 @@ def find_runs(paths) -> list[Path]:
     return sorted(runs)
 
 
+class UnreadableRun(ValueError):
+    """A run directory whose files are not what ``relaxedconv train`` writes (damaged, or another tool's)."""
+
+
+def _read_json(path: Path, *, lines: bool = False):
+    try:
+        text = path.read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UnreadableRun(f"{path}: {e}") from None
+
+
 def load_run(d: Path) -> dict:
-    cfg = json.loads((d / "config.json").read_text())
-    history = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    final = json.loads((d / "final.json").read_text()) if (d / "final.json").is_file() else None
+    cfg = _read_json(d / "config.json")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("config"), dict) or not isinstance(cfg.get("model"), dict):
+        raise UnreadableRun(f"{d / 'config.json'}: not a relaxedconv train config (no 'config' and 'model')")
+    history = _read_json(d / "metrics.jsonl", lines=True)
+    final = _read_json(d / "final.json") if (d / "final.json").is_file() else None
     return {"dir": d, "config": cfg, "history": history, "final": final}
 
 
@@ -177,12 +192,24 @@ def _plots(runs: list[dict], out: Path) -> tuple[list[Path], str | None]:
     return paths, None
 
 
-def write_report(paths, out) -> list[Path]:
-    """Write ``results.md`` (and plots when matplotlib is available) to ``out``; returns the files."""
+def write_report(paths, out, warn=None) -> list[Path]:
+    """Write ``results.md`` (and plots when matplotlib is available) to ``out``; returns the files.
+
+    A run directory whose files cannot be read is left out with a warning (``warn``, default stderr)
+    and listed in results.md, so one damaged run does not stop the report of the others."""
+    warn = warn or (lambda msg: print(f"relaxedconv report: warning: {msg}", file=sys.stderr))
     runs_dirs = find_runs(paths)
     if not runs_dirs:
         raise FileNotFoundError(f"no run directories (config.json + metrics.jsonl) under {', '.join(map(str, paths))}")
-    runs = [load_run(d) for d in runs_dirs]
+    runs, skipped = [], []
+    for d in runs_dirs:
+        try:
+            runs.append(load_run(d))
+        except UnreadableRun as e:
+            skipped.append(str(e))
+            warn(f"left out {d}: {e}")
+    if not runs:
+        raise FileNotFoundError(f"no readable run directories under {', '.join(map(str, paths))} ({len(skipped)} unreadable)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(paths[0]) if len(paths) == 1 else Path(".")
@@ -194,6 +221,8 @@ def write_report(paths, out) -> list[Path]:
              "of the final model, for 90° rotations (group elements) and integer shifts.\n")
     if plots:
         text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
+    if skipped:
+        text += "\nLeft out (files unreadable):\n\n" + "".join(f"- {reason}\n" for reason in skipped)
     if note:
         text += f"\n_{note}_\n"
         print(f"relaxedconv report: {note}")

@@ -46,7 +46,7 @@ from ..equivariance import (
 from ..models import build_model, partial_subsets
 from . import data as data_mod
 from .checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, rng_state, set_rng_state
-from .checks import check_against_data, check_config, check_out_dir
+from .checks import ConfigError, check_against_data, check_config, check_out_dir
 from .progress import Progress
 
 DEFAULTS = dict(
@@ -169,6 +169,24 @@ def _epoch_generator(seed: int, epoch: int, rank: int, device) -> torch.Generato
     return g
 
 
+def _load_checkpoint(path: Path) -> dict:
+    """The checkpoint at ``path``, or a ConfigError that says what to do when it cannot be read.
+
+    Checkpoints are written atomically, so a damaged one was truncated or changed after it was
+    written (a partial copy, a full disk)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a damaged file for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first[:200]}); it is truncated "
+                          f"or damaged: restore it from a copy, or delete it to restart the run from epoch 1") from None
+    missing = [k for k in ("epoch", "model", "optimizer", "scheduler", "history", "best", "rng") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ConfigError(f"{path} is not a relaxedconv train checkpoint (missing {missing}); delete it to restart "
+                          "the run from epoch 1, or choose another --out")
+    return ckpt
+
+
 # ---- the run ----------------------------------------------------------------------------------
 def _warn_stderr(msg: str) -> None:
     print(f"relaxedconv train: {msg if msg.startswith('note:') else 'warning: ' + msg}", file=sys.stderr, flush=True)
@@ -229,6 +247,27 @@ class Trainer:
             train=len(tr), val=len(va), test=len(tx), mean=mean.tolist(), std=std.tolist(),
         )
 
+    def _check_same_data(self) -> None:
+        """A resumed run must train on the data it started with: --data-dir may change on resume (the
+        data moved), and other data would go on training silently, or fail to load the checkpoint
+        with a message about the model."""
+        path = self.out / "config.json"
+        try:
+            before = json.loads(path.read_text()).get("data") or {}
+        except (OSError, ValueError, AttributeError):
+            return
+        now = self.data_info
+        for key in ("classes", "image_shape", "train", "val", "test", "mean", "std"):
+            if key not in before:
+                continue
+            a, b = before[key], now[key]
+            same = (all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7) for x, y in zip(a, b)) and len(a) == len(b)
+                    if key in ("mean", "std") else a == b)
+            if not same:
+                raise ConfigError(f"--resume: the data in {self.cfg['data_dir']} differ from the data {self.out} was trained on "
+                                  f"({key}: was {a}, now {b}); resume with the --data-dir the run started with "
+                                  f"({before.get('source', 'see config.json')}), or choose another --out")
+
     def _normalise(self, xb: torch.Tensor) -> torch.Tensor:
         return (xb.float() / 255.0 - self.mean) / self.std
 
@@ -272,6 +311,21 @@ class Trainer:
         total = self.steps_per_epoch * c["epochs"]
         warm = self.steps_per_epoch * c["warmup_epochs"]
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda_factory(warm, total))
+
+    def _backends_ran(self) -> dict:
+        """``{layer: backend}`` that the training step runs.
+
+        Eager layers note their backend as they run; under ``--compile`` they cannot (nothing is
+        recorded while tracing: every layer would report None). A compiled step runs a layer's own
+        backend, or for ``auto`` the static rule, since nothing is timed under torch.compile and a
+        fresh run has no earlier choice (a resumed run's pinned choices are the layers' own)."""
+        if self.cfg.get("compile", "off") == "off":
+            return backends_used(self.model)
+        have_triton = dispatch.triton_available()
+        return {
+            name or type(m).__name__: m.backend if m.backend != "auto" else dispatch.backend_rule(m, self.device.type, have_triton)
+            for name, m in self.model.named_modules() if isinstance(m, _RelaxedGroupConv)
+        }
 
     def _autocast(self):
         amp = self.cfg["amp"]
@@ -320,7 +374,8 @@ class Trainer:
                     bar.update(step + 1 - bar.n, loss=float(loss_sum) / count, acc=100 * float(correct) / count)
                 self.steps_done += 1
                 if self.backends is None:
-                    self.backends = backends_used(self.model)
+                    self.backends = self._backends_ran()
+                    bar.clear()
                     self.log("backends: " + ", ".join(f"{k}={v}" for k, v in self.backends.items()))
                 if c["interrupt_after_steps"] and self.steps_done >= c["interrupt_after_steps"]:
                     raise Interrupted(f"interrupted after {self.steps_done} steps (--interrupt-after-steps)")
@@ -376,7 +431,7 @@ class Trainer:
                     "rng": rng_state(),
                     "config": self.cfg,
                     # auto's choices: a resumed run computes with the same backends (see _pin_backends)
-                    "backends": self.backends or backends_used(self.model),
+                    "backends": self.backends or self._backends_ran(),
                 },
                 self.out / "checkpoint.pt",
             )
@@ -401,7 +456,7 @@ class Trainer:
             # parameters' device itself and leaves Adam's step counts on the CPU, as a fresh run
             # keeps them (loaded onto the GPU they stayed there: a host sync per read, and a resumed
             # run's state no longer matched an uninterrupted one's; H200, 2026-11-27).
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            ckpt = _load_checkpoint(ckpt_path)
         elif not resume and ckpt_path.is_file():
             raise FileExistsError(f"{self.out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
         final_path = self.out / "final.json"
@@ -410,12 +465,19 @@ class Trainer:
             self.log(f"{self.out} has finished its {c['epochs']} epochs; nothing to resume (final.json unchanged)")
             return json.loads(final_path.read_text())
         self._prepare_data()
+        if ckpt is not None:
+            self._check_same_data()
         self._build()
         history, best, start = [], {"epoch": None, "val_acc": -1.0, "test_acc": None}, 1
         if ckpt is not None:
-            self.model.load_state_dict(ckpt["model"])
-            self.opt.load_state_dict(ckpt["optimizer"])
-            self.sched.load_state_dict(ckpt["scheduler"])
+            try:
+                self.model.load_state_dict(ckpt["model"])
+                self.opt.load_state_dict(ckpt["optimizer"])
+                self.sched.load_state_dict(ckpt["scheduler"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"{ckpt_path} does not fit the model of {self.out / 'config.json'} ({first}); "
+                                  "it was written by another config or an older relaxedconv: choose another --out") from None
             history, best, start = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
             set_rng_state(ckpt["rng"])
             self._pin_backends(ckpt.get("backends") or {})
@@ -489,7 +551,7 @@ class Trainer:
             "effective_omegas": effective_omegas(self.model),
             "kernel_nonstationarity": kernel_nonstationarity(self.model),
             "equivariance_error": eq,
-            "backends": self.backends or backends_used(self.model),
+            "backends": self.backends or self._backends_ran(),
         }
         subsets = partial_subsets(self.model)
         if subsets:
