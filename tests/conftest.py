@@ -39,12 +39,11 @@ def pytest_configure(config):
     if os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available():
         return
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return  # the kernel tests skip themselves
     if not _interpreter_runs_runtime_loops():
         import numpy
-        import triton
 
         raise pytest.UsageError(
             f"Triton {triton.__version__}'s interpreter cannot run the kernels beside NumPy "
