@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import json
+import numbers
 import sys
 from pathlib import Path
 
@@ -94,7 +95,13 @@ def _spatial(input_size) -> tuple[int, int] | None:
     """None | H | (H, W) | (C, H, W) -> (H, W)."""
     if input_size is None:
         return None
-    size = (int(input_size),) * 2 if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+    items = (input_size,) * 2 if isinstance(input_size, numbers.Integral) else input_size
+    # Only whole numbers: a string would be read character by character, a float truncated.
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__len__") or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in items
+    ):
+        raise ValueError(f"input_size must be H, (H, W) or (C, H, W) with positive int sizes, got {input_size!r}")
+    size = tuple(int(s) for s in items)
     if len(size) == 3:
         size = size[1:]
     if len(size) != 2 or min(size) < 1:
@@ -250,7 +257,7 @@ class _Tracer(fx.Tracer):
 
 def _input_channels(model: nn.Module, input_size) -> int | None:
     """C of ``input_size`` when given, else the first relaxed layer's input channels (None without one)."""
-    if input_size is not None and not isinstance(input_size, int) and len(tuple(input_size)) == 3:
+    if input_size is not None and not isinstance(input_size, numbers.Integral) and len(tuple(input_size)) == 3:
         return int(tuple(input_size)[0])
     for m in model.modules():
         if isinstance(m, RELAXED_LAYERS):
@@ -564,6 +571,18 @@ def _main(args) -> int:
         print(line)
     return 0
 
+
+class _CallableModule(type(sys)):
+    """``relaxedconv.export`` is this module (``relaxedconv.export.plan``, ``.save``, as the README
+    names them) and, called, :func:`export`: the package exposes the function under the module's
+    name, which otherwise hid the module's other functions from ``relaxedconv.export.<name>`` and
+    ``import relaxedconv.export as ex``."""
+
+    def __call__(self, model: nn.Module, input_size=None, form: str = "auto") -> nn.Module:
+        return export(model, input_size, form)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

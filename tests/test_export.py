@@ -479,3 +479,26 @@ def test_layer_export_methods_match_the_layers():
         assert (lift.export()(x) - h).abs().max() < 1e-10
         assert (trans.export(input_size=6)(h) - y).abs().max() < 1e-10
         assert torch.equal(pool.export()(y), pool(y))
+
+
+def test_the_package_export_is_also_the_module_the_readme_names():
+    """README: ``relaxedconv.export(model, size)`` exports and ``relaxedconv.export.plan(...)`` lists the
+    sizes; the function used to shadow the module, so ``relaxedconv.export.plan`` (and ``import
+    relaxedconv.export as ex; ex.save``) raised AttributeError."""
+    import relaxedconv.export as ex
+
+    model = build_model("se2_trans", **TINY)
+    assert ex is rc.export
+    assert rc.export.plan(model, SIZE) == plan(model, SIZE)
+    assert ex.save is save
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(rc.export(model, SIZE)(x), export(model, SIZE)(x))
+
+
+@pytest.mark.parametrize("bad", ["16", 16.0, (16.5, 16), True, None.__class__, (0, 16), (3, 16, 16, 1)])
+def test_export_refuses_an_input_size_that_is_not_whole_positive_numbers(bad):
+    """A string was read character by character (int('a') raised its own message), a float truncated."""
+    model = build_model("se2_trans", **TINY)
+    with pytest.raises(ValueError, match="input_size must be H, \\(H, W\\) or \\(C, H, W\\)"):
+        export(model, bad)
