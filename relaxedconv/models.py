@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import GroupConv, InvariantPool, LiftingConv, PointwiseGroupConv, _RelaxedGroupConv
+from .validation import check_positive_int
 
 # variant -> (group order forced or None, rotation non-stationary, translation non-stationary, learn omega)
 _SPECS = {
@@ -296,7 +297,28 @@ class CKResNet(nn.Module):
         self.pool = InvariantPool(n, over="all", reduce="max")
         self.fc = nn.Linear(c, num_classes)
 
+    def min_input_size(self) -> int:
+        """The smallest H (and W) the model takes: each block halves the map (2x2 max-pool) and the
+        head's "valid" K x K conv needs at least K x K, so K * 2^blocks."""
+        return self.head.kernel_size * 2 ** len(self.blocks)
+
+    def _check_input_size(self, x) -> None:
+        # Said here, in the model's terms: the head's own check would name a layer deep inside
+        # and a map size the user never passed.
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return  # the lifting layer says what it expects
+        h, w = x.shape[-2:]
+        need = self.min_input_size()
+        if h < need or w < need:
+            raise ValueError(
+                f"{type(self).__name__}: input {h}x{w} is too small; each of the {len(self.blocks)} block(s) halves "
+                f"the map and the head's {self.head.kernel_size}x{self.head.kernel_size} 'valid' conv needs at least "
+                f"{self.head.kernel_size}x{self.head.kernel_size}, so inputs must be at least {need}x{need} "
+                f"(or build the model with fewer widths or a smaller kernel_size)"
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_size(x)
         if self.mc_rotation and self.training and self.group_order > 1:
             # One offset in [0, 2*pi/N) for the whole network: rel_rot between layers stays exact.
             offset = float(torch.rand(())) * 2 * math.pi / self.group_order
@@ -343,9 +365,9 @@ def build_model(
     if variant not in _SPECS:
         raise ValueError(f"unknown model variant {variant!r}; expected one of {VARIANTS}")
     spec = _SPECS[variant]
-    n = spec["group_order"] or int(group_order)
-    if n < 1:
-        raise ValueError(f"group_order must be >= 1, got {group_order}")
+    # A float group order was truncated (2.5 -> C_2) and num_classes=0 built a model with no outputs.
+    n = spec["group_order"] or check_positive_int("group_order", group_order)
+    check_positive_int("num_classes", num_classes)
     if spec["partial"] and n < 2:
         raise ValueError("the partial variant needs group_order >= 2")
     learn = bool(learn_omega or spec["learn"])
