@@ -469,6 +469,15 @@ class _RelaxedGroupConv(nn.Module):
 
         return export_layer(self, input_size, form)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule first; without it, scripting failed deep
+        # in type inference of the lattice cache with a dump of its tensors.
+        raise TypeError(
+            f"torch.jit.script cannot compile {type(self).__name__}: its kernel net, caches and backend "
+            "choice are Python. Use torch.compile, torch.jit.trace (fixed input size), or for deployment "
+            "relaxedconv.export(model, input_size) (plain PyTorch modules; ONNX from there)"
+        )
+
     def extra_repr(self) -> str:
         s = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

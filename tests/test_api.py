@@ -412,3 +412,15 @@ def test_cli_usage_and_unknown_command(capsys):
     assert "usage: relaxedconv <command>" in capsys.readouterr().out
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_torch_jit_script_is_refused_with_the_ways_that_work():
+    """Scripting failed deep in TorchScript's type inference, with a dump of the lattice cache's
+    tensors; the message now names what works. torch.jit.trace does work and agrees."""
+    model = nn.Sequential(rc.LiftingConv(2, 3, 3, 4, hidden_channels=8), nn.ReLU(), rc.GroupConv(3, 2, 3, 4, hidden_channels=8))
+    with pytest.raises(TypeError, match=r"torch.jit.script cannot compile LiftingConv: .* torch.compile, torch.jit.trace"):
+        torch.jit.script(model)
+    x = torch.randn(2, 2, 7, 6)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.trace(model, x, check_trace=False)(x), model(x), atol=1e-6)
