@@ -351,14 +351,20 @@ class _RelaxedGroupConv(nn.Module):
         one is an inference tensor (made under ``torch.inference_mode``): it has no version counter,
         so a change could not be seen and nothing is cached.
 
-        Read from the modules' parameter and buffer dicts directly (found once): a replaced tensor
+        Read from the modules' parameter and buffer dicts directly (found once, and again when a
+        submodule is replaced): a replaced tensor
         is a new entry there, and walking ``self.parameters()`` would cost more than the cached call."""
-        slots = self.__dict__.get("_parameter_slots")
-        if slots is None:
-            slots = self.__dict__["_parameter_slots"] = [
-                (d, n) for m in self.modules() for d in (m._parameters, m._buffers) for n in d
-            ]
-        tensors = [p for d, n in slots if (p := d.get(n)) is not None]
+        found = self.__dict__.get("_parameter_slots")
+        # A replaced submodule (``layer.kernel_net.out = nn.Linear(...)``, another kernel net) has
+        # dicts of its own: look the slots up again, and drop what was cached from the old ones.
+        if found is None or any(d.get(n) is not child for d, n, child in found[1]):
+            if found is not None:
+                self._cache("_inference_cache").clear()
+            found = self.__dict__["_parameter_slots"] = (
+                [(d, n) for m in self.modules() for d in (m._parameters, m._buffers) for n in d],
+                [(m._modules, n, c) for m in self.modules() for n, c in m._modules.items()],
+            )
+        tensors = [p for d, n in found[0] if (p := d.get(n)) is not None]
         if any(p.is_inference() for p in tensors):
             return None
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in tensors) + (self.angle_offset,)

@@ -297,24 +297,29 @@ class CKResNet(nn.Module):
         self.pool = InvariantPool(n, over="all", reduce="max")
         self.fc = nn.Linear(c, num_classes)
 
-    def min_input_size(self) -> int:
+    def min_input_size(self) -> int | None:
         """The smallest H (and W) the model takes: each block halves the map (2x2 max-pool) and the
-        head's "valid" K x K conv needs at least K x K, so K * 2^blocks."""
-        return self.head.kernel_size * 2 ** len(self.blocks)
+        head's "valid" K x K conv needs at least K x K, so K * 2^blocks. None when the head is not
+        a relaxed layer (replaced by the caller), whose needs the model cannot know."""
+        head = self.head
+        if not isinstance(head, _RelaxedGroupConv):
+            return None
+        pooling = sum(isinstance(b, (ResidualBlock, AuthorsResidualBlock)) for b in self.blocks)
+        return max(1, head.kernel_size - 2 * head.padding) * 2**pooling
 
     def _check_input_size(self, x) -> None:
         # Said here, in the model's terms: the head's own check would name a layer deep inside
         # and a map size the user never passed.
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        need = self.min_input_size()
+        if need is None or not isinstance(x, torch.Tensor) or x.dim() != 4:
             return  # the lifting layer says what it expects
         h, w = x.shape[-2:]
-        need = self.min_input_size()
         if h < need or w < need:
+            k = self.head.kernel_size
             raise ValueError(
                 f"{type(self).__name__}: input {h}x{w} is too small; each of the {len(self.blocks)} block(s) halves "
-                f"the map and the head's {self.head.kernel_size}x{self.head.kernel_size} 'valid' conv needs at least "
-                f"{self.head.kernel_size}x{self.head.kernel_size}, so inputs must be at least {need}x{need} "
-                f"(or build the model with fewer widths or a smaller kernel_size)"
+                f"the map and the head's {k}x{k} 'valid' conv needs at least {k}x{k}, so inputs must be at "
+                f"least {need}x{need} (or build the model with fewer widths or a smaller kernel_size)"
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

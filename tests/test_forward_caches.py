@@ -138,6 +138,30 @@ def test_inference_cache_is_dropped_when_a_parameter_changes(monkeypatch):
     check(6)
 
 
+@pytest.mark.parametrize("replace", ["output_layer", "kernel_net"])
+def test_inference_cache_is_dropped_when_a_submodule_is_replaced(replace):
+    """The parameters were looked up once, in the submodules' own dicts: after
+    ``layer.kernel_net.out = nn.Linear(...)`` (or another layer's kernel net) a no-grad call kept
+    returning the kernel of the old weights."""
+    layer = _layer(backend="expand_conv").eval()
+    x = torch.randn(2, 8, 5, 6)
+    with torch.no_grad():
+        before = layer(x)
+    donor = _layer(backend="expand_conv")
+    torch.nn.init.normal_(donor.kernel_net.out.weight)
+    if replace == "output_layer":
+        layer.kernel_net.out = donor.kernel_net.out
+    else:
+        layer.kernel_net = donor.kernel_net
+    fresh = copy.deepcopy(layer)
+    fresh.__dict__.pop("_inference_cache", None)
+    fresh.__dict__.pop("_parameter_slots", None)
+    with torch.no_grad():
+        after, expected = layer(x), fresh(x)
+    assert not torch.equal(before, expected)
+    assert torch.equal(after, expected)
+
+
 def test_no_cache_when_the_parameters_need_gradients_even_in_eval():
     layer = _layer(backend="expand_conv").eval()
     x = torch.randn(2, 8, 5, 6)
