@@ -504,6 +504,16 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return d, d / max(float(b.double().abs().max()), 1e-30)
 
 
+def _writable(path, flag: str) -> Path:
+    """``path`` with its directory made; a directory that cannot be made is refused in one line."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _Refused(f"{flag} {path}: cannot create {path.parent} ({e.strerror or e})") from e
+    return path
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -519,6 +529,10 @@ def _main(args) -> int:
     run_dir = Path(args.run_dir)
     if args.check_batch < 1:
         raise _Refused("--check-batch must be at least 1")
+    for flag, target in (("--out", args.out), ("--onnx", args.onnx)):
+        # Checked before the export's minutes of work; a missing directory is made, as train --out does.
+        if target is not None and Path(target).is_dir():
+            raise _Refused(f"{flag} {target} is a directory; give the file to write, e.g. {Path(target) / ('model.onnx' if flag == '--onnx' else 'model.pt')}")
     model, doc, weights_path = _load_run(run_dir, args.checkpoint)
     data = doc.get("data", {})
     shape = data.get("image_shape") or [model.config.get("in_channels", 3), 32, 32]
@@ -553,13 +567,16 @@ def _main(args) -> int:
         normalize=None if "mean" not in data else {"scale": 1 / 255, "mean": data["mean"], "std": data["std"]},
         source=str(weights_path), relaxedconv=__version__, torch=torch.__version__,
     )
-    nbytes = save(exported, args.out, meta)
+    try:
+        nbytes = save(exported, _writable(args.out, "--out"), meta)
+    except OSError as e:
+        raise _Refused(f"--out {args.out}: cannot write it ({e.strerror or e})") from e
     with torch.no_grad():
         reloaded = deploy.load(args.out)(x)
     print(f"wrote {args.out} ({_fmt_bytes(nbytes)}); reloaded with relaxedconv.deploy.load: max difference {_max_diff(reloaded, y)[0]:.3e}")
     if args.onnx:
         try:
-            files = to_onnx(exported, x, args.onnx)
+            files = to_onnx(exported, x, _writable(args.onnx, "--onnx"))
         except RuntimeError as e:
             raise _Refused(str(e)) from e
         line = "wrote " + ", ".join(f"{f} ({_fmt_bytes(f.stat().st_size)})" for f in files)

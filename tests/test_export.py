@@ -437,6 +437,20 @@ def test_cli_refuses_bad_runs_and_arguments(run_dir, tmp_path, capsys, monkeypat
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_cli_out_in_a_new_directory_is_written_and_a_directory_is_refused(run_dir, tmp_path, capsys):
+    """--out in a directory that did not exist ended in a FileNotFoundError traceback after the
+    whole export; --out naming a directory, in another traceback."""
+    from relaxedconv.cli import main
+
+    out = tmp_path / "app" / "models" / "model.pt"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert deploy.load(out)(torch.randn(1, 3, 16, 16)).shape == (1, 4)
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {tmp_path} is a directory; give the file to write" in err
+
+
 # ---- ONNX -----------------------------------------------------------------------------------------
 def _onnx_missing():
     for name in ("onnx", "onnxruntime", "onnxscript"):
