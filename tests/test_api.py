@@ -424,3 +424,49 @@ def test_torch_jit_script_is_refused_with_the_ways_that_work():
     x = torch.randn(2, 2, 7, 6)
     with torch.no_grad():
         assert torch.allclose(torch.jit.trace(model, x, check_trace=False)(x), model(x), atol=1e-6)
+
+
+def _readme_python_blocks() -> dict[str, str]:
+    """The README's ```python blocks, keyed by the heading of the section that holds them."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks, heading = {}, None
+    for m in re.finditer(r"^## ([^\n]+)$|^```python\n(.*?)^```", text, flags=re.M | re.S):
+        if m.group(1):
+            heading = m.group(1).strip()
+        else:
+            blocks[heading] = m.group(2)
+    return blocks
+
+
+def test_readme_usage_snippet_runs_as_written():
+    blocks = _readme_python_blocks()
+    assert "Usage" in blocks, sorted(blocks)
+    exec(compile(blocks["Usage"], "README.md:Usage", "exec"), {})
+
+
+def test_readme_deploy_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The snippet indexed the saved mean and std (lists in ``model.meta``) as tensors: TypeError."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from relaxedconv import deploy
+    from relaxedconv.models import build_model
+
+    code = next(v for k, v in _readme_python_blocks().items() if k.startswith("Deploy"))
+    model = build_model("se2", group_order=4, widths=(2,), kernel_size=3, hidden_channels=4, num_classes=3).eval()
+    normalize = {"scale": 1 / 255, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}  # what `relaxedconv export` saves
+    rc.export.save(rc.export(model), tmp_path / "model.pt", meta={"normalize": normalize})
+    shutil.copy(Path(deploy.__file__), tmp_path / "deploy.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "deploy", raising=False)
+    images = torch.randint(0, 256, (2, 3, 6, 6)).float()
+    namespace = {"images": images}
+    exec(compile(code, "README.md:Deploy", "exec"), namespace)
+    mean, std = torch.tensor(normalize["mean"])[:, None, None], torch.tensor(normalize["std"])[:, None, None]
+    with torch.no_grad():
+        assert torch.allclose(namespace["logits"], model((images / 255 - mean) / std), atol=1e-5)
