@@ -150,6 +150,9 @@ def export_layer(layer, input_size=None, form: str = "auto") -> nn.Module:
     if not isinstance(layer, RELAXED_LAYERS):
         raise TypeError(f"export_layer takes a LiftingConv, GroupConv, PointwiseGroupConv or InvariantPool, got {type(layer).__name__}")
     check_exportable(layer)
+    if form not in FORMS:  # refused for a stationary layer too (which has one form), as for a model
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    _spatial(input_size)  # a malformed size is refused even where the layer does not need one
     w = _param_of(layer)
     factory = dict(device=w.device, dtype=w.dtype)
     g, n = layer.geometry, layer.group_order

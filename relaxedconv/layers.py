@@ -544,6 +544,10 @@ class InvariantPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.group_order
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"InvariantPool: expected a torch.Tensor, got {type(x).__name__}")
+        if self.reduce == "mean" and not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"InvariantPool: reduce='mean' needs a floating-point input, got {x.dtype}; convert it with x.float()")
         if x.dim() != 4 or x.shape[1] % n != 0:
             raise ValueError(
                 f"InvariantPool: expected [B, C*{n}, H, W] (channel index c*N + n), got shape {tuple(x.shape)}"

@@ -247,6 +247,27 @@ def test_invariant_pool_bad_input(shape):
         rc.InvariantPool(4)(torch.randn(shape))
 
 
+def test_invariant_pool_refuses_what_it_cannot_pool():
+    """A list raised AttributeError ('list' object has no attribute 'dim'), an int map under
+    reduce='mean' torch's 'could not infer output dtype'; max of an int map still works."""
+    with pytest.raises(TypeError, match=r"InvariantPool: expected a torch.Tensor, got list"):
+        rc.InvariantPool(4)([1, 2])
+    ints = torch.arange(16).reshape(1, 4, 2, 2)
+    with pytest.raises(TypeError, match=r"InvariantPool: reduce='mean' needs a floating-point input, got torch.int64"):
+        rc.InvariantPool(4, reduce="mean")(ints)
+    assert rc.InvariantPool(4)(ints).tolist() == [[15]]
+
+
+def test_layer_export_refuses_a_bad_form_or_size_even_when_stationary():
+    """A stationary layer ignored form='x' and input_size='abc' and exported anyway."""
+    layer = rc.GroupConv(2, 2, 3, 4, hidden_channels=8)
+    with pytest.raises(ValueError, match=r"form must be one of \('auto', 'bank', 'factored'\), got 'x'"):
+        layer.export(form="x")
+    with pytest.raises(ValueError, match=r"input_size must be H, \(H, W\) or \(C, H, W\)"):
+        layer.export("abc")
+    assert isinstance(layer.export(8), torch.nn.Conv2d)
+
+
 def test_rotation_not_in_the_group():
     from relaxedconv.equivariance import rotate_feature_map
 
