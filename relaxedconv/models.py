@@ -120,6 +120,12 @@ class GroupLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
+    def reset_parameters(self) -> None:
+        """The constructor's values (after ``to_empty`` of a model built on the meta device)."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x, x.shape[1:], eps=self.eps)
         w = self.weight.repeat_interleave(self.group_order)[None, :, None, None]
@@ -161,7 +167,13 @@ class RotationSubset(nn.Module):
     def __init__(self, channels: int, group_order: int, init_logit: float = 3.0, temperature: float = 0.5):
         super().__init__()
         self.channels, self.group_order, self.temperature = channels, group_order, temperature
-        self.logits = nn.Parameter(torch.full((group_order,), float(init_logit)))
+        self.init_logit = float(init_logit)
+        self.logits = nn.Parameter(torch.full((group_order,), self.init_logit))
+
+    def reset_parameters(self) -> None:
+        """The constructor's values (after ``to_empty`` of a model built on the meta device)."""
+        with torch.no_grad():
+            self.logits.fill_(self.init_logit)
 
     def probabilities(self) -> torch.Tensor:
         return torch.sigmoid(self.logits)

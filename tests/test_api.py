@@ -189,6 +189,32 @@ def test_meta_model_runs_forward_and_backward_for_shapes(variant):
     assert all(p.grad is not None and p.grad.is_meta for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("variant, architecture", [("partial", "authors"), ("se2_rot", "simple")])
+def test_meta_model_to_empty_then_reset_initialises_every_tensor(variant, architecture):
+    """The README's recipe for a model built on the meta device: to_empty, then reset_parameters over
+    the modules in reverse. RotationSubset's logits and GroupLayerNorm's affine had no
+    reset_parameters and kept to_empty's uninitialised memory."""
+    from relaxedconv.models import build_model
+
+    kw = dict(group_order=4, widths=(2, 3), kernel_size=3, hidden_channels=4, architecture=architecture)
+    with torch.device("meta"):
+        model = build_model(variant, **kw)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.fill_(float("nan"))  # what uninitialised memory may hold
+    for m in reversed(list(model.modules())):
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    eager = build_model(variant, **kw)
+    for (name, t), (_, ref) in zip(model.state_dict().items(), eager.state_dict().items()):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            assert not torch.isnan(t).any(), name
+            if "kernel_net" not in name and not name.endswith(("lift.bias", "conv1.bias", "conv2.bias", "head.bias", "shortcut.bias", "fc.weight", "fc.bias")):
+                assert torch.equal(t, ref), name  # deterministic initial values: the same as built eagerly
+
+
 def test_meta_model_loads_a_state_dict_with_assign():
     from relaxedconv.models import build_model
 
