@@ -400,6 +400,11 @@ class _RelaxedGroupConv(nn.Module):
         products = fused_kernel_net.products_for(dtype) if fused_kernel_net.enabled() else None
         fkey = ("factors", tuple(out_hw) if self.translation_nonstationary else None, products)
         if fkey not in cache:
+            if self.translation_nonstationary:
+                # One output size at a time: Z alone is N*P*J*(H+1) values per size (424 MB for T2 at
+                # 32x32), and kept per size the cache grew without bound under inputs of varying size.
+                for key in [k for k in cache if k != "state" and k[1 if k[0] == "factors" else 3] != fkey[1]]:
+                    del cache[key]
             with torch.no_grad():
                 cache[fkey] = self.factored_kernel(out_hw, compute_dtype=dtype)
         z, w_ext = cache[fkey]

@@ -138,6 +138,29 @@ def test_inference_cache_is_dropped_when_a_parameter_changes(monkeypatch):
     check(6)
 
 
+def test_translation_relaxed_inference_cache_holds_one_input_size(monkeypatch):
+    """A translation non-stationary layer's kernel depends on the output size: the cache kept one
+    Z (N*P*J*(H+1) values, 424 MB for T2 at 32x32) per size it ever saw, without bound. It keeps
+    the latest size's, reused while the size stays."""
+    layer = _layer(trans=True, backend="factored_torch").eval()
+    hidden = Counting(monkeypatch, layer.kernel_net, "hidden")
+
+    def held_sizes():
+        cache = layer.__dict__["_inference_cache"]
+        return {k[1] if k[0] == "factors" else k[3] for k in cache if k != "state"}
+
+    with torch.no_grad():
+        for size in (5, 6, 7, 7, 7):
+            x = torch.randn(2, 8, size, size + 1)
+            y = layer(x)
+            assert held_sizes() == {(size, size + 1)}
+            fresh = copy.deepcopy(layer)
+            del fresh.kernel_net.hidden  # the copy of the counting wrapper would count its calls
+            fresh.clear_kernel_cache()
+            assert torch.equal(y, fresh(x))
+    assert hidden.calls == 3  # one kernel per new size; the same size again is the cached one
+
+
 @pytest.mark.parametrize("replace", ["output_layer", "kernel_net"])
 def test_inference_cache_is_dropped_when_a_submodule_is_replaced(replace):
     """The parameters were looked up once, in the submodules' own dicts: after
