@@ -86,6 +86,27 @@ def ones_column(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return _OnesColumn.apply(z, mask)
 
 
+# nn.Conv2d's options a layer swapped in for one may still pass: accepted at the value that is the
+# only one the relaxed layers compute, refused otherwise with what to do instead (device= and
+# dtype= are honoured).
+_CONV2D_OPTIONS = {
+    "stride": (1, "the relaxed layers have no stride; follow the layer with a pooling layer (nn.MaxPool2d(2)), as the models do"),
+    "dilation": (1, "the relaxed layers have no dilation; use a larger kernel_size (the kernel is continuous, so it costs no parameters)"),
+    "groups": (1, "grouped convolution is not supported"),
+    "padding_mode": ("zeros", "only zero padding is supported"),
+}
+
+
+def _check_conv2d_options(layer: str, options: dict) -> None:
+    for name, value in options.items():
+        if name not in _CONV2D_OPTIONS:
+            raise TypeError(f"{layer}() got an unexpected keyword argument {name!r}")
+        default, why = _CONV2D_OPTIONS[name]
+        same = value == default or (isinstance(value, (tuple, list)) and all(v == default for v in value))
+        if not same:
+            raise ValueError(f"{layer}: {name}={value!r} is not supported: {why}")
+
+
 class _RelaxedGroupConv(nn.Module):
     """Shared machinery: coordinates -> kernel net -> one of the backends of design.md §3."""
 
@@ -116,8 +137,11 @@ class _RelaxedGroupConv(nn.Module):
         kernel_depth: int = 3,
         mask: bool | None = None,
         backend: str = "auto",
+        **conv2d_options,
     ):
         super().__init__()
+        factory = {k: v for k in ("device", "dtype") if (v := conv2d_options.pop(k, None)) is not None}
+        _check_conv2d_options(type(self).__name__, conv2d_options)
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.out_channels = check_positive_int("out_channels", out_channels)
         self.group_order = check_positive_int("group_order", group_order)
@@ -168,6 +192,8 @@ class _RelaxedGroupConv(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(self.out_channels)) if bias else None
         self._init_to_conv2d_scale()
+        if factory:  # nn.Conv2d's device=/dtype= (initialised as above, then moved)
+            self.to(**factory)
 
     # ---- initialisation -------------------------------------------------------------------
     def reset_parameters(self) -> None:

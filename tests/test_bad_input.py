@@ -187,6 +187,27 @@ def test_numeric_omega_types_are_accepted():
     assert layer.omegas() == {"rel": 3.0, "rot": 0.5}
 
 
+@pytest.mark.parametrize("cls, args", [(rc.LiftingConv, (2, 3, 3, 4)), (rc.GroupConv, (2, 3, 3, 4)), (rc.PointwiseGroupConv, (2, 3, 4))])
+def test_conv2d_options_of_a_swapped_in_layer(cls, args):
+    """Code written for nn.Conv2d passes stride=1, dilation=1, groups=1, padding_mode='zeros',
+    device=, dtype=: each was a TypeError naming the private base class. The no-op values and
+    device/dtype are accepted; the others are refused with what to do instead."""
+    layer = cls(*args, hidden_channels=4, stride=1, dilation=(1, 1), groups=1, padding_mode="zeros", dtype=torch.float64, device="cpu")
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    torch.manual_seed(0)
+    plain = cls(*args, hidden_channels=4)
+    torch.manual_seed(0)
+    assert torch.equal(cls(*args, hidden_channels=4, dtype=torch.float64).kernel_net.out.weight, plain.kernel_net.out.weight.double())
+    for kw, msg in [(dict(stride=2), r"stride=2 is not supported: .* pooling layer"),
+                    (dict(dilation=(2, 2)), r"dilation=\(2, 2\) is not supported: .* larger kernel_size"),
+                    (dict(groups=2), r"groups=2 is not supported"),
+                    (dict(padding_mode="circular"), r"padding_mode='circular' is not supported: only zero padding")]:
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: {msg}"):
+            cls(*args, **kw)
+    with pytest.raises(TypeError, match=rf"{cls.__name__}\(\) got an unexpected keyword argument 'strides'"):
+        cls(*args, strides=1)
+
+
 def test_pointwise_refuses_window_arguments():
     for banned in ("kernel_size", "padding"):
         with pytest.raises(TypeError, match=rf"fixed 1x1 window; do not pass {banned}"):
