@@ -311,6 +311,48 @@ def test_description_round_trips_and_refuses_what_it_cannot_rebuild(tmp_path):
         deploy.load(tmp_path / "sd.pt")
 
 
+def _evil_description(nodes):
+    """A description whose graph is ``x -> nodes -> x``: each node (name, op, target, args[, kwargs])."""
+    k = {"dict": {}}
+    graph = [{"name": "x", "op": "placeholder", "target": "x", "args": {"tuple": []}, "kwargs": k}]
+    for name, op, target, args, *kwargs in nodes:
+        graph.append({"name": name, "op": op, "target": target, "args": {"tuple": args}, "kwargs": kwargs[0] if kwargs else k})
+    graph.append({"name": "output", "op": "output", "target": "output", "args": {"tuple": [{"node": "x"}]}, "kwargs": k})
+    return {"modules": {}, "attributes": {}, "dtypes": {}, "graph": graph}
+
+
+@pytest.mark.parametrize("nodes, msg", [
+    # torch._import_dotted_name("os.system"), then called through its __call__ method
+    ([("f", "call_function", "torch._import_dotted_name", ["os.system"]),
+      ("r", "call_method", "__call__", [{"node": "f"}, "touch {flag}"])], r"calls torch._import_dotted_name"),
+    ([("f", "call_method", "__call__", [{"node": "x"}])], r"names the method '__call__'"),
+    # x.__class__ ... the classic walk to object.__subclasses__()
+    ([("c", "call_function", "builtins.getattr", [{"node": "x"}, "__class__"])], r"reads the attribute '__class__'"),
+    ([("s", "call_method", "untyped_storage", [{"node": "x"}])], r"calls the method 'untyped_storage'"),
+    ([("g", "call_function", "operator.attrgetter", ["__class__"])], r"calls operator.attrgetter"),
+    ([("g", "call_function", "operator.call", [{"node": "x"}])], r"calls operator.call"),
+    # torch.fx writes a placeholder's target and keyword names into the generated source verbatim
+    ([("y", "call_function", "torch.relu", [{"node": "x"}],
+       {"dict": {"inplace=__import__('os').system('touch {flag}'), y": False}})], r"passes keyword arguments"),
+])
+def test_load_refuses_a_description_that_reaches_beyond_tensor_code(tmp_path, nodes, msg):
+    """A crafted model.pt (read with weights_only=True) ran a shell command through deploy.load():
+    torch._import_dotted_name and __call__, getattr of dunders, operator.call, or code written into a
+    placeholder's name (run when the GraphModule is built, i.e. by load() itself)."""
+    flag = tmp_path / "ran"
+    nodes = json.loads(json.dumps(nodes).replace("{flag}", str(flag)))
+    path = tmp_path / "evil.pt"
+    torch.save({"format": deploy.FORMAT, "version": 1, "architecture": _evil_description(nodes), "state_dict": {}, "meta": {}}, path)
+    with pytest.raises(ValueError, match=msg):
+        deploy.load(path)(torch.zeros(1))
+    desc = _evil_description([])
+    desc["graph"][0]["target"] = f"x=__import__('os').system('touch {flag}')"
+    torch.save({"format": deploy.FORMAT, "version": 1, "architecture": desc, "state_dict": {}, "meta": {}}, path)
+    with pytest.raises(ValueError, match=r"names an input"):
+        deploy.load(path)
+    assert not flag.exists()
+
+
 class _Scale(nn.Module):
     def forward(self, x):
         return 2 * x
