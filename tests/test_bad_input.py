@@ -299,3 +299,16 @@ def test_rotation_not_in_the_group():
 def test_equivariance_error_on_too_small_a_map(group):
     with pytest.raises(ValueError, match=r"too small to compare a shift of .* use a larger input"):
         rc.equivariance_error(group, torch.randn(1, 8, 5, 5), in_rotations=4, out_rotations=4, margin=2)
+
+
+@pytest.mark.parametrize("backend", ["materialize", "expand_conv", "factored_torch"])
+def test_relaxed_conv_refuses_factors_of_two_dtypes(backend):
+    """z in fp32 with w_ext in fp64 ended in matmul's 'expected m1 and m2 to have the same dtype'
+    (materialize, expand_conv); under autocast the products cast them and it runs."""
+    layer = rc.GroupConv(2, 3, 3, 4, hidden_channels=4)
+    x = torch.randn(1, 8, 5, 5)
+    z, w_ext = layer.factored_kernel((5, 5))
+    with pytest.raises(TypeError, match=r"relaxed_conv: z and w_ext must have one dtype, got torch.float32 and torch.float64"):
+        rc.relaxed_conv(x, z, w_ext.double(), layer.bias, layer.geometry, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rc.relaxed_conv(x, z.bfloat16(), w_ext, layer.bias, layer.geometry, backend=backend).shape == (1, 12, 5, 5)
