@@ -381,14 +381,20 @@ class _RelaxedGroupConv(nn.Module):
         submodule is replaced): a replaced tensor
         is a new entry there, and walking ``self.parameters()`` would cost more than the cached call."""
         found = self.__dict__.get("_parameter_slots")
-        # A replaced submodule (``layer.kernel_net.out = nn.Linear(...)``, another kernel net) has
-        # dicts of its own: look the slots up again, and drop what was cached from the old ones.
-        if found is None or any(d.get(n) is not child for d, n, child in found[1]):
+        # A replaced or added submodule (``layer.kernel_net.out = nn.Linear(...)``, another kernel
+        # net, a parametrization registered on a weight) or a newly registered tensor has dicts or
+        # names of its own: look the slots up again, and drop what was cached from the old ones.
+        # (A tensor dict's entries are seen through the state below; its size shows one added.)
+        if found is None or any(tuple(d.values()) != seen for d, seen in found[1]) or any(
+            len(d) != n for d, n in found[2]
+        ):
             if found is not None:
                 self._cache("_inference_cache").clear()
+            modules = list(self.modules())
             found = self.__dict__["_parameter_slots"] = (
-                [(d, n) for m in self.modules() for d in (m._parameters, m._buffers) for n in d],
-                [(m._modules, n, c) for m in self.modules() for n, c in m._modules.items()],
+                [(d, n) for m in modules for d in (m._parameters, m._buffers) for n in d],
+                [(m._modules, tuple(m._modules.values())) for m in modules],
+                [(d, len(d)) for m in modules for d in (m._parameters, m._buffers)],
             )
         tensors = [p for d, n in found[0] if (p := d.get(n)) is not None]
         if any(p.is_inference() for p in tensors):

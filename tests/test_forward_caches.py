@@ -161,11 +161,17 @@ def test_translation_relaxed_inference_cache_holds_one_input_size(monkeypatch):
     assert hidden.calls == 3  # one kernel per new size; the same size again is the cached one
 
 
-@pytest.mark.parametrize("replace", ["output_layer", "kernel_net"])
+class _Doubled(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("replace", ["output_layer", "kernel_net", "parametrization"])
 def test_inference_cache_is_dropped_when_a_submodule_is_replaced(replace):
     """The parameters were looked up once, in the submodules' own dicts: after
     ``layer.kernel_net.out = nn.Linear(...)`` (or another layer's kernel net) a no-grad call kept
-    returning the kernel of the old weights."""
+    returning the kernel of the old weights; after a parametrization registered on a weight, an
+    in-place change of its ``original`` went unseen."""
     layer = _layer(backend="expand_conv").eval()
     x = torch.randn(2, 8, 5, 6)
     with torch.no_grad():
@@ -174,8 +180,13 @@ def test_inference_cache_is_dropped_when_a_submodule_is_replaced(replace):
     torch.nn.init.normal_(donor.kernel_net.out.weight)
     if replace == "output_layer":
         layer.kernel_net.out = donor.kernel_net.out
-    else:
+    elif replace == "kernel_net":
         layer.kernel_net = donor.kernel_net
+    else:
+        torch.nn.utils.parametrize.register_parametrization(layer.kernel_net.out, "weight", _Doubled())
+        with torch.no_grad():
+            assert not torch.equal(layer(x), before)
+            layer.kernel_net.out.parametrizations.weight.original.mul_(3)
     fresh = copy.deepcopy(layer)
     fresh.__dict__.pop("_inference_cache", None)
     fresh.__dict__.pop("_parameter_slots", None)
