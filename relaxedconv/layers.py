@@ -405,8 +405,11 @@ class _RelaxedGroupConv(nn.Module):
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def clear_kernel_cache(self) -> None:
-        """Drop the cached inference kernel (it is rebuilt on the next no-grad call)."""
+        """Drop the cached inference kernel (it is rebuilt on the next no-grad call) and the kernel
+        net's scaled coordinates (kept for training calls too): what to call after writing to a
+        parameter through ``.data``, which no version counter records."""
         self._cache("_inference_cache").clear()
+        self.kernel_net.__dict__.pop("_coordinate_cache", None)
 
     def _cached_operands(self, name: str, x: torch.Tensor, out_hw):
         """(backend, operands) for a call that needs no gradient to the parameters: the factors and
@@ -470,7 +473,7 @@ class _RelaxedGroupConv(nn.Module):
             name, operands = cached
         else:
             if self.__dict__.get("_inference_cache"):
-                self.clear_kernel_cache()  # training again: do not hold a stale kernel
+                self._cache("_inference_cache").clear()  # training again: do not hold a stale kernel
             compute = dispatch.compute_dtype(x)
             z, w_ext = self.factored_kernel(out_hw, compute_dtype=compute)
             name = dispatch.resolve(name, x, z, w_ext, self.bias, g, where=type(self).__name__)

@@ -161,6 +161,26 @@ def test_translation_relaxed_inference_cache_holds_one_input_size(monkeypatch):
     assert hidden.calls == 3  # one kernel per new size; the same size again is the cached one
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_clear_kernel_cache_is_the_way_out_after_a_write_through_data(train):
+    """The README's recipe for writes through ``.data`` (no version counter records them): after
+    ``clear_kernel_cache()`` every call sees them. A fixed omega's scaled coordinates are kept for
+    training calls too, and clear_kernel_cache left them, so even then a training call was stale."""
+    layer = _layer(backend="expand_conv").train(train)
+    x = torch.randn(2, 8, 5, 6)
+    with torch.no_grad():
+        layer(x)
+    layer(x)  # a training call: the kernel net's coordinates of the fixed omega_rel are kept
+    layer.kernel_net.omega_rel.data.fill_(3.0)
+    layer.kernel_net.out.weight.data.mul_(2.0)
+    layer.clear_kernel_cache()
+    fresh = copy.deepcopy(layer)
+    fresh.kernel_net.__dict__.pop("_coordinate_cache", None)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(layer(x), fresh(x))
+
+
 class _Doubled(torch.nn.Module):
     def forward(self, w):
         return 2 * w
