@@ -515,6 +515,16 @@ class _RelaxedGroupConv(nn.Module):
 
         return export_layer(self, input_size, form)
 
+    # Rebuilt on demand, never saved: torch.save(model) or copy.deepcopy(model) after one no-grad
+    # forward carried every cached kernel along (a small se2_trans model: 0.3 MB -> 295 MB).
+    _TRANSIENT = ("_inference_cache", "_lattice_cache", "_parameter_slots")
+
+    def __getstate__(self):
+        state = super().__getstate__()  # nn.Module's: a copy of __dict__
+        for name in self._TRANSIENT:
+            state.pop(name, None)
+        return state
+
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule first; without it, scripting failed deep
         # in type inference of the lattice cache with a dump of its tensors.
