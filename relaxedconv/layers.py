@@ -467,12 +467,16 @@ class _RelaxedGroupConv(nn.Module):
         g = self.geometry
         out_hw = g.out_size(x.shape[-2], x.shape[-1])
         cached = None
-        if not torch.compiler.is_compiling() and not self._kernel_needs_grad():
+        # A replica made by nn.DataParallel holds its parameters as plain attributes (its
+        # parameters() is empty, so the kernel would look gradient-free even in training) and shares
+        # the original's cache dicts: it computes its kernel afresh every call and keeps nothing.
+        replica = self.__dict__.get("_is_replica", False)
+        if not torch.compiler.is_compiling() and not replica and not self._kernel_needs_grad():
             cached = self._cached_operands(name, x, out_hw)
         if cached is not None:
             name, operands = cached
         else:
-            if self.__dict__.get("_inference_cache"):
+            if not replica and self.__dict__.get("_inference_cache"):
                 self._cache("_inference_cache").clear()  # training again: do not hold a stale kernel
             compute = dispatch.compute_dtype(x)
             z, w_ext = self.factored_kernel(out_hw, compute_dtype=compute)

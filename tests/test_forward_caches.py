@@ -206,6 +206,54 @@ def test_saved_and_copied_layers_carry_no_cache():
     assert layer.__dict__["_inference_cache"]  # the original keeps its own
 
 
+def _data_parallel_replica(root, scale=1.0):
+    """What nn.parallel.replicate does to each module (torch/nn/parallel/replicate.py), with the
+    broadcast to another GPU replaced by a differentiable copy on the CPU (times ``scale``)."""
+    modules = list(root.modules())
+    replicas = {m: m._replicate_for_data_parallel() for m in modules}
+    for m in modules:
+        r = replicas[m]
+        r._former_parameters = {}
+        for k, child in m._modules.items():
+            setattr(r, k, None if child is None else replicas[child])
+        for k, p in m._parameters.items():
+            copy_ = None if p is None else p * scale  # not a leaf, not a Parameter: a plain attribute
+            setattr(r, k, copy_)
+            if copy_ is not None:
+                r._former_parameters[k] = copy_
+        for k, b in m._buffers.items():
+            if b is not None:
+                setattr(r, k, b.clone())
+    return replicas[root]
+
+
+def test_a_data_parallel_replica_trains_and_infers_with_its_own_parameters():
+    """Under nn.DataParallel a replica's parameters() is empty (they are plain attributes), so
+    its kernel looked gradient-free and came from the cache it shares with the original: the
+    relaxed layers got no gradient in training, and inference returned the original's kernel."""
+    layer = _layer(backend="expand_conv")
+    x = torch.randn(2, 8, 5, 6)
+    with torch.no_grad():
+        layer(x)  # the original's cache, which replicas share
+    expected = layer(x)
+    expected.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+    layer.zero_grad()
+    replica = _data_parallel_replica(layer)
+    y = replica(x)
+    assert y.requires_grad and torch.allclose(y, expected)
+    y.square().sum().backward()
+    for n, p in layer.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.allclose(p.grad, grads[n], atol=1e-6), n
+    doubled = _data_parallel_replica(layer, scale=2.0)  # parameters unlike the original's
+    reference = copy.deepcopy(layer)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(2.0)
+        assert torch.allclose(doubled(x), reference(x), atol=1e-6)
+
+
 class _Doubled(torch.nn.Module):
     def forward(self, w):
         return 2 * w
