@@ -375,7 +375,8 @@ class _RelaxedGroupConv(nn.Module):
         too): in place (its version counter: optimiser steps, load_state_dict, ``p.add_``),
         replaced, or moved to another device or dtype; and with the rotation-grid offset. None when
         one is an inference tensor (made under ``torch.inference_mode``): it has no version counter,
-        so a change could not be seen and nothing is cached.
+        so a change could not be seen and nothing is cached; None too inside a torch.func
+        transform (functional_call under vmap or grad).
 
         Read from the modules' parameter and buffer dicts directly (found once, and again when a
         submodule is replaced): a replaced tensor
@@ -397,7 +398,9 @@ class _RelaxedGroupConv(nn.Module):
                 [(d, len(d)) for m in modules for d in (m._parameters, m._buffers)],
             )
         tensors = [p for d, n in found[0] if (p := d.get(n)) is not None]
-        if any(p.is_inference() for p in tensors):
+        # A torch.func transform's tensors (vmap over stacked ensemble parameters) have no storage
+        # to point at, and a kernel kept from them would escape the transform.
+        if any(p.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(p) for p in tensors):
             return None
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in tensors) + (self.angle_offset,)
 

@@ -254,6 +254,26 @@ def test_a_data_parallel_replica_trains_and_infers_with_its_own_parameters():
         assert torch.allclose(doubled(x), reference(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("trans", [False, True])
+def test_vmap_over_an_ensemble_of_layers(trans):
+    """torch.func's model-ensembling recipe (stack_module_state, functional_call under vmap) raised
+    'Cannot access data pointer of Tensor that doesn't have storage': the cache's version check read
+    the batched parameters' storage."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    layers = [_layer(trans=trans).eval() for _ in range(3)]
+    for i, m in enumerate(layers):
+        torch.nn.init.normal_(m.kernel_net.out.weight, std=0.1 * (i + 1))
+    params, buffers = stack_module_state(layers)
+    base = copy.deepcopy(layers[0]).to("meta")
+    x = torch.randn(2, 8, 5, 6)
+    expected = torch.stack([m(x) for m in layers])
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            y = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+        assert torch.allclose(y, expected, atol=1e-6)
+
+
 class _Doubled(torch.nn.Module):
     def forward(self, w):
         return 2 * w
