@@ -397,10 +397,13 @@ class _RelaxedGroupConv(nn.Module):
                 [(m._modules, tuple(m._modules.values())) for m in modules],
                 [(d, len(d)) for m in modules for d in (m._parameters, m._buffers)],
             )
+        # Inside a torch.func transform the parameters may be its tensors (vmap over stacked
+        # ensemble parameters), which have no storage to point at; a kernel kept from them would
+        # escape the transform. (One check per call: cheaper than asking each tensor.)
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return None
         tensors = [p for d, n in found[0] if (p := d.get(n)) is not None]
-        # A torch.func transform's tensors (vmap over stacked ensemble parameters) have no storage
-        # to point at, and a kernel kept from them would escape the transform.
-        if any(p.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(p) for p in tensors):
+        if any(p.is_inference() for p in tensors):
             return None
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in tensors) + (self.angle_offset,)
 
