@@ -14,7 +14,8 @@ from .equivariance import (
     omegas,
     parameter_groups,
 )
-from .export import export, export_layer  # the function shadows the submodule name; import_module still finds it
+from . import export  # a callable module: relaxedconv.export(model, size) and relaxedconv.export.plan/save
+from .export import export_layer
 from .kernel_net import SirenKernelNet
 from .functional import relaxed_conv
 from .layers import GroupConv, InvariantPool, LiftingConv, PointwiseGroupConv, backends_used

@@ -14,15 +14,19 @@ types with their constructor arguments, and the wiring), the ``state_dict`` and 
 ``torch.load(path, weights_only=True)`` reads it and :func:`build` rebuilds the model from the
 description alone.
 
-The description names callables by their import path; :func:`build` accepts only functions of
-torch's tensor namespaces, ``operator`` and ``math`` (not torch's file I/O). That keeps a stray file
-from naming arbitrary code, but treat a model file like any other program you run.
+The description names callables by their import path; :func:`build` accepts only public functions
+of torch's tensor namespaces, ``operator`` and ``math`` (not torch's file I/O, nor those that fetch
+attributes or call what they are given), public tensor methods, reads of tensor properties
+(``shape``, ``dtype``, ...) and plain identifiers where torch.fx writes names into Python source.
+That keeps a stray file from naming arbitrary code, but treat a model file like any other program
+you run.
 """
 from __future__ import annotations
 
 import builtins
 import importlib
 import inspect
+import keyword
 
 import torch
 import torch.nn.functional as F
@@ -164,7 +168,18 @@ _ALLOWED_FUNCTION_MODULES = (
     "torch.linalg", "operator", "_operator", "math",
 )
 _DENIED_TORCH_FUNCTIONS = {"load", "save", "from_file"}
+# Functions that reach other objects or call what they are given (a node's value): with them a
+# description could walk to os.system and call it. Names starting with "_" are refused everywhere
+# (torch._import_dotted_name imports anything; dunders lead out of any sandbox).
+_DENIED_FUNCTIONS = _DENIED_TORCH_FUNCTIONS | {
+    "attrgetter", "methodcaller", "call", "compile", "cond", "vmap", "while_loop", "set_default_tensor_type",
+}
 _ALLOWED_BUILTINS = {"getattr": getattr, "len": len}
+# What getattr may read (torch.fx records ``x.shape`` etc. as getattr calls): values, not methods.
+_GETATTR_NAMES = {"shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad", "T", "mT", "H", "mH", "real", "imag"}
+# Tensor methods that call a callable or expose storage (files: UntypedStorage.from_file).
+_DENIED_METHODS = {"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook", "storage",
+                   "untyped_storage", "set_", "share_memory_"}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -215,7 +230,10 @@ def _decode(a, nodes: dict):
     if tag == "dtype":
         return _dtype(v)
     if tag == "memory_format":
-        return getattr(torch, v)
+        fmt = getattr(torch, v, None) if isinstance(v, str) and not v.startswith("_") else None
+        if not isinstance(fmt, torch.memory_format):  # else any torch attribute (torch.load) could be an argument
+            raise ValueError(f"unknown memory format {v!r} in the model description")
+        return fmt
     raise ValueError(f"unknown tag {tag!r} in the model description")
 
 
@@ -232,7 +250,7 @@ def _resolve_function(name: str):
             raise ValueError(f"the model description calls {name}, which load() does not allow")
         return fn
     module, _, attr = name.rpartition(".")
-    if module not in _ALLOWED_FUNCTION_MODULES or attr in _DENIED_TORCH_FUNCTIONS or attr.startswith("__"):
+    if module not in _ALLOWED_FUNCTION_MODULES or attr in _DENIED_FUNCTIONS or attr.startswith("_"):
         raise ValueError(
             f"the model description calls {name}; load() allows only functions of {', '.join(_ALLOWED_FUNCTION_MODULES)}"
         )
@@ -324,12 +342,43 @@ def describe(model: fx.GraphModule) -> dict:
     return {"modules": modules, "attributes": attributes, "graph": graph, "dtypes": dtypes}
 
 
+def _check_public_path(name, what: str) -> None:
+    """A module/attribute path or method name of the description: dotted identifiers (or indices of
+    a Sequential), none private."""
+    parts = name.split(".") if isinstance(name, str) else [None]
+    if not all(isinstance(p, str) and ((p.isidentifier() and not p.startswith("_")) or p.isdigit()) for p in parts):
+        raise ValueError(f"the model description names the {what} {name!r}, which load() does not allow")
+
+
+def _check_node(op: str, target, args, kwargs) -> None:
+    """Refuse a node that could reach beyond tensor arithmetic (see _DENIED_FUNCTIONS). torch.fx
+    writes a placeholder's target and the keyword names into the forward's Python source as they
+    are: those must be plain identifiers, or loading a file would run code of its choosing."""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() and not keyword.iskeyword(k) for k in kwargs):
+        raise ValueError(f"the model description passes keyword arguments {list(kwargs) if isinstance(kwargs, dict) else kwargs!r}, which load() does not allow")
+    if op == "placeholder":
+        if not (isinstance(target, str) and target.isidentifier() and not keyword.iskeyword(target)):
+            raise ValueError(f"the model description names an input {target!r}, which load() does not allow")
+    elif op in ("call_module", "get_attr"):
+        _check_public_path(target, "submodule or attribute")
+    elif op == "call_method":
+        _check_public_path(target, "method")
+        if target in _DENIED_METHODS or not callable(getattr(torch.Tensor, target, None)):
+            raise ValueError(f"the model description calls the method {target!r}; load() allows only torch.Tensor methods")
+    elif op == "call_function" and target is getattr:
+        attr = args[1] if len(args) > 1 else None
+        if attr not in _GETATTR_NAMES:
+            raise ValueError(f"the model description reads the attribute {attr!r}; load() allows only {sorted(_GETATTR_NAMES)}")
+
+
 def build(description: dict) -> fx.GraphModule:
     """A fresh exported model (parameters zero) from :func:`describe`'s description, in eval mode."""
     parts: dict = {}
     for name, spec in description["modules"].items():
+        _check_public_path(name, "submodule")
         parts[name] = _new_module(spec)
     for name, spec in description["attributes"].items():
+        _check_public_path(name, "attribute")
         t = torch.zeros(spec["shape"], dtype=_dtype(spec["dtype"]))
         parts[name] = nn.Parameter(t) if spec["kind"] == "parameter" else t
     graph, nodes = fx.Graph(), {}
@@ -337,7 +386,9 @@ def build(description: dict) -> fx.GraphModule:
         target = spec["target"]
         if spec["op"] == "call_function":
             target = _resolve_function(target)
-        node = graph.create_node(spec["op"], target, _decode(spec["args"], nodes), _decode(spec["kwargs"], nodes), name=spec["name"])
+        args, kwargs = _decode(spec["args"], nodes), _decode(spec["kwargs"], nodes)
+        _check_node(spec["op"], target, args, kwargs)
+        node = graph.create_node(spec["op"], target, args, kwargs, name=spec["name"])
         nodes[spec["name"]] = node
     model = fx.GraphModule(parts, graph, class_name="ExportedModel")
     for name, spec in description["attributes"].items():

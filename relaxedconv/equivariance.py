@@ -10,12 +10,17 @@ Transformations used by the diagnostics (exact on the pixel grid):
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
 def _relaxed_layers(model):
     from .layers import _RelaxedGroupConv
 
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module (a relaxed layer or a model holding them), got {type(model).__name__}")
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _RelaxedGroupConv)]
 
 
@@ -50,6 +55,14 @@ def equivariance_penalty(model, strength: float = 1.0, p: int = 2) -> torch.Tens
 
     Add it to the training loss; it is differentiable in the learnable omegas.
     """
+    # A negative strength would reward non-equivariance; p <= 0 is no prior toward omega = 0.
+    # (A tensor strength, e.g. a schedule on the device, is taken as it is: checking it would sync.)
+    if not isinstance(strength, torch.Tensor) and (
+        isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength) or strength < 0
+    ):
+        raise ValueError(f"equivariance_penalty: strength must be a finite number >= 0, got {strength!r}")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not p > 0:
+        raise ValueError(f"equivariance_penalty: p must be a number > 0 (2: a Gaussian prior on each omega), got {p!r}")
     terms = []
     for _, m in _relaxed_layers(model):
         for w in m.kernel_net.effective_omegas().values():

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import json
+import numbers
 import sys
 from pathlib import Path
 
@@ -94,7 +95,13 @@ def _spatial(input_size) -> tuple[int, int] | None:
     """None | H | (H, W) | (C, H, W) -> (H, W)."""
     if input_size is None:
         return None
-    size = (int(input_size),) * 2 if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+    items = (input_size,) * 2 if isinstance(input_size, numbers.Integral) else input_size
+    # Only whole numbers: a string would be read character by character, a float truncated.
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__len__") or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in items
+    ):
+        raise ValueError(f"input_size must be H, (H, W) or (C, H, W) with positive int sizes, got {input_size!r}")
+    size = tuple(int(s) for s in items)
     if len(size) == 3:
         size = size[1:]
     if len(size) != 2 or min(size) < 1:
@@ -143,6 +150,9 @@ def export_layer(layer, input_size=None, form: str = "auto") -> nn.Module:
     if not isinstance(layer, RELAXED_LAYERS):
         raise TypeError(f"export_layer takes a LiftingConv, GroupConv, PointwiseGroupConv or InvariantPool, got {type(layer).__name__}")
     check_exportable(layer)
+    if form not in FORMS:  # refused for a stationary layer too (which has one form), as for a model
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    _spatial(input_size)  # a malformed size is refused even where the layer does not need one
     w = _param_of(layer)
     factory = dict(device=w.device, dtype=w.dtype)
     g, n = layer.geometry, layer.group_order
@@ -250,7 +260,7 @@ class _Tracer(fx.Tracer):
 
 def _input_channels(model: nn.Module, input_size) -> int | None:
     """C of ``input_size`` when given, else the first relaxed layer's input channels (None without one)."""
-    if input_size is not None and not isinstance(input_size, int) and len(tuple(input_size)) == 3:
+    if input_size is not None and not isinstance(input_size, numbers.Integral) and len(tuple(input_size)) == 3:
         return int(tuple(input_size)[0])
     for m in model.modules():
         if isinstance(m, RELAXED_LAYERS):
@@ -497,6 +507,16 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return d, d / max(float(b.double().abs().max()), 1e-30)
 
 
+def _writable(path, flag: str) -> Path:
+    """``path`` with its directory made; a directory that cannot be made is refused in one line."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _Refused(f"{flag} {path}: cannot create {path.parent} ({e.strerror or e})") from e
+    return path
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -512,6 +532,10 @@ def _main(args) -> int:
     run_dir = Path(args.run_dir)
     if args.check_batch < 1:
         raise _Refused("--check-batch must be at least 1")
+    for flag, target in (("--out", args.out), ("--onnx", args.onnx)):
+        # Checked before the export's minutes of work; a missing directory is made, as train --out does.
+        if target is not None and Path(target).is_dir():
+            raise _Refused(f"{flag} {target} is a directory; give the file to write, e.g. {Path(target) / ('model.onnx' if flag == '--onnx' else 'model.pt')}")
     model, doc, weights_path = _load_run(run_dir, args.checkpoint)
     data = doc.get("data", {})
     shape = data.get("image_shape") or [model.config.get("in_channels", 3), 32, 32]
@@ -546,13 +570,16 @@ def _main(args) -> int:
         normalize=None if "mean" not in data else {"scale": 1 / 255, "mean": data["mean"], "std": data["std"]},
         source=str(weights_path), relaxedconv=__version__, torch=torch.__version__,
     )
-    nbytes = save(exported, args.out, meta)
+    try:
+        nbytes = save(exported, _writable(args.out, "--out"), meta)
+    except OSError as e:
+        raise _Refused(f"--out {args.out}: cannot write it ({e.strerror or e})") from e
     with torch.no_grad():
         reloaded = deploy.load(args.out)(x)
     print(f"wrote {args.out} ({_fmt_bytes(nbytes)}); reloaded with relaxedconv.deploy.load: max difference {_max_diff(reloaded, y)[0]:.3e}")
     if args.onnx:
         try:
-            files = to_onnx(exported, x, args.onnx)
+            files = to_onnx(exported, x, _writable(args.onnx, "--onnx"))
         except RuntimeError as e:
             raise _Refused(str(e)) from e
         line = "wrote " + ", ".join(f"{f} ({_fmt_bytes(f.stat().st_size)})" for f in files)
@@ -564,6 +591,18 @@ def _main(args) -> int:
         print(line)
     return 0
 
+
+class _CallableModule(type(sys)):
+    """``relaxedconv.export`` is this module (``relaxedconv.export.plan``, ``.save``, as the README
+    names them) and, called, :func:`export`: the package exposes the function under the module's
+    name, which otherwise hid the module's other functions from ``relaxedconv.export.<name>`` and
+    ``import relaxedconv.export as ex``."""
+
+    def __call__(self, model: nn.Module, input_size=None, form: str = "auto") -> nn.Module:
+        return export(model, input_size, form)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

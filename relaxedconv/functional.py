@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .amp import autocast_dtype
 from .reference import ConvGeometry
 
 
@@ -58,6 +59,10 @@ def check_factors(x, z, w_ext, bias, geometry) -> None:
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (g.out_channels,)):
         raise ValueError(f"relaxed_conv: bias must be None or [C_out = {g.out_channels}], got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if z.dtype != w_ext.dtype and autocast_dtype(x.device.type) is None:
+        # (x and bias may differ: the backends cast them. Under autocast the products cast z too.)
+        raise TypeError(f"relaxed_conv: z and w_ext must have one dtype, got {z.dtype} and {w_ext.dtype}; "
+                        f"cast one, e.g. w_ext.to(z.dtype)")
     devices = {t.device for t in (x, z, w_ext, bias) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"relaxed_conv: tensors on different devices {sorted(map(str, devices))}; move them to one")

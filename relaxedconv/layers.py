@@ -86,6 +86,27 @@ def ones_column(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return _OnesColumn.apply(z, mask)
 
 
+# nn.Conv2d's options a layer swapped in for one may still pass: accepted at the value that is the
+# only one the relaxed layers compute, refused otherwise with what to do instead (device= and
+# dtype= are honoured).
+_CONV2D_OPTIONS = {
+    "stride": (1, "the relaxed layers have no stride; follow the layer with a pooling layer (nn.MaxPool2d(2)), as the models do"),
+    "dilation": (1, "the relaxed layers have no dilation; use a larger kernel_size (the kernel is continuous, so it costs no parameters)"),
+    "groups": (1, "grouped convolution is not supported"),
+    "padding_mode": ("zeros", "only zero padding is supported"),
+}
+
+
+def _check_conv2d_options(layer: str, options: dict) -> None:
+    for name, value in options.items():
+        if name not in _CONV2D_OPTIONS:
+            raise TypeError(f"{layer}() got an unexpected keyword argument {name!r}")
+        default, why = _CONV2D_OPTIONS[name]
+        same = value == default or (isinstance(value, (tuple, list)) and all(v == default for v in value))
+        if not same:
+            raise ValueError(f"{layer}: {name}={value!r} is not supported: {why}")
+
+
 class _RelaxedGroupConv(nn.Module):
     """Shared machinery: coordinates -> kernel net -> one of the backends of design.md §3."""
 
@@ -116,8 +137,11 @@ class _RelaxedGroupConv(nn.Module):
         kernel_depth: int = 3,
         mask: bool | None = None,
         backend: str = "auto",
+        **conv2d_options,
     ):
         super().__init__()
+        factory = {k: v for k in ("device", "dtype") if (v := conv2d_options.pop(k, None)) is not None}
+        _check_conv2d_options(type(self).__name__, conv2d_options)
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.out_channels = check_positive_int("out_channels", out_channels)
         self.group_order = check_positive_int("group_order", group_order)
@@ -168,6 +192,8 @@ class _RelaxedGroupConv(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(self.out_channels)) if bias else None
         self._init_to_conv2d_scale()
+        if factory:  # nn.Conv2d's device=/dtype= (initialised as above, then moved)
+            self.to(**factory)
 
     # ---- initialisation -------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -349,16 +375,34 @@ class _RelaxedGroupConv(nn.Module):
         too): in place (its version counter: optimiser steps, load_state_dict, ``p.add_``),
         replaced, or moved to another device or dtype; and with the rotation-grid offset. None when
         one is an inference tensor (made under ``torch.inference_mode``): it has no version counter,
-        so a change could not be seen and nothing is cached.
+        so a change could not be seen and nothing is cached; None too inside a torch.func
+        transform (functional_call under vmap or grad).
 
-        Read from the modules' parameter and buffer dicts directly (found once): a replaced tensor
+        Read from the modules' parameter and buffer dicts directly (found once, and again when a
+        submodule is replaced): a replaced tensor
         is a new entry there, and walking ``self.parameters()`` would cost more than the cached call."""
-        slots = self.__dict__.get("_parameter_slots")
-        if slots is None:
-            slots = self.__dict__["_parameter_slots"] = [
-                (d, n) for m in self.modules() for d in (m._parameters, m._buffers) for n in d
-            ]
-        tensors = [p for d, n in slots if (p := d.get(n)) is not None]
+        found = self.__dict__.get("_parameter_slots")
+        # A replaced or added submodule (``layer.kernel_net.out = nn.Linear(...)``, another kernel
+        # net, a parametrization registered on a weight) or a newly registered tensor has dicts or
+        # names of its own: look the slots up again, and drop what was cached from the old ones.
+        # (A tensor dict's entries are seen through the state below; its size shows one added.)
+        if found is None or any(tuple(d.values()) != seen for d, seen in found[1]) or any(
+            len(d) != n for d, n in found[2]
+        ):
+            if found is not None:
+                self._cache("_inference_cache").clear()
+            modules = list(self.modules())
+            found = self.__dict__["_parameter_slots"] = (
+                [(d, n) for m in modules for d in (m._parameters, m._buffers) for n in d],
+                [(m._modules, tuple(m._modules.values())) for m in modules],
+                [(d, len(d)) for m in modules for d in (m._parameters, m._buffers)],
+            )
+        # Inside a torch.func transform the parameters may be its tensors (vmap over stacked
+        # ensemble parameters), which have no storage to point at; a kernel kept from them would
+        # escape the transform. (One check per call: cheaper than asking each tensor.)
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return None
+        tensors = [p for d, n in found[0] if (p := d.get(n)) is not None]
         if any(p.is_inference() for p in tensors):
             return None
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in tensors) + (self.angle_offset,)
@@ -367,8 +411,11 @@ class _RelaxedGroupConv(nn.Module):
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def clear_kernel_cache(self) -> None:
-        """Drop the cached inference kernel (it is rebuilt on the next no-grad call)."""
+        """Drop the cached inference kernel (it is rebuilt on the next no-grad call) and the kernel
+        net's scaled coordinates (kept for training calls too): what to call after writing to a
+        parameter through ``.data``, which no version counter records."""
         self._cache("_inference_cache").clear()
+        self.kernel_net.__dict__.pop("_coordinate_cache", None)
 
     def _cached_operands(self, name: str, x: torch.Tensor, out_hw):
         """(backend, operands) for a call that needs no gradient to the parameters: the factors and
@@ -394,6 +441,11 @@ class _RelaxedGroupConv(nn.Module):
         products = fused_kernel_net.products_for(dtype) if fused_kernel_net.enabled() else None
         fkey = ("factors", tuple(out_hw) if self.translation_nonstationary else None, products)
         if fkey not in cache:
+            if self.translation_nonstationary:
+                # One output size at a time: Z alone is N*P*J*(H+1) values per size (424 MB for T2 at
+                # 32x32), and kept per size the cache grew without bound under inputs of varying size.
+                for key in [k for k in cache if k != "state" and k[1 if k[0] == "factors" else 3] != fkey[1]]:
+                    del cache[key]
             with torch.no_grad():
                 cache[fkey] = self.factored_kernel(out_hw, compute_dtype=dtype)
         z, w_ext = cache[fkey]
@@ -421,13 +473,17 @@ class _RelaxedGroupConv(nn.Module):
         g = self.geometry
         out_hw = g.out_size(x.shape[-2], x.shape[-1])
         cached = None
-        if not torch.compiler.is_compiling() and not self._kernel_needs_grad():
+        # A replica made by nn.DataParallel holds its parameters as plain attributes (its
+        # parameters() is empty, so the kernel would look gradient-free even in training) and shares
+        # the original's cache dicts: it computes its kernel afresh every call and keeps nothing.
+        replica = self.__dict__.get("_is_replica", False)
+        if not torch.compiler.is_compiling() and not replica and not self._kernel_needs_grad():
             cached = self._cached_operands(name, x, out_hw)
         if cached is not None:
             name, operands = cached
         else:
-            if self.__dict__.get("_inference_cache"):
-                self.clear_kernel_cache()  # training again: do not hold a stale kernel
+            if not replica and self.__dict__.get("_inference_cache"):
+                self._cache("_inference_cache").clear()  # training again: do not hold a stale kernel
             compute = dispatch.compute_dtype(x)
             z, w_ext = self.factored_kernel(out_hw, compute_dtype=compute)
             name = dispatch.resolve(name, x, z, w_ext, self.bias, g, where=type(self).__name__)
@@ -468,6 +524,25 @@ class _RelaxedGroupConv(nn.Module):
         from .export import export_layer
 
         return export_layer(self, input_size, form)
+
+    # Rebuilt on demand, never saved: torch.save(model) or copy.deepcopy(model) after one no-grad
+    # forward carried every cached kernel along (a small se2_trans model: 0.3 MB -> 295 MB).
+    _TRANSIENT = ("_inference_cache", "_lattice_cache", "_parameter_slots")
+
+    def __getstate__(self):
+        state = super().__getstate__()  # nn.Module's: a copy of __dict__
+        for name in self._TRANSIENT:
+            state.pop(name, None)
+        return state
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule first; without it, scripting failed deep
+        # in type inference of the lattice cache with a dump of its tensors.
+        raise TypeError(
+            f"torch.jit.script cannot compile {type(self).__name__}: its kernel net, caches and backend "
+            "choice are Python. Use torch.compile, torch.jit.trace (fixed input size), or for deployment "
+            "relaxedconv.export(model, input_size) (plain PyTorch modules; ONNX from there)"
+        )
 
     def extra_repr(self) -> str:
         s = (
@@ -529,6 +604,10 @@ class InvariantPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.group_order
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"InvariantPool: expected a torch.Tensor, got {type(x).__name__}")
+        if self.reduce == "mean" and not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"InvariantPool: reduce='mean' needs a floating-point input, got {x.dtype}; convert it with x.float()")
         if x.dim() != 4 or x.shape[1] % n != 0:
             raise ValueError(
                 f"InvariantPool: expected [B, C*{n}, H, W] (channel index c*N + n), got shape {tuple(x.shape)}"

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import GroupConv, InvariantPool, LiftingConv, PointwiseGroupConv, _RelaxedGroupConv
+from .validation import check_positive_int
 
 # variant -> (group order forced or None, rotation non-stationary, translation non-stationary, learn omega)
 _SPECS = {
@@ -119,6 +120,12 @@ class GroupLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
+    def reset_parameters(self) -> None:
+        """The constructor's values (after ``to_empty`` of a model built on the meta device)."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x, x.shape[1:], eps=self.eps)
         w = self.weight.repeat_interleave(self.group_order)[None, :, None, None]
@@ -160,7 +167,13 @@ class RotationSubset(nn.Module):
     def __init__(self, channels: int, group_order: int, init_logit: float = 3.0, temperature: float = 0.5):
         super().__init__()
         self.channels, self.group_order, self.temperature = channels, group_order, temperature
-        self.logits = nn.Parameter(torch.full((group_order,), float(init_logit)))
+        self.init_logit = float(init_logit)
+        self.logits = nn.Parameter(torch.full((group_order,), self.init_logit))
+
+    def reset_parameters(self) -> None:
+        """The constructor's values (after ``to_empty`` of a model built on the meta device)."""
+        with torch.no_grad():
+            self.logits.fill_(self.init_logit)
 
     def probabilities(self) -> torch.Tensor:
         return torch.sigmoid(self.logits)
@@ -296,7 +309,33 @@ class CKResNet(nn.Module):
         self.pool = InvariantPool(n, over="all", reduce="max")
         self.fc = nn.Linear(c, num_classes)
 
+    def min_input_size(self) -> int | None:
+        """The smallest H (and W) the model takes: each block halves the map (2x2 max-pool) and the
+        head's "valid" K x K conv needs at least K x K, so K * 2^blocks. None when the head is not
+        a relaxed layer (replaced by the caller), whose needs the model cannot know."""
+        head = self.head
+        if not isinstance(head, _RelaxedGroupConv):
+            return None
+        pooling = sum(isinstance(b, (ResidualBlock, AuthorsResidualBlock)) for b in self.blocks)
+        return max(1, head.kernel_size - 2 * head.padding) * 2**pooling
+
+    def _check_input_size(self, x) -> None:
+        # Said here, in the model's terms: the head's own check would name a layer deep inside
+        # and a map size the user never passed.
+        need = self.min_input_size()
+        if need is None or not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return  # the lifting layer says what it expects
+        h, w = x.shape[-2:]
+        if h < need or w < need:
+            k = self.head.kernel_size
+            raise ValueError(
+                f"{type(self).__name__}: input {h}x{w} is too small; each of the {len(self.blocks)} block(s) halves "
+                f"the map and the head's {k}x{k} 'valid' conv needs at least {k}x{k}, so inputs must be at "
+                f"least {need}x{need} (or build the model with fewer widths or a smaller kernel_size)"
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_size(x)
         if self.mc_rotation and self.training and self.group_order > 1:
             # One offset in [0, 2*pi/N) for the whole network: rel_rot between layers stays exact.
             offset = float(torch.rand(())) * 2 * math.pi / self.group_order
@@ -343,9 +382,9 @@ def build_model(
     if variant not in _SPECS:
         raise ValueError(f"unknown model variant {variant!r}; expected one of {VARIANTS}")
     spec = _SPECS[variant]
-    n = spec["group_order"] or int(group_order)
-    if n < 1:
-        raise ValueError(f"group_order must be >= 1, got {group_order}")
+    # A float group order was truncated (2.5 -> C_2) and num_classes=0 built a model with no outputs.
+    n = spec["group_order"] or check_positive_int("group_order", group_order)
+    check_positive_int("num_classes", num_classes)
     if spec["partial"] and n < 2:
         raise ValueError("the partial variant needs group_order >= 2")
     learn = bool(learn_omega or spec["learn"])

@@ -189,6 +189,32 @@ def test_meta_model_runs_forward_and_backward_for_shapes(variant):
     assert all(p.grad is not None and p.grad.is_meta for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("variant, architecture", [("partial", "authors"), ("se2_rot", "simple")])
+def test_meta_model_to_empty_then_reset_initialises_every_tensor(variant, architecture):
+    """The README's recipe for a model built on the meta device: to_empty, then reset_parameters over
+    the modules in reverse. RotationSubset's logits and GroupLayerNorm's affine had no
+    reset_parameters and kept to_empty's uninitialised memory."""
+    from relaxedconv.models import build_model
+
+    kw = dict(group_order=4, widths=(2, 3), kernel_size=3, hidden_channels=4, architecture=architecture)
+    with torch.device("meta"):
+        model = build_model(variant, **kw)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.fill_(float("nan"))  # what uninitialised memory may hold
+    for m in reversed(list(model.modules())):
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    eager = build_model(variant, **kw)
+    for (name, t), (_, ref) in zip(model.state_dict().items(), eager.state_dict().items()):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            assert not torch.isnan(t).any(), name
+            if "kernel_net" not in name and not name.endswith(("lift.bias", "conv1.bias", "conv2.bias", "head.bias", "shortcut.bias", "fc.weight", "fc.bias")):
+                assert torch.equal(t, ref), name  # deterministic initial values: the same as built eagerly
+
+
 def test_meta_model_loads_a_state_dict_with_assign():
     from relaxedconv.models import build_model
 
@@ -412,3 +438,61 @@ def test_cli_usage_and_unknown_command(capsys):
     assert "usage: relaxedconv <command>" in capsys.readouterr().out
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_torch_jit_script_is_refused_with_the_ways_that_work():
+    """Scripting failed deep in TorchScript's type inference, with a dump of the lattice cache's
+    tensors; the message now names what works. torch.jit.trace does work and agrees."""
+    model = nn.Sequential(rc.LiftingConv(2, 3, 3, 4, hidden_channels=8), nn.ReLU(), rc.GroupConv(3, 2, 3, 4, hidden_channels=8))
+    with pytest.raises(TypeError, match=r"torch.jit.script cannot compile LiftingConv: .* torch.compile, torch.jit.trace"):
+        torch.jit.script(model)
+    x = torch.randn(2, 2, 7, 6)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.trace(model, x, check_trace=False)(x), model(x), atol=1e-6)
+
+
+def _readme_python_blocks() -> dict[str, str]:
+    """The README's ```python blocks, keyed by the heading of the section that holds them."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks, heading = {}, None
+    for m in re.finditer(r"^## ([^\n]+)$|^```python\n(.*?)^```", text, flags=re.M | re.S):
+        if m.group(1):
+            heading = m.group(1).strip()
+        else:
+            blocks[heading] = m.group(2)
+    return blocks
+
+
+def test_readme_usage_snippet_runs_as_written():
+    blocks = _readme_python_blocks()
+    assert "Usage" in blocks, sorted(blocks)
+    exec(compile(blocks["Usage"], "README.md:Usage", "exec"), {})
+
+
+def test_readme_deploy_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The snippet indexed the saved mean and std (lists in ``model.meta``) as tensors: TypeError."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from relaxedconv import deploy
+    from relaxedconv.models import build_model
+
+    code = next(v for k, v in _readme_python_blocks().items() if k.startswith("Deploy"))
+    model = build_model("se2", group_order=4, widths=(2,), kernel_size=3, hidden_channels=4, num_classes=3).eval()
+    normalize = {"scale": 1 / 255, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}  # what `relaxedconv export` saves
+    rc.export.save(rc.export(model), tmp_path / "model.pt", meta={"normalize": normalize})
+    shutil.copy(Path(deploy.__file__), tmp_path / "deploy.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "deploy", raising=False)
+    images = torch.randint(0, 256, (2, 3, 6, 6)).float()
+    namespace = {"images": images}
+    exec(compile(code, "README.md:Deploy", "exec"), namespace)
+    mean, std = torch.tensor(normalize["mean"])[:, None, None], torch.tensor(normalize["std"])[:, None, None]
+    with torch.no_grad():
+        assert torch.allclose(namespace["logits"], model((images / 255 - mean) / std), atol=1e-5)

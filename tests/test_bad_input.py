@@ -187,6 +187,27 @@ def test_numeric_omega_types_are_accepted():
     assert layer.omegas() == {"rel": 3.0, "rot": 0.5}
 
 
+@pytest.mark.parametrize("cls, args", [(rc.LiftingConv, (2, 3, 3, 4)), (rc.GroupConv, (2, 3, 3, 4)), (rc.PointwiseGroupConv, (2, 3, 4))])
+def test_conv2d_options_of_a_swapped_in_layer(cls, args):
+    """Code written for nn.Conv2d passes stride=1, dilation=1, groups=1, padding_mode='zeros',
+    device=, dtype=: each was a TypeError naming the private base class. The no-op values and
+    device/dtype are accepted; the others are refused with what to do instead."""
+    layer = cls(*args, hidden_channels=4, stride=1, dilation=(1, 1), groups=1, padding_mode="zeros", dtype=torch.float64, device="cpu")
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    torch.manual_seed(0)
+    plain = cls(*args, hidden_channels=4)
+    torch.manual_seed(0)
+    assert torch.equal(cls(*args, hidden_channels=4, dtype=torch.float64).kernel_net.out.weight, plain.kernel_net.out.weight.double())
+    for kw, msg in [(dict(stride=2), r"stride=2 is not supported: .* pooling layer"),
+                    (dict(dilation=(2, 2)), r"dilation=\(2, 2\) is not supported: .* larger kernel_size"),
+                    (dict(groups=2), r"groups=2 is not supported"),
+                    (dict(padding_mode="circular"), r"padding_mode='circular' is not supported: only zero padding")]:
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: {msg}"):
+            cls(*args, **kw)
+    with pytest.raises(TypeError, match=rf"{cls.__name__}\(\) got an unexpected keyword argument 'strides'"):
+        cls(*args, strides=1)
+
+
 def test_pointwise_refuses_window_arguments():
     for banned in ("kernel_size", "padding"):
         with pytest.raises(TypeError, match=rf"fixed 1x1 window; do not pass {banned}"):
@@ -247,6 +268,27 @@ def test_invariant_pool_bad_input(shape):
         rc.InvariantPool(4)(torch.randn(shape))
 
 
+def test_invariant_pool_refuses_what_it_cannot_pool():
+    """A list raised AttributeError ('list' object has no attribute 'dim'), an int map under
+    reduce='mean' torch's 'could not infer output dtype'; max of an int map still works."""
+    with pytest.raises(TypeError, match=r"InvariantPool: expected a torch.Tensor, got list"):
+        rc.InvariantPool(4)([1, 2])
+    ints = torch.arange(16).reshape(1, 4, 2, 2)
+    with pytest.raises(TypeError, match=r"InvariantPool: reduce='mean' needs a floating-point input, got torch.int64"):
+        rc.InvariantPool(4, reduce="mean")(ints)
+    assert rc.InvariantPool(4)(ints).tolist() == [[15]]
+
+
+def test_layer_export_refuses_a_bad_form_or_size_even_when_stationary():
+    """A stationary layer ignored form='x' and input_size='abc' and exported anyway."""
+    layer = rc.GroupConv(2, 2, 3, 4, hidden_channels=8)
+    with pytest.raises(ValueError, match=r"form must be one of \('auto', 'bank', 'factored'\), got 'x'"):
+        layer.export(form="x")
+    with pytest.raises(ValueError, match=r"input_size must be H, \(H, W\) or \(C, H, W\)"):
+        layer.export("abc")
+    assert isinstance(layer.export(8), torch.nn.Conv2d)
+
+
 def test_rotation_not_in_the_group():
     from relaxedconv.equivariance import rotate_feature_map
 
@@ -257,3 +299,16 @@ def test_rotation_not_in_the_group():
 def test_equivariance_error_on_too_small_a_map(group):
     with pytest.raises(ValueError, match=r"too small to compare a shift of .* use a larger input"):
         rc.equivariance_error(group, torch.randn(1, 8, 5, 5), in_rotations=4, out_rotations=4, margin=2)
+
+
+@pytest.mark.parametrize("backend", ["materialize", "expand_conv", "factored_torch"])
+def test_relaxed_conv_refuses_factors_of_two_dtypes(backend):
+    """z in fp32 with w_ext in fp64 ended in matmul's 'expected m1 and m2 to have the same dtype'
+    (materialize, expand_conv); under autocast the products cast them and it runs."""
+    layer = rc.GroupConv(2, 3, 3, 4, hidden_channels=4)
+    x = torch.randn(1, 8, 5, 5)
+    z, w_ext = layer.factored_kernel((5, 5))
+    with pytest.raises(TypeError, match=r"relaxed_conv: z and w_ext must have one dtype, got torch.float32 and torch.float64"):
+        rc.relaxed_conv(x, z, w_ext.double(), layer.bias, layer.geometry, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rc.relaxed_conv(x, z.bfloat16(), w_ext, layer.bias, layer.geometry, backend=backend).shape == (1, 12, 5, 5)

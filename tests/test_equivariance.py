@@ -295,3 +295,24 @@ def test_layer_equivariance_errors_is_zero_for_strict_layers_with_wide_padding(p
     assert rc.equivariance_error(layer, x, in_rotations=4, out_rotations=4, margin=padding)["translation"] < 1e-12
     errs = rc.layer_equivariance_errors(layer, x)["GroupConv"]
     assert errs["translation"] < 1e-12
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(strength=-1e-3), r"strength must be a finite number >= 0, got -0.001"),
+    (dict(strength=float("nan")), r"strength must be a finite number >= 0, got nan"),
+    (dict(strength="1e-3"), r"strength must be a finite number >= 0, got '1e-3'"),
+    (dict(strength=1.0, p=0), r"p must be a number > 0"),
+])
+def test_equivariance_penalty_refuses_a_strength_or_power_that_is_no_prior(kwargs, msg):
+    """A negative strength returned a negative penalty (a reward for non-equivariance); p = 0 a constant."""
+    layer = rc.GroupConv(2, 2, 3, 4, rotation_nonstationary=True, omega_rot=1.0, hidden_channels=8)
+    with pytest.raises(ValueError, match=msg):
+        rc.equivariance_penalty(layer, **kwargs)
+    assert float(rc.equivariance_penalty(layer, torch.tensor(2.0)).detach()) == pytest.approx(2.0)  # tensors pass
+
+
+@pytest.mark.parametrize("fn", [rc.omegas, rc.effective_omegas, rc.kernel_nonstationarity, rc.equivariance_penalty])
+def test_degree_of_equivariance_functions_refuse_what_is_not_a_module(fn):
+    """omegas(3) raised AttributeError: 'int' object has no attribute 'named_modules'."""
+    with pytest.raises(TypeError, match=r"expected a torch.nn.Module .*, got dict"):
+        fn({"layer": 1})

@@ -311,6 +311,48 @@ def test_description_round_trips_and_refuses_what_it_cannot_rebuild(tmp_path):
         deploy.load(tmp_path / "sd.pt")
 
 
+def _evil_description(nodes):
+    """A description whose graph is ``x -> nodes -> x``: each node (name, op, target, args[, kwargs])."""
+    k = {"dict": {}}
+    graph = [{"name": "x", "op": "placeholder", "target": "x", "args": {"tuple": []}, "kwargs": k}]
+    for name, op, target, args, *kwargs in nodes:
+        graph.append({"name": name, "op": op, "target": target, "args": {"tuple": args}, "kwargs": kwargs[0] if kwargs else k})
+    graph.append({"name": "output", "op": "output", "target": "output", "args": {"tuple": [{"node": "x"}]}, "kwargs": k})
+    return {"modules": {}, "attributes": {}, "dtypes": {}, "graph": graph}
+
+
+@pytest.mark.parametrize("nodes, msg", [
+    # torch._import_dotted_name("os.system"), then called through its __call__ method
+    ([("f", "call_function", "torch._import_dotted_name", ["os.system"]),
+      ("r", "call_method", "__call__", [{"node": "f"}, "touch {flag}"])], r"calls torch._import_dotted_name"),
+    ([("f", "call_method", "__call__", [{"node": "x"}])], r"names the method '__call__'"),
+    # x.__class__ ... the classic walk to object.__subclasses__()
+    ([("c", "call_function", "builtins.getattr", [{"node": "x"}, "__class__"])], r"reads the attribute '__class__'"),
+    ([("s", "call_method", "untyped_storage", [{"node": "x"}])], r"calls the method 'untyped_storage'"),
+    ([("g", "call_function", "operator.attrgetter", ["__class__"])], r"calls operator.attrgetter"),
+    ([("g", "call_function", "operator.call", [{"node": "x"}])], r"calls operator.call"),
+    # torch.fx writes a placeholder's target and keyword names into the generated source verbatim
+    ([("y", "call_function", "torch.relu", [{"node": "x"}],
+       {"dict": {"inplace=__import__('os').system('touch {flag}'), y": False}})], r"passes keyword arguments"),
+])
+def test_load_refuses_a_description_that_reaches_beyond_tensor_code(tmp_path, nodes, msg):
+    """A crafted model.pt (read with weights_only=True) ran a shell command through deploy.load():
+    torch._import_dotted_name and __call__, getattr of dunders, operator.call, or code written into a
+    placeholder's name (run when the GraphModule is built, i.e. by load() itself)."""
+    flag = tmp_path / "ran"
+    nodes = json.loads(json.dumps(nodes).replace("{flag}", str(flag)))
+    path = tmp_path / "evil.pt"
+    torch.save({"format": deploy.FORMAT, "version": 1, "architecture": _evil_description(nodes), "state_dict": {}, "meta": {}}, path)
+    with pytest.raises(ValueError, match=msg):
+        deploy.load(path)(torch.zeros(1))
+    desc = _evil_description([])
+    desc["graph"][0]["target"] = f"x=__import__('os').system('touch {flag}')"
+    torch.save({"format": deploy.FORMAT, "version": 1, "architecture": desc, "state_dict": {}, "meta": {}}, path)
+    with pytest.raises(ValueError, match=r"names an input"):
+        deploy.load(path)
+    assert not flag.exists()
+
+
 class _Scale(nn.Module):
     def forward(self, x):
         return 2 * x
@@ -437,6 +479,20 @@ def test_cli_refuses_bad_runs_and_arguments(run_dir, tmp_path, capsys, monkeypat
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_cli_out_in_a_new_directory_is_written_and_a_directory_is_refused(run_dir, tmp_path, capsys):
+    """--out in a directory that did not exist ended in a FileNotFoundError traceback after the
+    whole export; --out naming a directory, in another traceback."""
+    from relaxedconv.cli import main
+
+    out = tmp_path / "app" / "models" / "model.pt"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert deploy.load(out)(torch.randn(1, 3, 16, 16)).shape == (1, 4)
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {tmp_path} is a directory; give the file to write" in err
+
+
 # ---- ONNX -----------------------------------------------------------------------------------------
 def _onnx_missing():
     for name in ("onnx", "onnxruntime", "onnxscript"):
@@ -479,3 +535,26 @@ def test_layer_export_methods_match_the_layers():
         assert (lift.export()(x) - h).abs().max() < 1e-10
         assert (trans.export(input_size=6)(h) - y).abs().max() < 1e-10
         assert torch.equal(pool.export()(y), pool(y))
+
+
+def test_the_package_export_is_also_the_module_the_readme_names():
+    """README: ``relaxedconv.export(model, size)`` exports and ``relaxedconv.export.plan(...)`` lists the
+    sizes; the function used to shadow the module, so ``relaxedconv.export.plan`` (and ``import
+    relaxedconv.export as ex; ex.save``) raised AttributeError."""
+    import relaxedconv.export as ex
+
+    model = build_model("se2_trans", **TINY)
+    assert ex is rc.export
+    assert rc.export.plan(model, SIZE) == plan(model, SIZE)
+    assert ex.save is save
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(rc.export(model, SIZE)(x), export(model, SIZE)(x))
+
+
+@pytest.mark.parametrize("bad", ["16", 16.0, (16.5, 16), True, None.__class__, (0, 16), (3, 16, 16, 1)])
+def test_export_refuses_an_input_size_that_is_not_whole_positive_numbers(bad):
+    """A string was read character by character (int('a') raised its own message), a float truncated."""
+    model = build_model("se2_trans", **TINY)
+    with pytest.raises(ValueError, match="input_size must be H, \\(H, W\\) or \\(C, H, W\\)"):
+        export(model, bad)

@@ -61,7 +61,7 @@ def test_cached_lattice_follows_dtype_and_matches_a_fresh_layer():
     x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
     layer(x.float())  # fills the float32 caches
     fresh = copy.deepcopy(layer)
-    fresh.__dict__.pop("_lattice_cache")
+    fresh.__dict__.pop("_lattice_cache", None)  # (a deepcopy carries no cache since _RelaxedGroupConv.__getstate__)
     fresh.__dict__.pop("_inference_cache", None)
     assert torch.equal(layer.double()(x), fresh.double()(x))
 
@@ -136,6 +136,177 @@ def test_inference_cache_is_dropped_when_a_parameter_changes(monkeypatch):
     check(5)
     layer.kernel_net.out.weight = torch.nn.Parameter(layer.kernel_net.out.weight.detach() * 2)  # replaced
     check(6)
+
+
+def test_translation_relaxed_inference_cache_holds_one_input_size(monkeypatch):
+    """A translation non-stationary layer's kernel depends on the output size: the cache kept one
+    Z (N*P*J*(H+1) values, 424 MB for T2 at 32x32) per size it ever saw, without bound. It keeps
+    the latest size's, reused while the size stays."""
+    layer = _layer(trans=True, backend="factored_torch").eval()
+    hidden = Counting(monkeypatch, layer.kernel_net, "hidden")
+
+    def held_sizes():
+        cache = layer.__dict__["_inference_cache"]
+        return {k[1] if k[0] == "factors" else k[3] for k in cache if k != "state"}
+
+    with torch.no_grad():
+        for size in (5, 6, 7, 7, 7):
+            x = torch.randn(2, 8, size, size + 1)
+            y = layer(x)
+            assert held_sizes() == {(size, size + 1)}
+            fresh = copy.deepcopy(layer)
+            del fresh.kernel_net.hidden  # the copy of the counting wrapper would count its calls
+            fresh.clear_kernel_cache()
+            assert torch.equal(y, fresh(x))
+    assert hidden.calls == 3  # one kernel per new size; the same size again is the cached one
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_clear_kernel_cache_is_the_way_out_after_a_write_through_data(train):
+    """The README's recipe for writes through ``.data`` (no version counter records them): after
+    ``clear_kernel_cache()`` every call sees them. A fixed omega's scaled coordinates are kept for
+    training calls too, and clear_kernel_cache left them, so even then a training call was stale."""
+    layer = _layer(backend="expand_conv").train(train)
+    x = torch.randn(2, 8, 5, 6)
+    with torch.no_grad():
+        layer(x)
+    layer(x)  # a training call: the kernel net's coordinates of the fixed omega_rel are kept
+    layer.kernel_net.omega_rel.data.fill_(3.0)
+    layer.kernel_net.out.weight.data.mul_(2.0)
+    layer.clear_kernel_cache()
+    fresh = copy.deepcopy(layer)
+    fresh.kernel_net.__dict__.pop("_coordinate_cache", None)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(layer(x), fresh(x))
+
+
+def test_saved_and_copied_layers_carry_no_cache():
+    """torch.save(model) and copy.deepcopy(model) after one no-grad forward carried every cached
+    kernel along (a small se2_trans model: 0.3 MB -> 295 MB); the copies compute the same."""
+    import io
+    import pickle
+
+    layer = _layer(trans=True, backend="factored_torch").eval()
+    x = torch.randn(2, 8, 9, 9)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    fresh_bytes = buf.tell()
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.__dict__["_inference_cache"] and layer.__dict__["_lattice_cache"]
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    assert buf.tell() <= fresh_bytes + 512
+    buf.seek(0)
+    for copy_ in (torch.load(buf, weights_only=False), copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert not copy_.__dict__.get("_inference_cache") and not copy_.__dict__.get("_parameter_slots")
+        with torch.no_grad():
+            assert torch.equal(copy_(x), y)
+    assert layer.__dict__["_inference_cache"]  # the original keeps its own
+
+
+def _data_parallel_replica(root, scale=1.0):
+    """What nn.parallel.replicate does to each module (torch/nn/parallel/replicate.py), with the
+    broadcast to another GPU replaced by a differentiable copy on the CPU (times ``scale``)."""
+    modules = list(root.modules())
+    replicas = {m: m._replicate_for_data_parallel() for m in modules}
+    for m in modules:
+        r = replicas[m]
+        r._former_parameters = {}
+        for k, child in m._modules.items():
+            setattr(r, k, None if child is None else replicas[child])
+        for k, p in m._parameters.items():
+            copy_ = None if p is None else p * scale  # not a leaf, not a Parameter: a plain attribute
+            setattr(r, k, copy_)
+            if copy_ is not None:
+                r._former_parameters[k] = copy_
+        for k, b in m._buffers.items():
+            if b is not None:
+                setattr(r, k, b.clone())
+    return replicas[root]
+
+
+def test_a_data_parallel_replica_trains_and_infers_with_its_own_parameters():
+    """Under nn.DataParallel a replica's parameters() is empty (they are plain attributes), so
+    its kernel looked gradient-free and came from the cache it shares with the original: the
+    relaxed layers got no gradient in training, and inference returned the original's kernel."""
+    layer = _layer(backend="expand_conv")
+    x = torch.randn(2, 8, 5, 6)
+    with torch.no_grad():
+        layer(x)  # the original's cache, which replicas share
+    expected = layer(x)
+    expected.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+    layer.zero_grad()
+    replica = _data_parallel_replica(layer)
+    y = replica(x)
+    assert y.requires_grad and torch.allclose(y, expected)
+    y.square().sum().backward()
+    for n, p in layer.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.allclose(p.grad, grads[n], atol=1e-6), n
+    doubled = _data_parallel_replica(layer, scale=2.0)  # parameters unlike the original's
+    reference = copy.deepcopy(layer)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(2.0)
+        assert torch.allclose(doubled(x), reference(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_vmap_over_an_ensemble_of_layers(trans):
+    """torch.func's model-ensembling recipe (stack_module_state, functional_call under vmap) raised
+    'Cannot access data pointer of Tensor that doesn't have storage': the cache's version check read
+    the batched parameters' storage."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    layers = [_layer(trans=trans).eval() for _ in range(3)]
+    for i, m in enumerate(layers):
+        torch.nn.init.normal_(m.kernel_net.out.weight, std=0.1 * (i + 1))
+    params, buffers = stack_module_state(layers)
+    base = copy.deepcopy(layers[0]).to("meta")
+    x = torch.randn(2, 8, 5, 6)
+    expected = torch.stack([m(x) for m in layers])
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            y = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+        assert torch.allclose(y, expected, atol=1e-6)
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("replace", ["output_layer", "kernel_net", "parametrization"])
+def test_inference_cache_is_dropped_when_a_submodule_is_replaced(replace):
+    """The parameters were looked up once, in the submodules' own dicts: after
+    ``layer.kernel_net.out = nn.Linear(...)`` (or another layer's kernel net) a no-grad call kept
+    returning the kernel of the old weights; after a parametrization registered on a weight, an
+    in-place change of its ``original`` went unseen."""
+    layer = _layer(backend="expand_conv").eval()
+    x = torch.randn(2, 8, 5, 6)
+    with torch.no_grad():
+        before = layer(x)
+    donor = _layer(backend="expand_conv")
+    torch.nn.init.normal_(donor.kernel_net.out.weight)
+    if replace == "output_layer":
+        layer.kernel_net.out = donor.kernel_net.out
+    elif replace == "kernel_net":
+        layer.kernel_net = donor.kernel_net
+    else:
+        torch.nn.utils.parametrize.register_parametrization(layer.kernel_net.out, "weight", _Doubled())
+        with torch.no_grad():
+            assert not torch.equal(layer(x), before)
+            layer.kernel_net.out.parametrizations.weight.original.mul_(3)
+    fresh = copy.deepcopy(layer)
+    fresh.__dict__.pop("_inference_cache", None)
+    fresh.__dict__.pop("_parameter_slots", None)
+    with torch.no_grad():
+        after, expected = layer(x), fresh(x)
+    assert not torch.equal(before, expected)
+    assert torch.equal(after, expected)
 
 
 def test_no_cache_when_the_parameters_need_gradients_even_in_eval():

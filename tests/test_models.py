@@ -186,3 +186,29 @@ def test_rotation_subset_keeps_identity_and_learns():
     s.train()
     s(x).sum().backward()
     assert s.logits.grad is not None and s.logits.grad[1:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_too_small_input_is_refused_in_the_models_terms(architecture):
+    """Two blocks halve 12 -> 3 and the 3x3 'valid' head needs 3x3: 12x12 runs, 12x10 and 9x9 do not.
+    The head's own check named an inner GroupConv and a 3x2 map the user never passed."""
+    m = build_model("se2", architecture=architecture, **{**TINY, "widths": (2, 3)})
+    assert m.min_input_size() == 12
+    assert m(torch.randn(1, 3, 12, 12)).shape == (1, 10)
+    for h, w in ((12, 10), (9, 9)):
+        with pytest.raises(ValueError, match=rf"CKResNet: input {h}x{w} is too small; .* at least 12x12"):
+            m(torch.randn(1, 3, h, w))
+    with pytest.raises(ValueError, match=r"LiftingConv: expected \[B, 3, H, W\]"):  # channels: the layer's message
+        m(torch.randn(1, 1, 12, 12))
+
+
+@pytest.mark.parametrize("kwargs, exc, msg", [
+    (dict(group_order=2.5), TypeError, r"group_order must be an int, got float"),
+    (dict(group_order=0), ValueError, r"group_order must be >= 1, got 0"),
+    (dict(num_classes=0), ValueError, r"num_classes must be >= 1, got 0"),
+])
+def test_build_model_refuses_bad_sizes(kwargs, exc, msg):
+    """group_order=2.5 built a C_2 model and num_classes=0 one with no outputs, silently."""
+    with pytest.raises(exc, match=msg):
+        build_model("se2", **{**TINY, **kwargs})
+    assert build_model("t2", **{**TINY, "group_order": 8}).group_order == 1  # t2 still ignores it
