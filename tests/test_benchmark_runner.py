@@ -321,3 +321,85 @@ def test_metadata_records_the_switches_that_change_what_is_measured(monkeypatch)
     assert "RELAXEDCONV_COMMIT" not in meta["env"] and meta["commit"] == "abc123"
     monkeypatch.delenv("RELAXEDCONV_FUSED_KERNEL_NET")
     assert "RELAXEDCONV_FUSED_KERNEL_NET" not in environment.collect(torch.device("cpu"))["env"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--dtypes", "bf61"], "unknown dtype 'bf61'"),
+    (["--dtypes", ","], "--dtypes is empty"),
+    (["--cases", ""], "--cases is empty"),
+    (["--cases", "T9"], "unknown case 'T9'"),
+    (["--backends", "tritn"], "unknown backend(s) tritn in --backends"),
+    (["--suite", "e2e", "--e2e-variants", "se2,se2_rott"], "unknown model variant(s) se2_rott"),
+    (["--suite", "e2e", "--e2e-backends", "conv2d,expand"], "unknown backend(s) expand in --e2e-backends"),
+    (["--e2e-backends", ""], "(none given) in --e2e-backends"),
+    (["--suite", "e2e", "--e2e-widths", "0,8"], "--e2e-widths must be positive"),
+    (["--suite", "e2e", "--e2e-batch", "0"], "--e2e-batch must be at least 1"),
+])
+def test_a_bad_option_is_one_line_and_exit_2_before_anything_is_measured(argv, says, monkeypatch, capsys):
+    """A typo in a GPU session's command line must stop it at once with a clear line, not raise a
+    traceback (--dtypes), nor run silently into error rows after the layer suite's minutes (e2e)."""
+    def never(*a, **k):
+        raise AssertionError("measured despite a bad option")
+
+    monkeypatch.setattr(runner, "measure", never)
+    monkeypatch.setattr(runner.e2e_mod, "measure_step", never)
+    with pytest.raises(SystemExit) as exc:
+        runner.main([*argv, "--device", "cpu", "--json", ""])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_e2e_widths_must_be_integers(capsys):
+    with pytest.raises(SystemExit) as exc:
+        runner.build_parser().parse_args(["--e2e-widths", "a,b"])
+    assert exc.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+    assert runner.build_parser().parse_args(["--e2e-widths", "8,16"]).e2e_widths == [8, 16]
+
+
+def test_summarize_reads_result_files_and_refuses_others(tmp_path, capsys):
+    good = tmp_path / "run.json"
+    report.write_json(good, {"schema": report.SCHEMA, "meta": {"card": "cpu", "torch": "t", "triton": "t", "date": "d",
+                                                               "commit": "c"},
+                             "command": "relaxedconv bench", "settings": {}, "layers": [], "e2e": [], "targets": []})
+    assert runner.main(["--summarize", str(good)]) == 0
+    other = tmp_path / "time_split.json"
+    other.write_text(json.dumps({"device": "cpu", "rows": []}))
+    for path, says in ((tmp_path / "missing.json", "cannot read"), (other, "not a relaxedconv bench result")):
+        with pytest.raises(SystemExit) as exc:
+            runner.main(["--summarize", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and says in err and len(err.splitlines()) == 1
+
+
+def test_list_names_every_case_variant_and_backend(capsys):
+    """time_split's and launch_trace's --help point at `relaxedconv bench --list` for the case names."""
+    from relaxedconv.models import VARIANTS
+
+    assert runner.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in [*cases_mod.CASES, *VARIANTS, *runner.BENCH_BACKENDS]:
+        assert re.search(rf"(^|[\s,]){re.escape(name)}($|[\s,])", out, re.M), name
+
+
+def test_an_e2e_run_cut_short_keeps_the_floor_ratios_of_what_it_measured(tmp_path, monkeypatch):
+    """device_check.sh ends a step past its limit with SIGINT; the rows saved by then must carry
+    x_floor (computed at the end only, they had none)."""
+    from relaxedconv.benchmark import e2e
+
+    def fake(variant, backend, device, cfg):
+        if backend == "expand_conv":
+            raise KeyboardInterrupt  # the step's timeout
+        row = e2e.base_row(variant, backend, cfg)
+        ms = {"conv2d": 2.0, "auto": 3.0}[backend]
+        row.update(status="ok", step_ms=ms, infer_ms=ms / 2, images_per_s=cfg.batch / ms * 1e3)
+        return row
+
+    monkeypatch.setattr(runner.e2e_mod, "measure_step", fake)
+    out = tmp_path / "e2e.json"
+    with pytest.raises(KeyboardInterrupt):
+        runner.main(["--suite", "e2e", "--device", "cpu", "--e2e-variants", "t2",
+                     "--e2e-backends", "conv2d,auto,expand_conv", "--json", str(out)])
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["e2e"]}
+    assert set(rows) == {"conv2d", "auto"}
+    assert rows["auto"]["x_floor"] == pytest.approx(1.5) and rows["auto"]["infer_x_floor"] == pytest.approx(1.5)

@@ -40,6 +40,19 @@ def _csv(s: str) -> list[str]:
     return [t.strip() for t in s.split(",") if t.strip()]
 
 
+def _int_csv(s: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 32,64; got {s!r}") from None
+
+
+def _fail(message: str):
+    """A bad option: one line on stderr, exit status 2 (argparse's), no traceback."""
+    print(f"relaxedconv bench: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="relaxedconv bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layer-compile", choices=COMPILE_MODES, default="off",
                     help="time every layer row under torch.compile with this mode (Inductor fuses the kernel net; "
                     "reduce-overhead: CUDA graphs); the first calls (compilation) are not timed; default off")
-    ap.add_argument("--e2e-variants", type=_csv, default=list(e2e_mod.E2E_VARIANTS))
+    ap.add_argument("--e2e-variants", type=_csv, default=list(e2e_mod.E2E_VARIANTS),
+                    help=f"comma-separated model variants (default: {','.join(e2e_mod.E2E_VARIANTS)}; any of "
+                    "relaxedconv.models.VARIANTS)")
     ap.add_argument("--e2e-backends", type=_csv, default=None,
                     help=f"default: {','.join(e2e_mod.E2E_BACKENDS)} (--quick: auto,{e2e_mod.FLOOR},triton); "
                     f"{e2e_mod.FLOOR} = the same network with plain nn.Conv2d weights of the expanded shapes, the floor "
@@ -80,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--e2e-infer-batch", type=int, default=None, help="inference batch (default 256 on CUDA, 8 on CPU)")
     ap.add_argument("--e2e-batch", type=int, default=None)
     ap.add_argument("--e2e-size", type=int, default=None)
-    ap.add_argument("--e2e-widths", type=_csv, default=None, help="block widths, e.g. 32,64")
+    ap.add_argument("--e2e-widths", type=_int_csv, default=None, help="block widths, e.g. 32,64")
     ap.add_argument("--e2e-group-order", type=int, default=None)
     ap.add_argument("--e2e-dtype", choices=tuple(DTYPES), default=None,
                     help="default: bf16 (autocast) on CUDA, fp32 on CPU")
@@ -100,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
                     help="print the tables of existing result files instead of running")
     ap.add_argument("--markdown", action="store_true", help="with --summarize: Markdown tables (for bench/README.md)")
+    ap.add_argument("--list", action="store_true", help="list the layer cases (--cases), e2e variants and backends, and exit")
     return ap
 
 
@@ -121,21 +137,29 @@ class Budget:
 def _resolve(args, device: torch.device):
     on_gpu = device.type == "cuda"
     scale = args.scale if args.scale != "auto" else ("full" if on_gpu else "cpu")
-    names = args.cases or list(cases_mod.QUICK if args.quick else cases_mod.CASES)
+    names = args.cases if args.cases is not None else list(cases_mod.QUICK if args.quick else cases_mod.CASES)
+    if not names:
+        _fail(f"--cases is empty; expected some of {', '.join(cases_mod.CASES)}")
     try:
         cases = cases_mod.select(names, scale=scale)
     except ValueError as e:
-        raise SystemExit(f"relaxedconv bench: {e}") from None
+        _fail(str(e))
     bad = [b for b in args.backends if b not in BENCH_BACKENDS]
-    if bad:
-        raise SystemExit(f"relaxedconv bench: unknown backend(s) {bad}; expected some of {BENCH_BACKENDS}")
-    if args.dtypes:
+    if bad or not args.backends:
+        _fail(f"unknown backend(s) {', '.join(bad) or '(none given)'} in --backends; expected some of "
+              f"{', '.join(BENCH_BACKENDS)}")
+    if args.dtypes is not None:
         dtypes = args.dtypes
     elif on_gpu:
         dtypes = ["bf16"] if args.quick else ["tf32", "bf16"]
     else:
         dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
-    dtypes, notes = resolve_dtypes(dtypes, device)
+    try:
+        dtypes, notes = resolve_dtypes(dtypes, device)
+    except ValueError as e:
+        _fail(f"--dtypes: {e}")
+    if not dtypes:
+        _fail(f"--dtypes is empty; expected some of {', '.join(DTYPES)}")
     if scale == "cpu":
         notes.append("cases scaled down for CPU (batch/32, half the image, a quarter of the channels; N, K, H kept): "
                      "not comparable with GPU numbers")
@@ -151,7 +175,7 @@ def _e2e_config(args, device) -> e2e_mod.E2EConfig:
     if args.e2e_size:
         cfg.size = args.e2e_size
     if args.e2e_widths:
-        cfg.widths = tuple(int(w) for w in args.e2e_widths)
+        cfg.widths = tuple(args.e2e_widths)
     if args.e2e_group_order:
         cfg.group_order = args.e2e_group_order
     if args.e2e_dtype:
@@ -176,21 +200,65 @@ def _route_choices() -> list[dict]:
     return route_tuning.choice_records()
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.summarize:
-        for path in args.summarize:
+def _check_e2e_options(args, backends: list[str]) -> None:
+    """Names the e2e suite would only reject row by row, after the layer suite's minutes."""
+    from ..models import VARIANTS
+
+    bad = [v for v in args.e2e_variants if v not in VARIANTS]
+    if bad or not args.e2e_variants:
+        _fail(f"unknown model variant(s) {', '.join(bad) or '(none given)'} in --e2e-variants; expected some of "
+              f"{', '.join(VARIANTS)}")
+    bad = [b for b in backends if b not in e2e_mod.E2E_BACKENDS]
+    if bad or not backends:
+        _fail(f"unknown backend(s) {', '.join(bad) or '(none given)'} in --e2e-backends; expected some of "
+              f"{', '.join(e2e_mod.E2E_BACKENDS)}")
+    for name in ("e2e_batch", "e2e_size", "e2e_group_order", "e2e_infer_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.e2e_widths is not None and (not args.e2e_widths or min(args.e2e_widths) < 1):
+        _fail(f"--e2e-widths must be positive integers, got {args.e2e_widths}")
+
+
+def _summarize(paths, markdown: bool) -> int:
+    for path in paths:
+        try:
             with open(path, encoding="utf-8") as f:
                 payload = json.load(f)
-            print(f"# {path}\n")
-            print(report.markdown(payload) if args.markdown else report.summarize(payload))
-        return 0
+        except (OSError, ValueError) as e:
+            _fail(f"--summarize: cannot read {path}: {e}")
+        if not isinstance(payload, dict) or payload.get("schema") != report.SCHEMA:
+            _fail(f"--summarize: {path} is not a relaxedconv bench result (no \"schema\": \"{report.SCHEMA}\")")
+        print(f"# {path}\n")
+        print(report.markdown(payload) if markdown else report.summarize(payload))
+    return 0
+
+
+def _list() -> int:
+    from ..models import VARIANTS
+
+    print("layer cases (--cases; --quick: " + ",".join(cases_mod.QUICK) + "):")
+    for name, case in cases_mod.CASES.items():
+        print(f"  {name:<12} {case.describe()}")
+    print("backends (--backends): " + ", ".join(BENCH_BACKENDS))
+    print("dtypes (--dtypes, --e2e-dtype): " + ", ".join(DTYPES))
+    print("e2e variants (--e2e-variants; default " + ",".join(e2e_mod.E2E_VARIANTS) + "): " + ", ".join(VARIANTS))
+    print("e2e backends (--e2e-backends): " + ", ".join(e2e_mod.E2E_BACKENDS))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        return _list()
+    if args.summarize:
+        return _summarize(args.summarize, args.markdown)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("relaxedconv bench: --device cuda but torch sees no GPU")
+            _fail("--device cuda but torch sees no GPU (leave --device out to run on the CPU)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     dispatch.set_auto_policy(args.auto_policy)
@@ -206,8 +274,11 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, warmup_ms=args.warmup_ms or cfg.warmup_ms, rep_ms=args.rep_ms or cfg.rep_ms)
     run_layers = args.suite in ("all", "layers")
     run_e2e = args.suite in ("all", "e2e")
+    e2e_backends = args.e2e_backends if args.e2e_backends is not None else (
+        ["auto", e2e_mod.FLOOR, "triton"] if args.quick else list(e2e_mod.E2E_BACKENDS))
+    if run_e2e:
+        _check_e2e_options(args, e2e_backends)
     e2e_cfg = _e2e_config(args, device) if run_e2e else None
-    e2e_backends = args.e2e_backends or (["auto", e2e_mod.FLOOR, "triton"] if args.quick else list(e2e_mod.E2E_BACKENDS))
 
     payload = {
         "schema": report.SCHEMA,
@@ -292,6 +363,7 @@ def main(argv=None) -> int:
                           f"{_num(row['images_per_s'], '.1f')} img/s, inference {_num(row['infer_images_per_s'], '.1f')} img/s"
                           + (f" ({row['reason'][:100]})" if row["reason"] else ""), flush=True)
                 payload["e2e"].append(row)
+                e2e_mod.add_floor_ratios(payload["e2e"])  # in every save: a run cut short keeps its ratios
                 save()
         e2e_mod.add_floor_ratios(payload["e2e"])
         payload["e2e"] = _sorted_rows(payload["e2e"], args.e2e_variants, [e2e_cfg.dtype], e2e_backends, "variant")
