@@ -403,3 +403,39 @@ def test_an_e2e_run_cut_short_keeps_the_floor_ratios_of_what_it_measured(tmp_pat
     rows = {r["backend"]: r for r in json.loads(out.read_text())["e2e"]}
     assert set(rows) == {"conv2d", "auto"}
     assert rows["auto"]["x_floor"] == pytest.approx(1.5) and rows["auto"]["infer_x_floor"] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("module, argv, says", [
+    ("auto_cost", ["--cases", "G1,T9"], "unknown case 'T9'"),
+    ("auto_cost", ["--cases", ","], "--cases is empty"),
+    ("opcount", ["--variants", "t2,se3"], "unknown variant(s) se3"),
+    ("opcount", ["--backends", "expand"], "unknown backend(s) expand"),
+    ("time_split", ["--backends", "tritn"], "unknown backend(s) ['tritn']"),
+    ("time_split", ["--cases", ""], "unknown case(s) (none given)"),
+])
+def test_helper_commands_refuse_a_bad_name_before_running(module, argv, says, capsys):
+    import importlib
+
+    main = importlib.import_module(f"relaxedconv.benchmark.{module}").main
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_time_split_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    from relaxedconv.benchmark import time_split
+
+    def fake(case, backend, device, dtype):
+        if case.name == "T2":
+            raise KeyboardInterrupt  # device_check.sh's timeout
+        part = {"wall_ms": 1.0, "device_ms": None, "aten_ops": 3}
+        return {"case": case.name, "backend": backend, "dtype": "float32", "whole": part, "kernel_net": part,
+                "conv": part, "top": ""}
+
+    monkeypatch.setattr(time_split, "split_case", fake)
+    monkeypatch.setattr(time_split, "small_op_host_us", lambda device: 1.0)
+    out = tmp_path / "split.json"
+    with pytest.raises(KeyboardInterrupt):
+        time_split.main(["--cases", "T1,T2", "--backends", "factored_torch", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["case"], r["backend"]) for r in rows] == [("T1", "factored_torch")] and "top" not in rows[0]
