@@ -2,6 +2,7 @@
 reports backends that cannot run. Tiny shapes only; the timings themselves are not checked."""
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -439,3 +440,38 @@ def test_time_split_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
         time_split.main(["--cases", "T1,T2", "--backends", "factored_torch", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [(r["case"], r["backend"]) for r in rows] == [("T1", "factored_torch")] and "top" not in rows[0]
+
+
+def _bench_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    saved = os.environ.copy()  # the scripts set TRITON_INTERPRET=1 on import: not for the GPU tests after this one
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return module
+
+
+@pytest.mark.parametrize("script, argv, says", [
+    ("layer_passes", ["T1", "T9"], "unknown case(s) T9"),
+    ("knet_traffic", ["T9"], "unknown case(s) T9"),
+    ("layer_host_time", ["--calls", "0"], "--calls must be at least 1"),
+])
+def test_bench_scripts_refuse_bad_arguments_in_one_line(script, argv, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _bench_script(script).main(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_knet_opcount_script_refuses_an_unknown_case():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "knet_opcount.py"
+    res = subprocess.run([sys.executable, str(script), "T9"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown case(s) T9" in res.stderr and "Traceback" not in res.stderr
