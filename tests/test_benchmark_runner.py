@@ -475,3 +475,104 @@ def test_knet_opcount_script_refuses_an_unknown_case():
     script = Path(__file__).resolve().parents[1] / "bench" / "knet_opcount.py"
     res = subprocess.run([sys.executable, str(script), "T9"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "unknown case(s) T9" in res.stderr and "Traceback" not in res.stderr
+
+
+# ---- bench/device_check.sh: run on a GPU machine with minutes to spare, so a wrong option, an
+# unknown case or a summary that cannot read its JSON must show here, on a CPU, first.
+def _device_check():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "device_check.sh"
+    return path, re.sub(r"\\\n\s*", " ", path.read_text())  # continuation lines joined
+
+
+def _device_check_commands(out_dir) -> list[tuple[str, list[str]]]:
+    """(step name, argv after "$PY") of every run_step, with $OUT replaced."""
+    import shlex
+
+    _, text = _device_check()
+    found = []
+    for line in text.splitlines():
+        m = re.search(r'\brun_step (\w+) \d+ "\$PY" (.*)$', line)
+        if m:
+            found.append((m.group(1), shlex.split(m.group(2).replace("$OUT", str(out_dir)))))
+    return found
+
+
+def test_device_check_steps_are_the_ones_it_knows():
+    _, text = _device_check()
+    all_steps = re.search(r'^ALL_STEPS="([^"]+)"', text, re.M).group(1).split()
+    wanted = set(re.findall(r"\bwant (\w+)", text))
+    assert set(all_steps) == wanted, (set(all_steps) ^ wanted)
+    for suggested in re.findall(r'STEPS="([^"$]+)"', text):  # the header's suggested calls
+        assert set(suggested.split()) <= set(all_steps), suggested
+
+
+def test_device_check_refuses_an_unknown_step_before_doing_anything(tmp_path):
+    path, _ = _device_check()
+    env = {**os.environ, "STEPS": "tests kernel", "OUT": str(tmp_path / "out"), "PYTHON": "false"}
+    res = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 2 and "unknown step 'kernel'" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_check_command_lines_parse_and_its_summary_reads_their_json(tmp_path, monkeypatch):
+    """Every command device_check.sh runs, with its own options, on this CPU: the benchmark runs
+    with --time-budget 0 (every row skipped, the JSON written as on a GPU), the other tools up to
+    the point where they would need the GPU; then the script's summary block on those files."""
+    from relaxedconv.benchmark import auto_cost, time_split
+    from relaxedconv.kernels import step_bench
+
+    monkeypatch.setattr(dispatch, "_policy_override", None)  # auto_cost sets the measure policy
+    threads = torch.get_num_threads()  # and one thread
+    monkeypatch.setattr(time_split, "small_op_host_us", lambda device: 1.0)
+    part = {"wall_ms": 1.0, "device_ms": None, "aten_ops": 3}
+    monkeypatch.setattr(time_split, "split_case", lambda case, backend, device, dtype: {
+        "case": case.name, "backend": backend, "dtype": "float32", "whole": part, "kernel_net": part, "conv": part,
+        "top": ""})
+    monkeypatch.setattr(auto_cost, "first_call_cost", lambda case, device: {
+        "case": case.name, "layer": case.describe(), "first_s": 1.0, "steady_s": 0.1, "choosing_s": 0.9,
+        "backends_timed": ["expand_conv"], "chosen": "expand_conv", "median_ms": {"expand_conv": 1.0}, "skipped": {},
+        "calls_per_backend": 8})
+    commands = _device_check_commands(tmp_path)
+    written = []
+    for name, argv in commands:
+        assert argv[0] == "-m", (name, argv)
+        module, args = argv[1], argv[2:]
+        if module == "relaxedconv.benchmark":
+            assert runner.main([*args, "--time-budget", "0", "--device", "cpu"]) == 0, name
+            written.append(args[args.index("--json") + 1])
+        elif module == "relaxedconv.kernels.step_bench":
+            with monkeypatch.context() as m:
+                m.setattr(torch.cuda, "is_available", lambda: False)
+                assert step_bench.main(args) == 2, name  # options and cases accepted; then "no CUDA device"
+        elif module == "relaxedconv.benchmark.time_split":
+            assert time_split.main(args) == 0, name
+            assert json.loads(open(args[args.index("--json") + 1]).read())["rows"], name
+        elif module == "relaxedconv.benchmark.auto_cost":
+            assert auto_cost.main(args) == 0, name
+        elif module == "pytest" and "bench/test_bench_layers.py" in args:
+            pytest.importorskip("pytest_benchmark")
+            res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *args], capture_output=True,
+                                 text=True, timeout=120, cwd=str(_device_check()[0].parents[1]))
+            assert res.returncode == 0 and "test_layer_fwd_bwd[G4-auto]" in res.stdout, res.stdout + res.stderr
+        elif module == "pytest":
+            assert args[-1] == "tests", (name, args)
+        else:
+            raise AssertionError(f"device_check.sh runs {module} ({name}): teach this test to check it")
+    torch.set_num_threads(threads)
+    assert {n for n, _ in commands} >= {"tests", "kernel_steps", "bench_layers", "bench_e2e", "auto_cost"}
+
+    _, text = _device_check()
+    call = re.search(r'"\$PY" - ((?:"\$OUT/[\w.]+" *)+)<<\'EOF\'', text)
+    summarized = [p.replace("$OUT", str(tmp_path)) for p in re.findall(r'"(\$OUT/[\w.]+)"', call.group(1))]
+    assert sorted(summarized) == sorted(written), "the summary reads every benchmark JSON the check writes"
+    block = re.findall(r"<<'EOF' 2>&1 \| tee -a \"\$SUMMARY\"\n(.*?)\nEOF\n", text, re.S)[-1]
+    (tmp_path / "partial.json").write_text(open(written[0]).read()[:200])  # a file cut mid-way: reported, not fatal
+    res = subprocess.run([sys.executable, "-", *summarized, str(tmp_path / "partial.json"), str(tmp_path / "none.json")],
+                         input=block, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    for path in summarized:
+        assert f"{path}: " in res.stdout and f"{path}: missing" not in res.stdout, path
+    assert "partial.json: unreadable" in res.stdout and "none.json: missing" in res.stdout
+    assert "rows: {'skipped':" in res.stdout and "target (issues 6 and 10, H100)" in res.stdout
