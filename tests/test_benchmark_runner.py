@@ -576,3 +576,15 @@ def test_device_check_command_lines_parse_and_its_summary_reads_their_json(tmp_p
         assert f"{path}: " in res.stdout and f"{path}: missing" not in res.stdout, path
     assert "partial.json: unreadable" in res.stdout and "none.json: missing" in res.stdout
     assert "rows: {'skipped':" in res.stdout and "target (issues 6 and 10, H100)" in res.stdout
+
+
+def test_cuda_graph_modes_without_a_gpu_say_that_no_graphs_are_captured(tmp_path, capsys):
+    """torch.compile(mode='reduce-overhead') on a CPU silently runs Inductor alone: rows marked
+    reduce-overhead would pass for CUDA-graph figures."""
+    out = tmp_path / "g.json"
+    assert runner.main(["--device", "cpu", "--cases", "T1", "--layer-compile", "reduce-overhead", "--e2e-compile",
+                        "reduce-overhead", "--time-budget", "0", "--json", str(out)]) == 0
+    notes = json.loads(out.read_text())["notes"]
+    for option in ("--layer-compile", "--e2e-compile"):
+        assert any(n.startswith(f"{option} reduce-overhead without CUDA: no CUDA graphs") for n in notes), notes
+    assert "no CUDA graphs are captured" in capsys.readouterr().out

@@ -165,6 +165,10 @@ def _resolve(args, device: torch.device):
                      "not comparable with GPU numbers")
     if "triton" in args.backends and not on_gpu:
         notes.append(NO_GPU)
+    for option, mode in (("--layer-compile", args.layer_compile), ("--e2e-compile", args.e2e_compile)):
+        if mode == "reduce-overhead" and not on_gpu:  # torch.compile then runs Inductor alone, silently
+            notes.append(f"{option} reduce-overhead without CUDA: no CUDA graphs are captured; the rows marked "
+                         "reduce-overhead measure Inductor's code alone")
     return cases, dtypes, scale, notes
 
 
