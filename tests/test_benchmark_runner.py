@@ -588,3 +588,14 @@ def test_cuda_graph_modes_without_a_gpu_say_that_no_graphs_are_captured(tmp_path
     for option in ("--layer-compile", "--e2e-compile"):
         assert any(n.startswith(f"{option} reduce-overhead without CUDA: no CUDA graphs") for n in notes), notes
     assert "no CUDA graphs are captured" in capsys.readouterr().out
+
+
+def test_markdown_of_a_run_cut_short_shows_the_targets_its_rows_give():
+    """A GPU run killed before its end has "targets": []; --summarize recomputed them from the rows,
+    --summarize --markdown left them out."""
+    rows = [_row("T1", "triton", 1.0, peak=10.0), _row("T1", "materialize", 30.0, peak=200.0)]
+    payload = {"meta": {"card": "GPU", "torch": "t", "triton": "t", "date": "d", "device": "cuda"}, "command": "c",
+               "settings": {}, "cases": {}, "layers": rows, "targets": [], "e2e": []}
+    md = report.markdown(payload)
+    assert "| T1 bf16: triton f+b speedup over materialize | 30 | >= 20.0 | pass |" in md
+    assert md == report.markdown({**payload, "targets": report.targets(rows)})

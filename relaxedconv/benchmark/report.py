@@ -213,7 +213,8 @@ def markdown(payload: dict) -> str:
     if payload.get("layers"):
         lines += ["fwd+bwd median ms per backend" + (" (peak MiB)" if payload["meta"].get("device") == "cuda" else "")
                   + "; → the backend auto chose:", "", markdown_pivot(payload), ""]
-        measured = [t for t in payload.get("targets", []) if t["status"] != "not measured"]
+        # a run cut short has no targets yet: from its rows, as summarize() does
+        measured = [t for t in payload.get("targets") or targets(payload["layers"]) if t["status"] != "not measured"]
         if measured and payload["meta"].get("device") == "cuda":  # the targets are for an H100
             lines += [_md_table(["target (H100)", "value", "limit", "status"],
                                 [[t["target"], _fmt(t["value"], ".3g"), t["limit"], t["status"]] for t in measured]), ""]
