@@ -599,3 +599,17 @@ def test_markdown_of_a_run_cut_short_shows_the_targets_its_rows_give():
     md = report.markdown(payload)
     assert "| T1 bf16: triton f+b speedup over materialize | 30 | >= 20.0 | pass |" in md
     assert md == report.markdown({**payload, "targets": report.targets(rows)})
+
+
+@pytest.mark.parametrize("suite, backends, e2e_backends, expect", [
+    ("e2e", "triton", "conv2d,expand_conv", set()),
+    ("e2e", "auto", "conv2d,triton", {NO_GPU}),
+    ("layers", "auto", "triton", {"scaled"}),
+    ("layers", "triton,auto", "conv2d", {"scaled", NO_GPU}),
+])
+def test_notes_are_about_the_suite_that_runs(suite, backends, e2e_backends, expect, tmp_path):
+    out = tmp_path / "n.json"
+    assert runner.main(["--device", "cpu", "--suite", suite, "--cases", "G1", "--backends", backends,
+                        "--e2e-backends", e2e_backends, "--time-budget", "0", "--json", str(out)]) == 0
+    notes = json.loads(out.read_text())["notes"]
+    assert {("scaled" if n.startswith("cases scaled down for CPU") else n) for n in notes} == expect, notes

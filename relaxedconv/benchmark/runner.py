@@ -134,7 +134,7 @@ class Budget:
         return f"time budget ({self.seconds:.0f} s) spent" if self.seconds is not None else "no time budget"
 
 
-def _resolve(args, device: torch.device):
+def _resolve(args, device: torch.device, e2e_backends: list[str]):
     on_gpu = device.type == "cuda"
     scale = args.scale if args.scale != "auto" else ("full" if on_gpu else "cpu")
     names = args.cases if args.cases is not None else list(cases_mod.QUICK if args.quick else cases_mod.CASES)
@@ -160,13 +160,14 @@ def _resolve(args, device: torch.device):
         _fail(f"--dtypes: {e}")
     if not dtypes:
         _fail(f"--dtypes is empty; expected some of {', '.join(DTYPES)}")
-    if scale == "cpu":
+    layers, e2e = args.suite in ("all", "layers"), args.suite in ("all", "e2e")
+    if scale == "cpu" and layers:  # (the e2e model has its own CPU configuration, printed with its table)
         notes.append("cases scaled down for CPU (batch/32, half the image, a quarter of the channels; N, K, H kept): "
                      "not comparable with GPU numbers")
-    if "triton" in args.backends and not on_gpu:
+    if not on_gpu and ((layers and "triton" in args.backends) or (e2e and "triton" in e2e_backends)):
         notes.append(NO_GPU)
-    for option, mode in (("--layer-compile", args.layer_compile), ("--e2e-compile", args.e2e_compile)):
-        if mode == "reduce-overhead" and not on_gpu:  # torch.compile then runs Inductor alone, silently
+    for option, mode, runs in (("--layer-compile", args.layer_compile, layers), ("--e2e-compile", args.e2e_compile, e2e)):
+        if runs and mode == "reduce-overhead" and not on_gpu:  # torch.compile then runs Inductor alone, silently
             notes.append(f"{option} reduce-overhead without CUDA: no CUDA graphs are captured; the rows marked "
                          "reduce-overhead measure Inductor's code alone")
     return cases, dtypes, scale, notes
@@ -272,14 +273,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
     budget_s = args.time_budget if args.time_budget is not None else (QUICK_BUDGET_S if args.quick else None)
     budget = Budget(budget_s)
-    cases, dtypes, scale, notes = _resolve(args, device)
-    cfg = QUICK if args.quick else FULL
-    if args.warmup_ms is not None or args.rep_ms is not None:
-        cfg = dataclasses.replace(cfg, warmup_ms=args.warmup_ms or cfg.warmup_ms, rep_ms=args.rep_ms or cfg.rep_ms)
     run_layers = args.suite in ("all", "layers")
     run_e2e = args.suite in ("all", "e2e")
     e2e_backends = args.e2e_backends if args.e2e_backends is not None else (
         ["auto", e2e_mod.FLOOR, "triton"] if args.quick else list(e2e_mod.E2E_BACKENDS))
+    cases, dtypes, scale, notes = _resolve(args, device, e2e_backends)
+    cfg = QUICK if args.quick else FULL
+    if args.warmup_ms is not None or args.rep_ms is not None:
+        cfg = dataclasses.replace(cfg, warmup_ms=args.warmup_ms or cfg.warmup_ms, rep_ms=args.rep_ms or cfg.rep_ms)
     if run_e2e:
         _check_e2e_options(args, e2e_backends)
     e2e_cfg = _e2e_config(args, device) if run_e2e else None
