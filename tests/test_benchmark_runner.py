@@ -335,6 +335,10 @@ def test_metadata_records_the_switches_that_change_what_is_measured(monkeypatch)
     (["--e2e-backends", ""], "(none given) in --e2e-backends"),
     (["--suite", "e2e", "--e2e-widths", "0,8"], "--e2e-widths must be positive"),
     (["--suite", "e2e", "--e2e-batch", "0"], "--e2e-batch must be at least 1"),
+    (["--threads", "-1"], "--threads must be at least 1"),
+    (["--rep-ms", "0"], "--rep-ms must be above 0"),
+    (["--warmup-ms", "-5"], "--warmup-ms must be above 0"),
+    (["--row-time-limit", "-1"], "--row-time-limit must be at least 0"),
 ])
 def test_a_bad_option_is_one_line_and_exit_2_before_anything_is_measured(argv, says, monkeypatch, capsys):
     """A typo in a GPU session's command line must stop it at once with a clear line, not raise a

@@ -252,8 +252,18 @@ def _list() -> int:
     return 0
 
 
+def _check_numbers(args) -> None:
+    for option, value, low, strict in (("--warmup-ms", args.warmup_ms, 0, True), ("--rep-ms", args.rep_ms, 0, True),
+                                       ("--threads", args.threads, 1, False),
+                                       ("--time-budget", args.time_budget, 0, False),
+                                       ("--row-time-limit", args.row_time_limit, 0, False)):
+        if value is not None and (value <= low if strict else value < low):
+            _fail(f"{option} must be {'above' if strict else 'at least'} {low}, got {value:g}")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _check_numbers(args)
     if args.list:
         return _list()
     if args.summarize:
