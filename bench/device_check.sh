@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The one GPU check (issues 6, 9, 10, 13). From the repository root:
 #
-#     bash bench/device_check.sh                       # every step, ~24 min worst case (over one call)
+#     bash bench/device_check.sh                       # every step, ~25 min worst case (over one call)
 #     STEPS="tests kernels" bash bench/device_check.sh # only some steps (a command may run 10 min:
 #                                                      # split the check over two calls if needed)
 #
 # Steps, each under its own `timeout` so that one hung step does not lose the others
-# (worst case ~24 min; the benchmark steps also stop starting new measurements at their budget
+# (worst case ~25 min; the benchmark steps also stop starting new measurements at their budget
 # and rewrite their JSON after every measurement, so a killed step keeps what it measured):
 #
 #   0. environment (nvidia-smi, versions) and install (pip -e, no network)          <= 45 s
@@ -41,7 +41,7 @@
 #   device_summary.txt  tests.log  kernel_steps.log  kernel_steps.json  time_split{,_fused}.{log,json}
 #   bench_layers{,_tf32,_compiled,_graphs,_fused_knet,_fused_knet_graphs}.{log,json}
 #   bench_e2e{,_graphs,_graphs_trans,_graphs_trans_fused_knet}.{log,json}  auto_cost.log  pytest_bench.log
-# Worst case of all steps ~24 min, more than a session's 15 device minutes: choose. Calls of <= 10 min,
+# Worst case of all steps ~25 min (the limits add up to 1,470 s), more than a session's 15 device minutes: choose. Calls of <= 10 min,
 # e.g. STEPS="tests kernels split fused_knet" (~7 min with the install: the GPU tests of new kernels first),
 # STEPS="layers compiled" (~7.7 min), STEPS="e2e graphs graphs_trans fused_knet_e2e" (~8 min),
 # STEPS="auto pytest_bench".

@@ -617,3 +617,17 @@ def test_notes_are_about_the_suite_that_runs(suite, backends, e2e_backends, expe
                         "--e2e-backends", e2e_backends, "--time-budget", "0", "--json", str(out)]) == 0
     notes = json.loads(out.read_text())["notes"]
     assert {("scaled" if n.startswith("cases scaled down for CPU") else n) for n in notes} == expect, notes
+
+
+def test_device_check_states_its_worst_case_from_its_own_limits():
+    """The header's and README's worst case is the sum of the steps' timeouts and the install's 45 s."""
+    from pathlib import Path
+
+    _, text = _device_check()
+    limits = [int(n) for n in re.findall(r'\brun_step \w+ (\d+) "\$PY"', text)]
+    install = int(re.search(r'timeout (\d+) "\$PY" -m pip install', text).group(1))
+    total = f"{sum(limits) + install:,}"
+    assert f"the limits add up to {total} s" in text
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"time limits add up to {total} s" in readme
+    assert f"~{-(-(sum(limits) + install) // 60)} min worst case" in readme  # minutes, rounded up
