@@ -355,6 +355,20 @@ def test_a_bad_option_is_one_line_and_exit_2_before_anything_is_measured(argv, s
     assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+def test_a_result_path_that_cannot_be_written_fails_before_the_first_measurement(tmp_path, monkeypatch, capsys):
+    def never(*a, **k):
+        raise AssertionError("measured although the result could not be saved")
+
+    monkeypatch.setattr(runner, "measure", never)
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path, tmp_path / "file" / "run.json"):  # a directory; under a file
+        with pytest.raises(SystemExit) as exc:
+            runner.main(["--device", "cpu", "--suite", "layers", "--cases", "G1", "--json", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and "cannot write the result file" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.parent.glob(f"{tmp_path.name}.tmp"))  # no temporary file left beside the directory
+
+
 def test_e2e_widths_must_be_integers(capsys):
     with pytest.raises(SystemExit) as exc:
         runner.build_parser().parse_args(["--e2e-widths", "a,b"])

@@ -189,7 +189,11 @@ def write_json(path, payload: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # e.g. path is a directory: leave no stray temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _md_table(header, rows) -> str:

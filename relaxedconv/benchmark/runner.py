@@ -328,6 +328,10 @@ def main(argv=None) -> int:
         if args.json:
             report.write_json(args.json, payload)
 
+    try:  # before the first measurement: a path that cannot be written fails now, not after minutes of work
+        save()
+    except OSError as e:
+        _fail(f"--json {args.json}: cannot write the result file ({e.strerror or e})")
     m = payload["meta"]
     print(f"relaxedconv bench on {m['card']} | torch {m['torch']} | triton {m['triton']} | "
           f"commit {str(m['commit'])[:10]} | {m['date']}")
