@@ -206,6 +206,10 @@ def main(argv=None) -> int:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         os.replace(tmp, args.json)
 
+    try:  # before the first measurement: a path that cannot be written fails now, not after the GPU's minutes
+        save()
+    except OSError as e:
+        ap.error(f"--json {args.json}: cannot write ({e.strerror or e})")
     for name, s in shapes.items():
         got = measure(s, device, dtype)
         pred = _predicted(s, card)

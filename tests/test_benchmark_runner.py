@@ -645,3 +645,19 @@ def test_device_check_states_its_worst_case_from_its_own_limits():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"time limits add up to {total} s" in readme
     assert f"~{-(-(sum(limits) + install) // 60)} min worst case" in readme  # minutes, rounded up
+
+
+def test_helper_commands_refuse_a_result_path_they_cannot_write_before_measuring(tmp_path, monkeypatch, capsys):
+    from relaxedconv.benchmark import opcount, time_split
+
+    def never(*a, **k):
+        raise AssertionError("measured although the result could not be saved")
+
+    monkeypatch.setattr(time_split, "split_case", never)
+    monkeypatch.setattr(opcount, "training_step_counts", never)
+    bad = str(tmp_path)  # a directory
+    for main, argv in ((time_split.main, ["--cases", "T1", "--backends", "factored_torch"]),
+                       (opcount.main, ["--variants", "t2", "--backends", "expand_conv"])):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--json", bad])
+        assert exc.value.code == 2 and "cannot write" in capsys.readouterr().err

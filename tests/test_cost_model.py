@@ -67,6 +67,21 @@ def test_step_bench_without_a_gpu_says_so_in_one_line(capsys):
     assert "no CUDA device" in err and len(err.splitlines()) == 1
 
 
+def test_step_bench_refuses_a_result_path_it_cannot_write_before_measuring(tmp_path, monkeypatch, capsys):
+    from relaxedconv.kernels import common, step_bench
+
+    if not common.interpreting():
+        pytest.skip("checked through --cpu-smoke, which needs the Triton interpreter")
+
+    def never(*a, **k):
+        raise AssertionError("measured although the result could not be saved")
+
+    monkeypatch.setattr(step_bench, "measure", never)
+    with pytest.raises(SystemExit) as e:
+        step_bench.main(["--cpu-smoke", "--json", str(tmp_path)])  # a directory
+    assert e.value.code == 2 and "cannot write" in capsys.readouterr().err
+
+
 def test_step_bench_runs_every_step_and_compares_with_the_model(tmp_path, capsys):
     from relaxedconv.kernels import common, step_bench
 

@@ -202,6 +202,12 @@ def main(argv=None) -> int:
     bad = [b for b in backends if b not in known]
     if bad or not backends:
         ap.error(f"unknown backend(s) {', '.join(bad) or '(none given)'}; expected some of {', '.join(known)}")
+    if args.json:  # a path that cannot be written fails before the first count
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write("[]\n")
+        except OSError as e:
+            ap.error(f"--json {args.json}: cannot write ({e.strerror or e})")
     torch.set_num_threads(1)
     rows = []
     for variant in variants:

@@ -130,7 +130,10 @@ def main(argv=None) -> int:
                 "torch": torch.__version__, "small_op_host_us": host_us,
                 "rows": [{k: v for k, v in r.items() if k != "top"} for r in rows]})
 
-    save()
+    try:  # before the first measurement: a path that cannot be written fails now
+        save()
+    except OSError as e:
+        ap.error(f"--json {args.json}: cannot write ({e.strerror or e})")
     for name in names:
         case = cases_mod.CASES[name]
         if device.type != "cuda":
