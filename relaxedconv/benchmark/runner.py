@@ -37,7 +37,8 @@ LAYER_SHARE = 0.7  # of a budget, when both suites run
 
 
 def _csv(s: str) -> list[str]:
-    return [t.strip() for t in s.split(",") if t.strip()]
+    """Comma-separated names, each once (a repeated case or backend would be measured twice)."""
+    return list(dict.fromkeys(t.strip() for t in s.split(",") if t.strip()))
 
 
 def _int_csv(s: str) -> list[int]:
@@ -242,7 +243,7 @@ def _summarize(paths, markdown: bool) -> int:
 def _list() -> int:
     from ..models import VARIANTS
 
-    print("layer cases (--cases; --quick: " + ",".join(cases_mod.QUICK) + "):")
+    print("layer cases (--cases; --quick: " + ",".join(cases_mod.QUICK) + "), at full size (a CPU run scales them down):")
     for name, case in cases_mod.CASES.items():
         print(f"  {name:<12} {case.describe()}")
     print("backends (--backends): " + ", ".join(BENCH_BACKENDS))
