@@ -374,6 +374,7 @@ def test_e2e_widths_must_be_integers(capsys):
         runner.build_parser().parse_args(["--e2e-widths", "a,b"])
     assert exc.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
     assert runner.build_parser().parse_args(["--e2e-widths", "8,16"]).e2e_widths == [8, 16]
+    assert runner.build_parser().parse_args(["--e2e-widths", "8,8"]).e2e_widths == [8, 8]
     assert runner.build_parser().parse_args(["--cases", "G1,T1,G1", "--backends", "auto,auto"]).cases == ["G1", "T1"]
 
 

@@ -43,7 +43,7 @@ def _csv(s: str) -> list[str]:
 
 def _int_csv(s: str) -> list[int]:
     try:
-        return [int(t) for t in _csv(s)]
+        return [int(t) for t in s.split(",") if t.strip()]  # widths may repeat: 32,32 is two blocks
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 32,64; got {s!r}") from None
 
