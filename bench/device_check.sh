@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The one GPU check (issues 6, 9, 10, 13). From the repository root:
 #
-#     bash bench/device_check.sh                       # every step, ~24 min worst case (over one call)
+#     bash bench/device_check.sh                       # every step, ~25 min worst case (over one call)
 #     STEPS="tests kernels" bash bench/device_check.sh # only some steps (a command may run 10 min:
 #                                                      # split the check over two calls if needed)
 #
 # Steps, each under its own `timeout` so that one hung step does not lose the others
-# (worst case ~24 min; the benchmark steps also stop starting new measurements at their budget
+# (worst case ~25 min; the benchmark steps also stop starting new measurements at their budget
 # and rewrite their JSON after every measurement, so a killed step keeps what it measured):
 #
 #   0. environment (nvidia-smi, versions) and install (pip -e, no network)          <= 45 s
@@ -41,11 +41,12 @@
 #   device_summary.txt  tests.log  kernel_steps.log  kernel_steps.json  time_split{,_fused}.{log,json}
 #   bench_layers{,_tf32,_compiled,_graphs,_fused_knet,_fused_knet_graphs}.{log,json}
 #   bench_e2e{,_graphs,_graphs_trans,_graphs_trans_fused_knet}.{log,json}  auto_cost.log  pytest_bench.log
-# Worst case of all steps ~24 min, more than a session's 15 device minutes: choose. Calls of <= 10 min,
+# Worst case of all steps ~25 min (the limits add up to 1,470 s), more than a session's 15 device minutes: choose. Calls of <= 10 min,
 # e.g. STEPS="tests kernels split fused_knet" (~7 min with the install: the GPU tests of new kernels first),
 # STEPS="layers compiled" (~7.7 min), STEPS="e2e graphs graphs_trans fused_knet_e2e" (~8 min),
 # STEPS="auto pytest_bench".
-# Exit status: 0 when every step passed, else 1 (all steps run regardless).
+# Exit status: 0 when every step passed, else 1 (all steps run regardless); 2 (nothing run) when STEPS names
+# a step that does not exist. Check the command lines on a CPU first: pytest tests/test_benchmark_runner.py -k device_check.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 # Each step is a new process: keep the autotuner's timings on disk so later steps (and a second
@@ -53,14 +54,22 @@ export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING="${TRITON_CACHE_AUTOTUNING:-1}"
 cd "$(dirname "$0")/.."
 
+ALL_STEPS="tests kernels split layers compiled fused_knet e2e graphs graphs_trans fused_knet_e2e auto pytest_bench"
+STEPS="${STEPS:-$ALL_STEPS}"
+# A misspelt step would be skipped without a word, and the session's device minutes spent on the rest.
+for step in $STEPS; do
+  case " $ALL_STEPS " in
+    *" $step "*) ;;
+    *) echo "device_check.sh: unknown step '$step' in STEPS; expected some of: $ALL_STEPS" >&2; exit 2 ;;
+  esac
+done
+
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 SUMMARY="$OUT/device_summary.txt"
 : > "$SUMMARY"
 FAILED=0
 PY="${PYTHON:-python}"
-
-STEPS="${STEPS:-tests kernels split layers compiled fused_knet e2e graphs graphs_trans fused_knet_e2e auto pytest_bench}"
 
 log() { echo "$*" | tee -a "$SUMMARY"; }
 want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -188,8 +197,12 @@ for path in sys.argv[1:]:
     if not os.path.exists(path):
         print(f"{path}: missing")
         continue
-    d = json.load(open(path))
-    m = d["meta"]
+    try:
+        d = json.load(open(path))
+        m = d["meta"]
+    except (ValueError, KeyError, TypeError) as e:  # one unreadable file must not hide the others
+        print(f"{path}: unreadable ({type(e).__name__}: {e})")
+        continue
     print(f"{path}: {m['card']} | torch {m['torch']} | triton {m['triton']} | {m['date']} | {d['elapsed_s']} s")
     if d.get("layers"):
         rows = d["layers"]

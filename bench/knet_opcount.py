@@ -26,7 +26,13 @@ if __name__ == "__main__":
     def stub(name, *args, **kwargs):
         launches.append(name)
 
-    for name in sys.argv[1:] or ["T1", "T2", "G1"]:
+    names = sys.argv[1:] or ["T1", "T2", "G1"]
+    unknown = [n for n in names if n not in C.CASES]
+    if unknown:
+        print(f"knet_opcount.py: unknown case(s) {', '.join(unknown)}; expected some of {', '.join(C.CASES)}",
+              file=sys.stderr)
+        sys.exit(2)
+    for name in names:
         case = dataclasses.replace(C.CASES[name], batch=2)
         layer = C.build_layer(case, device)
         hw = (case.out_size,) * 2

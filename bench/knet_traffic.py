@@ -160,6 +160,11 @@ def main(argv=None) -> int:
     ap.add_argument("--card", choices=sorted(CARDS), default="H200")
     ap.add_argument("--time", action="store_true", help="also time fwd+bwd on this CPU")
     args = ap.parse_args(argv)
+    from relaxedconv.benchmark.cases import CASES
+
+    unknown = [n for n in args.cases if n not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}; expected some of {', '.join(CASES)}")
     tflops, tbps, launch_us = CARDS[args.card]
     print(f"| case | form | dispatched | launches | over Z-sized tensors | GB moved | GFLOP (products) | kept MiB | "
           f"{args.card} estimate µs (bytes + products + launches) | CPU ms ({torch.get_num_threads()} threads) |")
@@ -171,7 +176,7 @@ def main(argv=None) -> int:
             form = "split" if split else "direct"
             print(f"| {name} | {form} | {t.dispatched} | {t.launches} | {sum(t.large.values())} | {t.bytes / 1e9:.2f} | "
                   f"{2 * t.macs / 1e9:.2f} | {kept / 2**20:.0f} | {sum(est):.0f} ({est[0]:.0f} + {est[1]:.0f} + {est[2]:.0f}) | "
-                  f"{seconds * 1e3:.0f} |")
+                  f"{'-' if seconds != seconds else format(seconds * 1e3, '.0f')} |")  # NaN: not timed (no --time)
         print(f"| {name} | the layer's default: {'split' if splits_by_default(name) else 'direct'} | | | | | | | | |")
     if args.time:
         direct, split = (min(tiny_layer_host_us(f) for _ in range(3)) for f in (False, True))

@@ -66,9 +66,11 @@ def host_us(make_layer, backend: str, calls: int = 200, runs: int = 5, autocast:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--calls", type=int, default=200, help="calls per timed run (best of 5 runs; default 200)")
     ap.add_argument("--autocast", action="store_true", help="fp32 input under bf16 autocast")
     args = ap.parse_args(argv)
+    if args.calls < 1:
+        ap.error("--calls must be at least 1")
     torch.set_num_threads(1)
     from relaxedconv.kernels import common
 

@@ -53,6 +53,11 @@ def main(argv=None) -> int:
     ap.add_argument("cases", nargs="*", default=["T1", "T2"])
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     args = ap.parse_args(argv)
+    from relaxedconv.benchmark.cases import CASES
+
+    unknown = [n for n in args.cases if n not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}; expected some of {', '.join(CASES)}")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     for name in args.cases:
         total, compute, passes, z_numel = count_layer(name, dtype)

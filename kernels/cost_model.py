@@ -412,8 +412,8 @@ def main(argv=None) -> int:
     card = CARDS[args.card]
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
-    if unknown:
-        ap.error(f"unknown case(s) {unknown}; choose from {sorted(CASES)}")
+    if unknown or not names:
+        ap.error(f"unknown case(s) {unknown or '(none given)'}; choose from {sorted(CASES)}")
     shapes = {c: shape_of_case(CASES[c]) for c in names}
     if args.summary:
         print(f"{card.name}: predicted ms (bf16) — {card.source}")

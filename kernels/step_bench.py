@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
@@ -170,6 +172,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: run every step once on a tiny shape under the interpreter")
     args = ap.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES]
+    if unknown or not names:  # checked first: a CPU run of the same command line catches a typo
+        ap.error(f"unknown case(s) {unknown or '(none given)'}; choose from {sorted(CASES)}")
     if args.cpu_smoke:
         if not common.interpreting():
             ap.error("--cpu-smoke needs TRITON_INTERPRET=1 (the kernels run in Triton's interpreter on the CPU)")
@@ -177,11 +182,9 @@ def main(argv=None) -> int:
         device, dtype = torch.device("cpu"), torch.float32
     else:
         if not torch.cuda.is_available():
-            print("step_bench: no CUDA device; run it on a GPU (or --cpu-smoke with TRITON_INTERPRET=1 to check it runs)")
+            print("step_bench: no CUDA device; run it on a GPU (or --cpu-smoke with TRITON_INTERPRET=1 to check it runs)",
+                  file=sys.stderr)
             return 2
-        unknown = [c for c in names if c not in CASES]
-        if unknown:
-            ap.error(f"unknown case(s) {unknown}; choose from {sorted(CASES)}")
         shapes = {c: cost_model.shape_of_case(CASES[c]) for c in names}
         device, dtype = torch.device("cuda"), torch.bfloat16
     if args.card == "auto":
@@ -192,24 +195,35 @@ def main(argv=None) -> int:
     print(f"step_bench on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (interpreter: timings meaningless)'}; "
           f"model: {card.name}")
     print(f"{'case':12s} {'step':34s} {'measured µs':>12s} {'predicted µs':>13s} {'ratio':>6s}")
+    def save():  # after every case: a run cut short (device_check.sh's timeout) keeps what it measured
+        if not args.json:
+            return
+        meta = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+                "model_card": card.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "routes": route_tuning.choice_records()}
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        os.replace(tmp, args.json)
+
+    try:  # before the first measurement: a path that cannot be written fails now, not after the GPU's minutes
+        save()
+    except OSError as e:
+        ap.error(f"--json {args.json}: cannot write ({e.strerror or e})")
     for name, s in shapes.items():
         got = measure(s, device, dtype)
         pred = _predicted(s, card)
         for step, us in got.items():
             pu = pred.get(step)
-            ratio = us / pu if pu else float("nan")
+            ratio = us / pu if pu else None  # None, not NaN: the JSON stays standard
             rows.append({"case": name, "step": step, "measured_us": us, "predicted_us": pu, "ratio": ratio})
-            print(f"{name:12s} {step:34s} {us:12.1f} {pu if pu is not None else float('nan'):13.1f} {ratio:6.2f}")
-    chosen = route_tuning.choice_records()
-    for c in chosen:
+            print(f"{name:12s} {step:34s} {us:12.1f} {'-' if pu is None else format(pu, '.1f'):>13s} "
+                  f"{'-' if ratio is None else format(ratio, '.2f'):>6s}")
+        save()
+    for c in route_tuning.choice_records():
         print(f"route {c['step']} {' '.join(c['shape'])}: {c['route']} (ms: {c['times_ms']}"
               f"{'; skipped: ' + str(c['skipped']) if c['skipped'] else ''})")
-    if args.json:
-        meta = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-                "model_card": card.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "routes": chosen}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    save()
     return 0
 
 

@@ -2,6 +2,7 @@
 reports backends that cannot run. Tiny shapes only; the timings themselves are not checked."""
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -321,3 +322,344 @@ def test_metadata_records_the_switches_that_change_what_is_measured(monkeypatch)
     assert "RELAXEDCONV_COMMIT" not in meta["env"] and meta["commit"] == "abc123"
     monkeypatch.delenv("RELAXEDCONV_FUSED_KERNEL_NET")
     assert "RELAXEDCONV_FUSED_KERNEL_NET" not in environment.collect(torch.device("cpu"))["env"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--dtypes", "bf61"], "unknown dtype 'bf61'"),
+    (["--dtypes", ","], "--dtypes is empty"),
+    (["--cases", ""], "--cases is empty"),
+    (["--cases", "T9"], "unknown case 'T9'"),
+    (["--backends", "tritn"], "unknown backend(s) tritn in --backends"),
+    (["--suite", "e2e", "--e2e-variants", "se2,se2_rott"], "unknown model variant(s) se2_rott"),
+    (["--suite", "e2e", "--e2e-backends", "conv2d,expand"], "unknown backend(s) expand in --e2e-backends"),
+    (["--e2e-backends", ""], "(none given) in --e2e-backends"),
+    (["--suite", "e2e", "--e2e-widths", "0,8"], "--e2e-widths must be positive"),
+    (["--suite", "e2e", "--e2e-batch", "0"], "--e2e-batch must be at least 1"),
+    (["--threads", "-1"], "--threads must be at least 1"),
+    (["--rep-ms", "0"], "--rep-ms must be above 0"),
+    (["--warmup-ms", "-5"], "--warmup-ms must be above 0"),
+    (["--row-time-limit", "-1"], "--row-time-limit must be at least 0"),
+])
+def test_a_bad_option_is_one_line_and_exit_2_before_anything_is_measured(argv, says, monkeypatch, capsys):
+    """A typo in a GPU session's command line must stop it at once with a clear line, not raise a
+    traceback (--dtypes), nor run silently into error rows after the layer suite's minutes (e2e)."""
+    def never(*a, **k):
+        raise AssertionError("measured despite a bad option")
+
+    monkeypatch.setattr(runner, "measure", never)
+    monkeypatch.setattr(runner.e2e_mod, "measure_step", never)
+    with pytest.raises(SystemExit) as exc:
+        runner.main([*argv, "--device", "cpu", "--json", ""])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_result_path_that_cannot_be_written_fails_before_the_first_measurement(tmp_path, monkeypatch, capsys):
+    def never(*a, **k):
+        raise AssertionError("measured although the result could not be saved")
+
+    monkeypatch.setattr(runner, "measure", never)
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path, tmp_path / "file" / "run.json"):  # a directory; under a file
+        with pytest.raises(SystemExit) as exc:
+            runner.main(["--device", "cpu", "--suite", "layers", "--cases", "G1", "--json", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and "cannot write the result file" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.parent.glob(f"{tmp_path.name}.tmp"))  # no temporary file left beside the directory
+
+
+def test_e2e_widths_must_be_integers(capsys):
+    with pytest.raises(SystemExit) as exc:
+        runner.build_parser().parse_args(["--e2e-widths", "a,b"])
+    assert exc.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+    assert runner.build_parser().parse_args(["--e2e-widths", "8,16"]).e2e_widths == [8, 16]
+    assert runner.build_parser().parse_args(["--e2e-widths", "8,8"]).e2e_widths == [8, 8]
+    assert runner.build_parser().parse_args(["--cases", "G1,T1,G1", "--backends", "auto,auto"]).cases == ["G1", "T1"]
+
+
+def test_summarize_reads_result_files_and_refuses_others(tmp_path, capsys):
+    good = tmp_path / "run.json"
+    report.write_json(good, {"schema": report.SCHEMA, "meta": {"card": "cpu", "torch": "t", "triton": "t", "date": "d",
+                                                               "commit": "c"},
+                             "command": "relaxedconv bench", "settings": {}, "layers": [], "e2e": [], "targets": []})
+    assert runner.main(["--summarize", str(good)]) == 0
+    other = tmp_path / "time_split.json"
+    other.write_text(json.dumps({"device": "cpu", "rows": []}))
+    for path, says in ((tmp_path / "missing.json", "cannot read"), (other, "not a relaxedconv bench result")):
+        with pytest.raises(SystemExit) as exc:
+            runner.main(["--summarize", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and says in err and len(err.splitlines()) == 1
+
+
+def test_list_names_every_case_variant_and_backend(capsys):
+    """time_split's and launch_trace's --help point at `relaxedconv bench --list` for the case names."""
+    from relaxedconv.models import VARIANTS
+
+    assert runner.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in [*cases_mod.CASES, *VARIANTS, *runner.BENCH_BACKENDS]:
+        assert re.search(rf"(^|[\s,]){re.escape(name)}($|[\s,])", out, re.M), name
+
+
+def test_an_e2e_run_cut_short_keeps_the_floor_ratios_of_what_it_measured(tmp_path, monkeypatch):
+    """device_check.sh ends a step past its limit with SIGINT; the rows saved by then must carry
+    x_floor (computed at the end only, they had none)."""
+    from relaxedconv.benchmark import e2e
+
+    def fake(variant, backend, device, cfg):
+        if backend == "expand_conv":
+            raise KeyboardInterrupt  # the step's timeout
+        row = e2e.base_row(variant, backend, cfg)
+        ms = {"conv2d": 2.0, "auto": 3.0}[backend]
+        row.update(status="ok", step_ms=ms, infer_ms=ms / 2, images_per_s=cfg.batch / ms * 1e3)
+        return row
+
+    monkeypatch.setattr(runner.e2e_mod, "measure_step", fake)
+    out = tmp_path / "e2e.json"
+    with pytest.raises(KeyboardInterrupt):
+        runner.main(["--suite", "e2e", "--device", "cpu", "--e2e-variants", "t2",
+                     "--e2e-backends", "conv2d,auto,expand_conv", "--json", str(out)])
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["e2e"]}
+    assert set(rows) == {"conv2d", "auto"}
+    assert rows["auto"]["x_floor"] == pytest.approx(1.5) and rows["auto"]["infer_x_floor"] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("module, argv, says", [
+    ("auto_cost", ["--cases", "G1,T9"], "unknown case 'T9'"),
+    ("auto_cost", ["--cases", ","], "--cases is empty"),
+    ("opcount", ["--variants", "t2,se3"], "unknown variant(s) se3"),
+    ("opcount", ["--backends", "expand"], "unknown backend(s) expand"),
+    ("time_split", ["--backends", "tritn"], "unknown backend(s) ['tritn']"),
+    ("time_split", ["--cases", ""], "unknown case(s) (none given)"),
+])
+def test_helper_commands_refuse_a_bad_name_before_running(module, argv, says, capsys):
+    import importlib
+
+    main = importlib.import_module(f"relaxedconv.benchmark.{module}").main
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_time_split_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    from relaxedconv.benchmark import time_split
+
+    def fake(case, backend, device, dtype):
+        if case.name == "T2":
+            raise KeyboardInterrupt  # device_check.sh's timeout
+        part = {"wall_ms": 1.0, "device_ms": None, "aten_ops": 3}
+        return {"case": case.name, "backend": backend, "dtype": "float32", "whole": part, "kernel_net": part,
+                "conv": part, "top": ""}
+
+    monkeypatch.setattr(time_split, "split_case", fake)
+    monkeypatch.setattr(time_split, "small_op_host_us", lambda device: 1.0)
+    out = tmp_path / "split.json"
+    with pytest.raises(KeyboardInterrupt):
+        time_split.main(["--cases", "T1,T2", "--backends", "factored_torch", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["case"], r["backend"]) for r in rows] == [("T1", "factored_torch")] and "top" not in rows[0]
+
+
+def _bench_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    saved = os.environ.copy()  # the scripts set TRITON_INTERPRET=1 on import: not for the GPU tests after this one
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return module
+
+
+@pytest.mark.parametrize("script, argv, says", [
+    ("layer_passes", ["T1", "T9"], "unknown case(s) T9"),
+    ("knet_traffic", ["T9"], "unknown case(s) T9"),
+    ("layer_host_time", ["--calls", "0"], "--calls must be at least 1"),
+])
+def test_bench_scripts_refuse_bad_arguments_in_one_line(script, argv, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _bench_script(script).main(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_knet_opcount_script_refuses_an_unknown_case():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "knet_opcount.py"
+    res = subprocess.run([sys.executable, str(script), "T9"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown case(s) T9" in res.stderr and "Traceback" not in res.stderr
+
+
+# ---- bench/device_check.sh: run on a GPU machine with minutes to spare, so a wrong option, an
+# unknown case or a summary that cannot read its JSON must show here, on a CPU, first.
+def _device_check():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "device_check.sh"
+    return path, re.sub(r"\\\n\s*", " ", path.read_text())  # continuation lines joined
+
+
+def _device_check_commands(out_dir) -> list[tuple[str, list[str]]]:
+    """(step name, argv after "$PY") of every run_step, with $OUT replaced."""
+    import shlex
+
+    _, text = _device_check()
+    found = []
+    for line in text.splitlines():
+        m = re.search(r'\brun_step (\w+) \d+ "\$PY" (.*)$', line)
+        if m:
+            found.append((m.group(1), shlex.split(m.group(2).replace("$OUT", str(out_dir)))))
+    return found
+
+
+def test_device_check_steps_are_the_ones_it_knows():
+    _, text = _device_check()
+    all_steps = re.search(r'^ALL_STEPS="([^"]+)"', text, re.M).group(1).split()
+    wanted = set(re.findall(r"\bwant (\w+)", text))
+    assert set(all_steps) == wanted, (set(all_steps) ^ wanted)
+    for suggested in re.findall(r'STEPS="([^"$]+)"', text):  # the header's suggested calls
+        assert set(suggested.split()) <= set(all_steps), suggested
+
+
+def test_device_check_refuses_an_unknown_step_before_doing_anything(tmp_path):
+    path, _ = _device_check()
+    env = {**os.environ, "STEPS": "tests kernel", "OUT": str(tmp_path / "out"), "PYTHON": "false"}
+    res = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 2 and "unknown step 'kernel'" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_check_command_lines_parse_and_its_summary_reads_their_json(tmp_path, monkeypatch):
+    """Every command device_check.sh runs, with its own options, on this CPU: the benchmark runs
+    with --time-budget 0 (every row skipped, the JSON written as on a GPU), the other tools up to
+    the point where they would need the GPU; then the script's summary block on those files."""
+    from relaxedconv.benchmark import auto_cost, time_split
+    from relaxedconv.kernels import step_bench
+
+    monkeypatch.setattr(dispatch, "_policy_override", None)  # auto_cost sets the measure policy
+    threads = torch.get_num_threads()  # and one thread
+    monkeypatch.setattr(time_split, "small_op_host_us", lambda device: 1.0)
+    part = {"wall_ms": 1.0, "device_ms": None, "aten_ops": 3}
+    monkeypatch.setattr(time_split, "split_case", lambda case, backend, device, dtype: {
+        "case": case.name, "backend": backend, "dtype": "float32", "whole": part, "kernel_net": part, "conv": part,
+        "top": ""})
+    monkeypatch.setattr(auto_cost, "first_call_cost", lambda case, device: {
+        "case": case.name, "layer": case.describe(), "first_s": 1.0, "steady_s": 0.1, "choosing_s": 0.9,
+        "backends_timed": ["expand_conv"], "chosen": "expand_conv", "median_ms": {"expand_conv": 1.0}, "skipped": {},
+        "calls_per_backend": 8})
+    commands = _device_check_commands(tmp_path)
+    written = []
+    for name, argv in commands:
+        assert argv[0] == "-m", (name, argv)
+        module, args = argv[1], argv[2:]
+        if module == "relaxedconv.benchmark":
+            assert runner.main([*args, "--time-budget", "0", "--device", "cpu"]) == 0, name
+            written.append(args[args.index("--json") + 1])
+        elif module == "relaxedconv.kernels.step_bench":
+            with monkeypatch.context() as m:
+                m.setattr(torch.cuda, "is_available", lambda: False)
+                assert step_bench.main(args) == 2, name  # options and cases accepted; then "no CUDA device"
+        elif module == "relaxedconv.benchmark.time_split":
+            assert time_split.main(args) == 0, name
+            assert json.loads(open(args[args.index("--json") + 1]).read())["rows"], name
+        elif module == "relaxedconv.benchmark.auto_cost":
+            assert auto_cost.main(args) == 0, name
+        elif module == "pytest" and "bench/test_bench_layers.py" in args:
+            pytest.importorskip("pytest_benchmark")
+            res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *args], capture_output=True,
+                                 text=True, timeout=120, cwd=str(_device_check()[0].parents[1]))
+            assert res.returncode == 0 and "test_layer_fwd_bwd[G4-auto]" in res.stdout, res.stdout + res.stderr
+        elif module == "pytest":
+            assert args[-1] == "tests", (name, args)
+        else:
+            raise AssertionError(f"device_check.sh runs {module} ({name}): teach this test to check it")
+    torch.set_num_threads(threads)
+    assert {n for n, _ in commands} >= {"tests", "kernel_steps", "bench_layers", "bench_e2e", "auto_cost"}
+
+    _, text = _device_check()
+    call = re.search(r'"\$PY" - ((?:"\$OUT/[\w.]+" *)+)<<\'EOF\'', text)
+    summarized = [p.replace("$OUT", str(tmp_path)) for p in re.findall(r'"(\$OUT/[\w.]+)"', call.group(1))]
+    assert sorted(summarized) == sorted(written), "the summary reads every benchmark JSON the check writes"
+    block = re.findall(r"<<'EOF' 2>&1 \| tee -a \"\$SUMMARY\"\n(.*?)\nEOF\n", text, re.S)[-1]
+    (tmp_path / "partial.json").write_text(open(written[0]).read()[:200])  # a file cut mid-way: reported, not fatal
+    res = subprocess.run([sys.executable, "-", *summarized, str(tmp_path / "partial.json"), str(tmp_path / "none.json")],
+                         input=block, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    for path in summarized:
+        assert f"{path}: " in res.stdout and f"{path}: missing" not in res.stdout, path
+    assert "partial.json: unreadable" in res.stdout and "none.json: missing" in res.stdout
+    assert "rows: {'skipped':" in res.stdout and "target (issues 6 and 10, H100)" in res.stdout
+
+
+def test_cuda_graph_modes_without_a_gpu_say_that_no_graphs_are_captured(tmp_path, capsys):
+    """torch.compile(mode='reduce-overhead') on a CPU silently runs Inductor alone: rows marked
+    reduce-overhead would pass for CUDA-graph figures."""
+    out = tmp_path / "g.json"
+    assert runner.main(["--device", "cpu", "--cases", "T1", "--layer-compile", "reduce-overhead", "--e2e-compile",
+                        "reduce-overhead", "--time-budget", "0", "--json", str(out)]) == 0
+    notes = json.loads(out.read_text())["notes"]
+    for option in ("--layer-compile", "--e2e-compile"):
+        assert any(n.startswith(f"{option} reduce-overhead without CUDA: no CUDA graphs") for n in notes), notes
+    assert "no CUDA graphs are captured" in capsys.readouterr().out
+
+
+def test_markdown_of_a_run_cut_short_shows_the_targets_its_rows_give():
+    """A GPU run killed before its end has "targets": []; --summarize recomputed them from the rows,
+    --summarize --markdown left them out."""
+    rows = [_row("T1", "triton", 1.0, peak=10.0), _row("T1", "materialize", 30.0, peak=200.0)]
+    payload = {"meta": {"card": "GPU", "torch": "t", "triton": "t", "date": "d", "device": "cuda"}, "command": "c",
+               "settings": {}, "cases": {}, "layers": rows, "targets": [], "e2e": []}
+    md = report.markdown(payload)
+    assert "| T1 bf16: triton f+b speedup over materialize | 30 | >= 20.0 | pass |" in md
+    assert md == report.markdown({**payload, "targets": report.targets(rows)})
+
+
+@pytest.mark.parametrize("suite, backends, e2e_backends, expect", [
+    ("e2e", "triton", "conv2d,expand_conv", set()),
+    ("e2e", "auto", "conv2d,triton", {NO_GPU}),
+    ("layers", "auto", "triton", {"scaled"}),
+    ("layers", "triton,auto", "conv2d", {"scaled", NO_GPU}),
+])
+def test_notes_are_about_the_suite_that_runs(suite, backends, e2e_backends, expect, tmp_path):
+    out = tmp_path / "n.json"
+    assert runner.main(["--device", "cpu", "--suite", suite, "--cases", "G1", "--backends", backends,
+                        "--e2e-backends", e2e_backends, "--time-budget", "0", "--json", str(out)]) == 0
+    notes = json.loads(out.read_text())["notes"]
+    assert {("scaled" if n.startswith("cases scaled down for CPU") else n) for n in notes} == expect, notes
+
+
+def test_device_check_states_its_worst_case_from_its_own_limits():
+    """The header's and README's worst case is the sum of the steps' timeouts and the install's 45 s."""
+    from pathlib import Path
+
+    _, text = _device_check()
+    limits = [int(n) for n in re.findall(r'\brun_step \w+ (\d+) "\$PY"', text)]
+    install = int(re.search(r'timeout (\d+) "\$PY" -m pip install', text).group(1))
+    total = f"{sum(limits) + install:,}"
+    assert f"the limits add up to {total} s" in text
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"time limits add up to {total} s" in readme
+    assert f"~{-(-(sum(limits) + install) // 60)} min worst case" in readme  # minutes, rounded up
+
+
+def test_helper_commands_refuse_a_result_path_they_cannot_write_before_measuring(tmp_path, monkeypatch, capsys):
+    from relaxedconv.benchmark import opcount, time_split
+
+    def never(*a, **k):
+        raise AssertionError("measured although the result could not be saved")
+
+    monkeypatch.setattr(time_split, "split_case", never)
+    monkeypatch.setattr(opcount, "training_step_counts", never)
+    bad = str(tmp_path)  # a directory
+    for main, argv in ((time_split.main, ["--cases", "T1", "--backends", "factored_torch"]),
+                       (opcount.main, ["--variants", "t2", "--backends", "expand_conv"])):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--json", bad])
+        assert exc.value.code == 2 and "cannot write" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The kernels' FLOP/byte model: consistent with the benchmark's operation counts and with the
 kernels' own configs, and printable for every benchmark case (it is quoted in bench/README.md)."""
 import pytest
+import torch
 
 from relaxedconv.benchmark import flops
 from relaxedconv.benchmark.cases import CASES
@@ -39,10 +40,46 @@ def test_the_model_prints_every_case(capsys):
     assert "| T1 | bwd | fold" in capsys.readouterr().out
 
 
-def test_an_unknown_case_is_a_usage_error():
+@pytest.mark.parametrize("cases", ["T9", ",", ""])
+def test_an_unknown_case_is_a_usage_error(cases):
     with pytest.raises(SystemExit) as e:
-        cost_model.main(["--cases", "T9"])
+        cost_model.main(["--cases", cases])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("cases", ["T1,T9", ""])
+def test_step_bench_checks_its_cases_before_it_asks_for_a_gpu(cases, capsys):
+    """A typo in device_check.sh's step_bench line shows on a CPU run of the same line, not only
+    on the GPU."""
+    from relaxedconv.kernels import step_bench
+
+    with pytest.raises(SystemExit) as e:
+        step_bench.main(["--cases", cases])
+    assert e.value.code == 2 and "unknown case(s)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message")
+def test_step_bench_without_a_gpu_says_so_in_one_line(capsys):
+    from relaxedconv.kernels import step_bench
+
+    assert step_bench.main(["--cases", "T1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA device" in err and len(err.splitlines()) == 1
+
+
+def test_step_bench_refuses_a_result_path_it_cannot_write_before_measuring(tmp_path, monkeypatch, capsys):
+    from relaxedconv.kernels import common, step_bench
+
+    if not common.interpreting():
+        pytest.skip("checked through --cpu-smoke, which needs the Triton interpreter")
+
+    def never(*a, **k):
+        raise AssertionError("measured although the result could not be saved")
+
+    monkeypatch.setattr(step_bench, "measure", never)
+    with pytest.raises(SystemExit) as e:
+        step_bench.main(["--cpu-smoke", "--json", str(tmp_path)])  # a directory
+    assert e.value.code == 2 and "cannot write" in capsys.readouterr().err
 
 
 def test_step_bench_runs_every_step_and_compares_with_the_model(tmp_path, capsys):
@@ -54,7 +91,10 @@ def test_step_bench_runs_every_step_and_compares_with_the_model(tmp_path, capsys
     assert step_bench.main(["--cpu-smoke", "--json", str(out)]) == 0
     import json
 
-    rows = json.loads(out.read_text())["rows"]
+    def no_nan(name):
+        raise AssertionError(f"{name} in the JSON: not standard JSON, other readers refuse it")
+
+    rows = json.loads(out.read_text(), parse_constant=no_nan)["rows"]
     steps = {r["step"] for r in rows}
     assert {"u", "dz", "v + fold", "dx direct", "forward (whole)", "backward (whole, U given)",
             "kernel net forward (fused, tf32 products)", "kernel net backward (fused, tf32x3 products)"} <= steps

@@ -1,8 +1,11 @@
-"""The design document the code cites exists and has every section cited (issue 12, item 11)."""
+"""The design document the code cites exists and has every section cited (issue 12, item 11); the
+benchmark command lines the READMEs show name real options, cases and steps, and run."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DESIGN = ROOT / "docs" / "design.md"
@@ -36,3 +39,119 @@ def test_readme_and_help_point_to_the_design_document():
         slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
         assert anchor in slugs, anchor
     assert "docs/design.md" in _usage() and "docs/design.md" in train_parser().format_help()
+
+
+# ---- the benchmark command lines of README.md and bench/README.md run as written ---------------
+BENCH_DOCS = (ROOT / "README.md", ROOT / "bench" / "README.md")
+_TOOL = re.compile(r"(relaxedconv bench|python -m relaxedconv\.(?:benchmark(?:\.\w+)?|kernels\.\w+)"
+                   r"|python (?:bench|relaxedconv/benchmark)/\w+\.py)(?![\w.])([^;&`]*)")
+_PLACEHOLDER = re.compile(r"[<\[{|]|\.\.\.")
+
+
+def _doc_commands(text: str) -> list[str]:
+    """Lines of bash blocks (comments cut) and inline code spans (joined over line breaks)."""
+    cmds = []
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S):
+        cmds += [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    cmds += [re.sub(r"\s+", " ", span).strip() for span in re.findall(r"`([^`]+)`", prose)]
+    return cmds
+
+
+def _bench_tool_commands() -> list[tuple[str, str, str]]:
+    """(document, tool, its arguments) of every benchmark-side command line the documents show."""
+    out = []
+    for doc in BENCH_DOCS:
+        for cmd in _doc_commands(doc.read_text()):
+            for m in _TOOL.finditer(cmd):
+                out.append((doc.name, m.group(1), m.group(2).split("  #")[0].strip()))
+    return out
+
+
+def _tool_main(tool: str):
+    import importlib
+    import importlib.util
+    import os
+
+    if tool in ("relaxedconv bench", "python -m relaxedconv.benchmark"):
+        tool = "python -m relaxedconv.benchmark.runner"
+    if tool.startswith("python -m "):
+        return importlib.import_module(tool.split()[-1]).main
+    path = ROOT / tool.split()[-1]
+    if path.parts[-3:-1] == ("relaxedconv", "benchmark"):
+        return importlib.import_module(f"relaxedconv.benchmark.{path.stem}").main
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    saved = os.environ.copy()  # the scripts set TRITON_INTERPRET=1 on import
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return getattr(module, "main", None)  # knet_opcount.py takes case names only
+
+
+def test_benchmark_command_lines_in_the_readmes_name_real_options_and_cases(capsys):
+    from relaxedconv.benchmark.cases import CASES
+
+    commands = _bench_tool_commands()
+    tools = {tool for _, tool, _ in commands}
+    assert {"relaxedconv bench", "python -m relaxedconv.kernels.step_bench", "python bench/knet_traffic.py"} <= tools
+    options = {}
+    for tool in sorted(tools):
+        main = _tool_main(tool)
+        if main is None:
+            options[tool] = set()
+            continue
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(["--help"])
+        assert exc.value.code == 0, tool
+        options[tool] = set(re.findall(r"(?<![\w-])--[\w-]+", capsys.readouterr().out))
+    bad = []
+    for doc, tool, args in commands:
+        for opt in re.findall(r"(?<![\w-])--[\w-]+", args):
+            if opt not in options[tool]:
+                bad.append(f"{doc}: `{tool} {args}`: no option {opt}")
+        for m in re.finditer(r"--cases? ([\w,-]+)", args):
+            bad += [f"{doc}: `{tool} {args}`: no case {c}" for c in m.group(1).split(",") if c not in CASES]
+        if tool.startswith("python bench/"):  # positional case names
+            positional = re.match(r"((?:(?!-)[\w-]+ ?)*)", args).group(1).split()
+            bad += [f"{doc}: `{tool} {args}`: no case {c}" for c in positional if c not in CASES]
+    assert not bad, "\n".join(bad)
+
+
+def test_complete_bench_command_lines_in_the_readmes_run(tmp_path, monkeypatch, capsys):
+    """Each `relaxedconv bench ...` the documents show without placeholders, with --time-budget 0
+    (every measurement skipped; the options, names and output as in a real run)."""
+    import shlex
+
+    import torch
+
+    from relaxedconv import dispatch
+    from relaxedconv.benchmark import runner
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(dispatch, "_policy_override", None)
+    threads = torch.get_num_threads()
+    ran = 0
+    try:
+        for doc, tool, args in _bench_tool_commands():
+            if tool not in ("relaxedconv bench", "python -m relaxedconv.benchmark") or _PLACEHOLDER.search(args):
+                continue
+            out = tmp_path / f"run{ran}.json"
+            code = runner.main([*shlex.split(args), "--time-budget", "0", "--device", "cpu", "--json", str(out)])
+            assert code == 0, f"{doc}: `{tool} {args}`"
+            assert out.exists() or "--summarize" in args, f"{doc}: `{tool} {args}`"
+            ran += 1
+    finally:
+        torch.set_num_threads(threads)
+    assert ran >= 8
+
+
+def test_device_check_calls_in_the_readmes_name_real_steps():
+    text = (ROOT / "bench" / "device_check.sh").read_text()
+    steps = set(re.search(r'^ALL_STEPS="([^"]+)"', text, re.M).group(1).split())
+    for doc in BENCH_DOCS:
+        for named in re.findall(r'STEPS="([^"$]+)"', doc.read_text()):
+            assert set(named.split()) <= steps, f"{doc.name}: STEPS=\"{named}\""

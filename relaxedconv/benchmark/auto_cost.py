@@ -56,13 +56,22 @@ def first_call_cost(case, device) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m relaxedconv.benchmark.auto_cost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="G1,G4,T1")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cases", default="G1,G4,T1", help="comma-separated benchmark cases (relaxedconv bench --list)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error("--threads must be at least 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    try:
+        cases = cases_mod.select(names, scale="full" if device.type == "cuda" else "cpu")
+    except ValueError as e:
+        ap.error(str(e))
+    if not cases:
+        ap.error("--cases is empty")
     torch.set_num_threads(args.threads)
     dispatch.set_auto_policy("measure")
-    for case in cases_mod.select(args.cases.split(","), scale="full" if device.type == "cuda" else "cpu"):
+    for case in cases:
         r = first_call_cost(case, device)
         print(f"{r['case']} ({r['layer']}): choosing {r['choosing_s']:.2f} s (first fwd+bwd {r['first_s']:.2f} s, "
               f"steady {r['steady_s'] * 1e3:.1f} ms); {r['calls_per_backend']} calls of each of "

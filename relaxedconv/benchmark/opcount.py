@@ -190,10 +190,28 @@ def main(argv=None) -> int:
                     help="every forward under CPU autocast in this dtype (the GPU e2e benchmark runs bf16)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    from relaxedconv.dispatch import BACKENDS
+    from relaxedconv.models import VARIANTS
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        ap.error(f"unknown variant(s) {', '.join(bad) or '(none given)'}; expected some of {', '.join(VARIANTS)}")
+    known = (*BACKENDS, "conv2d")
+    bad = [b for b in backends if b not in known]
+    if bad or not backends:
+        ap.error(f"unknown backend(s) {', '.join(bad) or '(none given)'}; expected some of {', '.join(known)}")
+    if args.json:  # a path that cannot be written fails before the first count
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write("[]\n")
+        except OSError as e:
+            ap.error(f"--json {args.json}: cannot write ({e.strerror or e})")
     torch.set_num_threads(1)
     rows = []
-    for variant in args.variants.split(","):
-        for backend in args.backends.split(","):
+    for variant in variants:
+        for backend in backends:
             r = training_step_counts(variant, backend, autocast=args.autocast)
             rows.append(r)
             layers = r["layer_fwd_bwd_ops"]
@@ -202,9 +220,9 @@ def main(argv=None) -> int:
                   f"Adam {r['optimizer_ops']} ops, "
                   f"eval forward {r['eval_forward_ops']:>4} ops, per layer fwd+bwd "
                   f"{min(layers.values())}-{max(layers.values())} ops over {len(layers)} layers", flush=True)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+            if args.json:  # after every row: a run cut short keeps what it counted
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump(rows, f, indent=1)
     return 0
 
 

@@ -189,7 +189,11 @@ def write_json(path, payload: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # e.g. path is a directory: leave no stray temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _md_table(header, rows) -> str:
@@ -213,7 +217,8 @@ def markdown(payload: dict) -> str:
     if payload.get("layers"):
         lines += ["fwd+bwd median ms per backend" + (" (peak MiB)" if payload["meta"].get("device") == "cuda" else "")
                   + "; → the backend auto chose:", "", markdown_pivot(payload), ""]
-        measured = [t for t in payload.get("targets", []) if t["status"] != "not measured"]
+        # a run cut short has no targets yet: from its rows, as summarize() does
+        measured = [t for t in payload.get("targets") or targets(payload["layers"]) if t["status"] != "not measured"]
         if measured and payload["meta"].get("device") == "cuda":  # the targets are for an H100
             lines += [_md_table(["target (H100)", "value", "limit", "status"],
                                 [[t["target"], _fmt(t["value"], ".3g"), t["limit"], t["status"]] for t in measured]), ""]

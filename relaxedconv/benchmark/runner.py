@@ -37,7 +37,21 @@ LAYER_SHARE = 0.7  # of a budget, when both suites run
 
 
 def _csv(s: str) -> list[str]:
-    return [t.strip() for t in s.split(",") if t.strip()]
+    """Comma-separated names, each once (a repeated case or backend would be measured twice)."""
+    return list(dict.fromkeys(t.strip() for t in s.split(",") if t.strip()))
+
+
+def _int_csv(s: str) -> list[int]:
+    try:
+        return [int(t) for t in s.split(",") if t.strip()]  # widths may repeat: 32,32 is two blocks
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 32,64; got {s!r}") from None
+
+
+def _fail(message: str):
+    """A bad option: one line on stderr, exit status 2 (argparse's), no traceback."""
+    print(f"relaxedconv bench: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layer-compile", choices=COMPILE_MODES, default="off",
                     help="time every layer row under torch.compile with this mode (Inductor fuses the kernel net; "
                     "reduce-overhead: CUDA graphs); the first calls (compilation) are not timed; default off")
-    ap.add_argument("--e2e-variants", type=_csv, default=list(e2e_mod.E2E_VARIANTS))
+    ap.add_argument("--e2e-variants", type=_csv, default=list(e2e_mod.E2E_VARIANTS),
+                    help=f"comma-separated model variants (default: {','.join(e2e_mod.E2E_VARIANTS)}; any of "
+                    "relaxedconv.models.VARIANTS)")
     ap.add_argument("--e2e-backends", type=_csv, default=None,
                     help=f"default: {','.join(e2e_mod.E2E_BACKENDS)} (--quick: auto,{e2e_mod.FLOOR},triton); "
                     f"{e2e_mod.FLOOR} = the same network with plain nn.Conv2d weights of the expanded shapes, the floor "
@@ -80,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--e2e-infer-batch", type=int, default=None, help="inference batch (default 256 on CUDA, 8 on CPU)")
     ap.add_argument("--e2e-batch", type=int, default=None)
     ap.add_argument("--e2e-size", type=int, default=None)
-    ap.add_argument("--e2e-widths", type=_csv, default=None, help="block widths, e.g. 32,64")
+    ap.add_argument("--e2e-widths", type=_int_csv, default=None, help="block widths, e.g. 32,64")
     ap.add_argument("--e2e-group-order", type=int, default=None)
     ap.add_argument("--e2e-dtype", choices=tuple(DTYPES), default=None,
                     help="default: bf16 (autocast) on CUDA, fp32 on CPU")
@@ -100,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
                     help="print the tables of existing result files instead of running")
     ap.add_argument("--markdown", action="store_true", help="with --summarize: Markdown tables (for bench/README.md)")
+    ap.add_argument("--list", action="store_true", help="list the layer cases (--cases), e2e variants and backends, and exit")
     return ap
 
 
@@ -118,29 +135,42 @@ class Budget:
         return f"time budget ({self.seconds:.0f} s) spent" if self.seconds is not None else "no time budget"
 
 
-def _resolve(args, device: torch.device):
+def _resolve(args, device: torch.device, e2e_backends: list[str]):
     on_gpu = device.type == "cuda"
     scale = args.scale if args.scale != "auto" else ("full" if on_gpu else "cpu")
-    names = args.cases or list(cases_mod.QUICK if args.quick else cases_mod.CASES)
+    names = args.cases if args.cases is not None else list(cases_mod.QUICK if args.quick else cases_mod.CASES)
+    if not names:
+        _fail(f"--cases is empty; expected some of {', '.join(cases_mod.CASES)}")
     try:
         cases = cases_mod.select(names, scale=scale)
     except ValueError as e:
-        raise SystemExit(f"relaxedconv bench: {e}") from None
+        _fail(str(e))
     bad = [b for b in args.backends if b not in BENCH_BACKENDS]
-    if bad:
-        raise SystemExit(f"relaxedconv bench: unknown backend(s) {bad}; expected some of {BENCH_BACKENDS}")
-    if args.dtypes:
+    if bad or not args.backends:
+        _fail(f"unknown backend(s) {', '.join(bad) or '(none given)'} in --backends; expected some of "
+              f"{', '.join(BENCH_BACKENDS)}")
+    if args.dtypes is not None:
         dtypes = args.dtypes
     elif on_gpu:
         dtypes = ["bf16"] if args.quick else ["tf32", "bf16"]
     else:
         dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
-    dtypes, notes = resolve_dtypes(dtypes, device)
-    if scale == "cpu":
+    try:
+        dtypes, notes = resolve_dtypes(dtypes, device)
+    except ValueError as e:
+        _fail(f"--dtypes: {e}")
+    if not dtypes:
+        _fail(f"--dtypes is empty; expected some of {', '.join(DTYPES)}")
+    layers, e2e = args.suite in ("all", "layers"), args.suite in ("all", "e2e")
+    if scale == "cpu" and layers:  # (the e2e model has its own CPU configuration, printed with its table)
         notes.append("cases scaled down for CPU (batch/32, half the image, a quarter of the channels; N, K, H kept): "
                      "not comparable with GPU numbers")
-    if "triton" in args.backends and not on_gpu:
+    if not on_gpu and ((layers and "triton" in args.backends) or (e2e and "triton" in e2e_backends)):
         notes.append(NO_GPU)
+    for option, mode, runs in (("--layer-compile", args.layer_compile, layers), ("--e2e-compile", args.e2e_compile, e2e)):
+        if runs and mode == "reduce-overhead" and not on_gpu:  # torch.compile then runs Inductor alone, silently
+            notes.append(f"{option} reduce-overhead without CUDA: no CUDA graphs are captured; the rows marked "
+                         "reduce-overhead measure Inductor's code alone")
     return cases, dtypes, scale, notes
 
 
@@ -151,7 +181,7 @@ def _e2e_config(args, device) -> e2e_mod.E2EConfig:
     if args.e2e_size:
         cfg.size = args.e2e_size
     if args.e2e_widths:
-        cfg.widths = tuple(int(w) for w in args.e2e_widths)
+        cfg.widths = tuple(args.e2e_widths)
     if args.e2e_group_order:
         cfg.group_order = args.e2e_group_order
     if args.e2e_dtype:
@@ -176,21 +206,75 @@ def _route_choices() -> list[dict]:
     return route_tuning.choice_records()
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.summarize:
-        for path in args.summarize:
+def _check_e2e_options(args, backends: list[str]) -> None:
+    """Names the e2e suite would only reject row by row, after the layer suite's minutes."""
+    from ..models import VARIANTS
+
+    bad = [v for v in args.e2e_variants if v not in VARIANTS]
+    if bad or not args.e2e_variants:
+        _fail(f"unknown model variant(s) {', '.join(bad) or '(none given)'} in --e2e-variants; expected some of "
+              f"{', '.join(VARIANTS)}")
+    bad = [b for b in backends if b not in e2e_mod.E2E_BACKENDS]
+    if bad or not backends:
+        _fail(f"unknown backend(s) {', '.join(bad) or '(none given)'} in --e2e-backends; expected some of "
+              f"{', '.join(e2e_mod.E2E_BACKENDS)}")
+    for name in ("e2e_batch", "e2e_size", "e2e_group_order", "e2e_infer_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.e2e_widths is not None and (not args.e2e_widths or min(args.e2e_widths) < 1):
+        _fail(f"--e2e-widths must be positive integers, got {args.e2e_widths}")
+
+
+def _summarize(paths, markdown: bool) -> int:
+    for path in paths:
+        try:
             with open(path, encoding="utf-8") as f:
                 payload = json.load(f)
-            print(f"# {path}\n")
-            print(report.markdown(payload) if args.markdown else report.summarize(payload))
-        return 0
+        except (OSError, ValueError) as e:
+            _fail(f"--summarize: cannot read {path}: {e}")
+        if not isinstance(payload, dict) or payload.get("schema") != report.SCHEMA:
+            _fail(f"--summarize: {path} is not a relaxedconv bench result (no \"schema\": \"{report.SCHEMA}\")")
+        print(f"# {path}\n")
+        print(report.markdown(payload) if markdown else report.summarize(payload))
+    return 0
+
+
+def _list() -> int:
+    from ..models import VARIANTS
+
+    print("layer cases (--cases; --quick: " + ",".join(cases_mod.QUICK) + "), at full size (a CPU run scales them down):")
+    for name, case in cases_mod.CASES.items():
+        print(f"  {name:<12} {case.describe()}")
+    print("backends (--backends): " + ", ".join(BENCH_BACKENDS))
+    print("dtypes (--dtypes, --e2e-dtype): " + ", ".join(DTYPES))
+    print("e2e variants (--e2e-variants; default " + ",".join(e2e_mod.E2E_VARIANTS) + "): " + ", ".join(VARIANTS))
+    print("e2e backends (--e2e-backends): " + ", ".join(e2e_mod.E2E_BACKENDS))
+    return 0
+
+
+def _check_numbers(args) -> None:
+    for option, value, low, strict in (("--warmup-ms", args.warmup_ms, 0, True), ("--rep-ms", args.rep_ms, 0, True),
+                                       ("--threads", args.threads, 1, False),
+                                       ("--time-budget", args.time_budget, 0, False),
+                                       ("--row-time-limit", args.row_time_limit, 0, False)):
+        if value is not None and (value <= low if strict else value < low):
+            _fail(f"{option} must be {'above' if strict else 'at least'} {low}, got {value:g}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_numbers(args)
+    if args.list:
+        return _list()
+    if args.summarize:
+        return _summarize(args.summarize, args.markdown)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("relaxedconv bench: --device cuda but torch sees no GPU")
+            _fail("--device cuda but torch sees no GPU (leave --device out to run on the CPU)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     dispatch.set_auto_policy(args.auto_policy)
@@ -200,14 +284,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
     budget_s = args.time_budget if args.time_budget is not None else (QUICK_BUDGET_S if args.quick else None)
     budget = Budget(budget_s)
-    cases, dtypes, scale, notes = _resolve(args, device)
+    run_layers = args.suite in ("all", "layers")
+    run_e2e = args.suite in ("all", "e2e")
+    e2e_backends = args.e2e_backends if args.e2e_backends is not None else (
+        ["auto", e2e_mod.FLOOR, "triton"] if args.quick else list(e2e_mod.E2E_BACKENDS))
+    cases, dtypes, scale, notes = _resolve(args, device, e2e_backends)
     cfg = QUICK if args.quick else FULL
     if args.warmup_ms is not None or args.rep_ms is not None:
         cfg = dataclasses.replace(cfg, warmup_ms=args.warmup_ms or cfg.warmup_ms, rep_ms=args.rep_ms or cfg.rep_ms)
-    run_layers = args.suite in ("all", "layers")
-    run_e2e = args.suite in ("all", "e2e")
+    if run_e2e:
+        _check_e2e_options(args, e2e_backends)
     e2e_cfg = _e2e_config(args, device) if run_e2e else None
-    e2e_backends = args.e2e_backends or (["auto", e2e_mod.FLOOR, "triton"] if args.quick else list(e2e_mod.E2E_BACKENDS))
 
     payload = {
         "schema": report.SCHEMA,
@@ -242,6 +329,10 @@ def main(argv=None) -> int:
         if args.json:
             report.write_json(args.json, payload)
 
+    try:  # before the first measurement: a path that cannot be written fails now, not after minutes of work
+        save()
+    except OSError as e:
+        _fail(f"--json {args.json}: cannot write the result file ({e.strerror or e})")
     m = payload["meta"]
     print(f"relaxedconv bench on {m['card']} | torch {m['torch']} | triton {m['triton']} | "
           f"commit {str(m['commit'])[:10]} | {m['date']}")
@@ -292,6 +383,7 @@ def main(argv=None) -> int:
                           f"{_num(row['images_per_s'], '.1f')} img/s, inference {_num(row['infer_images_per_s'], '.1f')} img/s"
                           + (f" ({row['reason'][:100]})" if row["reason"] else ""), flush=True)
                 payload["e2e"].append(row)
+                e2e_mod.add_floor_ratios(payload["e2e"])  # in every save: a run cut short keeps its ratios
                 save()
         e2e_mod.add_floor_ratios(payload["e2e"])
         payload["e2e"] = _sorted_rows(payload["e2e"], args.e2e_variants, [e2e_cfg.dtype], e2e_backends, "variant")

@@ -18,15 +18,15 @@ Without a GPU it runs scaled-down cases on the CPU (host and device are then the
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from .. import functional
+from .. import dispatch, functional
 from . import cases as cases_mod
+from . import report
 from .timing import synchronize as _sync
 
 
@@ -106,40 +106,52 @@ def split_case(case, backend: str, device, dtype) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m relaxedconv.benchmark.time_split", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="T1,T2", help="benchmark case names (relaxedconv bench --list)")
-    ap.add_argument("--backends", default="triton", help="comma-separated backends")
+    ap.add_argument("--backends", default="triton", help="comma-separated, of " + ", ".join(dispatch.BACKENDS))
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = [c for c in args.cases.split(",") if c]
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in cases_mod.CASES]
-    if unknown:
-        ap.error(f"unknown case(s) {unknown}; known: {', '.join(cases_mod.CASES)}")
+    if unknown or not names:
+        ap.error(f"unknown case(s) {unknown or '(none given)'}; known: {', '.join(cases_mod.CASES)}")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in dispatch.BACKENDS]
+    if unknown or not backends:
+        ap.error(f"unknown backend(s) {unknown or '(none given)'}; known: {', '.join(dispatch.BACKENDS)}")
     host_us = small_op_host_us(device)
     print(f"{device.type}: host cost of one small operator {host_us:.1f} us")
     rows = []
+
+    def save():  # after every row: a run cut short (device_check.sh's timeout) keeps what it measured
+        if args.json:
+            report.write_json(args.json, {
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "torch": torch.__version__, "small_op_host_us": host_us,
+                "rows": [{k: v for k, v in r.items() if k != "top"} for r in rows]})
+
+    try:  # before the first measurement: a path that cannot be written fails now
+        save()
+    except OSError as e:
+        ap.error(f"--json {args.json}: cannot write ({e.strerror or e})")
     for name in names:
         case = cases_mod.CASES[name]
         if device.type != "cuda":
             case = cases_mod.cpu_scaled(case)
-        for backend in args.backends.split(","):
+        for backend in backends:
             try:
                 row = split_case(case, backend, device, dtype)
             except ValueError as e:  # the backend cannot run here (e.g. triton without a GPU): say so, go on
                 print(f"\n{name} {backend}: not run: {e}")
                 continue
             rows.append(row)
+            save()
             print(f"\n{name} {backend} {row['dtype']} fwd+bwd     wall ms  device ms  aten ops")
             for part in ("whole", "kernel_net", "conv"):
                 r = row[part]
                 dev = "-" if r["device_ms"] is None else f"{r['device_ms']:.3f}"
                 print(f"  {part:12s} {r['wall_ms']:10.3f} {dev:>10s} {r['aten_ops']:9.0f}")
             print(row["top"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                       "torch": torch.__version__, "small_op_host_us": host_us,
-                       "rows": [{k: v for k, v in r.items() if k != "top"} for r in rows]}, f, indent=1)
     return 0
 
 
