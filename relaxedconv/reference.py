@@ -170,5 +170,6 @@ def _conv_factored_stationary(x, z, w_ext, bias, g: ConvGeometry, out_hw) -> tor
     u = u.view(b, g.in_channels * hp, g.out_rotations * out_hw[0] * out_hw[1])
     y = torch.matmul(w_ext.reshape(g.out_channels, g.in_channels * hp), u)
     if bias is not None:
-        y = y.view(b, g.out_channels, -1) + bias.to(y.dtype)[None, :, None]
+        # sizes spelled out: with an empty batch a -1 is ambiguous
+        y = y.view(b, g.out_channels, g.out_rotations * out_hw[0] * out_hw[1]) + bias.to(y.dtype)[None, :, None]
     return y.reshape(b, g.out_channels * g.out_rotations, *out_hw)

@@ -173,6 +173,13 @@ def relaxed_conv_triton(x, z, w_ext, bias, geometry: ConvGeometry) -> torch.Tens
         # Only x is cast here: the kernels read Z and W_ext in x's dtype through their own packing
         # copy, and return dZ, dW_ext in the factors' dtype (no rounding of dZ to bf16 and back).
         x = x.to(dtype)
+    if x.shape[0] == 0:
+        # An empty batch (a last partial batch of a sharded loader can be one): nothing for the
+        # kernels to do, and a grid of zero programs is not a launch. The reference gives the empty
+        # output and zero gradients to the factors.
+        from .reference import conv_factored
+
+        return conv_factored(x, z, w_ext, bias, geometry)
     geom = list(dataclasses.astuple(geometry))
     if torch.compiler.is_compiling():
         return triton_conv_fwd(x, z, w_ext, bias, geom)[0]

@@ -272,3 +272,20 @@ def test_case_table_covers_the_issue():
         for k in (1, 3, 5):
             assert all((kind, n, k) in pairs for n in (1, 3, 4, 8))
             assert all((kind, ns, k) in pairs for ns in NONSTAT)
+
+
+@pytest.mark.parametrize("c", CASES[::5], ids=_case_id)
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(c):
+    """A batch of 0 (a loader's empty last shard) runs on every backend: the output of the right
+    shape, and zero gradients, as nn.Conv2d gives. factored_torch's and triton's stationary paths
+    reshaped with a -1, which an empty tensor leaves ambiguous."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    layer, in_ch = make_layer(c)
+    x = torch.randn(0, in_ch, *IMAGE_HW)
+    ref = layer(torch.randn(1, in_ch, *IMAGE_HW), backend="materialize")
+    for backend in backends_for(c) + ["triton"]:
+        y, dx, grads = run(layer, x, backend, torch.randn(0, *ref.shape[1:]))
+        assert y.shape == (0, *ref.shape[1:]), backend
+        assert dx.shape == x.shape, backend
+        assert all(float(g.abs().sum()) == 0.0 for g in grads.values()), backend
