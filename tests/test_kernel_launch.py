@@ -361,3 +361,19 @@ def test_z_is_packed_in_one_copy_and_dz_comes_back_without_a_round_trip(monkeypa
     big = ops.at_least(z_numel)
     assert "_to_copy" not in big and "constant_pad_nd" not in big, big
     assert big.count("copy_") == 1, big  # the cast-and-align copy
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's limit: on CUDA bf16 is what the kernels are for")
+def test_bf16_in_the_interpreter_is_refused_not_computed():
+    """Triton's interpreter has no bf16: a bf16 triton call on CPU (or one under CPU bf16 autocast)
+    computed garbage (errors of ~1e9 relative) without a word; it is refused with what to use."""
+    import relaxedconv as rc
+
+    layer = rc.LiftingConv(2, 3, 3, 4, hidden_channels=8)
+    x = torch.randn(2, 2, 6, 6)
+    with pytest.raises(TypeError, match=r"interpreter, which has no bfloat16.*factored_torch"):
+        layer(x.bfloat16(), backend="triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="no bfloat16"):
+        layer(x, backend="triton")
+    ref = layer(x, backend="materialize")
+    assert rel_err(layer(x.half(), backend="triton").float(), ref) < 5e-3  # fp16 is computed correctly
