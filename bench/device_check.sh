@@ -7,7 +7,10 @@
 #
 # Steps, each under its own `timeout` so that one hung step does not lose the others
 # (worst case ~25 min; the benchmark steps also stop starting new measurements at their budget
-# and rewrite their JSON after every measurement, so a killed step keeps what it measured):
+# and rewrite their JSON after every measurement, so a killed step keeps what it measured).
+# A step's budget plus one row's limit may exceed its timeout on purpose: a row that starts late
+# still fits when it is short, and one the timeout cuts loses only itself (the step then reads
+# TIMED OUT, rc 124, with every earlier row in its JSON):
 #
 #   0. environment (nvidia-smi, versions) and install (pip -e, no network)          <= 45 s
 #   1. tests:   python -m pytest -q tests, on CUDA (kernels compiled, not interpreted),  150 s
