@@ -113,6 +113,9 @@ class SirenKernelNet(nn.Module):
             raise ValueError(f"kernel net depth must be >= 2 (one sine layer and the output), got {depth}")
         if hidden_channels < 1:
             raise ValueError(f"hidden_channels must be >= 1, got {hidden_channels}")
+        for name, v in (("out_channels", out_channels), ("in_channels", in_channels)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:  # 0 built an empty kernel
+                raise ValueError(f"SirenKernelNet {name} must be an integer >= 1, got {v!r}")
         groups = tuple(g for g in GROUP_ORDER if g in set(coordinate_groups))
         unknown = set(coordinate_groups) - set(GROUP_ORDER)
         if unknown:

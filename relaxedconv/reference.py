@@ -46,6 +46,15 @@ class ConvGeometry:
     kernel_size: int
     padding: int
 
+    def __post_init__(self):
+        # Built by users of the functional API too: a zero or negative size failed deep in a
+        # reshape or unfold, if at all (in_channels=0 gave an empty output).
+        for name in ("in_channels", "out_channels", "in_rotations", "out_rotations", "kernel_size", "padding"):
+            v = getattr(self, name)
+            low = 0 if name == "padding" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"ConvGeometry.{name} must be an integer >= {low}, got {v!r}")
+
     @property
     def window(self) -> int:
         """J = N_in * K * K, the length of one input channel's im2col column."""

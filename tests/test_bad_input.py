@@ -219,6 +219,12 @@ def test_unknown_coordinate_group():
         SirenKernelNet(["rel_pos", "abs_scale"], 2, 2)
 
 
+@pytest.mark.parametrize("args", [(0, 2), (2, 0), (2.5, 2), (2, -1)])
+def test_kernel_net_channel_counts_must_be_positive_integers(args):
+    with pytest.raises(ValueError, match=r"SirenKernelNet (out|in)_channels must be an integer >= 1"):
+        SirenKernelNet(["rel_pos"], *args)
+
+
 # ---- backends --------------------------------------------------------------------------------------
 def test_unknown_backend_in_constructor():
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'materialize', 'expand_conv', 'factored_torch', 'triton'\), got 'cudnn'"):

@@ -37,6 +37,15 @@ def test_every_backend_computes_the_op_and_its_gradients_from_z_and_w_ext(trans)
             assert _rel(a, b) < 1e-10, f"{name}: {what}"
 
 
+@pytest.mark.parametrize("field, value", [("in_channels", 0), ("out_rotations", -1), ("kernel_size", 0),
+                                          ("padding", -1), ("in_channels", 2.0), ("kernel_size", True)])
+def test_a_geometry_of_impossible_sizes_is_refused(field, value):
+    args = dict(in_channels=2, out_channels=3, in_rotations=4, out_rotations=4, kernel_size=3, padding=1)
+    with pytest.raises(ValueError, match=rf"ConvGeometry.{field} must be an integer >= {0 if field == 'padding' else 1}"):
+        ConvGeometry(**{**args, field: value})
+    assert ConvGeometry(**{**args, "padding": 0}).window == 36
+
+
 def test_bad_tensors_get_clear_errors():
     g = ConvGeometry(2, 3, 4, 4, 3, 1)
     x = torch.randn(2, 8, 5, 6)
