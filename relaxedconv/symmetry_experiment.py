@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .equivariance import effective_omegas, equivariance_error, equivariance_penalty, kernel_nonstationarity, parameter_groups
 from .models import build_model
+from .training.checkpoint import json_text
 from .synthetic import SymmetryTask, make_split
 
 PROTOCOLS = {
@@ -202,7 +203,7 @@ def _worker(args):
     path = _run_path(Path(out), fraction, name, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec))
+    tmp.write_text(json_text(rec))
     os.replace(tmp, path)
     return rec
 
@@ -216,10 +217,15 @@ def _ignore_sigint():
 
 
 def _mean_sd(vals):
-    vals = [v for v in vals if v is not None]
+    # null in a run file (json_text's undefined number, e.g. the error of a diverged model) is no value
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
         return None, None
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _mean_or_none(vals):
+    return _mean_sd(vals)[0]
 
 
 def summarise(records: list, p: dict) -> dict:
@@ -244,7 +250,7 @@ def summarise(records: list, p: dict) -> dict:
                 "effective_omega": _mean_sd([r["effective_omega_mean"] for r in rs]),
                 "effective_omega_per_layer": {k: _mean_sd([r["effective_omegas"].get(k) for r in rs]) for k in layers},
                 "kernel_nonstationarity": _mean_sd(
-                    [statistics.fmean(r["kernel_nonstationarity"].values()) if r["kernel_nonstationarity"] else None for r in rs]),
+                    [_mean_or_none(r["kernel_nonstationarity"].values()) for r in rs]),
                 "logit_rotation_90_error": _mean_sd([r["logit_rotation_90_error_at_best_val"] for r in rs]),
                 "seconds": _mean_sd([r["seconds"] for r in rs]),
                 "cpu_seconds": _mean_sd([r.get("cpu_seconds") for r in rs]),
@@ -452,7 +458,7 @@ def _claim_folder(out: Path, protocol: str, p: dict) -> None:
     """Record which protocol ``out`` holds (protocol.json); refuse another one. Run files are named by
     fraction, variant and seed only, so a second protocol in the same folder took the first one's
     runs for its own (the cpu protocol reported the smoke protocol's runs as done)."""
-    settings = json.loads(json.dumps({k: v for k, v in p.items() if k != "seeds"}))  # seeds: one file each
+    settings = json.loads(json_text({k: v for k, v in p.items() if k != "seeds"}))  # seeds: one file each
     path = out / "protocol.json"
     if path.is_file():
         try:
@@ -472,7 +478,7 @@ def _claim_folder(out: Path, protocol: str, p: dict) -> None:
             old = None
         if old is not None and old != protocol:
             raise ProtocolMismatch(f"{out} holds runs of protocol {old!r}; give another --out")
-    path.write_text(json.dumps({"protocol": protocol, "settings": settings}, indent=1))
+    path.write_text(json_text({"protocol": protocol, "settings": settings}, indent=1))
 
 
 def run_protocol(protocol: str, out, *, jobs: int = 2, threads: int = 1, device: str = "cpu", log=print,
@@ -543,7 +549,7 @@ def run_protocol(protocol: str, out, *, jobs: int = 2, threads: int = 1, device:
                 device=device if device != "cpu" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
                 torch=torch.__version__, cpu_seconds_all_runs=sum(r.get("cpu_seconds", 0.0) for r in records))
     summary["meta"] = meta
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.json").write_text(json_text(summary, indent=1))
     for path in write_report(out, summary, meta):
         log(f"wrote {path}")
     return summary
@@ -564,7 +570,7 @@ def summarise_folder(protocol: str, out, *, overrides: dict | None = None, log=p
     summary = summarise(records, p)
     summary["meta"] = {**old, "protocol": protocol, "runs": len(records),
                        "cpu_seconds_all_runs": sum(r.get("cpu_seconds", 0.0) for r in records)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.json").write_text(json_text(summary, indent=1))
     for path in write_report(out, summary, summary["meta"]):
         log(f"wrote {path}")
     return summary

@@ -205,3 +205,24 @@ def test_the_plot_of_a_partial_protocol(tmp_path):
     (out / "symmetry.png").unlink()
     se.summarise_folder("smoke", out, overrides=ov, log=lambda *a: None)
     assert (out / "symmetry.png").stat().st_size > 0
+
+
+def test_run_files_hold_null_for_undefined_numbers_and_the_summary_skips_them(tmp_path, monkeypatch):
+    """A diverged run's NaN (loss, equivariance error, omegas) was written as NaN, which is not JSON."""
+    p = se.PROTOCOLS["smoke"]
+    nan = float("nan")
+    rec = {"fraction": 0.0, "seed": 0, "variant": "learned_from0", "spec": {}, "best_epoch": 1, "best_val_acc": 25.0,
+           "test_acc_at_best_val": 25.0, "final_val_acc": 25.0, "final_test_acc": 25.0, "effective_omega_mean": nan,
+           "effective_omegas": {"lift": nan, "head": 0.5}, "effective_omega_mean_at_best_val": nan,
+           "kernel_nonstationarity": {"lift": nan, "head": 0.25}, "logit_rotation_90_error_at_best_val": nan,
+           "seconds": 1.0, "cpu_seconds": 1.0, "history": [{"epoch": 1, "train_loss": nan}]}
+    monkeypatch.setattr(se, "run_one", lambda *a, **k: rec)
+    monkeypatch.setattr(se, "_data", lambda *a: None)
+    se._worker((p, 0.0, 0, "learned_from0", str(tmp_path), 1, "cpu", None))
+    path = se._run_path(tmp_path, 0.0, "learned_from0", 0)
+    back = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {path.name}"))
+    assert back["effective_omega_mean"] is None and back["history"][0]["train_loss"] is None
+    row = {r["variant"]: r for r in se.summarise([back], p)["rows"]}["learned_from0"]
+    assert row["effective_omega"] == (None, None) and row["logit_rotation_90_error"] == (None, None)
+    assert row["kernel_nonstationarity"] == (0.25, 0.0) and row["effective_omega_per_layer"]["head"] == (0.5, 0.0)
+    assert row["effective_omega_per_layer"]["lift"] == (None, None)

@@ -18,7 +18,7 @@ def _run_dir(root, name, *, variant="se2_learned", omega=2.0, epochs=2, learn=Tr
     (d / "config.json").write_text(json.dumps({"config": {"epochs": epochs}, "model": model, "parameters": 10}))
     hist = [dict(epoch=e, val_acc=val, omegas={"lift": {"rel": 10.0, "rot": omega - 0.1 * e}}) for e in range(1, epochs + 1)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist))
-    final = dict(omegas=hist[-1]["omegas"], equivariance_error={}, best_val_acc=val, test_acc_at_best_val=val - 1,
+    final = dict(omegas=hist[-1]["omegas"], equivariance_error={}, best_val_acc=val, test_acc_at_best_val=None if val is None else val - 1,
                  best_epoch=epochs)
     (d / "final.json").write_text(json.dumps(final))
     return d
@@ -52,3 +52,20 @@ def test_accuracy_vs_omega_only_for_a_sweep(tmp_path):
     names = [p.name for p in write_report([sweep], tmp_path / "rep2")]
     assert "accuracy_vs_omega.png" in names and "omega_per_layer.png" not in names  # fixed omegas: no curves
     assert (tmp_path / "rep2" / "accuracy_vs_omega.png").stat().st_size > 0
+
+
+def test_null_values_are_no_value(tmp_path):
+    """The trainer writes null for an undefined number (no validation split, an undefined omega); the
+    report read only NaN as missing, and max() over a history of nulls raised a TypeError."""
+    d = _run_dir(tmp_path, "noval", epochs=2, val=None)
+    (d / "final.json").unlink()  # an unfinished run: the best validation accuracy comes from the history
+    hist = [dict(epoch=e, val_acc=None, test_acc=30.0, omegas={"lift": {"rel": 10.0, "rot": None}}) for e in (1, 2)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist))
+    sweep = tmp_path / "sweep"
+    _run_dir(sweep, "rot0", variant="se2_rot", omega=0.0, learn=False, val=None)
+    _run_dir(sweep, "rot2", variant="se2_rot", omega=2.0, learn=False, val=45.0)
+    write_report([tmp_path], tmp_path / "rep")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in (tmp_path / "rep" / "results.md").read_text().splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["noval"][4] == "–" and rows["noval"][9] == "–"  # final ω_rot, val acc
+    assert rows["sweep/rot0"][9] == "–" and rows["sweep/rot0"][10] == "–" and rows["sweep/rot2"][9] == "45.00"

@@ -487,3 +487,115 @@ def test_ddp_workers_keep_the_default_sigterm(monkeypatch):
     with cli.sigterm_interrupts():
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---- audit 2: strict JSON, divergence, unknown config keys -----------------------------------------
+def _strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as jq and JavaScript do."""
+    def refuse(token):
+        raise AssertionError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_run_without_validation_writes_null_not_nan(tmp_path, capsys):
+    """--val-size 0: the validation numbers are undefined and were written as NaN (not JSON)."""
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    out = tmp_path / "r"
+    cmd = ["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "0", "--epochs", "2",
+           *TINY, "--warmup-epochs", "0"]
+    # 2 steps per epoch: interrupted in epoch 2, so the resume reads the files of epoch 1
+    assert cli.train_main([*cmd, "--interrupt-after-steps", "3"]) == 130
+    assert cli.train_main(["--out", str(out), "--resume", "--progress", "off"]) == 0
+    final = _strict_json((out / "final.json").read_text())
+    assert final["best_val_acc"] is None and final["final_val_acc"] is None
+    assert final["best_epoch"] == 2 and isinstance(final["test_acc_at_best_val"], float)  # the last epoch counts
+    metrics = [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["val_loss"], m["val_acc"]) for m in metrics] == [(None, None)] * 2
+    assert all(isinstance(m["test_acc"], float) for m in metrics)
+    for name in ("config.json", "omegas.json", "equivariance.json"):
+        _strict_json((out / name).read_text())
+    # the readers take null as no value: the report shows a dash where the accuracy is undefined
+    assert cli.report_main([str(out), "--out", str(tmp_path / "rep")]) == 0
+    row = [line for line in (tmp_path / "rep" / "results.md").read_text().splitlines() if line.startswith("| r |")]
+    cells = [c.strip() for c in row[0].split("|")]
+    assert cells[10] == "–" and cells[11] == f"{final['test_acc_at_best_val']:.2f}", row
+
+
+def test_json_run_files_hold_null_for_every_non_finite_number(tmp_path):
+    from relaxedconv.training.checkpoint import atomic_write_json, json_text
+
+    doc = {"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": (2, float("nan")), "e": "nan", "f": 0}
+    atomic_write_json(tmp_path / "x.json", doc)
+    assert _strict_json((tmp_path / "x.json").read_text()) == {"a": None, "b": [1.5, None, {"c": None}], "d": [2, None], "e": "nan", "f": 0}
+    assert json_text(float("nan")) == "null"
+
+
+def _poisoned_in_epoch(monkeypatch, bad_epoch):
+    """Make the weights NaN at the start of ``bad_epoch`` (a divergence the test controls)."""
+    from relaxedconv.training import trainer as trainer_mod
+
+    real = trainer_mod.Trainer._train_epoch
+
+    def train_epoch(self, epoch):
+        if epoch == bad_epoch:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        return real(self, epoch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", train_epoch)
+
+
+def test_a_diverged_run_stops_with_exit_1_keeps_the_last_good_epoch_and_resumes(tmp_path, capsys, monkeypatch):
+    """A run whose loss became NaN went on to the end and saved NaN weights and NaN metrics."""
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    common = ["--dataset", "folder", "--data-dir", str(data), "--val-size", "4", "--epochs", "3", *TINY,
+              "--warmup-epochs", "0", "--variant", "se2_learned"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli.train_main([*common, "--out", str(full)]) == 0
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _poisoned_in_epoch(m, 2)
+        assert cli.train_main([*common, "--out", str(cut)]) == 1
+    line = _one_line_error(capsys)
+    assert line.startswith("relaxedconv train: training diverged in epoch 2/3: the training loss became nan"), line
+    assert f"{cut} keeps the checkpoint, metrics and best.pt of epoch 1" in line
+    assert "a lower --lr (this run: 0.001)" in line and "--omega-lr" in line and "another --out" in line
+    # nothing of the diverged epoch was saved: the checkpoint, best.pt and the metrics are epoch 1's
+    ckpt = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if torch.is_tensor(v) and v.is_floating_point())
+    best = torch.load(cut / "best.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in best.values() if torch.is_tensor(v) and v.is_floating_point())
+    assert [_strict_json(x)["epoch"] for x in (cut / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (cut / "final.json").exists()
+    # --resume from that checkpoint continues as if nothing had happened (the divergence here was injected)
+    assert cli.train_main(["--out", str(cut), "--resume", "--progress", "off"]) == 0
+    a, b = torch.load(full / "checkpoint.pt", weights_only=False), torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert b["epoch"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if torch.is_tensor(a["model"][k]))
+
+
+def test_a_too_large_learning_rate_stops_in_the_first_epoch(tmp_path, capsys):
+    """A real divergence (--lr 1e30: weights of 1e30 overflow float32 in the first steps): exit 1, one line that says what to change, no NaN checkpoint."""
+    data = make_folder(tmp_path / "f", n_train=16, n_test=4)
+    out = tmp_path / "r"
+    assert cli.train_main(["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--val-size", "0",
+                           "--epochs", "2", *TINY, "--warmup-epochs", "0", "--variant", "se2_learned", "--lr", "1e30"]) == 1
+    line = _one_line_error(capsys)
+    assert "training diverged in epoch 1/2" in line and "a lower --lr (this run: 1e+30)" in line
+    assert f"no epoch finished, so {out} holds no checkpoint" in line
+    assert not (out / "checkpoint.pt").exists() and not (out / "final.json").exists()
+    assert (out / "metrics.jsonl").read_text() == ""
+
+
+def test_the_python_api_refuses_unknown_keys_with_the_closest_option(tmp_path, data_never_loaded):
+    """train(dict(epoch=3)) ran the default 300 epochs."""
+    from relaxedconv.training.checks import ConfigError
+    from relaxedconv.training.trainer import train
+
+    with pytest.raises(ConfigError, match=r"unknown train option 'epoch' \(did you mean 'epochs'\?\)$"):
+        train(dict(epoch=3, out=str(tmp_path / "r")))
+    with pytest.raises(ValueError, match=r"unknown train options 'lr_rate', 'zzz' \(did you mean 'seed'\?\)|"
+                                         r"unknown train options 'lr_rate', 'zzz'; the options are .*epochs"):
+        train(dict(lr_rate=0.1, zzz=1, out=str(tmp_path / "r")))
+    assert not (tmp_path / "r").exists()

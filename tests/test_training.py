@@ -597,3 +597,66 @@ def test_report_or_sweep_to_a_file_exits_2(tmp_path, capsys):
     assert cli.sweep_main(["--variant", "se2_rot", "--omega-rot-grid", "0,1", "--out", str(f), "--", "--dataset", "folder",
                            "--data-dir", str(data), "--val-size", "4", "--epochs", "1", *TINY]) == 2
     assert f"relaxedconv sweep: --out {f} is a file, not a directory; choose another --out" in capsys.readouterr().err
+
+
+def test_a_failed_download_says_how_to_place_the_archive_by_hand(tmp_path, monkeypatch):
+    """Offline, --download ended its message with "or pass --download" (already passed). It must name
+    the URL and where the archive goes; an archive placed there is then unpacked without the network."""
+    import hashlib
+    import tarfile
+
+    from relaxedconv.training import data as data_mod
+
+    src = make_cifar10(tmp_path / "src")
+    archive = tmp_path / "c10.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    unreachable = (tmp_path / "no-network" / "cifar-10-python.tar.gz").as_uri()
+    spec = dict(data_mod.ARCHIVES["cifar10"], url=unreachable, md5=hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setitem(data_mod.ARCHIVES, "cifar10", spec)
+    root = tmp_path / "dl"
+    with pytest.raises(DatasetError) as e:
+        load_dataset("cifar10", root, download_missing=True, log=lambda *a: None)
+    msg = str(e.value)
+    assert "pass --download" not in msg
+    assert f"could not download {unreachable}" in msg
+    assert f"fetch {unreachable} (md5 {spec['md5']}) and copy it to {root / 'cifar-10-python.tar.gz'}" in msg
+    assert f"tar -xzf cifar-10-python.tar.gz -C {root}" in msg and str(root / "cifar-10-batches-py") in msg
+    # an incomplete copy in place is named
+    (root / "cifar-10-python.tar.gz").write_bytes(archive.read_bytes()[:100])
+    with pytest.raises(DatasetError, match=r"is there but its md5 is \w+, not \w+ \(an incomplete copy\?\)"):
+        load_dataset("cifar10", root, download_missing=True, log=lambda *a: None)
+    # following the message works: the archive copied there by hand is checked and unpacked, offline
+    (root / "cifar-10-python.tar.gz").write_bytes(archive.read_bytes())
+    assert load_dataset("cifar10", root, download_missing=True, log=lambda *a: None).train_images.shape == (40, 32, 32, 3)
+
+
+def test_a_sweep_leaves_a_diverged_point_out_of_the_selection(tmp_path, capsys, monkeypatch):
+    """A grid point that diverges stops only itself; sweep.json records it (null accuracies) and the
+    selection is made among the others."""
+    from relaxedconv.training import trainer as trainer_mod
+
+    real = trainer_mod.Trainer._train_epoch
+
+    def diverging_at_omega_2(self, epoch):
+        if self.cfg["omega_rot"] == 2.0:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("inf"))
+        return real(self, epoch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", diverging_at_omega_2)
+    data = make_folder(tmp_path / "f", n_train=16, n_test=8)
+    out = tmp_path / "s"
+    assert cli.sweep_main(["--variant", "se2_rot", "--omega-rot-grid", "0,2", "--out", str(out), "--",
+                           "--dataset", "folder", "--data-dir", str(data), "--val-size", "8", "--epochs", "1", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "relaxedconv sweep: se2_rot_rot2: training diverged in epoch 1/1" in err
+    assert "warning: se2_rot_rot2 diverged and was left out of the selection" in err and "Traceback" not in err
+    sweep = json.loads((out / "sweep.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in sweep.json"))
+    rows = {r["run"]: r for r in sweep["grid"]}
+    assert rows["se2_rot_rot2"]["diverged"] is True and rows["se2_rot_rot2"]["best_val_acc"] is None
+    assert sweep["selected"]["run"] == "se2_rot_rot0"
+    # a sweep in which no point can be selected exits 1 and says so
+    assert cli.sweep_main(["--variant", "se2_rot", "--omega-rot-grid", "2", "--out", str(tmp_path / "s2"), "--",
+                           "--dataset", "folder", "--data-dir", str(data), "--val-size", "8", "--epochs", "1", *TINY]) == 1
+    assert f"no run of {tmp_path / 's2'} has a validation accuracy to select on" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import random
 import tempfile
@@ -62,8 +63,28 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def finite_or_null(obj):
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, in dicts, lists and tuples.
+
+    JSON has no NaN: Python writes the bare token ``NaN``, which ``jq``, JavaScript and most other
+    readers refuse. An undefined number (the validation accuracy of a run without a validation split,
+    a diverged loss) is written as null, which every reader here takes as "no value"."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
+def json_text(obj, **kw) -> str:
+    """``json.dumps`` of ``obj`` as strict JSON: non-finite numbers become null (:func:`finite_or_null`)."""
+    return json.dumps(finite_or_null(obj), allow_nan=False, **kw)
+
+
 def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json_text(obj, indent=2, sort_keys=False) + "\n")
 
 
 def atomic_torch_save(obj, path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -240,7 +241,7 @@ def sigterm_interrupts():
 
 
 def train_main(argv=None) -> int:
-    from .trainer import Interrupted, train
+    from .trainer import Diverged, Interrupted, train
 
     argv = list(sys.argv[1:] if argv is None else argv)
     out = None
@@ -261,6 +262,9 @@ def train_main(argv=None) -> int:
     except RunFileWriteError as e:
         print(f"relaxedconv train: {e.strerror}; {interrupted_hint(out)}", file=sys.stderr)
         return 1
+    except Diverged as e:
+        print(f"relaxedconv train: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:
         print(f"relaxedconv train: {e}; {interrupted_hint(out)}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
@@ -277,7 +281,7 @@ def _fmt(w: float) -> str:
 def sweep_main(argv=None) -> int:
     """Cross-validate omega over a fixed grid: one train run per grid point (resumable), the point with
     the best validation accuracy selected, its test accuracy reported."""
-    from .trainer import train
+    from .trainer import Diverged, train
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(
@@ -335,7 +339,7 @@ def sweep_main(argv=None) -> int:
     except ConfigError as e:  # a file, or not writable (was a FileExistsError traceback)
         print(f"relaxedconv sweep: {e}", file=sys.stderr)
         return 2
-    rows = []
+    rows, diverged = [], []
     for name, wr, wp, cfg in points:
         final_path = out / name / "final.json"
         if final_path.is_file() and json.loads(final_path.read_text()).get("epochs") == cfg["epochs"]:
@@ -359,15 +363,36 @@ def sweep_main(argv=None) -> int:
             except RunFileWriteError as e:
                 print(f"relaxedconv sweep: {e.strerror}; rerun the same sweep command once it can write there", file=sys.stderr)
                 return 1
+            except Diverged as e:
+                # A grid point that diverges (a large omega) is a result, not the end of the sweep: it
+                # is left out of the selection and recorded as diverged in sweep.json.
+                print(f"relaxedconv sweep: {name}: {e}", file=sys.stderr)
+                diverged.append(name)
+                rows.append({"run": name, "omega_rot": wr, "omega_pos": wp, "best_val_acc": None,
+                             "test_acc_at_best_val": None, "best_epoch": None, "diverged": True})
+                continue
         rows.append({"run": name, "omega_rot": wr, "omega_pos": wp, "best_val_acc": final["best_val_acc"],
                      "test_acc_at_best_val": final["test_acc_at_best_val"], "best_epoch": final["best_epoch"]})
-    best = max(rows, key=lambda r: r["best_val_acc"])
-    summary = {"variant": args.variant, "grid": rows, "selected": best}
     from .checkpoint import atomic_write_json
 
-    atomic_write_json(out / "sweep.json", summary)
-    print(f"sweep: selected {best['run']} (val acc {best['best_val_acc']:.2f}); test acc {best['test_acc_at_best_val']:.2f}")
+    # A run without a validation accuracy (null in final.json) cannot be selected.
+    scored = [r for r in rows if _finite(r["best_val_acc"])]
+    best = max(scored, key=lambda r: r["best_val_acc"]) if scored else None
+    atomic_write_json(out / "sweep.json", {"variant": args.variant, "grid": rows, "selected": best})
+    if best is None:
+        print(f"relaxedconv sweep: no run of {out} has a validation accuracy to select on (see {out / 'sweep.json'})", file=sys.stderr)
+        return 1
+    if diverged:
+        print(f"relaxedconv sweep: warning: {', '.join(diverged)} diverged and {'was' if len(diverged) == 1 else 'were'} "
+              "left out of the selection", file=sys.stderr)
+    ta = best["test_acc_at_best_val"]
+    print(f"sweep: selected {best['run']} (val acc {best['best_val_acc']:.2f}); test acc {f'{ta:.2f}' if _finite(ta) else '–'}")
     return 0
+
+
+def _finite(v) -> bool:
+    """A number with a value: null (what run files hold for an undefined number) and NaN are none."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def report_main(argv=None) -> int:

@@ -69,7 +69,7 @@ _CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batc
 _CIFAR100_FILES = ["train", "test", "meta"]
 
 
-def _layout_help(name: str, root: Path) -> str:
+def _layout_help(name: str, root: Path, *, download_failed: bool = False) -> str:
     folder = ARCHIVES[name]["folder"] if name in ARCHIVES else None
     lines = [f"expected under {root}:"]
     if name == "cifar10":
@@ -81,7 +81,12 @@ def _layout_help(name: str, root: Path) -> str:
     if name in ARCHIVES:
         lines.append("  or an image-folder tree:")
     lines.append(f"  {root / 'train'}/<class name>/<image files>  and  {root / 'test'}/<class name>/<image files>")
-    if name in ARCHIVES:
+    if name in ARCHIVES and download_failed:
+        spec = ARCHIVES[name]
+        lines.append(f"to place it by hand: on a machine with internet fetch {spec['url']} (md5 {spec['md5']}) and copy it to "
+                     f"{root / spec['filename']}; --download then checks and unpacks it without the network. Or unpack it "
+                     f"yourself (tar -xzf {spec['filename']} -C {root}), which gives {root / spec['folder']}/ as above")
+    elif name in ARCHIVES:
         lines.append("or pass --download to fetch the official archive (needs internet)")
     return "\n".join(lines)
 
@@ -245,7 +250,10 @@ def download(name: str, root: Path, log=print) -> Path:
                 shutil.copyfileobj(r, f)
         except Exception as e:  # noqa: BLE001
             os.unlink(tmp)
-            raise DatasetError(f"could not download {spec['url']}: {e}\n{_layout_help(name, root)}") from e
+            held = (f"\n{archive} is there but its md5 is {_md5(archive)}, not {spec['md5']} (an incomplete copy?)"
+                    if archive.is_file() else "")
+            raise DatasetError(f"could not download {spec['url']}: {e}{held}\n"
+                               f"{_layout_help(name, root, download_failed=True)}") from e
         got = _md5(Path(tmp))
         if got != spec["md5"]:
             os.unlink(tmp)

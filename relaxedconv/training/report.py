@@ -48,8 +48,14 @@ def load_run(d: Path) -> dict:
     return {"dir": d, "config": cfg, "history": history, "final": final}
 
 
+def _number(v) -> bool:
+    """A value to show or compare: null (what the trainer writes for an undefined number) and the
+    NaN of run files written before it are no value."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _mean_omega(om: dict, key: str):
-    vals = [v[key] for v in om.values() if key in v]
+    vals = [v[key] for v in om.values() if _number(v.get(key))]
     return sum(vals) / len(vals) if vals else None
 
 
@@ -57,16 +63,16 @@ def _effective(entry: dict) -> dict:
     """A metrics or final entry's effective omegas ({layer: {'rot': .., 'pos': ..}})."""
     if "effective_omegas" in entry:
         return entry["effective_omegas"]
-    return {layer: {k: abs(v) for k, v in om.items() if k in ("rot", "pos")} for layer, om in entry.get("omegas", {}).items()}
+    return {layer: {k: abs(v) if _number(v) else None for k, v in om.items() if k in ("rot", "pos")} for layer, om in entry.get("omegas", {}).items()}
 
 
 def _max_err(eq: dict, key_prefix: str):
-    vals = [v for layer in eq.values() for k, v in layer.items() if k.startswith(key_prefix) and v is not None]
+    vals = [v for layer in eq.values() for k, v in layer.items() if k.startswith(key_prefix) and _number(v)]
     return max(vals) if vals else None
 
 
 def _f(v, fmt="{:.2f}"):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if not _number(v):
         return "–"
     return fmt.format(v)
 
@@ -81,7 +87,7 @@ def markdown_table(runs: list[dict], root: Path) -> str:
         eff = _effective(fin if fin else (r["history"][-1] if r["history"] else {}))
         er, ep = _mean_omega(eff, "rot"), _mean_omega(eff, "pos")
         eq = fin["equivariance_error"] if fin else {}
-        best_val = fin["best_val_acc"] if fin else max((h["val_acc"] for h in r["history"]), default=None)
+        best_val = fin["best_val_acc"] if fin else max((h["val_acc"] for h in r["history"] if _number(h.get("val_acc"))), default=None)
         try:
             name = str(r["dir"].relative_to(root)) or r["dir"].name
         except ValueError:
@@ -129,7 +135,8 @@ def _omega_figure(runs: list[dict], plt):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel("effective ω")
-        ax.legend(fontsize=6, ncol=2)
+        if ax.get_legend_handles_labels()[0]:  # every omega of the run null: an empty panel
+            ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
 
@@ -144,7 +151,9 @@ def _accuracy_points(runs: list[dict]) -> list[tuple]:
         if model["group_order"] == 1:
             continue  # T(2) has no rotation axis
         wr, wp = _mean_omega(om, "rot") or 0.0, _mean_omega(om, "pos") or 0.0
-        pts.append((wr, wp, r["final"]["best_val_acc"], r["final"]["test_acc_at_best_val"], model["variant"]))
+        # an accuracy without a value (no validation split) is a gap in the plot
+        acc = [v if _number(v) else float("nan") for v in (r["final"]["best_val_acc"], r["final"]["test_acc_at_best_val"])]
+        pts.append((wr, wp, *acc, model["variant"]))
     return pts
 
 
@@ -163,7 +172,7 @@ def _accuracy_figure(runs: list[dict], plt):
     for ax, (idx, label) in zip(axes[0], panels):
         for variant in sorted({p[4] for p in pts}):
             sel = sorted((p for p in pts if p[4] == variant), key=lambda p: p[idx])
-            ax.plot([p[idx] for p in sel], [p[3] if p[3] is not None else float("nan") for p in sel], "o-", label=f"{variant} test")
+            ax.plot([p[idx] for p in sel], [p[3] for p in sel], "o-", label=f"{variant} test")
             ax.plot([p[idx] for p in sel], [p[2] for p in sel], "x:", label=f"{variant} val")
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (%)")

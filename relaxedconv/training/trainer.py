@@ -20,7 +20,7 @@ RNG states), so a run resumed after an interruption continues bit for bit as if 
 from __future__ import annotations
 
 import contextlib
-
+import difflib
 import json
 import math
 import os
@@ -45,7 +45,7 @@ from ..equivariance import (
 )
 from ..models import build_model, partial_subsets
 from . import data as data_mod
-from .checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, rng_state, set_rng_state
+from .checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, json_text, rng_state, set_rng_state
 from .checks import ConfigError, check_against_data, check_config, check_out_dir
 from .progress import Progress
 
@@ -98,6 +98,11 @@ class Interrupted(KeyboardInterrupt):
     pass
 
 
+class Diverged(RuntimeError):
+    """An epoch ended with a non-finite training loss or non-finite weights. Raised before that epoch
+    is saved: the run directory keeps the checkpoint, metrics and best.pt of the epoch before."""
+
+
 # ---- distributed ------------------------------------------------------------------------------
 class Dist:
     def __init__(self, device_pref: str):
@@ -126,7 +131,8 @@ class Dist:
             self.dist.barrier()
 
     def sum(self, values):
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        """Sum of ``values`` (numbers, or a tensor on the device) over the processes, as a list."""
+        t = values.to(self.device, torch.float64) if torch.is_tensor(values) else torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.enabled:
             self.dist.all_reduce(t)
         return t.tolist()
@@ -187,6 +193,31 @@ def _load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def _same_number(a, b) -> bool:
+    """Equal to rounding; config.json holds null for a number without a value (the std of a single
+    pixel), which equals only null or NaN."""
+    undefined = lambda v: v is None or (isinstance(v, float) and math.isnan(v))  # noqa: E731
+    if undefined(a) or undefined(b):
+        return undefined(a) and undefined(b)
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+
+
+def check_known_keys(cfg) -> None:
+    """Refuse a config key that is no option (``epoch=3`` for ``epochs=3`` ran the default 300 epochs),
+    naming the closest option."""
+    if not isinstance(cfg, dict):
+        raise TypeError(f"the train config must be a dict of options (see trainer.DEFAULTS), got {type(cfg).__name__}")
+    unknown = [k for k in cfg if k not in DEFAULTS]
+    if unknown:
+        hints, all_close = [], True
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), list(DEFAULTS), n=1, cutoff=0.6)
+            hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
+            all_close = all_close and bool(close)
+        raise ConfigError(f"unknown train option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}"
+                          + ("" if all_close else f"; the options are the keys of relaxedconv.training.trainer.DEFAULTS: {', '.join(DEFAULTS)}"))
+
+
 # ---- the run ----------------------------------------------------------------------------------
 def _warn_stderr(msg: str) -> None:
     print(f"relaxedconv train: {msg if msg.startswith('note:') else 'warning: ' + msg}", file=sys.stderr, flush=True)
@@ -194,6 +225,7 @@ def _warn_stderr(msg: str) -> None:
 
 class Trainer:
     def __init__(self, cfg: dict, log=print, warn=_warn_stderr):
+        check_known_keys(cfg)
         self.cfg = {**DEFAULTS, **cfg}
         if not self.cfg.get("out"):
             raise ValueError("a run directory (--out) is required")
@@ -261,7 +293,7 @@ class Trainer:
             if key not in before:
                 continue
             a, b = before[key], now[key]
-            same = (all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7) for x, y in zip(a, b)) and len(a) == len(b)
+            same = (len(a) == len(b) and all(_same_number(x, y) for x, y in zip(a, b))
                     if key in ("mean", "std") else a == b)
             if not same:
                 raise ConfigError(f"--resume: the data in {self.cfg['data_dir']} differ from the data {self.out} was trained on "
@@ -379,8 +411,14 @@ class Trainer:
                     self.log("backends: " + ", ".join(f"{k}={v}" for k, v in self.backends.items()))
                 if c["interrupt_after_steps"] and self.steps_done >= c["interrupt_after_steps"]:
                     raise Interrupted(f"interrupted after {self.steps_done} steps (--interrupt-after-steps)")
-        s = self.dist.sum([float(loss_sum), float(correct), float(count)])
-        return {"train_loss": s[0] / s[2], "train_acc": 100 * s[1] / s[2], "penalty": float(pen.detach()) if pen is not None else 0.0}
+        # One host sync per epoch reads the sums and whether any weight became NaN or inf (checked here,
+        # not per step: a per-step check would stall the GPU's queue every step).
+        weights = [t for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()]
+        nonfinite = torch.stack([~torch.isfinite(t).all() for t in weights]).sum() if weights else torch.zeros((), device=self.device)
+        pen_value = pen.detach().double() if pen is not None else torch.zeros((), dtype=torch.float64, device=self.device)
+        s = self.dist.sum(torch.stack([loss_sum, correct, torch.full_like(loss_sum, count), nonfinite.double(), pen_value]))
+        return {"train_loss": s[0] / s[2], "train_acc": 100 * s[1] / s[2], "penalty": s[4] / self.dist.world,
+                "nonfinite_weights": int(s[3])}
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -439,7 +477,7 @@ class Trainer:
 
     def _write_metrics(self, history: list) -> None:
         if self.dist.main:
-            atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            atomic_write_text(self.out / "metrics.jsonl", "".join(json_text(h) + "\n" for h in history))
 
     # -- main --
     def run(self, resume: bool = False) -> dict:
@@ -502,6 +540,8 @@ class Trainer:
             t0 = time.time()
             m = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"]}  # lr at the epoch's first step
             m.update(self._train_epoch(epoch))
+            if m.pop("nonfinite_weights") or not math.isfinite(m["train_loss"]):
+                raise Diverged(self._divergence_message(epoch, m))
             m["val_loss"], m["val_acc"] = self.evaluate(self.val_x, self.val_y)
             improved = len(self.val_x) > 0 and m["val_acc"] > best["val_acc"]
             if improved or c["test_every_epoch"] or len(self.val_x) == 0:
@@ -527,6 +567,23 @@ class Trainer:
                 + f"  lr {m['lr']:.2e}  {m['seconds']:.1f}s"
             )
         return self._finish(history, best, epochs_this_process=len(history) - (start - 1))
+
+    def _divergence_message(self, epoch: int, m: dict) -> str:
+        c = self.cfg
+        what = (f"the training loss became {m['train_loss']}" if not math.isfinite(m["train_loss"])
+                else "weights became NaN or inf")
+        kept = (f"{self.out} keeps the checkpoint, metrics and best.pt of epoch {epoch - 1}" if epoch > 1
+                else f"no epoch finished, so {self.out} holds no checkpoint")
+        amp = self.device.type == "cuda" and c["amp"] in ("auto", "bf16") or c["amp"] == "bf16"
+        fixes = [f"a lower --lr (this run: {c['lr']:g})"]
+        if amp:
+            fixes.append("--amp off")
+        if self.learns_omega:
+            fixes.append(f"a lower --omega-lr (this run: {c['omega_lr']:g})")
+        fixes.append(f"more --warmup-epochs (this run: {c['warmup_epochs']})")
+        return (f"training diverged in epoch {epoch}/{c['epochs']}: {what}; stopped without saving that epoch ({kept}). "
+                "Start a new run (another --out) with " + ", ".join(fixes[:-1]) + f" or {fixes[-1]} "
+                "(--resume would continue with the same settings)")
 
     def _finish(self, history, best, epochs_this_process: int) -> dict:
         probe = self.val_x[:4] if len(self.val_x) else self.test_x[:4]
