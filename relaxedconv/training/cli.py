@@ -263,7 +263,8 @@ def train_main(argv=None) -> int:
         print(f"relaxedconv train: {e.strerror}; {interrupted_hint(out)}", file=sys.stderr)
         return 1
     except Diverged as e:
-        print(f"relaxedconv train: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every DDP process stops; one says why
+            print(f"relaxedconv train: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
         print(f"relaxedconv train: {e}; {interrupted_hint(out)}", file=sys.stderr)
