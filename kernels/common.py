@@ -239,7 +239,7 @@ def launch(name, kernel, autotuned, grid, args, consts, fixed, *, device, dtype)
     without an autotuner, ``autotuned=None``). Under ``torch.use_deterministic_algorithms`` an
     autotuned kernel runs the first of :func:`untimed_configs` that compiles instead of the
     autotuner's timed choice."""
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+    if dtype == torch.bfloat16 and getattr(device, "type", device) == "cpu":
         # Triton's interpreter computes bf16 dots as garbage (errors of 1e9 against fp32), silently.
         raise TypeError(
             "the triton backend on CPU runs in Triton's interpreter, which has no bfloat16 (its results "

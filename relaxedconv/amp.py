@@ -10,6 +10,9 @@ import torch
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast casts to on ``device_type``, or None where autocast is off there."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+    # Asked several times per layer and step: the plain query, with the rare device autocast does
+    # not know caught (half the cost of asking torch.amp.is_autocast_available first).
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:
+        return None

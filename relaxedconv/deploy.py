@@ -169,12 +169,16 @@ _ALLOWED_FUNCTION_MODULES = (
 )
 _DENIED_TORCH_FUNCTIONS = {"load", "save", "from_file"}
 # Functions that reach other objects or call what they are given (a node's value): with them a
-# description could walk to os.system and call it. Names starting with "_" are refused everywhere
-# (torch._import_dotted_name imports anything; dunders lead out of any sandbox).
+# description could walk to os.system and call it. Private functions are refused too, but for
+# _ALLOWED_PRIVATE_FUNCTIONS (torch._import_dotted_name imports anything; dunders lead out of any
+# sandbox).
 _DENIED_FUNCTIONS = _DENIED_TORCH_FUNCTIONS | {
     "attrgetter", "methodcaller", "call", "compile", "cond", "vmap", "while_loop", "set_default_tensor_type",
 }
 _ALLOWED_BUILTINS = {"getattr": getattr, "len": len}
+# Private functions torch.fx records from ordinary model code (torch._assert: a symbolically traced
+# assert); every other name starting with "_" is refused (torch._import_dotted_name imports anything).
+_ALLOWED_PRIVATE_FUNCTIONS = {"torch._assert"}
 # What getattr may read (torch.fx records ``x.shape`` etc. as getattr calls): values, not methods.
 _GETATTR_NAMES = {"shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad", "T", "mT", "H", "mH", "real", "imag"}
 # Tensor methods that call a callable or expose storage (files: UntypedStorage.from_file).
@@ -250,9 +254,12 @@ def _resolve_function(name: str):
             raise ValueError(f"the model description calls {name}, which load() does not allow")
         return fn
     module, _, attr = name.rpartition(".")
-    if module not in _ALLOWED_FUNCTION_MODULES or attr in _DENIED_FUNCTIONS or attr.startswith("_"):
+    private = attr.startswith("_") and name not in _ALLOWED_PRIVATE_FUNCTIONS
+    if module not in _ALLOWED_FUNCTION_MODULES or attr in _DENIED_FUNCTIONS or private:
         raise ValueError(
-            f"the model description calls {name}; load() allows only functions of {', '.join(_ALLOWED_FUNCTION_MODULES)}"
+            f"the model description calls {name}; load() allows only public functions of "
+            f"{', '.join(_ALLOWED_FUNCTION_MODULES)} (and {', '.join(sorted(_ALLOWED_PRIVATE_FUNCTIONS))}), none that "
+            "fetches attributes or calls what it is given"
         )
     fn = getattr(importlib.import_module(module), attr, None)
     if not callable(fn):
@@ -342,11 +349,14 @@ def describe(model: fx.GraphModule) -> dict:
     return {"modules": modules, "attributes": attributes, "graph": graph, "dtypes": dtypes}
 
 
-def _check_public_path(name, what: str) -> None:
+def _check_public_path(name, what: str, *, private_ok: bool = False) -> None:
     """A module/attribute path or method name of the description: dotted identifiers (or indices of
-    a Sequential), none private."""
+    a Sequential), no dunder; with ``private_ok`` False none starting with "_" either. Submodule and
+    attribute names may be private (``self._fc``): they are looked up only among the modules and
+    tensors the description itself builds, and written into the forward as ``self.<name>``."""
     parts = name.split(".") if isinstance(name, str) else [None]
-    if not all(isinstance(p, str) and ((p.isidentifier() and not p.startswith("_")) or p.isdigit()) for p in parts):
+    if not all(isinstance(p, str) and ((p.isidentifier() and not p.startswith("__" if private_ok else "_")) or p.isdigit())
+               for p in parts):
         raise ValueError(f"the model description names the {what} {name!r}, which load() does not allow")
 
 
@@ -360,7 +370,7 @@ def _check_node(op: str, target, args, kwargs) -> None:
         if not (isinstance(target, str) and target.isidentifier() and not keyword.iskeyword(target)):
             raise ValueError(f"the model description names an input {target!r}, which load() does not allow")
     elif op in ("call_module", "get_attr"):
-        _check_public_path(target, "submodule or attribute")
+        _check_public_path(target, "submodule or attribute", private_ok=True)
     elif op == "call_method":
         _check_public_path(target, "method")
         if target in _DENIED_METHODS or not callable(getattr(torch.Tensor, target, None)):
@@ -375,10 +385,10 @@ def build(description: dict) -> fx.GraphModule:
     """A fresh exported model (parameters zero) from :func:`describe`'s description, in eval mode."""
     parts: dict = {}
     for name, spec in description["modules"].items():
-        _check_public_path(name, "submodule")
+        _check_public_path(name, "submodule", private_ok=True)
         parts[name] = _new_module(spec)
     for name, spec in description["attributes"].items():
-        _check_public_path(name, "attribute")
+        _check_public_path(name, "attribute", private_ok=True)
         t = torch.zeros(spec["shape"], dtype=_dtype(spec["dtype"]))
         parts[name] = nn.Parameter(t) if spec["kind"] == "parameter" else t
     graph, nodes = fx.Graph(), {}

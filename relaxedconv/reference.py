@@ -158,9 +158,11 @@ def _factored_per_position(x, z, w_ext, g: ConvGeometry) -> torch.Tensor:
     # contiguous: as a strided view every batched product would copy it matrix by matrix
     rows = cols.permute(3, 0, 1, 2).contiguous().view(positions, b * g.in_channels, g.window)
     w = w_ext.reshape(g.out_channels, g.in_channels * hp).t()  # [(i, h), o]
-    dtype = autocast_dtype(x.device.type)  # what autocast would cast them to (not fp64),
+    # under autocast, cast once to what autocast would cast them to (fp64 it leaves alone), not in
+    # every rotation's products
+    dtype = autocast_dtype(x.device.type)
     if dtype is not None and rows.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        rows, w = rows.to(dtype), w.to(dtype)  # once, not in every rotation's products
+        rows, w = rows.to(dtype), w.to(dtype)
     ys = [torch.bmm(rows, zn).view(positions * b, g.in_channels * hp) @ w for zn in z.unbind(0)]
     y = torch.stack(ys, dim=-1).view(positions, b, g.out_channels, g.out_rotations)
     return y.permute(1, 2, 3, 0)

@@ -13,10 +13,11 @@ if not torch.cuda.is_available():
 os.environ.setdefault("RELAXEDCONV_AUTOTUNE", "0")
 
 
-def _interpreter_runs_runtime_loops() -> bool:
-    """Whether Triton's interpreter can run ``range(0, n)`` over a runtime ``n``, as every kernel's
-    K loop does. Triton 3.6's interpreter converts ``n`` (a 1-element array) with ``int()``, which
-    NumPy 2.4 made an error: then every kernel test fails the same way, far from the cause."""
+def _interpreter_failure() -> str | None:
+    """Why Triton's interpreter cannot run ``range(0, n)`` over a runtime ``n``, as every kernel's
+    K loop does, or None when it can. Triton 3.6's interpreter converts ``n`` (a 1-element array)
+    with ``int()``, which NumPy 2.4 made an error: then every kernel test fails the same way, far
+    from the cause."""
     import triton
     import triton.language as tl
 
@@ -30,9 +31,9 @@ def _interpreter_runs_runtime_loops() -> bool:
     out = torch.zeros(1, dtype=torch.int32)
     try:
         _count[(1,)](out, 3)
-    except Exception:  # the interpreter wraps the TypeError in its own InterpreterError
-        return False
-    return int(out) == 3
+    except Exception as e:  # the interpreter wraps the cause in its own InterpreterError
+        return f"{type(e).__name__}: {e}"
+    return None if int(out) == 3 else f"a 3-step loop counted {int(out)}"
 
 
 def pytest_configure(config):
@@ -42,13 +43,15 @@ def pytest_configure(config):
         import triton
     except ImportError:
         return  # the kernel tests skip themselves
-    if not _interpreter_runs_runtime_loops():
+    failure = _interpreter_failure()
+    if failure is not None:
         import numpy
 
+        cause = (" (it calls int() on 1-element arrays, an error since NumPy 2.4): install a newer triton, "
+                 "or pip install 'numpy<2.4'" if "0-dimensional" in failure else "")
         raise pytest.UsageError(
-            f"Triton {triton.__version__}'s interpreter cannot run the kernels beside NumPy "
-            f"{numpy.__version__} (it calls int() on 1-element arrays, an error since NumPy 2.4). "
-            "Install a newer triton, or pip install 'numpy<2.4'.")
+            f"Triton {triton.__version__}'s interpreter cannot run a kernel loop beside NumPy "
+            f"{numpy.__version__}{cause}. It failed with {failure}")
 
 
 @pytest.fixture(autouse=True, scope="session")

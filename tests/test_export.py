@@ -353,6 +353,33 @@ def test_load_refuses_a_description_that_reaches_beyond_tensor_code(tmp_path, no
     assert not flag.exists()
 
 
+class _PrivateNames(nn.Module):
+    """A user's model with private submodule names and a traced assert (torch._assert)."""
+
+    def __init__(self):
+        super().__init__()
+        self._lift = rc.LiftingConv(3, 4, 3, 4, hidden_channels=8)
+        self._pool = rc.InvariantPool(4)
+        self._fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        torch._assert(x.dim() == 4, "expected an image batch")
+        return self._fc(self._pool(self._lift(x)))
+
+
+def test_private_submodule_names_and_a_traced_assert_export_save_and_load(tmp_path):
+    """The load() hardening refused every name starting with "_", so a model that exported and saved
+    did not load; only private functions other than torch._assert stay refused (see above)."""
+    torch.manual_seed(0)
+    model = _PrivateNames().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        y_ref = model(x)
+        exported = export(model, (3, 8, 8))
+        save(exported, tmp_path / "m.pt")
+        assert rel_err(deploy.load(tmp_path / "m.pt")(x), y_ref) < 1e-5
+
+
 class _Scale(nn.Module):
     def forward(self, x):
         return 2 * x
