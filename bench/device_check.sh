@@ -214,7 +214,7 @@ for path in sys.argv[1:]:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
         print("rows:", counts)
         print(report.targets_table(d.get("targets") or report.targets(rows)))
-        main = [r for r in rows if r["case"] in ("T1", "T2", "G3", "G4") and r["dtype"] == "bf16"]
+        main = [r for r in rows if r["case"] in ("T1", "T2", "G3", "G4")]  # each file holds one dtype (bf16, tf32)
         print(report.layer_table(main))
     if d.get("e2e"):
         print(report.e2e_table(d["e2e"]))

@@ -335,6 +335,7 @@ def test_metadata_records_the_switches_that_change_what_is_measured(monkeypatch)
     (["--e2e-backends", ""], "(none given) in --e2e-backends"),
     (["--suite", "e2e", "--e2e-widths", "0,8"], "--e2e-widths must be positive"),
     (["--suite", "e2e", "--e2e-batch", "0"], "--e2e-batch must be at least 1"),
+    (["--suite", "e2e", "--e2e-size", "16"], "--e2e-size 16 is smaller than the e2e model takes (28 = kernel size 7"),
     (["--threads", "-1"], "--threads must be at least 1"),
     (["--rep-ms", "0"], "--rep-ms must be above 0"),
     (["--warmup-ms", "-5"], "--warmup-ms must be above 0"),
@@ -633,6 +634,15 @@ def test_notes_are_about_the_suite_that_runs(suite, backends, e2e_backends, expe
                         "--e2e-backends", e2e_backends, "--time-budget", "0", "--json", str(out)]) == 0
     notes = json.loads(out.read_text())["notes"]
     assert {("scaled" if n.startswith("cases scaled down for CPU") else n) for n in notes} == expect, notes
+
+
+def test_e2e_tf32_without_cuda_says_it_measures_fp32(tmp_path):
+    out = tmp_path / "t.json"
+    assert runner.main(["--device", "cpu", "--suite", "e2e", "--e2e-dtype", "tf32", "--e2e-variants", "t2",
+                        "--e2e-backends", "conv2d", "--time-budget", "0", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["e2e_config"]["dtype"] == "fp32"
+    assert "e2e: tf32 requested without CUDA: measured as fp32" in payload["notes"]
 
 
 def test_device_check_states_its_worst_case_from_its_own_limits():

@@ -174,7 +174,7 @@ def _resolve(args, device: torch.device, e2e_backends: list[str]):
     return cases, dtypes, scale, notes
 
 
-def _e2e_config(args, device) -> e2e_mod.E2EConfig:
+def _e2e_config(args, device, notes: list) -> e2e_mod.E2EConfig:
     cfg = e2e_mod.gpu_config(args.quick) if device.type == "cuda" else e2e_mod.cpu_config(args.quick)
     if args.e2e_batch:
         cfg.batch = args.e2e_batch
@@ -192,7 +192,8 @@ def _e2e_config(args, device) -> e2e_mod.E2EConfig:
         cfg.infer_batch = args.e2e_infer_batch
     if args.row_time_limit is not None:
         cfg.row_time_limit_s = args.row_time_limit or None
-    cfg.dtype = resolve_dtypes([cfg.dtype], device)[0][0]
+    (cfg.dtype,), dtype_notes = resolve_dtypes([cfg.dtype], device)
+    notes.extend(f"e2e: {n}" for n in dtype_notes)  # tf32 off CUDA runs as fp32: said, not silent
     return cfg
 
 
@@ -224,6 +225,22 @@ def _check_e2e_options(args, backends: list[str]) -> None:
             _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.e2e_widths is not None and (not args.e2e_widths or min(args.e2e_widths) < 1):
         _fail(f"--e2e-widths must be positive integers, got {args.e2e_widths}")
+
+
+def _check_e2e_size(cfg, variants) -> None:
+    """An image smaller than the model takes made every e2e row an error row (exit 0), after the
+    layer suite's minutes: the smallest size, from the models themselves (built on meta tensors)."""
+    from ..models import build_model
+
+    need = 0
+    with torch.device("meta"):
+        for variant in variants:
+            model = build_model(variant, num_classes=10, group_order=cfg.group_order, widths=cfg.widths,
+                                kernel_size=cfg.kernel_size, hidden_channels=cfg.hidden)
+            need = max(need, model.min_input_size() or 0)
+    if cfg.size < need:
+        _fail(f"--e2e-size {cfg.size} is smaller than the e2e model takes ({need} = kernel size {cfg.kernel_size} "
+              f"x 2^{len(cfg.widths)} blocks); give --e2e-size {need} or more, or fewer --e2e-widths")
 
 
 def _summarize(paths, markdown: bool) -> int:
@@ -294,7 +311,9 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, warmup_ms=args.warmup_ms or cfg.warmup_ms, rep_ms=args.rep_ms or cfg.rep_ms)
     if run_e2e:
         _check_e2e_options(args, e2e_backends)
-    e2e_cfg = _e2e_config(args, device) if run_e2e else None
+    e2e_cfg = _e2e_config(args, device, notes) if run_e2e else None
+    if e2e_cfg is not None:
+        _check_e2e_size(e2e_cfg, args.e2e_variants)
 
     payload = {
         "schema": report.SCHEMA,
