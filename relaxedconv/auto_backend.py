@@ -6,7 +6,10 @@ timed on detached copies of the call's tensors and the fastest is kept for the p
 - key (:func:`choice_key`): device name, compute dtype (the autocast dtype under autocast; fp32
   with TF32 on counts apart), the layer geometry, translation non-stationarity, hidden width,
   bias or not, the input's height and width, its batch rounded up to a power of two
-  (:func:`batch_bucket`), and whether gradients are needed.
+  (:func:`batch_bucket`), and whether gradients are needed. An empty batch is not measured (it
+  runs the static rule's choice and keeps nothing).
+- measuring draws its output gradient from a generator of its own: the caller's random stream
+  is the same whether a choice was measured, read from the file or already made.
 - what is timed: forward + backward to every input that needs a gradient (training), or the
   forward from prepared operands (inference: a layer caches them, :mod:`relaxedconv.layers`).
   One untimed trial call (where a refusal or out-of-memory shows), :data:`WARMUP_CALLS` untimed
@@ -212,7 +215,11 @@ def _runner(name: str, x, z, w_ext, bias, geometry, train: bool):
             t.grad = None
         y = apply_backend(name, xs, prepare_backend(name, zs, ws, bs, geometry, dtype), geometry)
         if dy is None:
-            dy = torch.randn_like(y)
+            # From a generator of its own: measuring must not advance the caller's random stream
+            # (a run would otherwise draw other numbers depending on whether a choice was cached).
+            gen = torch.Generator(device=y.device)
+            gen.manual_seed(0)
+            dy = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
         y.backward(dy)
 
     return run
@@ -356,7 +363,14 @@ def _distributed():
     return None
 
 
+EMPTY_BATCH = "static (empty batch)"
+
+
 def _decide(key, x, z, w_ext, bias, geometry, fallback) -> Choice:
+    if x.shape[0] == 0:
+        # An empty batch times nothing but launch overheads, and its choice would be kept for its
+        # bucket, batch 1: it runs the static rule's choice and decides nothing.
+        return Choice(fallback, EMPTY_BATCH, {}, {})
     choice = _from_file(key)
     if choice is None:
         choice = measure(x, z, w_ext, bias, geometry, fallback=fallback)
@@ -391,5 +405,6 @@ def measured_choice(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str)
         choice = Choice(**box[0])
         if dist.get_rank() != 0:
             choice = dataclasses.replace(choice, source="rank 0")
-    _choices[key] = choice
+    if choice.source != EMPTY_BATCH:
+        _choices[key] = choice
     return choice.backend

@@ -113,6 +113,29 @@ def test_key_separates_dtype_shape_geometry_and_merges_batches_in_a_bucket():
     assert [auto_backend.batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 64, 65)] == [1, 2, 4, 4, 8, 8, 16, 64, 128]
 
 
+def test_measuring_leaves_the_callers_random_stream_alone():
+    # A run draws the same numbers whether auto measured, read the file or had chosen already.
+    auto_backend.set_timer(FakeTimer({"materialize": 1.0, "expand_conv": 2.0, "factored_torch": 3.0}))
+    layer, x = make(), torch.randn(2, 8, 6, 7)
+    state = torch.get_rng_state()
+    call(layer, x)  # measured: fwd+bwd of every backend
+    assert auto_backend.choices() and torch.equal(torch.get_rng_state(), state)
+
+
+def test_an_empty_batch_is_not_measured_and_decides_nothing_for_its_bucket():
+    timer = FakeTimer({"materialize": 1.0, "expand_conv": 2.0, "factored_torch": 3.0})
+    auto_backend.set_timer(timer)
+    layer = make()
+    static = dispatch.backend_rule(layer, "cpu", dispatch.triton_available())
+    assert static != "materialize"
+    dispatch.set_auto_policy("measure")
+    y = layer(torch.randn(0, 8, 6, 7))
+    assert y.shape == (0, 12, 6, 7) and layer.last_backend == static
+    assert timer.calls == [] and auto_backend.choices() == {}
+    layer(torch.randn(1, 8, 6, 7))  # batch 1 (the same bucket) is measured on its own data
+    assert layer.last_backend == "materialize" and len(timer.calls) == 3
+
+
 def _replace_apply(monkeypatch, name, fn):
     entry = dispatch.BACKEND_TABLE[name]
     monkeypatch.setitem(dispatch.BACKEND_TABLE, name, dataclasses.replace(entry, apply=fn))
