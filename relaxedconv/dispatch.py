@@ -315,6 +315,6 @@ def choose_backend(layer, x: torch.Tensor) -> str:
     out_hw = layer.geometry.out_size(x.shape[-2], x.shape[-1])
     with torch.no_grad():
         z, w_ext = layer.factored_kernel(out_hw)
-    if torch.is_grad_enabled():
+    if layer._kernel_needs_grad():  # as the layer decides: frozen parameters give a forward-only call
         z, w_ext = z.requires_grad_(), w_ext.requires_grad_()
     return resolve("auto", x, z, w_ext, layer.bias, layer.geometry)

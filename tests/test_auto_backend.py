@@ -90,6 +90,26 @@ def test_the_layer_runs_and_reports_the_measured_choice():
     assert dispatch.choose_backend(layer, x) == "materialize"
 
 
+def test_choose_backend_says_what_a_frozen_layer_runs():
+    # Timed with gradients, materialize wins; forward only, expand_conv. A layer with frozen
+    # parameters runs a forward-only call (x needs no gradient), so choose_backend must say so.
+    def timer(run, *, backend, device):
+        train = {"materialize": 1.0, "expand_conv": 2.0, "factored_torch": 3.0}
+        fwd = {"materialize": 3.0, "expand_conv": 1.0, "factored_torch": 2.0}
+        return (train if torch.is_grad_enabled() else fwd)[backend]
+
+    auto_backend.set_timer(timer)
+    dispatch.set_auto_policy("measure")
+    layer, x = make().requires_grad_(False), torch.randn(2, 8, 6, 7)
+    assert dispatch.choose_backend(layer, x) == "expand_conv"
+    layer(x)
+    assert layer.last_backend == "expand_conv"
+    layer.requires_grad_(True)
+    assert dispatch.choose_backend(layer, x) == "materialize"
+    layer(x)
+    assert layer.last_backend == "materialize"
+
+
 def test_key_separates_dtype_shape_geometry_and_merges_batches_in_a_bucket():
     timer = FakeTimer({"materialize": 1.0, "expand_conv": 2.0, "factored_torch": 3.0})
     auto_backend.set_timer(timer)
