@@ -63,6 +63,11 @@ def test_bad_tensors_get_clear_errors():
         relaxed_conv(x, z, w, torch.zeros(4), g)
     with pytest.raises(ValueError, match="backend must be one of"):
         relaxed_conv(x, z, w, None, g, backend="cudnn")
+    with pytest.raises(TypeError, match="bias must be floating point, got torch.int64"):
+        relaxed_conv(x, z, w, torch.zeros(3, dtype=torch.long), g)
+    for backend in ("auto", "factored_torch"):  # a misspelt policy is refused whichever backend runs
+        with pytest.raises(ValueError, match=r"auto_policy must be one of \('measure', 'static'\) or None, got 'fastest'"):
+            relaxed_conv(x, z, w, None, g, backend=backend, auto_policy="fastest")
     with pytest.raises(ValueError, match="backend='expand_conv' cannot run a translation non-stationary"):
         relaxed_conv(x, torch.randn(4, 30, 36, 7), w, None, g, backend="expand_conv")
 
