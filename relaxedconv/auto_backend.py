@@ -23,8 +23,9 @@ timed on detached copies of the call's tensors and the fastest is kept for the p
   same call on every rank because training steps reach the same layers with the same shapes.
   Calls without gradients (evaluation, whose split over ranks may be uneven) are chosen per rank
   with no collective, so they can never wait on a rank that does not come.
-- an optional file cache (:func:`set_cache_file`, or ``RELAXEDCONV_AUTO_CACHE=1`` for the default
-  path under the user's cache directory, or ``=<path>``) keeps choices across processes. It is
+- an optional file cache (:func:`set_cache_file`, or ``RELAXEDCONV_AUTO_CACHE=1`` (on/true/yes)
+  for the default path under the user's cache directory, or ``=<file or directory>``; 0/off/
+  false/no or unset: none) keeps choices across processes. It is
   keyed also by torch, Triton and relaxedconv versions and a hash of the backends' sources; a
   corrupt file or one written by other versions is ignored with a warning, never an error.
 - under ``torch.compile`` nothing is timed: a choice already made in this process is used, else
@@ -34,6 +35,7 @@ The timer is injectable (:func:`set_timer`) so the choice can be tested without 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -77,10 +79,12 @@ def set_timer(timer) -> None:
 
 
 def set_cache_file(path) -> None:
-    """Keep choices in ``path`` across processes (True: the default path; False: no file;
-    None: follow ``RELAXEDCONV_AUTO_CACHE``)."""
+    """Keep choices in ``path`` across processes (a directory: ``auto_backend.json`` in it; True:
+    the default path; False: no file; None: follow ``RELAXEDCONV_AUTO_CACHE``)."""
     global _cache_file
-    _cache_file = Path(path) if isinstance(path, (str, os.PathLike)) else path
+    if not (path is None or isinstance(path, (bool, str, os.PathLike))):
+        raise TypeError(f"set_cache_file takes a path, True, False or None, got {type(path).__name__}")
+    _cache_file = Path(path).expanduser() if isinstance(path, (str, os.PathLike)) else path
 
 
 def clear() -> None:
@@ -98,17 +102,28 @@ def default_cache_path() -> Path:
     return Path(base) / "relaxedconv" / "auto_backend.json"
 
 
+CACHE_OFF = ("", "0", "off", "false", "no")
+CACHE_DEFAULT = ("1", "on", "true", "yes")
+
+
 def cache_path() -> Path | None:
+    """The file choices are kept in, or None: :func:`set_cache_file`'s, else ``RELAXEDCONV_AUTO_CACHE``'s
+    (0/off/false/no or unset: none; 1/on/true/yes: the default path; else a file or a directory)."""
     if _cache_file is False:
         return None
     if _cache_file is True:
         return default_cache_path()
-    if _cache_file is not None:
-        return _cache_file
-    env = os.environ.get(CACHE_ENV, "")
-    if env in ("", "0"):
-        return None
-    return default_cache_path() if env == "1" else Path(env)
+    path = _cache_file
+    if path is None:
+        env = os.environ.get(CACHE_ENV, "").strip()
+        if env.lower() in CACHE_OFF:
+            return None
+        if env.lower() in CACHE_DEFAULT:
+            return default_cache_path()
+        path = Path(env).expanduser()
+        if env.endswith(("/", os.sep)):
+            return path / default_cache_path().name
+    return path / default_cache_path().name if path.is_dir() else path
 
 
 # ---- the key --------------------------------------------------------------------------------------------
@@ -333,12 +348,14 @@ def _write_file(path: Path, key: tuple, choice: Choice) -> None:
         existing = {}
     existing[_key_string(key)] = {"backend": choice.backend, "times_ms": choice.times_ms, "skipped": choice.skipped}
     payload = {"format": CACHE_FORMAT, "versions": _versions(), "choices": existing}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
+        with contextlib.suppress(OSError):  # no stray temporary file beside an unwritable target
+            tmp.unlink()
         warnings.warn(f"relaxedconv: could not write the auto-backend cache {path}: {e}", stacklevel=3)
 
 

@@ -273,6 +273,41 @@ def test_unwritable_cache_warns_and_keeps_the_choice(tmp_path):
     assert next(iter(auto_backend.choices().values())).backend == "expand_conv"
 
 
+def test_cache_settings_off_on_words_directories_and_bad_types(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    default = auto_backend.default_cache_path()
+    for off in ("off", "false", "No", " 0 ", ""):  # never a file called "off" in the working directory
+        monkeypatch.setenv(auto_backend.CACHE_ENV, off)
+        assert auto_backend.cache_path() is None
+    for on in ("1", "on", "TRUE", "yes "):
+        monkeypatch.setenv(auto_backend.CACHE_ENV, on)
+        assert auto_backend.cache_path() == default
+    # a directory (existing, or named with a trailing slash) holds the default file name
+    monkeypatch.setenv(auto_backend.CACHE_ENV, str(tmp_path))
+    assert auto_backend.cache_path() == tmp_path / "auto_backend.json"
+    monkeypatch.setenv(auto_backend.CACHE_ENV, str(tmp_path / "new") + "/")
+    assert auto_backend.cache_path() == tmp_path / "new" / "auto_backend.json"
+    auto_backend.set_timer(FakeTimer({"materialize": 3.0, "expand_conv": 1.0, "factored_torch": 2.0}))
+    call(make(), torch.randn(2, 8, 6, 7))
+    assert json.loads((tmp_path / "new" / "auto_backend.json").read_text())["format"] == auto_backend.CACHE_FORMAT
+    auto_backend.set_cache_file(tmp_path)
+    assert auto_backend.cache_path() == tmp_path / "auto_backend.json"
+    with pytest.raises(TypeError, match="set_cache_file takes a path, True, False or None, got int"):
+        auto_backend.set_cache_file(1)
+
+
+def test_a_failed_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(auto_backend.os, "replace", refuse)  # the last step fails, after the temporary write
+    auto_backend.set_cache_file(tmp_path / "auto.json")
+    auto_backend.set_timer(FakeTimer({"materialize": 3.0, "expand_conv": 1.0, "factored_torch": 2.0}))
+    with pytest.warns(UserWarning, match="could not write .*Permission denied"):
+        call(make(), torch.randn(2, 8, 6, 7))
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- DDP: two gloo processes -------------------------------------------------------------------------
 def _rank_timer(run, *, backend, device):
     """Each rank would pick a different backend on its own."""
