@@ -26,8 +26,9 @@ timed on detached copies of the call's tensors and the fastest is kept for the p
 - an optional file cache (:func:`set_cache_file`, or ``RELAXEDCONV_AUTO_CACHE=1`` (on/true/yes)
   for the default path under the user's cache directory, or ``=<file or directory>``; 0/off/
   false/no or unset: none) keeps choices across processes. It is
-  keyed also by torch, Triton and relaxedconv versions and a hash of the backends' sources; a
-  corrupt file or one written by other versions is ignored with a warning, never an error.
+  keyed also by torch, Triton and relaxedconv versions, a hash of the backends' sources and the
+  Triton switches set in the environment (:data:`BACKEND_SETTINGS_ENV`); a corrupt file or one
+  written by other versions is ignored with a warning, never an error.
 - under ``torch.compile`` nothing is timed: a choice already made in this process is used, else
   the static rule.
 
@@ -54,7 +55,7 @@ from .reference import ConvGeometry
 WARMUP_CALLS = 2
 TIMED_CALLS = 5
 CACHE_ENV = "RELAXEDCONV_AUTO_CACHE"
-CACHE_FORMAT = "relaxedconv-auto-backend/1"
+CACHE_FORMAT = "relaxedconv-auto-backend/2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,8 +317,16 @@ def _source_hash() -> str:
     return _SOURCE_HASH
 
 
+# Switches that change how the Triton backend runs, hence its time, at the same shapes
+# (README.md, "The fused Triton path"): a choice measured under one setting is not another's.
+BACKEND_SETTINGS_ENV = ("RELAXEDCONV_TRITON_INPUT_GRAD", "RELAXEDCONV_TRITON_RECOMPUTE_U",
+                        "RELAXEDCONV_TRITON_STATIONARY_BACKWARD", "RELAXEDCONV_KERNEL_CONFIG", "RELAXEDCONV_AUTOTUNE")
+
+
 def _key_string(key: tuple) -> str:
-    return json.dumps(key, default=str)
+    """The file's key: the process key and the backend switches set in the environment."""
+    settings = {name: os.environ[name] for name in BACKEND_SETTINGS_ENV if os.environ.get(name)}
+    return json.dumps([key, settings], default=str)
 
 
 def _read_file(path: Path) -> dict:

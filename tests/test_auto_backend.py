@@ -260,6 +260,28 @@ def test_file_cache_reuses_choices_and_ignores_corrupt_or_stale_files(tmp_path, 
     assert auto_backend.cache_path() is None
 
 
+def test_file_choices_are_kept_apart_per_triton_switch(tmp_path, monkeypatch):
+    # A process run with another Triton backward (or tile config) times another backend: it must
+    # not take the choice a process with the default switches wrote.
+    monkeypatch.delenv("RELAXEDCONV_TRITON_STATIONARY_BACKWARD", raising=False)
+    auto_backend.set_cache_file(tmp_path / "auto.json")
+    layer, x = make(), torch.randn(2, 8, 6, 7)
+    auto_backend.set_timer(FakeTimer({"materialize": 3.0, "expand_conv": 2.0, "factored_torch": 1.0}))
+    call(layer, x)
+    monkeypatch.setenv("RELAXEDCONV_TRITON_STATIONARY_BACKWARD", "fused")
+    auto_backend.clear()
+    timer = FakeTimer({"materialize": 3.0, "expand_conv": 1.0, "factored_torch": 2.0})
+    auto_backend.set_timer(timer)
+    call(layer, x)
+    assert len(timer.calls) == 3 and next(iter(auto_backend.choices().values())).backend == "expand_conv"
+    assert len(json.loads((tmp_path / "auto.json").read_text())["choices"]) == 2
+    monkeypatch.delenv("RELAXEDCONV_TRITON_STATIONARY_BACKWARD")  # back to the first setting: its entry
+    auto_backend.clear()
+    call(layer, x)
+    (choice,) = auto_backend.choices().values()
+    assert choice.backend == "factored_torch" and choice.source == "file" and len(timer.calls) == 3
+
+
 def test_unwritable_cache_warns_and_keeps_the_choice(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
