@@ -168,6 +168,11 @@ def _alternatives(pred) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
+def _runs_on(device_type: str, per_position: bool):
+    """What an error suggests instead: the backends that run this layer on this device."""
+    return lambda c: device_type in c.devices and (c.translation_nonstationary or not per_position)
+
+
 def unsupported(name: str, *, device_type: str, dtype: torch.dtype, per_position: bool):
     """Why ``name`` cannot run this call, as ``(exception type, message)``, or None when it can.
 
@@ -184,14 +189,19 @@ def unsupported(name: str, *, device_type: str, dtype: torch.dtype, per_position
     if b.needs_triton and not triton_available():
         return ValueError, (f"backend={name!r} needs Triton, which cannot be imported here; use "
                             f"{_alternatives(lambda c: not c.needs_triton)}")
-    on_device = device_type in b.devices or (b.interpreter_on_cpu and device_type == "cpu" and interpreting())
-    if not on_device:
-        hint = " (or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter for testing)" \
-            if b.interpreter_on_cpu else ""
-        return ValueError, (
-            f"backend={name!r} runs on {'/'.join(d.upper() for d in b.devices)} tensors (got a tensor on "
-            f"{device_type}); on {device_type.upper()} use {_alternatives(lambda c: device_type in c.devices)}{hint}"
-        )
+    if device_type not in b.devices:
+        runs_here = _runs_on(device_type, per_position)
+        if not (b.interpreter_on_cpu and device_type == "cpu" and interpreting()):
+            hint = " (or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter for testing)" \
+                if b.interpreter_on_cpu else ""
+            return ValueError, (
+                f"backend={name!r} runs on {'/'.join(d.upper() for d in b.devices)} tensors (got a tensor on "
+                f"{device_type}); on {device_type.upper()} use {_alternatives(runs_here)}{hint}"
+            )
+        if dtype == torch.bfloat16:
+            return TypeError, (f"backend={name!r} on {device_type.upper()} runs in Triton's interpreter, which has no "
+                               f"bfloat16 (its dots come out as garbage): run it in float32, float16 or float64 there "
+                               f"(not under bf16 autocast), or use {_alternatives(runs_here)}")
     if dtype not in b.dtypes:
         names = "/".join(str(d).replace("torch.", "") for d in b.dtypes)
         return TypeError, f"backend={name!r} supports {names} inputs, got {dtype}"
