@@ -131,6 +131,9 @@ def test_key_separates_dtype_shape_geometry_and_merges_batches_in_a_bucket():
         assert timed_after(lambda: call(layer, torch.randn(4, 8, 6, 7))) == 3
     assert len(auto_backend.choices()) == 6
     assert [auto_backend.batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 64, 65)] == [1, 2, 4, 4, 8, 8, 16, 64, 128]
+    # the key holds every field of the geometry (spelt out for speed: a new field must be added)
+    g = rc.ConvGeometry(2, 3, 4, 5, 7, 1)
+    assert auto_backend.geometry_fields(g) == dataclasses.astuple(g)
 
 
 def test_measuring_leaves_the_callers_random_stream_alone():
