@@ -6,12 +6,15 @@ timed on detached copies of the call's tensors and the fastest is kept for the p
 - key (:func:`choice_key`): device name, compute dtype (the autocast dtype under autocast; fp32
   with TF32 on counts apart), the layer geometry, translation non-stationarity, hidden width,
   bias or not, the input's height and width, its batch rounded up to a power of two
-  (:func:`batch_bucket`), and whether gradients are needed. An empty batch is not measured (it
-  runs the static rule's choice and keeps nothing).
+  (:func:`batch_bucket`), and what the call does (:func:`call_mode`, next). An empty batch is
+  not measured (it runs the static rule's choice and keeps nothing).
 - measuring draws its output gradient from a generator of its own: the caller's random stream
   is the same whether a choice was measured, read from the file or already made.
-- what is timed: forward + backward to every input that needs a gradient (training), or the
-  forward from prepared operands (inference: a layer caches them, :mod:`relaxedconv.layers`).
+- what is timed (:func:`call_mode`): forward + backward to every input that needs a gradient
+  (training); without gradients, the forward from prepared operands where the caller keeps them (a
+  layer's inference cache, :mod:`relaxedconv.layers`), else what the call does every time:
+  building the backend's operands (expand_conv's bank, materialize's kernel) and the forward
+  (:func:`relaxedconv.functional.relaxed_conv`).
   One untimed trial call (where a refusal or out-of-memory shows), :data:`WARMUP_CALLS` untimed
   calls, then the median of :data:`TIMED_CALLS` calls, each ended by ``torch.cuda.synchronize``.
   ``(1 + WARMUP_CALLS + TIMED_CALLS)`` calls per runnable backend: the one-off cost of a new key
@@ -163,7 +166,16 @@ def geometry_fields(g: ConvGeometry) -> tuple:
     return (g.in_channels, g.out_channels, g.in_rotations, g.out_rotations, g.kernel_size, g.padding)
 
 
-def choice_key(x, z, bias, geometry: ConvGeometry, train: bool) -> tuple:
+def call_mode(x, z, w_ext, bias, prepared: bool) -> str:
+    """What one call does, hence what is timed: "fwd+bwd" when a gradient is needed, else "fwd"
+    from operands the caller keeps (a layer's inference cache) or "prepare+fwd" (a functional
+    call, which builds them every time: expand_conv's bank, materialize's kernel)."""
+    if needs_grad(x, z, w_ext, bias):
+        return "fwd+bwd"
+    return "fwd" if prepared else "prepare+fwd"
+
+
+def choice_key(x, z, bias, geometry: ConvGeometry, mode: str) -> tuple:
     dtype = dispatch.compute_dtype(x)
     return (
         device_name(x.device),
@@ -175,7 +187,7 @@ def choice_key(x, z, bias, geometry: ConvGeometry, train: bool) -> tuple:
         batch_bucket(x.shape[0]),
         int(x.shape[-2]),
         int(x.shape[-1]),
-        "fwd+bwd" if train else "fwd",
+        mode,
     )
 
 
@@ -215,17 +227,22 @@ def _too_big_for_memory(name: str, x, z, w_ext, geometry) -> str | None:
     return None
 
 
-def _runner(name: str, x, z, w_ext, bias, geometry, train: bool):
-    """A zero-argument call of backend ``name`` on detached copies (grads as in the real call)."""
+def _runner(name: str, x, z, w_ext, bias, geometry, mode: str):
+    """A zero-argument call of backend ``name`` on detached copies doing what the real call does
+    (:func:`call_mode`: gradients as in the real call; the backend's operands built in every
+    call unless the caller keeps them)."""
     from .functional import apply_backend, prepare_backend
 
     dtype = dispatch.compute_dtype(x)
+    train = mode == "fwd+bwd"
     xs = x.detach().requires_grad_(x.requires_grad and train)
     zs = z.detach().requires_grad_(z.requires_grad and train)
     ws = w_ext.detach().requires_grad_(w_ext.requires_grad and train)
     bs = None if bias is None else bias.detach().requires_grad_(bias.requires_grad and train)
     leaves = [t for t in (xs, zs, ws, bs) if t is not None and t.requires_grad]
-    if not train:
+    if mode == "prepare+fwd":
+        return lambda: apply_backend(name, xs, prepare_backend(name, zs, ws, bs, geometry, dtype), geometry)
+    if mode == "fwd":
         with torch.no_grad():
             operands = prepare_backend(name, zs, ws, bs, geometry, dtype)
         return lambda: apply_backend(name, xs, operands, geometry)
@@ -247,9 +264,12 @@ def _runner(name: str, x, z, w_ext, bias, geometry, train: bool):
     return run
 
 
-def measure(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str, candidates=None) -> Choice:
-    """Time every candidate backend on this call and return the fastest (see the module docstring)."""
-    train = needs_grad(x, z, w_ext, bias)
+def measure(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str, candidates=None,
+            prepared: bool = True) -> Choice:
+    """Time every candidate backend on this call and return the fastest (see the module docstring;
+    ``prepared``: the caller keeps each backend's operands, :func:`call_mode`)."""
+    mode = call_mode(x, z, w_ext, bias, prepared)
+    train = mode == "fwd+bwd"
     if candidates is None:
         candidates = dispatch.runnable(device_type=x.device.type, dtype=dispatch.compute_dtype(x),
                                        per_position=z.dim() == 4, for_auto=True)
@@ -263,7 +283,7 @@ def measure(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str, candida
         run = None
         try:
             with torch.enable_grad() if train else torch.no_grad():
-                run = _runner(name, x, z, w_ext, bias, geometry, train)
+                run = _runner(name, x, z, w_ext, bias, geometry, mode)
                 run()  # the trial call: compilation, refusals and out-of-memory show here
                 times[name] = 1e3 * float(timer(run, backend=name, device=x.device))
         except _oom_types() as e:
@@ -398,24 +418,26 @@ def _distributed():
 EMPTY_BATCH = "static (empty batch)"
 
 
-def _decide(key, x, z, w_ext, bias, geometry, fallback) -> Choice:
+def _decide(key, x, z, w_ext, bias, geometry, fallback, prepared) -> Choice:
     if x.shape[0] == 0:
         # An empty batch times nothing but launch overheads, and its choice would be kept for its
         # bucket, batch 1: it runs the static rule's choice and decides nothing.
         return Choice(fallback, EMPTY_BATCH, {}, {})
     choice = _from_file(key)
     if choice is None:
-        choice = measure(x, z, w_ext, bias, geometry, fallback=fallback)
+        choice = measure(x, z, w_ext, bias, geometry, fallback=fallback, prepared=prepared)
         path = cache_path()
         if path is not None and choice.source == "measured":
             _write_file(path, key, choice)
     return choice
 
 
-def measured_choice(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str) -> str:
-    """The backend ``auto`` runs this call with (the module docstring says how it is chosen)."""
-    train = needs_grad(x, z, w_ext, bias)
-    key = choice_key(x, z, bias, geometry, train)
+def measured_choice(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str, prepared: bool = True) -> str:
+    """The backend ``auto`` runs this call with (the module docstring says how it is chosen;
+    ``prepared``: whether the caller keeps the backend's operands across calls without gradients,
+    as a layer's inference cache does)."""
+    mode = call_mode(x, z, w_ext, bias, prepared)
+    key = choice_key(x, z, bias, geometry, mode)
     hit = _choices.get(key)
     if hit is not None:
         return hit.backend
@@ -425,13 +447,13 @@ def measured_choice(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str)
     # miss the cache at the same call and meet in the broadcast. Inference calls need not (an
     # evaluation split unevenly over ranks has a last batch of another size on some ranks): they
     # are chosen per rank, without a collective that could wait forever.
-    dist = _distributed() if train else None
+    dist = _distributed() if mode == "fwd+bwd" else None
     if dist is None:
-        choice = _decide(key, x, z, w_ext, bias, geometry, fallback)
+        choice = _decide(key, x, z, w_ext, bias, geometry, fallback, prepared)
     else:
         box = [None]
         if dist.get_rank() == 0:
-            choice = _decide(key, x, z, w_ext, bias, geometry, fallback)
+            choice = _decide(key, x, z, w_ext, bias, geometry, fallback, prepared)
             box[0] = dataclasses.asdict(choice)
         dist.broadcast_object_list(box, src=0)
         choice = Choice(**box[0])

@@ -304,9 +304,11 @@ def auto_policy(device_type: str, policy: str | None = None) -> str:
 
 
 def resolve(name: str, x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, bias, geometry: ConvGeometry,
-            *, policy: str | None = None, where: str = "") -> str:
+            *, policy: str | None = None, where: str = "", prepared: bool = True) -> str:
     """The concrete backend that runs this call: ``name`` itself (checked against the table), or
-    what ``auto`` picks for it."""
+    what ``auto`` picks for it (``prepared``: whether the caller keeps the backend's operands
+    across calls without gradients, as a layer's inference cache does; the measure policy times
+    their building otherwise)."""
     per_position = z.dim() == 4
     dtype = compute_dtype(x)
     if name != "auto":
@@ -317,7 +319,7 @@ def resolve(name: str, x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, bi
         return static
     from . import auto_backend
 
-    return auto_backend.measured_choice(x, z, w_ext, bias, geometry, fallback=static)
+    return auto_backend.measured_choice(x, z, w_ext, bias, geometry, fallback=static, prepared=prepared)
 
 
 def choose_backend(layer, x: torch.Tensor) -> str:

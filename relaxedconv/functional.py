@@ -86,6 +86,7 @@ def relaxed_conv(x, z, w_ext, bias, geometry: ConvGeometry, backend: str = "auto
     if auto_policy is not None and auto_policy not in dispatch.AUTO_POLICIES:
         raise ValueError(f"relaxed_conv: auto_policy must be one of {dispatch.AUTO_POLICIES} or None, got {auto_policy!r}")
     check_factors(x, z, w_ext, bias, geometry)
-    name = dispatch.resolve(backend, x, z, w_ext, bias, geometry, policy=auto_policy)
+    # prepared=False: this call builds the backend's operands every time, so auto times that too
+    name = dispatch.resolve(backend, x, z, w_ext, bias, geometry, policy=auto_policy, prepared=False)
     operands = prepare_backend(name, z, w_ext, bias, geometry, dispatch.compute_dtype(x))
     return apply_backend(name, x, operands, geometry)

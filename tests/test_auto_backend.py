@@ -110,6 +110,37 @@ def test_choose_backend_says_what_a_frozen_layer_runs():
     assert layer.last_backend == "materialize"
 
 
+def test_a_functional_call_without_gradients_is_timed_with_building_its_operands(monkeypatch):
+    # relaxed_conv builds the backend's operands (expand_conv's bank) in every call; a layer in
+    # inference keeps them. Here building the bank costs 10 s and its conv2d 1 s: the functional
+    # call must not pick expand_conv for a speed only a cached call has.
+    built = []
+    entry = dispatch.BACKEND_TABLE["expand_conv"]
+
+    def counting_prepare(*args):
+        built.append(1)
+        return entry.prepare(*args)
+
+    monkeypatch.setitem(dispatch.BACKEND_TABLE, "expand_conv", dataclasses.replace(entry, prepare=counting_prepare))
+
+    def timer(run, *, backend, device):
+        before = len(built)
+        run()
+        bank = 10.0 if len(built) > before else 0.0
+        return {"materialize": 5.0, "expand_conv": 1.0 + bank, "factored_torch": 3.0}[backend]
+
+    auto_backend.set_timer(timer)
+    layer, x = make(), torch.randn(2, 8, 6, 7)
+    with torch.no_grad():
+        z, w_ext = factors(layer, x, grad=False)
+        assert relaxed_conv(x, z, w_ext, layer.bias, layer.geometry, auto_policy="measure").shape == (2, 12, 6, 7)
+        dispatch.set_auto_policy("measure")
+        layer(x)
+    assert layer.last_backend == "expand_conv"  # the layer's cached operands: the conv2d alone
+    modes = {key[-1]: c.backend for key, c in auto_backend.choices().items()}
+    assert modes == {"prepare+fwd": "factored_torch", "fwd": "expand_conv"}
+
+
 def test_key_separates_dtype_shape_geometry_and_merges_batches_in_a_bucket():
     timer = FakeTimer({"materialize": 1.0, "expand_conv": 2.0, "factored_torch": 3.0})
     auto_backend.set_timer(timer)
