@@ -110,6 +110,17 @@ def test_choose_backend_says_what_a_frozen_layer_runs():
     assert layer.last_backend == "materialize"
 
 
+def test_choose_backend_refuses_an_input_the_layer_refuses_and_keeps_no_choice_for_it():
+    auto_backend.set_timer(FakeTimer({"materialize": 1.0, "expand_conv": 2.0, "factored_torch": 3.0}))
+    dispatch.set_auto_policy("measure")
+    layer = make()
+    with pytest.raises(ValueError, match=r"choose_backend\(GroupConv\): expected \[B, 2\*4 = 8, H, W\].*got 4 channels"):
+        dispatch.choose_backend(layer, torch.randn(2, 4, 6, 7))
+    assert auto_backend.choices() == {}
+    layer(torch.randn(2, 8, 6, 7))  # the shape's key is measured on a valid input
+    assert layer.last_backend == "materialize"
+
+
 def test_a_functional_call_without_gradients_is_timed_with_building_its_operands(monkeypatch):
     # relaxed_conv builds the backend's operands (expand_conv's bank) in every call; a layer in
     # inference keeps them. Here building the bank costs 10 s and its conv2d 1 s: the functional
