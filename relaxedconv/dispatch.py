@@ -156,8 +156,13 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
-    """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``: kernels on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``: kernels on CPU tensors), read
+    as Triton reads it: 1/true/on/yes in any case; anything else (``off``, ``false``, ``2``) is
+    off, where a looser reading let the kernels launch on CPU tensors without it (a driver error)."""
+    v = os.environ.get("TRITON_INTERPRET")
+    if v is None or v == "0":  # (the common values first: the kernels ask at every launch)
+        return False
+    return v == "1" or v.strip().lower() in ("1", "true", "on", "yes")
 
 
 def _alternatives(pred) -> str:

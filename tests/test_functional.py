@@ -106,3 +106,20 @@ def test_table_refusals():
         assert "expand_conv" not in msg  # suggestions fit the layer: no conv2d for a per-position kernel
     # auto never times Triton's interpreter (a testing aid), even where TRITON_INTERPRET=1 lets it run
     assert "triton" not in dispatch.runnable(device_type="cpu", dtype=torch.float32, per_position=False, for_auto=True)
+
+
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch):
+    # Triton takes only 1/true/on/yes as on: with TRITON_INTERPRET=off the kernels are compiled
+    # for a GPU, so on CPU tensors the table must refuse triton with its message, not let a
+    # launch fail in Triton's driver.
+    for on in ("1", "true", "Yes", "ON"):
+        monkeypatch.setenv("TRITON_INTERPRET", on)
+        assert dispatch.interpreting()
+    for off in ("0", "", "off", "false", "no", "2"):
+        monkeypatch.setenv("TRITON_INTERPRET", off)
+        assert not dispatch.interpreting()
+        if dispatch.triton_available():
+            exc, msg = dispatch.unsupported("triton", device_type="cpu", dtype=torch.float32, per_position=False)
+            assert exc is ValueError and "set TRITON_INTERPRET=1" in msg
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not dispatch.interpreting()
