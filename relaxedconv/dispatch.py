@@ -194,19 +194,15 @@ def unsupported(name: str, *, device_type: str, dtype: torch.dtype, per_position
     if b.needs_triton and not triton_available():
         return ValueError, (f"backend={name!r} needs Triton, which cannot be imported here; use "
                             f"{_alternatives(lambda c: not c.needs_triton)}")
-    if device_type not in b.devices:
-        runs_here = _runs_on(device_type, per_position)
-        if not (b.interpreter_on_cpu and device_type == "cpu" and interpreting()):
-            hint = " (or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter for testing)" \
-                if b.interpreter_on_cpu else ""
-            return ValueError, (
-                f"backend={name!r} runs on {'/'.join(d.upper() for d in b.devices)} tensors (got a tensor on "
-                f"{device_type}); on {device_type.upper()} use {_alternatives(runs_here)}{hint}"
-            )
-        if dtype == torch.bfloat16:
-            return TypeError, (f"backend={name!r} on {device_type.upper()} runs in Triton's interpreter, which has no "
-                               f"bfloat16 (its dots come out as garbage): run it in float32, float16 or float64 there "
-                               f"(not under bf16 autocast), or use {_alternatives(runs_here)}")
+    # (Triton's interpreter has no bf16: the kernels' launch refuses it, where the host-time
+    # measurements, which stub the launches out, do not reach.)
+    if device_type not in b.devices and not (b.interpreter_on_cpu and device_type == "cpu" and interpreting()):
+        hint = " (or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter for testing)" \
+            if b.interpreter_on_cpu else ""
+        return ValueError, (
+            f"backend={name!r} runs on {'/'.join(d.upper() for d in b.devices)} tensors (got a tensor on "
+            f"{device_type}); on {device_type.upper()} use {_alternatives(_runs_on(device_type, per_position))}{hint}"
+        )
     if dtype not in b.dtypes:
         names = "/".join(str(d).replace("torch.", "") for d in b.dtypes)
         return TypeError, f"backend={name!r} supports {names} inputs, got {dtype}"
