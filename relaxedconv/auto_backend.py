@@ -457,8 +457,8 @@ def measured_choice(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str,
             box[0] = dataclasses.asdict(choice)
         dist.broadcast_object_list(box, src=0)
         choice = Choice(**box[0])
-        if dist.get_rank() != 0:
+        if dist.get_rank() != 0 and choice.source != EMPTY_BATCH:
             choice = dataclasses.replace(choice, source="rank 0")
-    if choice.source != EMPTY_BATCH:
+    if choice.source != EMPTY_BATCH:  # (on every rank: rank 0's empty batch decides nothing)
         _choices[key] = choice
     return choice.backend

@@ -390,6 +390,10 @@ def _ddp_worker(rank, world, init_file, out_dir):
         auto_backend.set_timer(_rank_timer)
         dispatch.set_auto_policy("measure")
         layer = make()
+        layer(torch.randn(0 if rank == 0 else 1, 8, 6, 7))  # rank 0's share of this step is empty
+        empty_kept = len(auto_backend.choices())  # it decides nothing, on either rank
+        layer(torch.randn(1, 8, 6, 7))
+        batch1 = layer.last_backend
         seen = []
         for batch in (2, 3, 2):
             layer(torch.randn(batch, 8, 6, 7))
@@ -401,7 +405,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
             layer(torch.randn(5 + 10 * rank, 8, 6, 7))
         seen.append(layer.last_backend)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"backends": seen, "sources": sources}, f)
+            json.dump({"backends": seen, "sources": sources, "empty_kept": empty_kept, "batch1": batch1}, f)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -416,3 +420,4 @@ def test_every_ddp_rank_runs_rank_zeros_choice(tmp_path):
     assert r0["backends"][:3] == r1["backends"][:3] == ["factored_torch"] * 3
     assert r0["sources"] == ["measured"] and r1["sources"] == ["rank 0"]
     assert r0["backends"][3] == "factored_torch" and r1["backends"][3] == "materialize"  # per rank
+    assert r0["empty_kept"] == r1["empty_kept"] == 0 and r0["batch1"] == r1["batch1"] == "factored_torch"
