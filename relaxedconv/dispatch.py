@@ -194,8 +194,8 @@ def unsupported(name: str, *, device_type: str, dtype: torch.dtype, per_position
     if b.needs_triton and not triton_available():
         return ValueError, (f"backend={name!r} needs Triton, which cannot be imported here; use "
                             f"{_alternatives(lambda c: not c.needs_triton)}")
-    # (Triton's interpreter has no bf16: the kernels' launch refuses it, where the host-time
-    # measurements, which stub the launches out, do not reach.)
+    # (bf16 in Triton's interpreter is refused at the kernels' launch, not here: the host-time
+    # measurements stub the launches out and run bf16 through this table.)
     if device_type not in b.devices and not (b.interpreter_on_cpu and device_type == "cpu" and interpreting()):
         hint = " (or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter for testing)" \
             if b.interpreter_on_cpu else ""
