@@ -3,7 +3,7 @@
 On the first call for a key, every backend that can run the call (:func:`dispatch.runnable`) is
 timed on detached copies of the call's tensors and the fastest is kept for the process:
 
-- key (:func:`choice_key`): device name, compute dtype (the autocast dtype under autocast; fp32
+- key (:func:`choice_key`): device name (on the CPU its thread count), compute dtype (the autocast dtype under autocast; fp32
   with TF32 on counts apart), the layer geometry, translation non-stationarity, hidden width,
   bias or not, the input's height and width, its batch rounded up to a power of two
   (:func:`batch_bucket`), and what the call does (:func:`call_mode`, next). An empty batch is
@@ -139,8 +139,18 @@ def batch_bucket(batch: int) -> int:
 _DEVICE_NAMES: dict = {}
 
 
+@torch.compiler.assume_constant_result
+def _cpu_threads() -> int:
+    """torch's intra-op thread count (Dynamo cannot trace the getter: a compiled graph takes the
+    value it had when it was traced)."""
+    return torch.get_num_threads()
+
+
 def device_name(device: torch.device) -> str:
-    """The card's name (the key's first part); looked up once per device, outside any compile."""
+    """The card's name (the key's first part); looked up once per device, outside any compile.
+    On the CPU its thread count, which the timings depend on as much as on the card."""
+    if device.type == "cpu":
+        return f"cpu/{_cpu_threads()} threads"
     if device.type != "cuda":
         return device.type
     index = device.index if device.index is not None else torch.cuda.current_device()
