@@ -37,6 +37,23 @@ def test_every_backend_computes_the_op_and_its_gradients_from_z_and_w_ext(trans)
             assert _rel(a, b) < 1e-10, f"{name}: {what}"
 
 
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("backend", ["auto", "materialize", "expand_conv", "factored_torch"])
+def test_gradcheck_fp64_with_any_subset_of_inputs_requiring_grad(backend, trans):
+    # materialize is the others' reference: here every path is checked against finite differences,
+    # with each input alone, and all together, requiring a gradient (the triton path: test_triton_backward).
+    if trans and backend == "expand_conv":
+        pytest.skip("expand_conv runs translation-stationary layers only")
+    torch.manual_seed(1)
+    g = ConvGeometry(1, 2, 2, 2, 3, 1)
+    d = torch.float64
+    x, w, b = torch.randn(1, 2, 3, 3, dtype=d), torch.randn(2, 1, 3, dtype=d), torch.randn(2, dtype=d)
+    z = torch.randn(2, 9, 18, 3, dtype=d) if trans else torch.randn(2, 18, 3, dtype=d)
+    for mask in [(1, 1, 1, 1), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)]:
+        inputs = [t.clone().requires_grad_(bool(m)) for t, m in zip((x, z, w, b), mask)]
+        assert torch.autograd.gradcheck(lambda *a: relaxed_conv(*a, g, backend=backend), inputs), mask
+
+
 @pytest.mark.parametrize("field, value", [("in_channels", 0), ("out_rotations", -1), ("kernel_size", 0),
                                           ("padding", -1), ("in_channels", 2.0), ("kernel_size", True)])
 def test_a_geometry_of_impossible_sizes_is_refused(field, value):
