@@ -3,12 +3,18 @@
 On the first call for a key, every backend that can run the call (:func:`dispatch.runnable`) is
 timed on detached copies of the call's tensors and the fastest is kept for the process:
 
-- key (:func:`choice_key`): device name, compute dtype (the autocast dtype under autocast; fp32
+- key (:func:`choice_key`): device name (on the CPU its thread count), compute dtype (the autocast dtype under autocast; fp32
   with TF32 on counts apart), the layer geometry, translation non-stationarity, hidden width,
   bias or not, the input's height and width, its batch rounded up to a power of two
-  (:func:`batch_bucket`), and whether gradients are needed.
-- what is timed: forward + backward to every input that needs a gradient (training), or the
-  forward from prepared operands (inference: a layer caches them, :mod:`relaxedconv.layers`).
+  (:func:`batch_bucket`), and what the call does (:func:`call_mode`, next). An empty batch is
+  not measured (it runs the static rule's choice and keeps nothing).
+- measuring draws its output gradient from a generator of its own: the caller's random stream
+  is the same whether a choice was measured, read from the file or already made.
+- what is timed (:func:`call_mode`): forward + backward to every input that needs a gradient
+  (training); without gradients, the forward from prepared operands where the caller keeps them (a
+  layer's inference cache, :mod:`relaxedconv.layers`), else what the call does every time:
+  building the backend's operands (expand_conv's bank, materialize's kernel) and the forward
+  (:func:`relaxedconv.functional.relaxed_conv`).
   One untimed trial call (where a refusal or out-of-memory shows), :data:`WARMUP_CALLS` untimed
   calls, then the median of :data:`TIMED_CALLS` calls, each ended by ``torch.cuda.synchronize``.
   ``(1 + WARMUP_CALLS + TIMED_CALLS)`` calls per runnable backend: the one-off cost of a new key
@@ -20,10 +26,12 @@ timed on detached copies of the call's tensors and the fastest is kept for the p
   same call on every rank because training steps reach the same layers with the same shapes.
   Calls without gradients (evaluation, whose split over ranks may be uneven) are chosen per rank
   with no collective, so they can never wait on a rank that does not come.
-- an optional file cache (:func:`set_cache_file`, or ``RELAXEDCONV_AUTO_CACHE=1`` for the default
-  path under the user's cache directory, or ``=<path>``) keeps choices across processes. It is
-  keyed also by torch, Triton and relaxedconv versions and a hash of the backends' sources; a
-  corrupt file or one written by other versions is ignored with a warning, never an error.
+- an optional file cache (:func:`set_cache_file`, or ``RELAXEDCONV_AUTO_CACHE=1`` (on/true/yes)
+  for the default path under the user's cache directory, or ``=<file or directory>``; 0/off/
+  false/no or unset: none) keeps choices across processes. It is
+  keyed also by torch, Triton and relaxedconv versions, a hash of the backends' sources and the
+  Triton switches set in the environment (:data:`BACKEND_SETTINGS_ENV`); a corrupt file or one
+  written by other versions is ignored with a warning, never an error.
 - under ``torch.compile`` nothing is timed: a choice already made in this process is used, else
   the static rule.
 
@@ -31,6 +39,7 @@ The timer is injectable (:func:`set_timer`) so the choice can be tested without 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -49,7 +58,7 @@ from .reference import ConvGeometry
 WARMUP_CALLS = 2
 TIMED_CALLS = 5
 CACHE_ENV = "RELAXEDCONV_AUTO_CACHE"
-CACHE_FORMAT = "relaxedconv-auto-backend/1"
+CACHE_FORMAT = "relaxedconv-auto-backend/2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +83,12 @@ def set_timer(timer) -> None:
 
 
 def set_cache_file(path) -> None:
-    """Keep choices in ``path`` across processes (True: the default path; False: no file;
-    None: follow ``RELAXEDCONV_AUTO_CACHE``)."""
+    """Keep choices in ``path`` across processes (a directory: ``auto_backend.json`` in it; True:
+    the default path; False: no file; None: follow ``RELAXEDCONV_AUTO_CACHE``)."""
     global _cache_file
-    _cache_file = Path(path) if isinstance(path, (str, os.PathLike)) else path
+    if not (path is None or isinstance(path, (bool, str, os.PathLike))):
+        raise TypeError(f"set_cache_file takes a path, True, False or None, got {type(path).__name__}")
+    _cache_file = Path(path).expanduser() if isinstance(path, (str, os.PathLike)) else path
 
 
 def clear() -> None:
@@ -95,17 +106,28 @@ def default_cache_path() -> Path:
     return Path(base) / "relaxedconv" / "auto_backend.json"
 
 
+CACHE_OFF = ("", "0", "off", "false", "no")
+CACHE_DEFAULT = ("1", "on", "true", "yes")
+
+
 def cache_path() -> Path | None:
+    """The file choices are kept in, or None: :func:`set_cache_file`'s, else ``RELAXEDCONV_AUTO_CACHE``'s
+    (0/off/false/no or unset: none; 1/on/true/yes: the default path; else a file or a directory)."""
     if _cache_file is False:
         return None
     if _cache_file is True:
         return default_cache_path()
-    if _cache_file is not None:
-        return _cache_file
-    env = os.environ.get(CACHE_ENV, "")
-    if env in ("", "0"):
-        return None
-    return default_cache_path() if env == "1" else Path(env)
+    path = _cache_file
+    if path is None:
+        env = os.environ.get(CACHE_ENV, "").strip()
+        if env.lower() in CACHE_OFF:
+            return None
+        if env.lower() in CACHE_DEFAULT:
+            return default_cache_path()
+        path = Path(env).expanduser()
+        if env.endswith(("/", os.sep)):
+            return path / default_cache_path().name
+    return path / default_cache_path().name if path.is_dir() else path
 
 
 # ---- the key --------------------------------------------------------------------------------------------
@@ -117,8 +139,18 @@ def batch_bucket(batch: int) -> int:
 _DEVICE_NAMES: dict = {}
 
 
+@torch.compiler.assume_constant_result
+def _cpu_threads() -> int:
+    """torch's intra-op thread count (Dynamo cannot trace the getter: a compiled graph takes the
+    value it had when it was traced)."""
+    return torch.get_num_threads()
+
+
 def device_name(device: torch.device) -> str:
-    """The card's name (the key's first part); looked up once per device, outside any compile."""
+    """The card's name (the key's first part); looked up once per device, outside any compile.
+    On the CPU its thread count, which the timings depend on as much as on the card."""
+    if device.type == "cpu":
+        return f"cpu/{_cpu_threads()} threads"
     if device.type != "cuda":
         return device.type
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -138,19 +170,34 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def choice_key(x, z, bias, geometry: ConvGeometry, train: bool) -> tuple:
+def geometry_fields(g: ConvGeometry) -> tuple:
+    """``dataclasses.astuple(g)``, spelt out: astuple copies recursively, 4 of the key's 8 us per
+    call (every ``auto`` call under the measure policy builds the key)."""
+    return (g.in_channels, g.out_channels, g.in_rotations, g.out_rotations, g.kernel_size, g.padding)
+
+
+def call_mode(x, z, w_ext, bias, prepared: bool) -> str:
+    """What one call does, hence what is timed: "fwd+bwd" when a gradient is needed, else "fwd"
+    from operands the caller keeps (a layer's inference cache) or "prepare+fwd" (a functional
+    call, which builds them every time: expand_conv's bank, materialize's kernel)."""
+    if needs_grad(x, z, w_ext, bias):
+        return "fwd+bwd"
+    return "fwd" if prepared else "prepare+fwd"
+
+
+def choice_key(x, z, bias, geometry: ConvGeometry, mode: str) -> tuple:
     dtype = dispatch.compute_dtype(x)
     return (
         device_name(x.device),
         dtype_name(x.device, dtype),
-        dataclasses.astuple(geometry),
+        geometry_fields(geometry),
         z.dim() == 4,
         int(z.shape[-1]),
         bias is not None,
         batch_bucket(x.shape[0]),
         int(x.shape[-2]),
         int(x.shape[-1]),
-        "fwd+bwd" if train else "fwd",
+        mode,
     )
 
 
@@ -190,17 +237,22 @@ def _too_big_for_memory(name: str, x, z, w_ext, geometry) -> str | None:
     return None
 
 
-def _runner(name: str, x, z, w_ext, bias, geometry, train: bool):
-    """A zero-argument call of backend ``name`` on detached copies (grads as in the real call)."""
+def _runner(name: str, x, z, w_ext, bias, geometry, mode: str):
+    """A zero-argument call of backend ``name`` on detached copies doing what the real call does
+    (:func:`call_mode`: gradients as in the real call; the backend's operands built in every
+    call unless the caller keeps them)."""
     from .functional import apply_backend, prepare_backend
 
     dtype = dispatch.compute_dtype(x)
+    train = mode == "fwd+bwd"
     xs = x.detach().requires_grad_(x.requires_grad and train)
     zs = z.detach().requires_grad_(z.requires_grad and train)
     ws = w_ext.detach().requires_grad_(w_ext.requires_grad and train)
     bs = None if bias is None else bias.detach().requires_grad_(bias.requires_grad and train)
     leaves = [t for t in (xs, zs, ws, bs) if t is not None and t.requires_grad]
-    if not train:
+    if mode == "prepare+fwd":
+        return lambda: apply_backend(name, xs, prepare_backend(name, zs, ws, bs, geometry, dtype), geometry)
+    if mode == "fwd":
         with torch.no_grad():
             operands = prepare_backend(name, zs, ws, bs, geometry, dtype)
         return lambda: apply_backend(name, xs, operands, geometry)
@@ -212,15 +264,22 @@ def _runner(name: str, x, z, w_ext, bias, geometry, train: bool):
             t.grad = None
         y = apply_backend(name, xs, prepare_backend(name, zs, ws, bs, geometry, dtype), geometry)
         if dy is None:
-            dy = torch.randn_like(y)
+            # From a generator of its own: measuring must not advance the caller's random stream
+            # (a run would otherwise draw other numbers depending on whether a choice was cached).
+            gen = torch.Generator(device=y.device)
+            gen.manual_seed(0)
+            dy = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
         y.backward(dy)
 
     return run
 
 
-def measure(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str, candidates=None) -> Choice:
-    """Time every candidate backend on this call and return the fastest (see the module docstring)."""
-    train = needs_grad(x, z, w_ext, bias)
+def measure(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str, candidates=None,
+            prepared: bool = True) -> Choice:
+    """Time every candidate backend on this call and return the fastest (see the module docstring;
+    ``prepared``: the caller keeps each backend's operands, :func:`call_mode`)."""
+    mode = call_mode(x, z, w_ext, bias, prepared)
+    train = mode == "fwd+bwd"
     if candidates is None:
         candidates = dispatch.runnable(device_type=x.device.type, dtype=dispatch.compute_dtype(x),
                                        per_position=z.dim() == 4, for_auto=True)
@@ -234,7 +293,7 @@ def measure(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str, candida
         run = None
         try:
             with torch.enable_grad() if train else torch.no_grad():
-                run = _runner(name, x, z, w_ext, bias, geometry, train)
+                run = _runner(name, x, z, w_ext, bias, geometry, mode)
                 run()  # the trial call: compilation, refusals and out-of-memory show here
                 times[name] = 1e3 * float(timer(run, backend=name, device=x.device))
         except _oom_types() as e:
@@ -294,8 +353,16 @@ def _source_hash() -> str:
     return _SOURCE_HASH
 
 
+# Switches that change how the Triton backend runs, hence its time, at the same shapes
+# (README.md, "The fused Triton path"): a choice measured under one setting is not another's.
+BACKEND_SETTINGS_ENV = ("RELAXEDCONV_TRITON_INPUT_GRAD", "RELAXEDCONV_TRITON_RECOMPUTE_U",
+                        "RELAXEDCONV_TRITON_STATIONARY_BACKWARD", "RELAXEDCONV_KERNEL_CONFIG", "RELAXEDCONV_AUTOTUNE")
+
+
 def _key_string(key: tuple) -> str:
-    return json.dumps(key, default=str)
+    """The file's key: the process key and the backend switches set in the environment."""
+    settings = {name: os.environ[name] for name in BACKEND_SETTINGS_ENV if os.environ.get(name)}
+    return json.dumps([key, settings], default=str)
 
 
 def _read_file(path: Path) -> dict:
@@ -326,12 +393,14 @@ def _write_file(path: Path, key: tuple, choice: Choice) -> None:
         existing = {}
     existing[_key_string(key)] = {"backend": choice.backend, "times_ms": choice.times_ms, "skipped": choice.skipped}
     payload = {"format": CACHE_FORMAT, "versions": _versions(), "choices": existing}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
+        with contextlib.suppress(OSError):  # no stray temporary file beside an unwritable target
+            tmp.unlink()
         warnings.warn(f"relaxedconv: could not write the auto-backend cache {path}: {e}", stacklevel=3)
 
 
@@ -356,20 +425,29 @@ def _distributed():
     return None
 
 
-def _decide(key, x, z, w_ext, bias, geometry, fallback) -> Choice:
+EMPTY_BATCH = "static (empty batch)"
+
+
+def _decide(key, x, z, w_ext, bias, geometry, fallback, prepared) -> Choice:
+    if x.shape[0] == 0:
+        # An empty batch times nothing but launch overheads, and its choice would be kept for its
+        # bucket, batch 1: it runs the static rule's choice and decides nothing.
+        return Choice(fallback, EMPTY_BATCH, {}, {})
     choice = _from_file(key)
     if choice is None:
-        choice = measure(x, z, w_ext, bias, geometry, fallback=fallback)
+        choice = measure(x, z, w_ext, bias, geometry, fallback=fallback, prepared=prepared)
         path = cache_path()
         if path is not None and choice.source == "measured":
             _write_file(path, key, choice)
     return choice
 
 
-def measured_choice(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str) -> str:
-    """The backend ``auto`` runs this call with (the module docstring says how it is chosen)."""
-    train = needs_grad(x, z, w_ext, bias)
-    key = choice_key(x, z, bias, geometry, train)
+def measured_choice(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str, prepared: bool = True) -> str:
+    """The backend ``auto`` runs this call with (the module docstring says how it is chosen;
+    ``prepared``: whether the caller keeps the backend's operands across calls without gradients,
+    as a layer's inference cache does)."""
+    mode = call_mode(x, z, w_ext, bias, prepared)
+    key = choice_key(x, z, bias, geometry, mode)
     hit = _choices.get(key)
     if hit is not None:
         return hit.backend
@@ -379,17 +457,18 @@ def measured_choice(x, z, w_ext, bias, geometry: ConvGeometry, *, fallback: str)
     # miss the cache at the same call and meet in the broadcast. Inference calls need not (an
     # evaluation split unevenly over ranks has a last batch of another size on some ranks): they
     # are chosen per rank, without a collective that could wait forever.
-    dist = _distributed() if train else None
+    dist = _distributed() if mode == "fwd+bwd" else None
     if dist is None:
-        choice = _decide(key, x, z, w_ext, bias, geometry, fallback)
+        choice = _decide(key, x, z, w_ext, bias, geometry, fallback, prepared)
     else:
         box = [None]
         if dist.get_rank() == 0:
-            choice = _decide(key, x, z, w_ext, bias, geometry, fallback)
+            choice = _decide(key, x, z, w_ext, bias, geometry, fallback, prepared)
             box[0] = dataclasses.asdict(choice)
         dist.broadcast_object_list(box, src=0)
         choice = Choice(**box[0])
-        if dist.get_rank() != 0:
+        if dist.get_rank() != 0 and choice.source != EMPTY_BATCH:
             choice = dataclasses.replace(choice, source="rank 0")
-    _choices[key] = choice
+    if choice.source != EMPTY_BATCH:  # (on every rank: rank 0's empty batch decides nothing)
+        _choices[key] = choice
     return choice.backend

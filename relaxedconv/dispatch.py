@@ -30,9 +30,9 @@ The static rule (README.md):
 2. Translation-stationary: compare multiply-adds of the factored form with the direct convolution
    on the expanded bank (design.md §2): ``factored/direct = H'/C_out + H'/(N_in*K*K)``. Below
    :data:`FACTORED_FLOP_RATIO` ``factored_torch`` (a per-channel convolution with Z as weight and
-   one batched GEMM: cuDNN/oneDNN and cuBLAS, on any device), else ``expand_conv``. On a CPU the
-   scaled G4 case (ratio 0.34) ran 28 ms fwd+bwd factored against 45 ms expanded; on CUDA the
-   measured policy decides by timing.
+   one batched GEMM: cuDNN/oneDNN and cuBLAS, on any device), else ``expand_conv``. On a CPU
+   G4's layer at 8x8, batch 2 (ratio 0.34) ran 134 ms fwd+bwd factored against 1003 ms expanded
+   (README.md); on CUDA the measured policy decides by timing.
 """
 from __future__ import annotations
 
@@ -156,8 +156,13 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
-    """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``: kernels on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``: kernels on CPU tensors), read
+    as Triton reads it: 1/true/on/yes in any case; anything else (``off``, ``false``, ``2``) is
+    off, where a looser reading let the kernels launch on CPU tensors without it (a driver error)."""
+    v = os.environ.get("TRITON_INTERPRET")
+    if v is None or v == "0":  # (the common values first: the kernels ask at every launch)
+        return False
+    return v == "1" or v.strip().lower() in ("1", "true", "on", "yes")
 
 
 def _alternatives(pred) -> str:
@@ -166,6 +171,11 @@ def _alternatives(pred) -> str:
     names = [repr(b.name) for b in sorted(BACKEND_TABLE.values(), key=lambda b: b.slow_reference) if pred(b)]
     names = ["backend='auto'", *names]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _runs_on(device_type: str, per_position: bool):
+    """What an error suggests instead: the backends that run this layer on this device."""
+    return lambda c: device_type in c.devices and (c.translation_nonstationary or not per_position)
 
 
 def unsupported(name: str, *, device_type: str, dtype: torch.dtype, per_position: bool):
@@ -184,13 +194,14 @@ def unsupported(name: str, *, device_type: str, dtype: torch.dtype, per_position
     if b.needs_triton and not triton_available():
         return ValueError, (f"backend={name!r} needs Triton, which cannot be imported here; use "
                             f"{_alternatives(lambda c: not c.needs_triton)}")
-    on_device = device_type in b.devices or (b.interpreter_on_cpu and device_type == "cpu" and interpreting())
-    if not on_device:
+    # (bf16 in Triton's interpreter is refused at the kernels' launch, not here: the host-time
+    # measurements stub the launches out and run bf16 through this table.)
+    if device_type not in b.devices and not (b.interpreter_on_cpu and device_type == "cpu" and interpreting()):
         hint = " (or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter for testing)" \
             if b.interpreter_on_cpu else ""
         return ValueError, (
             f"backend={name!r} runs on {'/'.join(d.upper() for d in b.devices)} tensors (got a tensor on "
-            f"{device_type}); on {device_type.upper()} use {_alternatives(lambda c: device_type in c.devices)}{hint}"
+            f"{device_type}); on {device_type.upper()} use {_alternatives(_runs_on(device_type, per_position))}{hint}"
         )
     if dtype not in b.dtypes:
         names = "/".join(str(d).replace("torch.", "") for d in b.dtypes)
@@ -294,9 +305,11 @@ def auto_policy(device_type: str, policy: str | None = None) -> str:
 
 
 def resolve(name: str, x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, bias, geometry: ConvGeometry,
-            *, policy: str | None = None, where: str = "") -> str:
+            *, policy: str | None = None, where: str = "", prepared: bool = True) -> str:
     """The concrete backend that runs this call: ``name`` itself (checked against the table), or
-    what ``auto`` picks for it."""
+    what ``auto`` picks for it (``prepared``: whether the caller keeps the backend's operands
+    across calls without gradients, as a layer's inference cache does; the measure policy times
+    their building otherwise)."""
     per_position = z.dim() == 4
     dtype = compute_dtype(x)
     if name != "auto":
@@ -307,14 +320,21 @@ def resolve(name: str, x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, bi
         return static
     from . import auto_backend
 
-    return auto_backend.measured_choice(x, z, w_ext, bias, geometry, fallback=static)
+    return auto_backend.measured_choice(x, z, w_ext, bias, geometry, fallback=static, prepared=prepared)
 
 
 def choose_backend(layer, x: torch.Tensor) -> str:
     """The backend ``auto`` runs ``layer`` with on input ``x`` (under the current policy)."""
+    from .validation import check_feature_map
+
+    # As the layer checks it: an input it would refuse must not be measured (every backend would
+    # fail, and the static choice would be kept for the shape's key, valid inputs included).
+    check_feature_map(x, layer=f"choose_backend({type(layer).__name__})", channels=layer.in_channels * layer.in_rotations,
+                      in_channels=layer.in_channels, in_rotations=layer.in_rotations,
+                      min_size=max(1, layer.kernel_size - 2 * layer.padding), param=layer.kernel_net.first.weight)
     out_hw = layer.geometry.out_size(x.shape[-2], x.shape[-1])
     with torch.no_grad():
         z, w_ext = layer.factored_kernel(out_hw)
-    if torch.is_grad_enabled():
+    if layer._kernel_needs_grad():  # as the layer decides: frozen parameters give a forward-only call
         z, w_ext = z.requires_grad_(), w_ext.requires_grad_()
     return resolve("auto", x, z, w_ext, layer.bias, layer.geometry)

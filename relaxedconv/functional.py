@@ -59,6 +59,8 @@ def check_factors(x, z, w_ext, bias, geometry) -> None:
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (g.out_channels,)):
         raise ValueError(f"relaxed_conv: bias must be None or [C_out = {g.out_channels}], got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if bias is not None and not bias.is_floating_point():
+        raise TypeError(f"relaxed_conv: bias must be floating point, got {bias.dtype}")
     if z.dtype != w_ext.dtype and autocast_dtype(x.device.type) is None:
         # (x and bias may differ: the backends cast them. Under autocast the products cast z too.)
         raise TypeError(f"relaxed_conv: z and w_ext must have one dtype, got {z.dtype} and {w_ext.dtype}; "
@@ -81,7 +83,10 @@ def relaxed_conv(x, z, w_ext, bias, geometry: ConvGeometry, backend: str = "auto
                  auto_policy: str | None = None) -> torch.Tensor:
     """The relaxed group convolution (module docstring) with one backend of the table."""
     dispatch.check_backend_name(backend)
+    if auto_policy is not None and auto_policy not in dispatch.AUTO_POLICIES:
+        raise ValueError(f"relaxed_conv: auto_policy must be one of {dispatch.AUTO_POLICIES} or None, got {auto_policy!r}")
     check_factors(x, z, w_ext, bias, geometry)
-    name = dispatch.resolve(backend, x, z, w_ext, bias, geometry, policy=auto_policy)
+    # prepared=False: this call builds the backend's operands every time, so auto times that too
+    name = dispatch.resolve(backend, x, z, w_ext, bias, geometry, policy=auto_policy, prepared=False)
     operands = prepare_backend(name, z, w_ext, bias, geometry, dispatch.compute_dtype(x))
     return apply_backend(name, x, operands, geometry)

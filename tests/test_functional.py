@@ -37,6 +37,23 @@ def test_every_backend_computes_the_op_and_its_gradients_from_z_and_w_ext(trans)
             assert _rel(a, b) < 1e-10, f"{name}: {what}"
 
 
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("backend", ["auto", "materialize", "expand_conv", "factored_torch"])
+def test_gradcheck_fp64_with_any_subset_of_inputs_requiring_grad(backend, trans):
+    # materialize is the others' reference: here every path is checked against finite differences,
+    # with each input alone, and all together, requiring a gradient (the triton path: test_triton_backward).
+    if trans and backend == "expand_conv":
+        pytest.skip("expand_conv runs translation-stationary layers only")
+    torch.manual_seed(1)
+    g = ConvGeometry(1, 2, 2, 2, 3, 1)
+    d = torch.float64
+    x, w, b = torch.randn(1, 2, 3, 3, dtype=d), torch.randn(2, 1, 3, dtype=d), torch.randn(2, dtype=d)
+    z = torch.randn(2, 9, 18, 3, dtype=d) if trans else torch.randn(2, 18, 3, dtype=d)
+    for mask in [(1, 1, 1, 1), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)]:
+        inputs = [t.clone().requires_grad_(bool(m)) for t, m in zip((x, z, w, b), mask)]
+        assert torch.autograd.gradcheck(lambda *a: relaxed_conv(*a, g, backend=backend), inputs), mask
+
+
 @pytest.mark.parametrize("field, value", [("in_channels", 0), ("out_rotations", -1), ("kernel_size", 0),
                                           ("padding", -1), ("in_channels", 2.0), ("kernel_size", True)])
 def test_a_geometry_of_impossible_sizes_is_refused(field, value):
@@ -63,6 +80,11 @@ def test_bad_tensors_get_clear_errors():
         relaxed_conv(x, z, w, torch.zeros(4), g)
     with pytest.raises(ValueError, match="backend must be one of"):
         relaxed_conv(x, z, w, None, g, backend="cudnn")
+    with pytest.raises(TypeError, match="bias must be floating point, got torch.int64"):
+        relaxed_conv(x, z, w, torch.zeros(3, dtype=torch.long), g)
+    for backend in ("auto", "factored_torch"):  # a misspelt policy is refused whichever backend runs
+        with pytest.raises(ValueError, match=r"auto_policy must be one of \('measure', 'static'\) or None, got 'fastest'"):
+            relaxed_conv(x, z, w, None, g, backend=backend, auto_policy="fastest")
     with pytest.raises(ValueError, match="backend='expand_conv' cannot run a translation non-stationary"):
         relaxed_conv(x, torch.randn(4, 30, 36, 7), w, None, g, backend="expand_conv")
 
@@ -91,5 +113,30 @@ def test_table_refusals():
     assert exc is ValueError and "translation non-stationary" in msg
     exc, msg = dispatch.unsupported("factored_torch", device_type="cpu", dtype=torch.int32, per_position=False)
     assert exc is TypeError and "int32" in msg
+    # the alternatives a refusal suggests fit the layer: no conv2d for a per-position kernel
+    if dispatch.triton_available():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TRITON_INTERPRET", "0")
+            msg = dispatch.unsupported("triton", device_type="cpu", dtype=torch.float32, per_position=True)[1]
+            assert "on CPU use backend='auto', 'factored_torch' or 'materialize'" in msg, msg
+            msg = dispatch.unsupported("triton", device_type="cpu", dtype=torch.float32, per_position=False)[1]
+            assert "'expand_conv'" in msg
     # auto never times Triton's interpreter (a testing aid), even where TRITON_INTERPRET=1 lets it run
     assert "triton" not in dispatch.runnable(device_type="cpu", dtype=torch.float32, per_position=False, for_auto=True)
+
+
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch):
+    # Triton takes only 1/true/on/yes as on: with TRITON_INTERPRET=off the kernels are compiled
+    # for a GPU, so on CPU tensors the table must refuse triton with its message, not let a
+    # launch fail in Triton's driver.
+    for on in ("1", "true", "Yes", "ON"):
+        monkeypatch.setenv("TRITON_INTERPRET", on)
+        assert dispatch.interpreting()
+    for off in ("0", "", "off", "false", "no", "2"):
+        monkeypatch.setenv("TRITON_INTERPRET", off)
+        assert not dispatch.interpreting()
+        if dispatch.triton_available():
+            exc, msg = dispatch.unsupported("triton", device_type="cpu", dtype=torch.float32, per_position=False)
+            assert exc is ValueError and "set TRITON_INTERPRET=1" in msg
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not dispatch.interpreting()
