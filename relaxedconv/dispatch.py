@@ -36,6 +36,7 @@ The static rule (README.md):
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -291,6 +292,19 @@ def set_auto_policy(policy: str | None) -> None:
     if policy is not None and policy not in AUTO_POLICIES:
         raise ValueError(f"auto policy must be one of {AUTO_POLICIES} or None, got {policy!r}")
     _policy_override = policy
+
+
+@contextlib.contextmanager
+def using_auto_policy(policy: str | None):
+    """:func:`set_auto_policy` for a block, the previous setting restored after it (a training run
+    sets its own; a process's other work keeps what it set). None leaves the current setting."""
+    previous = _policy_override
+    if policy is not None:
+        set_auto_policy(policy)
+    try:
+        yield
+    finally:
+        set_auto_policy(previous)
 
 
 def auto_policy(device_type: str, policy: str | None = None) -> str:

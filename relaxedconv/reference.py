@@ -27,6 +27,7 @@ channel's window):
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +53,14 @@ class ConvGeometry:
         for name in ("in_channels", "out_channels", "in_rotations", "out_rotations", "kernel_size", "padding"):
             v = getattr(self, name)
             low = 0 if name == "padding" else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            try:
+                n = operator.index(v)  # Python and NumPy integers; not floats
+            except TypeError:
+                n = None
+            if isinstance(v, bool) or n is None or n < low:
                 raise ValueError(f"ConvGeometry.{name} must be an integer >= {low}, got {v!r}")
+            if type(v) is not int:
+                object.__setattr__(self, name, n)  # frozen: kept as a plain int (kernels specialise on it)
 
     @property
     def window(self) -> int:

@@ -428,3 +428,20 @@ def test_every_ddp_rank_runs_rank_zeros_choice(tmp_path):
     assert r0["sources"] == ["measured"] and r1["sources"] == ["rank 0"]
     assert r0["backends"][3] == "factored_torch" and r1["backends"][3] == "materialize"  # per rank
     assert r0["empty_kept"] == r1["empty_kept"] == 0 and r0["batch1"] == r1["batch1"] == "factored_torch"
+
+
+def test_a_trainer_sets_its_auto_policy_for_its_run_only(tmp_path):
+    """A Trainer set its run's policy process-wide in its constructor: it outlived the run and
+    replaced what the caller had set (here: "static" became None, i.e. measure on CUDA)."""
+    from relaxedconv.training.trainer import Trainer
+
+    seen = []
+    dispatch.set_auto_policy("static")
+    try:
+        trainer = Trainer({"out": str(tmp_path / "run"), "auto_policy": "measure"})
+        assert dispatch.auto_policy("cuda") == "static"  # building a Trainer changes nothing
+        trainer._run = lambda resume: seen.append(dispatch.auto_policy("cpu"))
+        trainer.run()
+        assert seen == ["measure"] and dispatch.auto_policy("cuda") == "static"
+    finally:
+        dispatch.set_auto_policy(None)

@@ -636,6 +636,14 @@ def test_notes_are_about_the_suite_that_runs(suite, backends, e2e_backends, expe
     assert {("scaled" if n.startswith("cases scaled down for CPU") else n) for n in notes} == expect, notes
 
 
+def test_a_bad_relaxedconv_auto_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setenv("RELAXEDCONV_AUTO", "fastest")
+    with pytest.raises(SystemExit) as exc:
+        runner.main(["--device", "cpu", "--cases", "G1", "--json", ""])
+    assert exc.value.code == 2
+    assert "got 'fastest'; fix or unset RELAXEDCONV_AUTO" in capsys.readouterr().err
+
+
 def test_e2e_tf32_without_cuda_says_it_measures_fp32(tmp_path):
     out = tmp_path / "t.json"
     assert runner.main(["--device", "cpu", "--suite", "e2e", "--e2e-dtype", "tf32", "--e2e-variants", "t2",

@@ -61,6 +61,10 @@ def test_a_geometry_of_impossible_sizes_is_refused(field, value):
     with pytest.raises(ValueError, match=rf"ConvGeometry.{field} must be an integer >= {0 if field == 'padding' else 1}"):
         ConvGeometry(**{**args, field: value})
     assert ConvGeometry(**{**args, "padding": 0}).window == 36
+    import numpy as np
+
+    g = ConvGeometry(**{**args, "in_channels": np.int64(2)})  # NumPy integers are integers
+    assert type(g.in_channels) is int and g == ConvGeometry(**args)
 
 
 def test_bad_tensors_get_clear_errors():

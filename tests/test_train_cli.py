@@ -87,6 +87,27 @@ def test_cuda_and_triton_refused_without_a_gpu(tmp_path, capsys, data_never_load
     assert "--backend triton needs a CUDA device and this run is on the CPU; use --backend auto" in _one_line_error(capsys)
 
 
+def test_a_bad_relaxedconv_auto_is_refused_before_loading(tmp_path, capsys, data_never_loaded, monkeypatch):
+    """RELAXEDCONV_AUTO is read at the first forward: a misspelt value stopped the run there, with a
+    traceback, after the data had loaded."""
+    monkeypatch.setenv("RELAXEDCONV_AUTO", "fastest")
+    base = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *TINY]
+    assert cli.train_main(base) == 2
+    assert "got 'fastest'; fix or unset RELAXEDCONV_AUTO, or pass --auto-policy" in _one_line_error(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_triton_interpret_is_read_as_triton_reads_it(tmp_path, capsys, data_never_loaded, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "true")  # on for Triton: the triton backend runs on CPU
+    from relaxedconv.training.checks import check_config
+    from relaxedconv.training.trainer import DEFAULTS
+
+    check_config({**DEFAULTS, "out": str(tmp_path / "run"), "backend": "triton", "device": "cpu"})
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert cli.train_main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *TINY, "--backend", "triton"]) == 2
+    assert "--backend triton needs a CUDA device" in _one_line_error(capsys)
+
+
 def test_unwritable_out_is_refused_before_loading(tmp_path, capsys, data_never_loaded):
     a_file = tmp_path / "f"
     a_file.write_text("x")

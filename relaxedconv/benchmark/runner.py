@@ -295,7 +295,10 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     dispatch.set_auto_policy(args.auto_policy)
-    auto_policy = dispatch.auto_policy(device.type)
+    try:
+        auto_policy = dispatch.auto_policy(device.type)
+    except ValueError as e:  # RELAXEDCONV_AUTO
+        _fail(f"{e}; fix or unset {dispatch.AUTO_ENV}, or pass --auto-policy")
     threads = args.threads or (1 if (args.quick and device.type == "cpu") else None)
     if threads:
         torch.set_num_threads(threads)

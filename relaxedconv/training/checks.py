@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import dispatch
 from ..models import _SPECS as VARIANT_SPECS
 from ..models import DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT
 from ..validation import check_kernel_size, check_omega
@@ -136,7 +137,11 @@ def check_config(cfg: dict) -> list[str]:
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible to PyTorch (torch.cuda.is_available() is False); "
                           "use --device cpu, or auto")
-    if cfg["backend"] == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    try:  # RELAXEDCONV_AUTO, read at the first forward: a bad value would stop the run there
+        dispatch.auto_policy(device, cfg.get("auto_policy"))
+    except ValueError as e:
+        raise ConfigError(f"{e}; fix or unset {dispatch.AUTO_ENV}, or pass --auto-policy") from None
+    if cfg["backend"] == "triton" and device != "cuda" and not dispatch.interpreting():
         raise ConfigError("--backend triton needs a CUDA device and this run is on the CPU; use --backend auto, "
                           "expand_conv or factored_torch")
     if cfg.get("compile") == "reduce-overhead" and device != "cuda":

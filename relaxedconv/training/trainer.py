@@ -235,7 +235,6 @@ class Trainer:
         check_out_dir(self.cfg["out"])
         self.dist = Dist(self.cfg["device"])
         self.device = self.dist.device
-        dispatch.set_auto_policy(self.cfg.get("auto_policy"))
         self._log = log
         self.out = Path(self.cfg["out"])
         self.steps_done = 0
@@ -481,6 +480,12 @@ class Trainer:
 
     # -- main --
     def run(self, resume: bool = False) -> dict:
+        # The run's auto policy for the run only: set process-wide in __init__, it outlived the
+        # Trainer and overrode what the caller had set (set_auto_policy, another Trainer's).
+        with dispatch.using_auto_policy(self.cfg.get("auto_policy")):
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict:
         c = self.cfg
         for w in self._warnings:
             self.warn(w)
