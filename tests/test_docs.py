@@ -230,3 +230,13 @@ def test_subcommand_lines_in_docs_and_experiment_scripts_name_real_options_and_v
                 if allowed and not set(value.split("|")) <= set(allowed.split(",")):
                     bad.append(f"{where}: `relaxedconv {sub}{args}`: {opt} {value} is not one of {{{allowed}}}")
     assert not bad, "\n".join(bad)
+
+
+def test_design_package_layout_names_every_module_and_only_real_ones():
+    layout = re.search(r"^## 6\. Package layout\n(.*?)^## 7\.", DESIGN.read_text(), re.S | re.M).group(1)
+    api = re.search(r"^    relaxedconv/(.*?)^    tests/", layout, re.S | re.M).group(1)
+    named = set(re.findall(r"\b(\w+\.py)\b", api)) | {d + "/" for d in re.findall(r"\b(\w+)/", api)}
+    present = {p.name for p in (ROOT / "relaxedconv").glob("*.py") if not p.name.startswith("__")}
+    present |= {p.name + "/" for p in (ROOT / "relaxedconv").iterdir() if (p / "__init__.py").exists()
+                and not p.is_symlink()}  # relaxedconv/kernels is kernels/, listed on its own line
+    assert named == present, f"listed but absent: {sorted(named - present)}; present but not listed: {sorted(present - named)}"
