@@ -240,3 +240,13 @@ def test_design_package_layout_names_every_module_and_only_real_ones():
     present |= {p.name + "/" for p in (ROOT / "relaxedconv").iterdir() if (p / "__init__.py").exists()
                 and not p.is_symlink()}  # relaxedconv/kernels is kernels/, listed on its own line
     assert named == present, f"listed but absent: {sorted(named - present)}; present but not listed: {sorted(present - named)}"
+
+
+def test_design_state_section_lists_the_recorded_lattice_fields():
+    import relaxedconv as rc
+
+    state = re.search(r"^## 8\. .*?^- state_dict:(.*?)^- ", DESIGN.read_text(), re.S | re.M).group(1)
+    listed = re.search(r"evaluated on: (.*?)\. ", state, re.S).group(1)
+    recorded = rc.GroupConv(2, 2, 3, 4).get_extra_state()
+    assert set(recorded) == {"version", "lattice"} and f'"version": {recorded["version"]}' in state
+    assert set(re.findall(r"`(\w+)`", listed)) == set(recorded["lattice"])
