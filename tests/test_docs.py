@@ -250,3 +250,13 @@ def test_design_state_section_lists_the_recorded_lattice_fields():
     recorded = rc.GroupConv(2, 2, 3, 4).get_extra_state()
     assert set(recorded) == {"version", "lattice"} and f'"version": {recorded["version"]}' in state
     assert set(re.findall(r"`(\w+)`", listed)) == set(recorded["lattice"])
+
+
+def test_files_the_experiment_readme_cites_exist():
+    doc = ROOT / "experiments" / "README.md"
+    cited = set(re.findall(r"`((?:bench|experiments|relaxedconv|tests|docs|kernels|results)/[\w./-]*\w)`", doc.read_text()))
+    cited |= set(re.findall(r"\]\(((?:results|symmetry)/[^)\s]+)\)", doc.read_text()))
+    assert len(cited) >= 5, cited
+    missing = [p for p in sorted(cited) if not (ROOT / p).exists() and not (doc.parent / p).exists()
+               and "<" not in p and not p.startswith("runs/")]
+    assert not missing, missing
