@@ -7,7 +7,8 @@
 # be carried to a device machine: run tool with carry=["data_local/npz"]). They are converted to
 # CIFAR python batches in a temporary folder, then each variant trains with the full model of
 # design.md §7 on the 45k/5k split for $EPOCHS epochs. Each run is capped at $PER_RUN_S seconds
-# (a capped run keeps its per-epoch metrics; its checkpoint would let --resume finish it).
+# (a capped run keeps its per-epoch metrics in $OUT; its checkpoint stays in $WORK, so --resume can finish it only
+# on the same machine, e.g. the same command again while the device machine is still warm).
 # Results (config, metrics, final numbers, omegas, equivariance errors, logs, report) go to $OUT.
 #
 # Environment: OUT (default runs/gpu), EPOCHS (5), PER_RUN_S (130: four runs + conversion fit one 600 s call), SEED (0),

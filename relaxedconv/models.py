@@ -15,7 +15,7 @@ Two residual architectures (``architecture=``, :data:`ARCHITECTURES`):
             stationary, whatever the other layers are).
     group conv K x K "valid" -> BN -> ReLU -> global max over (rotation, H, W) -> linear
 
-``"simple"`` (this package's first model, kept to reproduce the runs made with it)::
+``"simple"`` (this package's first model, kept for comparison with the runs made with it; it does not rebuild them: the kernel net changed in issue 11)::
 
     residual block: group conv -> LN -> ReLU -> group conv -> LN, + pointwise-group-conv shortcut
     (always; non-stationary in rotation like the other layers), ReLU, 2x2 max-pool; LN over

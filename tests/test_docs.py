@@ -155,3 +155,108 @@ def test_device_check_calls_in_the_readmes_name_real_steps():
     for doc in BENCH_DOCS:
         for named in re.findall(r'STEPS="([^"$]+)"', doc.read_text()):
             assert set(named.split()) <= steps, f"{doc.name}: STEPS=\"{named}\""
+
+
+# ---- the other subcommands' command lines (train, sweep, report, symmetry, demo, export) -------------
+CLI_DOCS = (ROOT / "README.md", ROOT / "experiments" / "README.md", DESIGN)
+CLI_SCRIPTS = (ROOT / "experiments" / "run_cpu.sh", ROOT / "experiments" / "run_gpu.sh",
+               ROOT / "experiments" / "symmetry" / "run_gpu.sh")
+_SUBCOMMAND = re.compile(r"(?:\brelaxedconv|-m relaxedconv) (train|sweep|report|symmetry|demo|export)\b([^;&|`#)]*)")
+
+
+def _subcommand_help(sub: str, capsys) -> str:
+    from relaxedconv.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([sub, "--help"])
+    assert exc.value.code == 0, sub
+    return capsys.readouterr().out
+
+
+def _cli_doc_commands() -> list[tuple[str, str, str]]:
+    """(where, subcommand, its arguments) of every train/sweep/... command line the documents and
+    the experiment scripts show. In scripts, the options a bash array holds count as the command's."""
+    out = []
+    for doc in CLI_DOCS:
+        text = doc.read_text()
+        blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S)
+        where, lines = str(doc.relative_to(ROOT)), []
+        for block in blocks:
+            for ln in block.replace("\\\n", " ").splitlines():
+                code, _, comment = ln.partition("#")
+                lines.append(code)
+                # a comment naming more options of the block's command ("# variants: --variant t2 | ...")
+                first = _SUBCOMMAND.search(block)
+                if first and re.search(r"(?<![\w-])--[\w-]", comment) and not _SUBCOMMAND.search(comment):
+                    out.append((where, "train" if first.group(1) == "sweep" else first.group(1), comment))
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        lines += [re.sub(r"\s+", " ", span) for span in re.findall(r"`([^`]+)`", prose)]
+        for line in lines:
+            out += [(where, m.group(1), m.group(2)) for m in _SUBCOMMAND.finditer(line)]
+    for script in CLI_SCRIPTS:
+        text = script.read_text().replace("\\\n", " ")
+        arrays = {name: body for name, body in re.findall(r"^\s*(\w+)=\((.*?)\)", text, re.S | re.M)}
+        arrays.update(re.findall(r"\[(\w+)\]=\"([^\"]*)\"", text))  # EXTRA=([variant]="options")
+        for line in text.splitlines():
+            if line.lstrip().startswith("#"):
+                continue
+            for m in _SUBCOMMAND.finditer(line):
+                args = m.group(2)
+                args += " ".join(body for name, body in arrays.items() if "${" + name + "[" in args)
+                out.append((script.name, m.group(1), args))
+    return out
+
+
+def test_subcommand_lines_in_docs_and_experiment_scripts_name_real_options_and_values(capsys):
+    """A renamed or removed option (or variant, protocol, choice) fails here instead of in the hands
+    of whoever copies the command; the experiment scripts' bash arrays are checked the same way."""
+    commands = _cli_doc_commands()
+    subs = {sub for _, sub, _ in commands}
+    assert {"train", "sweep", "report", "symmetry", "demo", "export"} <= subs, subs
+    assert any(where == "run_cpu.sh" and "--train-subset" in args for where, _, args in commands)
+    helps = {sub: _subcommand_help(sub, capsys) for sub in subs}
+    options = {sub: set(re.findall(r"(?<![\w-])--[\w-]+", h)) for sub, h in helps.items()}
+    choices = {sub: dict(re.findall(r"(--[\w-]+) \{([^}]+)\}", h)) for sub, h in helps.items()}
+    bad = []
+    for where, sub, args in commands:
+        parts = args.split(" -- ", 1) if sub == "sweep" else [args]  # after '--': train's options
+        for part, tool in zip(parts, (sub, "train")):
+            for opt in re.findall(r"(?<![\w-])--[\w-]+", part):
+                if opt not in options[tool]:
+                    bad.append(f"{where}: `relaxedconv {sub}{args}`: {tool} has no option {opt}")
+            for opt, value in re.findall(r"(--[\w-]+)[ =]([\w.,-]+)", part):
+                allowed = choices[tool].get(opt)
+                if allowed and not set(value.split("|")) <= set(allowed.split(",")):
+                    bad.append(f"{where}: `relaxedconv {sub}{args}`: {opt} {value} is not one of {{{allowed}}}")
+    assert not bad, "\n".join(bad)
+
+
+def test_design_package_layout_names_every_module_and_only_real_ones():
+    layout = re.search(r"^## 6\. Package layout\n(.*?)^## 7\.", DESIGN.read_text(), re.S | re.M).group(1)
+    api = re.search(r"^    relaxedconv/(.*?)^    tests/", layout, re.S | re.M).group(1)
+    named = set(re.findall(r"\b(\w+\.py)\b", api)) | {d + "/" for d in re.findall(r"\b(\w+)/", api)}
+    present = {p.name for p in (ROOT / "relaxedconv").glob("*.py") if not p.name.startswith("__")}
+    present |= {p.name + "/" for p in (ROOT / "relaxedconv").iterdir() if (p / "__init__.py").exists()
+                and not p.is_symlink()}  # relaxedconv/kernels is kernels/, listed on its own line
+    assert named == present, f"listed but absent: {sorted(named - present)}; present but not listed: {sorted(present - named)}"
+
+
+def test_design_state_section_lists_the_recorded_lattice_fields():
+    import relaxedconv as rc
+
+    state = re.search(r"^## 8\. .*?^- state_dict:(.*?)^- ", DESIGN.read_text(), re.S | re.M).group(1)
+    listed = re.search(r"evaluated on: (.*?)\. ", state, re.S).group(1)
+    recorded = rc.GroupConv(2, 2, 3, 4).get_extra_state()
+    assert set(recorded) == {"version", "lattice"} and f'"version": {recorded["version"]}' in state
+    assert set(re.findall(r"`(\w+)`", listed)) == set(recorded["lattice"])
+
+
+def test_files_the_experiment_readme_cites_exist():
+    doc = ROOT / "experiments" / "README.md"
+    cited = set(re.findall(r"`((?:bench|experiments|relaxedconv|tests|docs|kernels|results)/[\w./-]*\w)`", doc.read_text()))
+    cited |= set(re.findall(r"\]\(((?:results|symmetry)/[^)\s]+)\)", doc.read_text()))
+    assert len(cited) >= 5, cited
+    missing = [p for p in sorted(cited) if not (ROOT / p).exists() and not (doc.parent / p).exists()
+               and "<" not in p and not p.startswith("runs/")]
+    assert not missing, missing
