@@ -429,9 +429,11 @@ class _RelaxedGroupConv(nn.Module):
         # Under autocast a large kernel net runs in the autocast dtype and the backends cast their
         # operands to it: what a call inside an autocast region keeps is not what a call outside
         # it computes (nor the dtype its operators accept).
-        dev = x.device.type
-        autocast = autocast_dtype(dev)
-        state = (parameters, torch.is_inference_mode_enabled(), autocast)
+        # A translation-relaxed layer keeps one output size at a time: Z alone is N*P*J*(H+1) values
+        # per size (424 MB for T2 at 32x32), and kept per size the cache grew without bound under
+        # inputs of varying size.
+        size = tuple(out_hw) if self.translation_nonstationary else None
+        state = (parameters, torch.is_inference_mode_enabled(), autocast_dtype(x.device.type), size)
         if cache.get("state") != state:
             cache.clear()
             cache["state"] = state
@@ -439,19 +441,14 @@ class _RelaxedGroupConv(nn.Module):
         # The fused kernel net's products follow the compute dtype and torch's TF32 setting, so its
         # factors are kept per choice (the same as a grad-enabled or compiled call computes).
         products = fused_kernel_net.products_for(dtype) if fused_kernel_net.enabled() else None
-        fkey = ("factors", tuple(out_hw) if self.translation_nonstationary else None, products)
+        fkey = ("factors", products)
         if fkey not in cache:
-            if self.translation_nonstationary:
-                # One output size at a time: Z alone is N*P*J*(H+1) values per size (424 MB for T2 at
-                # 32x32), and kept per size the cache grew without bound under inputs of varying size.
-                for key in [k for k in cache if k != "state" and k[1 if k[0] == "factors" else 3] != fkey[1]]:
-                    del cache[key]
             with torch.no_grad():
                 cache[fkey] = self.factored_kernel(out_hw, compute_dtype=dtype)
         z, w_ext = cache[fkey]
         g = self.geometry
         name = dispatch.resolve(name, x, z, w_ext, self.bias, g, where=type(self).__name__)
-        okey = ("operands", name, dtype, fkey[1], products)
+        okey = ("operands", name, dtype, products)
         if okey not in cache:
             with torch.no_grad():
                 cache[okey] = functional.prepare_backend(name, z, w_ext, self.bias, g, dtype)
