@@ -339,13 +339,9 @@ def resolve(name: str, x: torch.Tensor, z: torch.Tensor, w_ext: torch.Tensor, bi
 
 def choose_backend(layer, x: torch.Tensor) -> str:
     """The backend ``auto`` runs ``layer`` with on input ``x`` (under the current policy)."""
-    from .validation import check_feature_map
-
     # As the layer checks it: an input it would refuse must not be measured (every backend would
     # fail, and the static choice would be kept for the shape's key, valid inputs included).
-    check_feature_map(x, layer=f"choose_backend({type(layer).__name__})", channels=layer.in_channels * layer.in_rotations,
-                      in_channels=layer.in_channels, in_rotations=layer.in_rotations,
-                      min_size=max(1, layer.kernel_size - 2 * layer.padding), param=layer.kernel_net.first.weight)
+    layer._check_input(x, where=f"choose_backend({type(layer).__name__})")
     out_hw = layer.geometry.out_size(x.shape[-2], x.shape[-1])
     with torch.no_grad():
         z, w_ext = layer.factored_kernel(out_hw)

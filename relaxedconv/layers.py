@@ -455,17 +455,20 @@ class _RelaxedGroupConv(nn.Module):
         return name, cache[okey]
 
     # ---- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        k = self.kernel_size
+    def _check_input(self, x: torch.Tensor, where: str | None = None) -> None:
+        """The error the layer gives an input it cannot take (``where`` names the caller)."""
         check_feature_map(
             x,
-            layer=type(self).__name__,
+            layer=where or type(self).__name__,
             channels=self.in_channels * self.in_rotations,
             in_channels=self.in_channels,
             in_rotations=self.in_rotations,
-            min_size=max(1, k - 2 * self.padding),
+            min_size=max(1, self.kernel_size - 2 * self.padding),
             param=self.kernel_net.first.weight,
         )
+
+    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        self._check_input(x)
         name = dispatch.check_backend_name(backend) if backend is not None else self.backend
         g = self.geometry
         out_hw = g.out_size(x.shape[-2], x.shape[-1])

@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .amp import autocast_dtype
-from .reference import ConvGeometry
+from .reference import ConvGeometry, conv_factored
 
 
 def _geometry(values) -> ConvGeometry:
@@ -177,8 +177,6 @@ def relaxed_conv_triton(x, z, w_ext, bias, geometry: ConvGeometry) -> torch.Tens
         # An empty batch (a last partial batch of a sharded loader can be one): nothing for the
         # kernels to do, and a grid of zero programs is not a launch. The reference gives the empty
         # output and zero gradients to the factors.
-        from .reference import conv_factored
-
         return conv_factored(x, z, w_ext, bias, geometry)
     geom = list(dataclasses.astuple(geometry))
     if torch.compiler.is_compiling():
