@@ -167,12 +167,12 @@ _ALLOWED_FUNCTION_MODULES = (
     "torch", "torch.nn.functional", "torch.functional", "torch._C._nn", "torch.special", "torch.fft",
     "torch.linalg", "operator", "_operator", "math",
 )
-_DENIED_TORCH_FUNCTIONS = {"load", "save", "from_file"}
-# Functions that reach other objects or call what they are given (a node's value): with them a
-# description could walk to os.system and call it. Private functions are refused too, but for
-# _ALLOWED_PRIVATE_FUNCTIONS (torch._import_dotted_name imports anything; dunders lead out of any
-# sandbox).
-_DENIED_FUNCTIONS = _DENIED_TORCH_FUNCTIONS | {
+# torch's file I/O, and functions that reach other objects or call what they are given (a node's
+# value): with them a description could walk to os.system and call it. Private functions are refused
+# too, but for _ALLOWED_PRIVATE_FUNCTIONS (torch._import_dotted_name imports anything; dunders lead
+# out of any sandbox).
+_DENIED_FUNCTIONS = {
+    "load", "save", "from_file",
     "attrgetter", "methodcaller", "call", "compile", "cond", "vmap", "while_loop", "set_default_tensor_type",
 }
 _ALLOWED_BUILTINS = {"getattr": getattr, "len": len}
