@@ -9,6 +9,7 @@ from torch import nn
 
 from . import GroupConv, InvariantPool, LiftingConv, equivariance_error, layer_equivariance_errors, omegas
 from .dispatch import BACKENDS
+from .validation import check_positive_int
 
 
 def build(group_order: int, omega_rot: float, backend: str) -> nn.Module:
@@ -38,14 +39,13 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    for flag, value in (("--group-order", args.group_order), ("--batch", args.batch), ("--size", args.size)):
-        if value < 1:
-            ap.error(f"{flag} must be >= 1, got {value}")
-    if not (math.isfinite(args.omega_rot) and args.omega_rot >= 0):
-        ap.error(f"--omega-rot must be a finite number >= 0 (0: strictly equivariant), got {args.omega_rot}")
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        for flag, value in (("--group-order", args.group_order), ("--batch", args.batch), ("--size", args.size)):
+            check_positive_int(flag, value)
+        if not (math.isfinite(args.omega_rot) and args.omega_rot >= 0):
+            raise ValueError(f"--omega-rot must be a finite number >= 0 (0: strictly equivariant), got {args.omega_rot}")
         model = build(args.group_order, args.omega_rot, args.backend).to(device)
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)
         logits = model(x)
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         # The model is invariant (up to its relaxation) only to the rotations in C_N.
         whole = {k: v for k, v in equivariance_error(model, x).items()
                  if (int(k.split("_")[1]) // 90 * args.group_order) % 4 == 0}
-    except ValueError as e:  # e.g. an image too small for the three 5x5 layers, a backend that cannot run here
+    except ValueError as e:  # e.g. --batch 0, an image too small for the three 5x5 layers, a backend that cannot run here
         ap.error(str(e))
     print(f"logits {tuple(logits.shape)} on {device}")
     if args.group_order % 4:

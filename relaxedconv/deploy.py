@@ -167,12 +167,12 @@ _ALLOWED_FUNCTION_MODULES = (
     "torch", "torch.nn.functional", "torch.functional", "torch._C._nn", "torch.special", "torch.fft",
     "torch.linalg", "operator", "_operator", "math",
 )
-_DENIED_TORCH_FUNCTIONS = {"load", "save", "from_file"}
-# Functions that reach other objects or call what they are given (a node's value): with them a
-# description could walk to os.system and call it. Private functions are refused too, but for
-# _ALLOWED_PRIVATE_FUNCTIONS (torch._import_dotted_name imports anything; dunders lead out of any
-# sandbox).
-_DENIED_FUNCTIONS = _DENIED_TORCH_FUNCTIONS | {
+# torch's file I/O, and functions that reach other objects or call what they are given (a node's
+# value): with them a description could walk to os.system and call it. Private functions are refused
+# too, but for _ALLOWED_PRIVATE_FUNCTIONS (torch._import_dotted_name imports anything; dunders lead
+# out of any sandbox).
+_DENIED_FUNCTIONS = {
+    "load", "save", "from_file",
     "attrgetter", "methodcaller", "call", "compile", "cond", "vmap", "while_loop", "set_default_tensor_type",
 }
 _ALLOWED_BUILTINS = {"getattr": getattr, "len": len}
@@ -360,14 +360,19 @@ def _check_public_path(name, what: str, *, private_ok: bool = False) -> None:
         raise ValueError(f"the model description names the {what} {name!r}, which load() does not allow")
 
 
+def _is_name(s) -> bool:
+    """A plain Python identifier: what torch.fx may write into the forward's source as it is."""
+    return isinstance(s, str) and s.isidentifier() and not keyword.iskeyword(s)
+
+
 def _check_node(op: str, target, args, kwargs) -> None:
     """Refuse a node that could reach beyond tensor arithmetic (see _DENIED_FUNCTIONS). torch.fx
     writes a placeholder's target and the keyword names into the forward's Python source as they
     are: those must be plain identifiers, or loading a file would run code of its choosing."""
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() and not keyword.iskeyword(k) for k in kwargs):
+    if not isinstance(kwargs, dict) or not all(_is_name(k) for k in kwargs):
         raise ValueError(f"the model description passes keyword arguments {list(kwargs) if isinstance(kwargs, dict) else kwargs!r}, which load() does not allow")
     if op == "placeholder":
-        if not (isinstance(target, str) and target.isidentifier() and not keyword.iskeyword(target)):
+        if not _is_name(target):
             raise ValueError(f"the model description names an input {target!r}, which load() does not allow")
     elif op in ("call_module", "get_attr"):
         _check_public_path(target, "submodule or attribute", private_ok=True)

@@ -126,9 +126,13 @@ def _sizes(layer, out_hw) -> dict:
     return {"bank": p * bank_stationary, "factored": n * p * j * h + layer.out_channels * layer.in_channels * h}
 
 
-def _choose_form(layer, out_hw, form: str) -> str:
+def _check_form(form) -> None:
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+
+
+def _choose_form(layer, out_hw, form: str) -> str:
+    _check_form(form)
     if not layer.translation_nonstationary:
         return "conv"
     if form != "auto":
@@ -150,9 +154,8 @@ def export_layer(layer, input_size=None, form: str = "auto") -> nn.Module:
     if not isinstance(layer, RELAXED_LAYERS):
         raise TypeError(f"export_layer takes a LiftingConv, GroupConv, PointwiseGroupConv or InvariantPool, got {type(layer).__name__}")
     check_exportable(layer)
-    if form not in FORMS:  # refused for a stationary layer too (which has one form), as for a model
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    _spatial(input_size)  # a malformed size is refused even where the layer does not need one
+    _check_form(form)  # refused for a stationary layer too (which has one form), as for a model
+    hw = _spatial(input_size)  # a malformed size is refused even where the layer does not need one
     w = _param_of(layer)
     factory = dict(device=w.device, dtype=w.dtype)
     g, n = layer.geometry, layer.group_order
@@ -165,7 +168,6 @@ def export_layer(layer, input_size=None, form: str = "auto") -> nn.Module:
             if has_bias:
                 conv.bias.copy_(layer.bias.repeat_interleave(n))
             return conv
-        hw = _spatial(input_size)
         if hw is None:
             raise ValueError(
                 f"{type(layer).__name__} is translation non-stationary: its kernel differs at every output position, so "
@@ -320,8 +322,7 @@ def export(model: nn.Module, input_size=None, form: str = "auto") -> nn.Module:
     check_exportable(model)
     if isinstance(model, RELAXED_LAYERS + (InvariantPool,)):
         return export_layer(model, _spatial(input_size), form)
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    _check_form(form)
     relaxed = {name: m for name, m in model.named_modules() if isinstance(m, RELAXED_LAYERS)}
     needs_size = [name for name, m in relaxed.items() if m.translation_nonstationary]
     if needs_size and input_size is None:

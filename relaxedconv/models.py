@@ -117,11 +117,13 @@ class GroupLayerNorm(nn.Module):
     def __init__(self, channels: int, group_order: int, eps: float = 1e-5):
         super().__init__()
         self.channels, self.group_order, self.eps = channels, group_order, eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
+        self.weight = nn.Parameter(torch.empty(channels))
+        self.bias = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The constructor's values (after ``to_empty`` of a model built on the meta device)."""
+        """Affine weight 1, bias 0 (the constructor's, and again after ``to_empty`` of a model built
+        on the meta device)."""
         with torch.no_grad():
             self.weight.fill_(1.0)
             self.bias.zero_()
@@ -168,10 +170,12 @@ class RotationSubset(nn.Module):
         super().__init__()
         self.channels, self.group_order, self.temperature = channels, group_order, temperature
         self.init_logit = float(init_logit)
-        self.logits = nn.Parameter(torch.full((group_order,), self.init_logit))
+        self.logits = nn.Parameter(torch.empty(group_order))
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The constructor's values (after ``to_empty`` of a model built on the meta device)."""
+        """Every logit ``init_logit`` (the constructor's, and again after ``to_empty`` of a model
+        built on the meta device)."""
         with torch.no_grad():
             self.logits.fill_(self.init_logit)
 
