@@ -240,6 +240,18 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, old)
 
 
+# What a run stops on that the user's input caused (options, data, the run folder): exit 2, one line.
+# (FileExistsError: --out holds a run and --resume was not given.)
+_INPUT_ERRORS = (ConfigError, DatasetError, FileExistsError)
+
+
+def _input_error(command: str, e: Exception) -> int:
+    """Print ``e`` (one of :data:`_INPUT_ERRORS`) as ``relaxedconv COMMAND``'s one line; the exit code 2."""
+    what = "dataset problem: " if isinstance(e, DatasetError) else ""
+    print(f"relaxedconv {command}: {what}{e}", file=sys.stderr)
+    return 2
+
+
 def train_main(argv=None) -> int:
     from .trainer import Diverged, Interrupted, train
 
@@ -250,15 +262,8 @@ def train_main(argv=None) -> int:
         out = cfg["out"]
         with sigterm_interrupts():
             train(cfg, resume=resume)
-    except ConfigError as e:
-        print(f"relaxedconv train: {e}", file=sys.stderr)
-        return 2
-    except DatasetError as e:
-        print(f"relaxedconv train: dataset problem: {e}", file=sys.stderr)
-        return 2
-    except FileExistsError as e:
-        print(f"relaxedconv train: {e}", file=sys.stderr)
-        return 2
+    except _INPUT_ERRORS as e:
+        return _input_error("train", e)
     except RunFileWriteError as e:
         print(f"relaxedconv train: {e.strerror}; {interrupted_hint(out)}", file=sys.stderr)
         return 1
@@ -355,12 +360,8 @@ def sweep_main(argv=None) -> int:
                 print(f"\nrelaxedconv sweep: interrupted in {out / name}; rerun the same sweep command to continue "
                       "(finished runs are kept, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
                 return getattr(e, "exit_code", 130)
-            except ConfigError as e:
-                print(f"relaxedconv sweep: {e}", file=sys.stderr)
-                return 2
-            except DatasetError as e:
-                print(f"relaxedconv sweep: dataset problem: {e}", file=sys.stderr)
-                return 2
+            except _INPUT_ERRORS as e:
+                return _input_error("sweep", e)
             except RunFileWriteError as e:
                 print(f"relaxedconv sweep: {e.strerror}; rerun the same sweep command once it can write there", file=sys.stderr)
                 return 1
