@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from ..dispatch import AUTO_POLICIES, BACKENDS
 from ..models import ARCHITECTURES, DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT, VARIANTS
-from .checkpoint import RunFileWriteError
+from .checkpoint import RunFileWriteError, has_value
 from .checks import ConfigError, check_config, check_out_dir, resolved_model_options
 from .data import DATASETS, DatasetError
 from .trainer import DEFAULTS, RESUMABLE_CHANGES
@@ -378,7 +377,7 @@ def sweep_main(argv=None) -> int:
     from .checkpoint import atomic_write_json
 
     # A run without a validation accuracy (null in final.json) cannot be selected.
-    scored = [r for r in rows if _finite(r["best_val_acc"])]
+    scored = [r for r in rows if has_value(r["best_val_acc"])]
     best = max(scored, key=lambda r: r["best_val_acc"]) if scored else None
     atomic_write_json(out / "sweep.json", {"variant": args.variant, "grid": rows, "selected": best})
     if best is None:
@@ -388,13 +387,8 @@ def sweep_main(argv=None) -> int:
         print(f"relaxedconv sweep: warning: {', '.join(diverged)} diverged and {'was' if len(diverged) == 1 else 'were'} "
               "left out of the selection", file=sys.stderr)
     ta = best["test_acc_at_best_val"]
-    print(f"sweep: selected {best['run']} (val acc {best['best_val_acc']:.2f}); test acc {f'{ta:.2f}' if _finite(ta) else '–'}")
+    print(f"sweep: selected {best['run']} (val acc {best['best_val_acc']:.2f}); test acc {f'{ta:.2f}' if has_value(ta) else '–'}")
     return 0
-
-
-def _finite(v) -> bool:
-    """A number with a value: null (what run files hold for an undefined number) and NaN are none."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def report_main(argv=None) -> int:
