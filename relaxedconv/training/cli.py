@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from ..dispatch import AUTO_POLICIES, BACKENDS
 from ..models import ARCHITECTURES, DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT, VARIANTS
-from .checkpoint import RunFileWriteError, has_value
+from .checkpoint import RunFileWriteError, atomic_write_json, has_value
 from .checks import ConfigError, check_config, check_out_dir, resolved_model_options
 from .data import DATASETS, DatasetError
 from .trainer import DEFAULTS, RESUMABLE_CHANGES
@@ -310,11 +310,12 @@ def sweep_main(argv=None) -> int:
     from ..models import _SPECS as VARIANT_SPECS
 
     spec = VARIANT_SPECS[args.variant]
-    for flag, grid, used, what in (("--omega-rot-grid", rot_grid, spec["rot"], "rotation"),
-                                   ("--omega-pos-grid", pos_grid, spec["trans"], "translation")):
-        if grid != [None] and not used:  # every grid point would train the same model
+    for flag, grid, key, what in (("--omega-rot-grid", rot_grid, "rot", "rotation"),
+                                  ("--omega-pos-grid", pos_grid, "trans", "translation")):
+        if grid != [None] and not spec[key]:  # every grid point would train the same model
+            with_one = ", ".join(v for v, sp in VARIANT_SPECS.items() if sp[key])
             ap.error(f"{flag}: variant {args.variant} has no {what} non-stationarity, so every point would train the same "
-                     f"model; choose a variant with one ({', '.join(v for v, sp in VARIANT_SPECS.items() if sp['rot' if what == 'rotation' else 'trans'])})")
+                     f"model; choose a variant with one ({with_one})")
     out = Path(args.out)
     # Every grid point's options are checked before the first run trains (a bad value must not
     # surface hours later, when the sweep reaches it).
@@ -347,8 +348,8 @@ def sweep_main(argv=None) -> int:
     rows, diverged = [], []
     for name, wr, wp, cfg in points:
         final_path = out / name / "final.json"
-        if final_path.is_file() and json.loads(final_path.read_text()).get("epochs") == cfg["epochs"]:
-            final = json.loads(final_path.read_text())
+        final = json.loads(final_path.read_text()) if final_path.is_file() else None
+        if final is not None and final.get("epochs") == cfg["epochs"]:
             print(f"sweep: {name} already done")
         else:
             print(f"sweep: {name}")
@@ -374,8 +375,6 @@ def sweep_main(argv=None) -> int:
                 continue
         rows.append({"run": name, "omega_rot": wr, "omega_pos": wp, "best_val_acc": final["best_val_acc"],
                      "test_acc_at_best_val": final["test_acc_at_best_val"], "best_epoch": final["best_epoch"]})
-    from .checkpoint import atomic_write_json
-
     # A run without a validation accuracy (null in final.json) cannot be selected.
     scored = [r for r in rows if has_value(r["best_val_acc"])]
     best = max(scored, key=lambda r: r["best_val_acc"]) if scored else None
