@@ -224,10 +224,6 @@ def _mean_sd(vals):
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def _mean_or_none(vals):
-    return _mean_sd(vals)[0]
-
-
 def summarise(records: list, p: dict) -> dict:
     """Per fraction x variant: accuracies and learned effective omegas, mean and sd over seeds; the
     cross-validated fixed omega per seed; issue 11's acceptance checks with their numbers."""
@@ -249,8 +245,8 @@ def summarise(records: list, p: dict) -> dict:
                 "val_acc": _mean_sd([r["best_val_acc"] for r in rs]),
                 "effective_omega": _mean_sd([r["effective_omega_mean"] for r in rs]),
                 "effective_omega_per_layer": {k: _mean_sd([r["effective_omegas"].get(k) for r in rs]) for k in layers},
-                "kernel_nonstationarity": _mean_sd(
-                    [_mean_or_none(r["kernel_nonstationarity"].values()) for r in rs]),
+                "kernel_nonstationarity": _mean_sd(  # of each run's mean over its layers
+                    [_mean_sd(r["kernel_nonstationarity"].values())[0] for r in rs]),
                 "logit_rotation_90_error": _mean_sd([r["logit_rotation_90_error_at_best_val"] for r in rs]),
                 "seconds": _mean_sd([r["seconds"] for r in rs]),
                 "cpu_seconds": _mean_sd([r.get("cpu_seconds") for r in rs]),

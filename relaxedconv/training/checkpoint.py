@@ -78,6 +78,12 @@ def finite_or_null(obj):
     return obj
 
 
+def has_value(v) -> bool:
+    """Whether a number read from a run file has a value: null (:func:`finite_or_null`'s undefined
+    number), and the NaN of files written before it, have none."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def json_text(obj, **kw) -> str:
     """``json.dumps`` of ``obj`` as strict JSON: non-finite numbers become null (:func:`finite_or_null`)."""
     return json.dumps(finite_or_null(obj), allow_nan=False, **kw)

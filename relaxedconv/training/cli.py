@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from ..dispatch import AUTO_POLICIES, BACKENDS
 from ..models import ARCHITECTURES, DEFAULT_OMEGA_POS, DEFAULT_OMEGA_ROT, VARIANTS
-from .checkpoint import RunFileWriteError
+from .checkpoint import RunFileWriteError, atomic_write_json, has_value
 from .checks import ConfigError, check_config, check_out_dir, resolved_model_options
 from .data import DATASETS, DatasetError
 from .trainer import DEFAULTS, RESUMABLE_CHANGES
@@ -240,6 +239,18 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, old)
 
 
+# What a run stops on that the user's input caused (options, data, the run folder): exit 2, one line.
+# (FileExistsError: --out holds a run and --resume was not given.)
+_INPUT_ERRORS = (ConfigError, DatasetError, FileExistsError)
+
+
+def _input_error(command: str, e: Exception) -> int:
+    """Print ``e`` (one of :data:`_INPUT_ERRORS`) as ``relaxedconv COMMAND``'s one line; the exit code 2."""
+    what = "dataset problem: " if isinstance(e, DatasetError) else ""
+    print(f"relaxedconv {command}: {what}{e}", file=sys.stderr)
+    return 2
+
+
 def train_main(argv=None) -> int:
     from .trainer import Diverged, Interrupted, train
 
@@ -250,15 +261,8 @@ def train_main(argv=None) -> int:
         out = cfg["out"]
         with sigterm_interrupts():
             train(cfg, resume=resume)
-    except ConfigError as e:
-        print(f"relaxedconv train: {e}", file=sys.stderr)
-        return 2
-    except DatasetError as e:
-        print(f"relaxedconv train: dataset problem: {e}", file=sys.stderr)
-        return 2
-    except FileExistsError as e:
-        print(f"relaxedconv train: {e}", file=sys.stderr)
-        return 2
+    except _INPUT_ERRORS as e:
+        return _input_error("train", e)
     except RunFileWriteError as e:
         print(f"relaxedconv train: {e.strerror}; {interrupted_hint(out)}", file=sys.stderr)
         return 1
@@ -306,11 +310,12 @@ def sweep_main(argv=None) -> int:
     from ..models import _SPECS as VARIANT_SPECS
 
     spec = VARIANT_SPECS[args.variant]
-    for flag, grid, used, what in (("--omega-rot-grid", rot_grid, spec["rot"], "rotation"),
-                                   ("--omega-pos-grid", pos_grid, spec["trans"], "translation")):
-        if grid != [None] and not used:  # every grid point would train the same model
+    for flag, grid, key, what in (("--omega-rot-grid", rot_grid, "rot", "rotation"),
+                                  ("--omega-pos-grid", pos_grid, "trans", "translation")):
+        if grid != [None] and not spec[key]:  # every grid point would train the same model
+            with_one = ", ".join(v for v, sp in VARIANT_SPECS.items() if sp[key])
             ap.error(f"{flag}: variant {args.variant} has no {what} non-stationarity, so every point would train the same "
-                     f"model; choose a variant with one ({', '.join(v for v, sp in VARIANT_SPECS.items() if sp['rot' if what == 'rotation' else 'trans'])})")
+                     f"model; choose a variant with one ({with_one})")
     out = Path(args.out)
     # Every grid point's options are checked before the first run trains (a bad value must not
     # surface hours later, when the sweep reaches it).
@@ -343,8 +348,8 @@ def sweep_main(argv=None) -> int:
     rows, diverged = [], []
     for name, wr, wp, cfg in points:
         final_path = out / name / "final.json"
-        if final_path.is_file() and json.loads(final_path.read_text()).get("epochs") == cfg["epochs"]:
-            final = json.loads(final_path.read_text())
+        final = json.loads(final_path.read_text()) if final_path.is_file() else None
+        if final is not None and final.get("epochs") == cfg["epochs"]:
             print(f"sweep: {name} already done")
         else:
             print(f"sweep: {name}")
@@ -355,12 +360,8 @@ def sweep_main(argv=None) -> int:
                 print(f"\nrelaxedconv sweep: interrupted in {out / name}; rerun the same sweep command to continue "
                       "(finished runs are kept, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
                 return getattr(e, "exit_code", 130)
-            except ConfigError as e:
-                print(f"relaxedconv sweep: {e}", file=sys.stderr)
-                return 2
-            except DatasetError as e:
-                print(f"relaxedconv sweep: dataset problem: {e}", file=sys.stderr)
-                return 2
+            except _INPUT_ERRORS as e:
+                return _input_error("sweep", e)
             except RunFileWriteError as e:
                 print(f"relaxedconv sweep: {e.strerror}; rerun the same sweep command once it can write there", file=sys.stderr)
                 return 1
@@ -374,10 +375,8 @@ def sweep_main(argv=None) -> int:
                 continue
         rows.append({"run": name, "omega_rot": wr, "omega_pos": wp, "best_val_acc": final["best_val_acc"],
                      "test_acc_at_best_val": final["test_acc_at_best_val"], "best_epoch": final["best_epoch"]})
-    from .checkpoint import atomic_write_json
-
     # A run without a validation accuracy (null in final.json) cannot be selected.
-    scored = [r for r in rows if _finite(r["best_val_acc"])]
+    scored = [r for r in rows if has_value(r["best_val_acc"])]
     best = max(scored, key=lambda r: r["best_val_acc"]) if scored else None
     atomic_write_json(out / "sweep.json", {"variant": args.variant, "grid": rows, "selected": best})
     if best is None:
@@ -387,13 +386,8 @@ def sweep_main(argv=None) -> int:
         print(f"relaxedconv sweep: warning: {', '.join(diverged)} diverged and {'was' if len(diverged) == 1 else 'were'} "
               "left out of the selection", file=sys.stderr)
     ta = best["test_acc_at_best_val"]
-    print(f"sweep: selected {best['run']} (val acc {best['best_val_acc']:.2f}); test acc {f'{ta:.2f}' if _finite(ta) else '–'}")
+    print(f"sweep: selected {best['run']} (val acc {best['best_val_acc']:.2f}); test acc {f'{ta:.2f}' if has_value(ta) else '–'}")
     return 0
-
-
-def _finite(v) -> bool:
-    """A number with a value: null (what run files hold for an undefined number) and NaN are none."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def report_main(argv=None) -> int:

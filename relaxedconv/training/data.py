@@ -65,8 +65,10 @@ ARCHIVES = {
 DATASETS = ("cifar10", "cifar100", "folder")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
 
-_CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
-_CIFAR100_FILES = ["train", "test", "meta"]
+_BATCH_FILES = {  # the python batches of each archive
+    "cifar10": [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"],
+    "cifar100": ["train", "test", "meta"],
+}
 
 
 def _layout_help(name: str, root: Path, *, download_failed: bool = False) -> str:
@@ -276,7 +278,7 @@ def load_dataset(name: str, data_dir, *, download_missing: bool = False, label_t
                            + _npz_hint(root.parent))
     if name in ARCHIVES:
         spec = ARCHIVES[name]
-        files = _CIFAR10_FILES if name == "cifar10" else _CIFAR100_FILES
+        files = _BATCH_FILES[name]
         d = _find_batch_dir(root, spec["folder"], files)
         if d is None and (root / "train").is_dir() and (root / "test").is_dir() and not (root / "train").is_file():
             data = _read_folder_tree(root)
@@ -291,8 +293,7 @@ def load_dataset(name: str, data_dir, *, download_missing: bool = False, label_t
             if not download_missing:
                 what = "does not exist" if not root.exists() else "holds no dataset in a known layout"
                 other = "cifar100" if name == "cifar10" else "cifar10"
-                spec_o = ARCHIVES[other]
-                if _find_batch_dir(root, spec_o["folder"], _CIFAR10_FILES if other == "cifar10" else _CIFAR100_FILES):
+                if _find_batch_dir(root, ARCHIVES[other]["folder"], _BATCH_FILES[other]):
                     what = f"holds {other}, not {name}: pass --dataset {other}"
                 raise DatasetError(f"{name}: {root} {what}\n{_layout_help(name, root)}" + _npz_hint(root))
             d = download(name, root, log=log)

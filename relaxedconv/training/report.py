@@ -6,11 +6,10 @@ fall back to |omega|. The accuracy plot is drawn only for a sweep (one variant a
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, has_value
 
 
 def find_runs(paths) -> list[Path]:
@@ -48,14 +47,8 @@ def load_run(d: Path) -> dict:
     return {"dir": d, "config": cfg, "history": history, "final": final}
 
 
-def _number(v) -> bool:
-    """A value to show or compare: null (what the trainer writes for an undefined number) and the
-    NaN of run files written before it are no value."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _mean_omega(om: dict, key: str):
-    vals = [v[key] for v in om.values() if _number(v.get(key))]
+    vals = [v[key] for v in om.values() if has_value(v.get(key))]
     return sum(vals) / len(vals) if vals else None
 
 
@@ -63,16 +56,16 @@ def _effective(entry: dict) -> dict:
     """A metrics or final entry's effective omegas ({layer: {'rot': .., 'pos': ..}})."""
     if "effective_omegas" in entry:
         return entry["effective_omegas"]
-    return {layer: {k: abs(v) if _number(v) else None for k, v in om.items() if k in ("rot", "pos")} for layer, om in entry.get("omegas", {}).items()}
+    return {layer: {k: abs(v) if has_value(v) else None for k, v in om.items() if k in ("rot", "pos")} for layer, om in entry.get("omegas", {}).items()}
 
 
 def _max_err(eq: dict, key_prefix: str):
-    vals = [v for layer in eq.values() for k, v in layer.items() if k.startswith(key_prefix) and _number(v)]
+    vals = [v for layer in eq.values() for k, v in layer.items() if k.startswith(key_prefix) and has_value(v)]
     return max(vals) if vals else None
 
 
 def _f(v, fmt="{:.2f}"):
-    if not _number(v):
+    if not has_value(v):
         return "–"
     return fmt.format(v)
 
@@ -87,7 +80,7 @@ def markdown_table(runs: list[dict], root: Path) -> str:
         eff = _effective(fin if fin else (r["history"][-1] if r["history"] else {}))
         er, ep = _mean_omega(eff, "rot"), _mean_omega(eff, "pos")
         eq = fin["equivariance_error"] if fin else {}
-        best_val = fin["best_val_acc"] if fin else max((h["val_acc"] for h in r["history"] if _number(h.get("val_acc"))), default=None)
+        best_val = fin["best_val_acc"] if fin else max((h["val_acc"] for h in r["history"] if has_value(h.get("val_acc"))), default=None)
         try:
             name = str(r["dir"].relative_to(root)) or r["dir"].name
         except ValueError:
@@ -152,7 +145,7 @@ def _accuracy_points(runs: list[dict]) -> list[tuple]:
             continue  # T(2) has no rotation axis
         wr, wp = _mean_omega(om, "rot") or 0.0, _mean_omega(om, "pos") or 0.0
         # an accuracy without a value (no validation split) is a gap in the plot
-        acc = [v if _number(v) else float("nan") for v in (r["final"]["best_val_acc"], r["final"]["test_acc_at_best_val"])]
+        acc = [v if has_value(v) else float("nan") for v in (r["final"]["best_val_acc"], r["final"]["test_acc_at_best_val"])]
         pts.append((wr, wp, *acc, model["variant"]))
     return pts
 

@@ -175,6 +175,12 @@ def _epoch_generator(seed: int, epoch: int, rank: int, device) -> torch.Generato
     return g
 
 
+def _first_line(e: BaseException) -> str:
+    """``e``'s message cut to its first line (torch's errors run to many lines), or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _load_checkpoint(path: Path) -> dict:
     """The checkpoint at ``path``, or a ConfigError that says what to do when it cannot be read.
 
@@ -183,8 +189,7 @@ def _load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is a damaged file for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first[:200]}); it is truncated "
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {_first_line(e)[:200]}); it is truncated "
                           f"or damaged: restore it from a copy, or delete it to restart the run from epoch 1") from None
     missing = [k for k in ("epoch", "model", "optimizer", "scheduler", "history", "best", "rng") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -518,8 +523,7 @@ class Trainer:
                 self.opt.load_state_dict(ckpt["optimizer"])
                 self.sched.load_state_dict(ckpt["scheduler"])
             except (RuntimeError, ValueError, KeyError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ConfigError(f"{ckpt_path} does not fit the model of {self.out / 'config.json'} ({first}); "
+                raise ConfigError(f"{ckpt_path} does not fit the model of {self.out / 'config.json'} ({_first_line(e)}); "
                                   "it was written by another config or an older relaxedconv: choose another --out") from None
             history, best, start = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
             set_rng_state(ckpt["rng"])
