@@ -345,16 +345,12 @@ def main(argv=None) -> int:
         "elapsed_s": None,
     }
 
-    def save():
+    def current():
         payload["elapsed_s"] = round(budget.elapsed(), 1)
         payload["routes"] = _route_choices()
-        if args.json:
-            report.write_json(args.json, payload)
+        return payload
 
-    try:  # before the first measurement: a path that cannot be written fails now, not after minutes of work
-        save()
-    except OSError as e:
-        _fail(f"--json {args.json}: cannot write the result file ({e.strerror or e})")
+    save = report.json_saver(args.json, current, _fail)
     m = payload["meta"]
     print(f"relaxedconv bench on {m['card']} | torch {m['torch']} | triton {m['triton']} | "
           f"commit {str(m['commit'])[:10]} | {m['date']}")
