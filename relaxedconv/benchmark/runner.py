@@ -54,6 +54,13 @@ def _fail(message: str):
     raise SystemExit(2)
 
 
+def _check_names(option: str, what: str, given: list[str], known) -> None:
+    """``given`` (from ``option``) is not empty and every name in it is one of ``known``."""
+    bad = [n for n in given if n not in known]
+    if bad or not given:
+        _fail(f"unknown {what}(s) {', '.join(bad) or '(none given)'} in {option}; expected some of {', '.join(known)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="relaxedconv bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -145,10 +152,7 @@ def _resolve(args, device: torch.device, e2e_backends: list[str]):
         cases = cases_mod.select(names, scale=scale)
     except ValueError as e:
         _fail(str(e))
-    bad = [b for b in args.backends if b not in BENCH_BACKENDS]
-    if bad or not args.backends:
-        _fail(f"unknown backend(s) {', '.join(bad) or '(none given)'} in --backends; expected some of "
-              f"{', '.join(BENCH_BACKENDS)}")
+    _check_names("--backends", "backend", args.backends, BENCH_BACKENDS)
     if args.dtypes is not None:
         dtypes = args.dtypes
     elif on_gpu:
@@ -211,14 +215,8 @@ def _check_e2e_options(args, backends: list[str]) -> None:
     """Names the e2e suite would only reject row by row, after the layer suite's minutes."""
     from ..models import VARIANTS
 
-    bad = [v for v in args.e2e_variants if v not in VARIANTS]
-    if bad or not args.e2e_variants:
-        _fail(f"unknown model variant(s) {', '.join(bad) or '(none given)'} in --e2e-variants; expected some of "
-              f"{', '.join(VARIANTS)}")
-    bad = [b for b in backends if b not in e2e_mod.E2E_BACKENDS]
-    if bad or not backends:
-        _fail(f"unknown backend(s) {', '.join(bad) or '(none given)'} in --e2e-backends; expected some of "
-              f"{', '.join(e2e_mod.E2E_BACKENDS)}")
+    _check_names("--e2e-variants", "model variant", args.e2e_variants, VARIANTS)
+    _check_names("--e2e-backends", "backend", backends, e2e_mod.E2E_BACKENDS)
     for name in ("e2e_batch", "e2e_size", "e2e_group_order", "e2e_infer_batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
