@@ -142,7 +142,7 @@ class Budget:
         return f"time budget ({self.seconds:.0f} s) spent" if self.seconds is not None else "no time budget"
 
 
-def _resolve(args, device: torch.device, e2e_backends: list[str]):
+def _resolve(args, device: torch.device, layers: bool, e2e: bool, e2e_backends: list[str]):
     on_gpu = device.type == "cuda"
     scale = args.scale if args.scale != "auto" else ("full" if on_gpu else "cpu")
     names = args.cases if args.cases is not None else list(cases_mod.QUICK if args.quick else cases_mod.CASES)
@@ -165,7 +165,6 @@ def _resolve(args, device: torch.device, e2e_backends: list[str]):
         _fail(f"--dtypes: {e}")
     if not dtypes:
         _fail(f"--dtypes is empty; expected some of {', '.join(DTYPES)}")
-    layers, e2e = args.suite in ("all", "layers"), args.suite in ("all", "e2e")
     if scale == "cpu" and layers:  # (the e2e model has its own CPU configuration, printed with its table)
         notes.append("cases scaled down for CPU (batch/32, half the image, a quarter of the channels; N, K, H kept): "
                      "not comparable with GPU numbers")
@@ -306,7 +305,7 @@ def main(argv=None) -> int:
     run_e2e = args.suite in ("all", "e2e")
     e2e_backends = args.e2e_backends if args.e2e_backends is not None else (
         ["auto", e2e_mod.FLOOR, "triton"] if args.quick else list(e2e_mod.E2E_BACKENDS))
-    cases, dtypes, scale, notes = _resolve(args, device, e2e_backends)
+    cases, dtypes, scale, notes = _resolve(args, device, run_layers, run_e2e, e2e_backends)
     cfg = QUICK if args.quick else FULL
     if args.warmup_ms is not None or args.rep_ms is not None:
         cfg = dataclasses.replace(cfg, warmup_ms=args.warmup_ms or cfg.warmup_ms, rep_ms=args.rep_ms or cfg.rep_ms)
