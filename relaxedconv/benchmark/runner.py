@@ -400,7 +400,6 @@ def main(argv=None) -> int:
                 payload["e2e"].append(row)
                 e2e_mod.add_floor_ratios(payload["e2e"])  # in every save: a run cut short keeps its ratios
                 save()
-        e2e_mod.add_floor_ratios(payload["e2e"])
         payload["e2e"] = _sorted_rows(payload["e2e"], args.e2e_variants, [e2e_cfg.dtype], e2e_backends, "variant")
         save()
 
