@@ -179,11 +179,11 @@ def _cli_doc_commands() -> list[tuple[str, str, str]]:
         blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S)
         where, lines = str(doc.relative_to(ROOT)), []
         for block in blocks:
+            first = _SUBCOMMAND.search(block)  # the block's command
             for ln in block.replace("\\\n", " ").splitlines():
                 code, _, comment = ln.partition("#")
                 lines.append(code)
                 # a comment naming more options of the block's command ("# variants: --variant t2 | ...")
-                first = _SUBCOMMAND.search(block)
                 if first and _OPTION.search(comment) and not _SUBCOMMAND.search(comment):
                     out.append((where, "train" if first.group(1) == "sweep" else first.group(1), comment))
         prose = re.sub(r"```.*?```", "", text, flags=re.S)
