@@ -170,10 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="", help="also write the rows here")
     ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: run every step once on a tiny shape under the interpreter")
     args = ap.parse_args(argv)
-    names = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CASES]
-    if unknown or not names:  # checked first: a CPU run of the same command line catches a typo
-        ap.error(f"unknown case(s) {unknown or '(none given)'}; choose from {sorted(CASES)}")
+    names = cost_model.case_names(ap, args.cases)  # checked first: a CPU run of the same line catches a typo
     if args.cpu_smoke:
         if not common.interpreting():
             ap.error("--cpu-smoke needs TRITON_INTERPRET=1 (the kernels run in Triton's interpreter on the CPU)")
