@@ -399,6 +399,18 @@ def shape_of_case(case) -> Shape:
     )
 
 
+def case_names(ap, text: str) -> list[str]:
+    """The benchmark case names of a ``--cases`` value (this tool's and step_bench's); none, or an
+    unknown one, is ``ap``'s usage error."""
+    from relaxedconv.benchmark.cases import CASES
+
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES]
+    if unknown or not names:
+        ap.error(f"unknown case(s) {unknown or '(none given)'}; choose from {sorted(CASES)}")
+    return names
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -410,10 +422,7 @@ def main(argv=None) -> int:
     ap.add_argument("--summary", action="store_true", help="one line per case instead of every step")
     args = ap.parse_args(argv)
     card = CARDS[args.card]
-    names = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CASES]
-    if unknown or not names:
-        ap.error(f"unknown case(s) {unknown or '(none given)'}; choose from {sorted(CASES)}")
+    names = case_names(ap, args.cases)
     shapes = {c: shape_of_case(CASES[c]) for c in names}
     if args.summary:
         print(f"{card.name}: predicted ms (bf16) — {card.source}")

@@ -19,8 +19,6 @@ checks that every step runs).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -163,6 +161,7 @@ def _predicted(s: cost_model.Shape, card) -> dict[str, float]:
 
 def main(argv=None) -> int:
     from relaxedconv.benchmark.cases import CASES
+    from relaxedconv.benchmark.report import json_saver
 
     ap = argparse.ArgumentParser(prog="python -m relaxedconv.kernels.step_bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="T1,T2,G4")
@@ -171,10 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="", help="also write the rows here")
     ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: run every step once on a tiny shape under the interpreter")
     args = ap.parse_args(argv)
-    names = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CASES]
-    if unknown or not names:  # checked first: a CPU run of the same command line catches a typo
-        ap.error(f"unknown case(s) {unknown or '(none given)'}; choose from {sorted(CASES)}")
+    names = cost_model.case_names(ap, args.cases)  # checked first: a CPU run of the same line catches a typo
     if args.cpu_smoke:
         if not common.interpreting():
             ap.error("--cpu-smoke needs TRITON_INTERPRET=1 (the kernels run in Triton's interpreter on the CPU)")
@@ -195,21 +191,14 @@ def main(argv=None) -> int:
     print(f"step_bench on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (interpreter: timings meaningless)'}; "
           f"model: {card.name}")
     print(f"{'case':12s} {'step':34s} {'measured µs':>12s} {'predicted µs':>13s} {'ratio':>6s}")
-    def save():  # after every case: a run cut short (device_check.sh's timeout) keeps what it measured
-        if not args.json:
-            return
+
+    def current():
         meta = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
                 "model_card": card.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "routes": route_tuning.choice_records()}
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+        return {"meta": meta, "rows": rows}
 
-    try:  # before the first measurement: a path that cannot be written fails now, not after the GPU's minutes
-        save()
-    except OSError as e:
-        ap.error(f"--json {args.json}: cannot write ({e.strerror or e})")
+    save = json_saver(args.json, current, ap.error)  # after every case: a run cut short keeps what it measured
     for name, s in shapes.items():
         got = measure(s, device, dtype)
         pred = _predicted(s, card)

@@ -324,6 +324,20 @@ def test_metadata_records_the_switches_that_change_what_is_measured(monkeypatch)
     assert "RELAXEDCONV_FUSED_KERNEL_NET" not in environment.collect(torch.device("cpu"))["env"]
 
 
+def _never(why):
+    """A stand-in for a measurement that the test's bad input must prevent."""
+    def never(*a, **k):
+        raise AssertionError(f"measured {why}")
+    return never
+
+
+def _fake_split(case, backend, device, dtype):
+    """time_split.split_case's row, without the profiler."""
+    part = {"wall_ms": 1.0, "device_ms": None, "aten_ops": 3}
+    return {"case": case.name, "backend": backend, "dtype": "float32", "whole": part, "kernel_net": part,
+            "conv": part, "top": ""}
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--dtypes", "bf61"], "unknown dtype 'bf61'"),
     (["--dtypes", ","], "--dtypes is empty"),
@@ -344,9 +358,7 @@ def test_metadata_records_the_switches_that_change_what_is_measured(monkeypatch)
 def test_a_bad_option_is_one_line_and_exit_2_before_anything_is_measured(argv, says, monkeypatch, capsys):
     """A typo in a GPU session's command line must stop it at once with a clear line, not raise a
     traceback (--dtypes), nor run silently into error rows after the layer suite's minutes (e2e)."""
-    def never(*a, **k):
-        raise AssertionError("measured despite a bad option")
-
+    never = _never("despite a bad option")
     monkeypatch.setattr(runner, "measure", never)
     monkeypatch.setattr(runner.e2e_mod, "measure_step", never)
     with pytest.raises(SystemExit) as exc:
@@ -357,10 +369,7 @@ def test_a_bad_option_is_one_line_and_exit_2_before_anything_is_measured(argv, s
 
 
 def test_a_result_path_that_cannot_be_written_fails_before_the_first_measurement(tmp_path, monkeypatch, capsys):
-    def never(*a, **k):
-        raise AssertionError("measured although the result could not be saved")
-
-    monkeypatch.setattr(runner, "measure", never)
+    monkeypatch.setattr(runner, "measure", _never("although the result could not be saved"))
     (tmp_path / "file").write_text("")
     for path in (tmp_path, tmp_path / "file" / "run.json"):  # a directory; under a file
         with pytest.raises(SystemExit) as exc:
@@ -450,9 +459,7 @@ def test_time_split_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
     def fake(case, backend, device, dtype):
         if case.name == "T2":
             raise KeyboardInterrupt  # device_check.sh's timeout
-        part = {"wall_ms": 1.0, "device_ms": None, "aten_ops": 3}
-        return {"case": case.name, "backend": backend, "dtype": "float32", "whole": part, "kernel_net": part,
-                "conv": part, "top": ""}
+        return _fake_split(case, backend, device, dtype)
 
     monkeypatch.setattr(time_split, "split_case", fake)
     monkeypatch.setattr(time_split, "small_op_host_us", lambda device: 1.0)
@@ -547,10 +554,7 @@ def test_device_check_command_lines_parse_and_its_summary_reads_their_json(tmp_p
     monkeypatch.setattr(dispatch, "_policy_override", None)  # auto_cost sets the measure policy
     threads = torch.get_num_threads()  # and one thread
     monkeypatch.setattr(time_split, "small_op_host_us", lambda device: 1.0)
-    part = {"wall_ms": 1.0, "device_ms": None, "aten_ops": 3}
-    monkeypatch.setattr(time_split, "split_case", lambda case, backend, device, dtype: {
-        "case": case.name, "backend": backend, "dtype": "float32", "whole": part, "kernel_net": part, "conv": part,
-        "top": ""})
+    monkeypatch.setattr(time_split, "split_case", _fake_split)
     monkeypatch.setattr(auto_cost, "first_call_cost", lambda case, device: {
         "case": case.name, "layer": case.describe(), "first_s": 1.0, "steady_s": 0.1, "choosing_s": 0.9,
         "backends_timed": ["expand_conv"], "chosen": "expand_conv", "median_ms": {"expand_conv": 1.0}, "skipped": {},
@@ -670,9 +674,7 @@ def test_device_check_states_its_worst_case_from_its_own_limits():
 def test_helper_commands_refuse_a_result_path_they_cannot_write_before_measuring(tmp_path, monkeypatch, capsys):
     from relaxedconv.benchmark import opcount, time_split
 
-    def never(*a, **k):
-        raise AssertionError("measured although the result could not be saved")
-
+    never = _never("although the result could not be saved")
     monkeypatch.setattr(time_split, "split_case", never)
     monkeypatch.setattr(opcount, "training_step_counts", never)
     bad = str(tmp_path)  # a directory

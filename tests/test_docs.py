@@ -46,6 +46,16 @@ BENCH_DOCS = (ROOT / "README.md", ROOT / "bench" / "README.md")
 _TOOL = re.compile(r"(relaxedconv bench|python -m relaxedconv\.(?:benchmark(?:\.\w+)?|kernels\.\w+)"
                    r"|python (?:bench|relaxedconv/benchmark)/\w+\.py)(?![\w.])([^;&`]*)")
 _PLACEHOLDER = re.compile(r"[<\[{|]|\.\.\.")
+_OPTION = re.compile(r"(?<![\w-])--[\w-]+")
+
+
+def _help(main, argv, capsys) -> str:
+    """What ``main(argv)`` (argv ending in --help) prints; it exits 0."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0, argv
+    return capsys.readouterr().out
 
 
 def _doc_commands(text: str) -> list[str]:
@@ -103,14 +113,10 @@ def test_benchmark_command_lines_in_the_readmes_name_real_options_and_cases(caps
         if main is None:
             options[tool] = set()
             continue
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exc:
-            main(["--help"])
-        assert exc.value.code == 0, tool
-        options[tool] = set(re.findall(r"(?<![\w-])--[\w-]+", capsys.readouterr().out))
+        options[tool] = set(_OPTION.findall(_help(main, ["--help"], capsys)))
     bad = []
     for doc, tool, args in commands:
-        for opt in re.findall(r"(?<![\w-])--[\w-]+", args):
+        for opt in _OPTION.findall(args):
             if opt not in options[tool]:
                 bad.append(f"{doc}: `{tool} {args}`: no option {opt}")
         for m in re.finditer(r"--cases? ([\w,-]+)", args):
@@ -164,16 +170,6 @@ CLI_SCRIPTS = (ROOT / "experiments" / "run_cpu.sh", ROOT / "experiments" / "run_
 _SUBCOMMAND = re.compile(r"(?:\brelaxedconv|-m relaxedconv) (train|sweep|report|symmetry|demo|export)\b([^;&|`#)]*)")
 
 
-def _subcommand_help(sub: str, capsys) -> str:
-    from relaxedconv.cli import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main([sub, "--help"])
-    assert exc.value.code == 0, sub
-    return capsys.readouterr().out
-
-
 def _cli_doc_commands() -> list[tuple[str, str, str]]:
     """(where, subcommand, its arguments) of every train/sweep/... command line the documents and
     the experiment scripts show. In scripts, the options a bash array holds count as the command's."""
@@ -183,12 +179,12 @@ def _cli_doc_commands() -> list[tuple[str, str, str]]:
         blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S)
         where, lines = str(doc.relative_to(ROOT)), []
         for block in blocks:
+            first = _SUBCOMMAND.search(block)  # the block's command
             for ln in block.replace("\\\n", " ").splitlines():
                 code, _, comment = ln.partition("#")
                 lines.append(code)
                 # a comment naming more options of the block's command ("# variants: --variant t2 | ...")
-                first = _SUBCOMMAND.search(block)
-                if first and re.search(r"(?<![\w-])--[\w-]", comment) and not _SUBCOMMAND.search(comment):
+                if first and _OPTION.search(comment) and not _SUBCOMMAND.search(comment):
                     out.append((where, "train" if first.group(1) == "sweep" else first.group(1), comment))
         prose = re.sub(r"```.*?```", "", text, flags=re.S)
         lines += [re.sub(r"\s+", " ", span) for span in re.findall(r"`([^`]+)`", prose)]
@@ -211,18 +207,20 @@ def _cli_doc_commands() -> list[tuple[str, str, str]]:
 def test_subcommand_lines_in_docs_and_experiment_scripts_name_real_options_and_values(capsys):
     """A renamed or removed option (or variant, protocol, choice) fails here instead of in the hands
     of whoever copies the command; the experiment scripts' bash arrays are checked the same way."""
+    from relaxedconv.cli import main
+
     commands = _cli_doc_commands()
     subs = {sub for _, sub, _ in commands}
     assert {"train", "sweep", "report", "symmetry", "demo", "export"} <= subs, subs
     assert any(where == "run_cpu.sh" and "--train-subset" in args for where, _, args in commands)
-    helps = {sub: _subcommand_help(sub, capsys) for sub in subs}
-    options = {sub: set(re.findall(r"(?<![\w-])--[\w-]+", h)) for sub, h in helps.items()}
+    helps = {sub: _help(main, [sub, "--help"], capsys) for sub in subs}
+    options = {sub: set(_OPTION.findall(h)) for sub, h in helps.items()}
     choices = {sub: dict(re.findall(r"(--[\w-]+) \{([^}]+)\}", h)) for sub, h in helps.items()}
     bad = []
     for where, sub, args in commands:
         parts = args.split(" -- ", 1) if sub == "sweep" else [args]  # after '--': train's options
         for part, tool in zip(parts, (sub, "train")):
-            for opt in re.findall(r"(?<![\w-])--[\w-]+", part):
+            for opt in _OPTION.findall(part):
                 if opt not in options[tool]:
                     bad.append(f"{where}: `relaxedconv {sub}{args}`: {tool} has no option {opt}")
             for opt, value in re.findall(r"(--[\w-]+)[ =]([\w.,-]+)", part):

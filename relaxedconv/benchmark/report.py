@@ -196,6 +196,22 @@ def write_json(path, payload: dict) -> None:
         raise
 
 
+def json_saver(path, payload, fail):
+    """``save()`` for a tool that rewrites its result after every row (a run cut short keeps what it
+    measured): writes ``payload()`` to ``path`` with :func:`write_json`, nothing when ``path`` is
+    empty. Tried once here, so a path that cannot be written fails now (``fail(message)``, which
+    exits), not after the first measurement's minutes."""
+    def save():
+        if path:
+            write_json(path, payload())
+
+    try:
+        save()
+    except OSError as e:
+        fail(f"--json {path}: cannot write the result file ({e.strerror or e})")
+    return save
+
+
 def _md_table(header, rows) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

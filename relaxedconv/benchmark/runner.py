@@ -54,6 +54,13 @@ def _fail(message: str):
     raise SystemExit(2)
 
 
+def _check_names(option: str, what: str, given: list[str], known) -> None:
+    """``given`` (from ``option``) is not empty and every name in it is one of ``known``."""
+    bad = [n for n in given if n not in known]
+    if bad or not given:
+        _fail(f"unknown {what}(s) {', '.join(bad) or '(none given)'} in {option}; expected some of {', '.join(known)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="relaxedconv bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,7 +142,7 @@ class Budget:
         return f"time budget ({self.seconds:.0f} s) spent" if self.seconds is not None else "no time budget"
 
 
-def _resolve(args, device: torch.device, e2e_backends: list[str]):
+def _resolve(args, device: torch.device, layers: bool, e2e: bool, e2e_backends: list[str]):
     on_gpu = device.type == "cuda"
     scale = args.scale if args.scale != "auto" else ("full" if on_gpu else "cpu")
     names = args.cases if args.cases is not None else list(cases_mod.QUICK if args.quick else cases_mod.CASES)
@@ -145,10 +152,7 @@ def _resolve(args, device: torch.device, e2e_backends: list[str]):
         cases = cases_mod.select(names, scale=scale)
     except ValueError as e:
         _fail(str(e))
-    bad = [b for b in args.backends if b not in BENCH_BACKENDS]
-    if bad or not args.backends:
-        _fail(f"unknown backend(s) {', '.join(bad) or '(none given)'} in --backends; expected some of "
-              f"{', '.join(BENCH_BACKENDS)}")
+    _check_names("--backends", "backend", args.backends, BENCH_BACKENDS)
     if args.dtypes is not None:
         dtypes = args.dtypes
     elif on_gpu:
@@ -161,7 +165,6 @@ def _resolve(args, device: torch.device, e2e_backends: list[str]):
         _fail(f"--dtypes: {e}")
     if not dtypes:
         _fail(f"--dtypes is empty; expected some of {', '.join(DTYPES)}")
-    layers, e2e = args.suite in ("all", "layers"), args.suite in ("all", "e2e")
     if scale == "cpu" and layers:  # (the e2e model has its own CPU configuration, printed with its table)
         notes.append("cases scaled down for CPU (batch/32, half the image, a quarter of the channels; N, K, H kept): "
                      "not comparable with GPU numbers")
@@ -211,14 +214,8 @@ def _check_e2e_options(args, backends: list[str]) -> None:
     """Names the e2e suite would only reject row by row, after the layer suite's minutes."""
     from ..models import VARIANTS
 
-    bad = [v for v in args.e2e_variants if v not in VARIANTS]
-    if bad or not args.e2e_variants:
-        _fail(f"unknown model variant(s) {', '.join(bad) or '(none given)'} in --e2e-variants; expected some of "
-              f"{', '.join(VARIANTS)}")
-    bad = [b for b in backends if b not in e2e_mod.E2E_BACKENDS]
-    if bad or not backends:
-        _fail(f"unknown backend(s) {', '.join(bad) or '(none given)'} in --e2e-backends; expected some of "
-              f"{', '.join(e2e_mod.E2E_BACKENDS)}")
+    _check_names("--e2e-variants", "model variant", args.e2e_variants, VARIANTS)
+    _check_names("--e2e-backends", "backend", backends, e2e_mod.E2E_BACKENDS)
     for name in ("e2e_batch", "e2e_size", "e2e_group_order", "e2e_infer_batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -308,7 +305,7 @@ def main(argv=None) -> int:
     run_e2e = args.suite in ("all", "e2e")
     e2e_backends = args.e2e_backends if args.e2e_backends is not None else (
         ["auto", e2e_mod.FLOOR, "triton"] if args.quick else list(e2e_mod.E2E_BACKENDS))
-    cases, dtypes, scale, notes = _resolve(args, device, e2e_backends)
+    cases, dtypes, scale, notes = _resolve(args, device, run_layers, run_e2e, e2e_backends)
     cfg = QUICK if args.quick else FULL
     if args.warmup_ms is not None or args.rep_ms is not None:
         cfg = dataclasses.replace(cfg, warmup_ms=args.warmup_ms or cfg.warmup_ms, rep_ms=args.rep_ms or cfg.rep_ms)
@@ -345,16 +342,12 @@ def main(argv=None) -> int:
         "elapsed_s": None,
     }
 
-    def save():
+    def current():
         payload["elapsed_s"] = round(budget.elapsed(), 1)
         payload["routes"] = _route_choices()
-        if args.json:
-            report.write_json(args.json, payload)
+        return payload
 
-    try:  # before the first measurement: a path that cannot be written fails now, not after minutes of work
-        save()
-    except OSError as e:
-        _fail(f"--json {args.json}: cannot write the result file ({e.strerror or e})")
+    save = report.json_saver(args.json, current, _fail)
     m = payload["meta"]
     print(f"relaxedconv bench on {m['card']} | torch {m['torch']} | triton {m['triton']} | "
           f"commit {str(m['commit'])[:10]} | {m['date']}")
@@ -407,7 +400,6 @@ def main(argv=None) -> int:
                 payload["e2e"].append(row)
                 e2e_mod.add_floor_ratios(payload["e2e"])  # in every save: a run cut short keeps its ratios
                 save()
-        e2e_mod.add_floor_ratios(payload["e2e"])
         payload["e2e"] = _sorted_rows(payload["e2e"], args.e2e_variants, [e2e_cfg.dtype], e2e_backends, "variant")
         save()
 

@@ -123,17 +123,10 @@ def main(argv=None) -> int:
     print(f"{device.type}: host cost of one small operator {host_us:.1f} us")
     rows = []
 
-    def save():  # after every row: a run cut short (device_check.sh's timeout) keeps what it measured
-        if args.json:
-            report.write_json(args.json, {
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                "torch": torch.__version__, "small_op_host_us": host_us,
-                "rows": [{k: v for k, v in r.items() if k != "top"} for r in rows]})
-
-    try:  # before the first measurement: a path that cannot be written fails now
-        save()
-    except OSError as e:
-        ap.error(f"--json {args.json}: cannot write ({e.strerror or e})")
+    save = report.json_saver(args.json, lambda: {  # after every row (device_check.sh's timeout)
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "small_op_host_us": host_us,
+        "rows": [{k: v for k, v in r.items() if k != "top"} for r in rows]}, ap.error)
     for name in names:
         case = cases_mod.CASES[name]
         if device.type != "cuda":
