@@ -471,19 +471,9 @@ def test_time_split_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
 
 
 def _bench_script(name):
-    import importlib.util
-    from pathlib import Path
+    from _bench_scripts import load_bench_script
 
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.copy()  # the scripts set TRITON_INTERPRET=1 on import: not for the GPU tests after this one
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return module
+    return load_bench_script(name)
 
 
 @pytest.mark.parametrize("script, argv, says", [

@@ -80,8 +80,8 @@ def _bench_tool_commands() -> list[tuple[str, str, str]]:
 
 def _tool_main(tool: str):
     import importlib
-    import importlib.util
-    import os
+
+    from _bench_scripts import load_bench_script
 
     if tool in ("relaxedconv bench", "python -m relaxedconv.benchmark"):
         tool = "python -m relaxedconv.benchmark.runner"
@@ -90,14 +90,7 @@ def _tool_main(tool: str):
     path = ROOT / tool.split()[-1]
     if path.parts[-3:-1] == ("relaxedconv", "benchmark"):
         return importlib.import_module(f"relaxedconv.benchmark.{path.stem}").main
-    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.copy()  # the scripts set TRITON_INTERPRET=1 on import
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    module = load_bench_script(path)
     return getattr(module, "main", None)  # knet_opcount.py takes case names only
 
 
